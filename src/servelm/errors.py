@@ -1,0 +1,165 @@
+"""One exception tree for everything a request can fail with.
+
+Each error knows its HTTP status and the OpenAI ``type``/``code``/``param`` it maps to;
+``servelm.api.errors`` renders it in the dialect of the route that raised it (Segmind's
+``{"error": "..."}`` or OpenAI's ``{"error": {...}}``), for JSON and SSE alike.
+
+    ServelmError
+    ├── InvalidRequest          400  (param names the offending field)
+    │   └── ContextWindowExceeded
+    ├── PayloadTooLarge         413
+    ├── AuthenticationError     401
+    ├── PermissionDenied        403
+    ├── NotFound                404
+    │   └── ModelNotFound
+    ├── MethodNotAllowed        405
+    ├── Conflict                409
+    ├── InsufficientCredits     406 on the Segmind route, 402 on the OpenAI route
+    ├── RateLimited             429
+    ├── EngineError             500  (the engine failed; never caused by user input)
+    ├── UpstreamError           502
+    ├── Overloaded              503  (admission queue full; carries Retry-After)
+    │   └── ModelUnavailable    503  (weights missing, not loaded)
+    └── UpstreamTimeout         504
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ServelmError(Exception):
+    status_code: int = 500
+    error_type: str = "server_error"
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.headers: dict[str, str] = dict(headers or {})
+
+    def status_for(self, dialect: str) -> int:
+        """The HTTP status in a given dialect ("segmind" or "openai")."""
+        return self.status_code
+
+    def openai_body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def segmind_body(self) -> dict[str, Any]:
+        return {"error": self.message}
+
+
+class InvalidRequest(ServelmError):
+    status_code = 400
+    error_type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class ContextWindowExceeded(InvalidRequest):
+    code = "context_length_exceeded"
+
+
+class PayloadTooLarge(ServelmError):
+    status_code = 413
+    error_type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class AuthenticationError(ServelmError):
+    status_code = 401
+    error_type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class PermissionDenied(ServelmError):
+    status_code = 403
+    error_type = "permission_error"
+    code = "model_not_allowed"
+
+
+class NotFound(ServelmError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class MethodNotAllowed(ServelmError):
+    status_code = 405
+    error_type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class Conflict(ServelmError):
+    status_code = 409
+    error_type = "invalid_request_error"
+    code = "conflict"
+
+
+class InsufficientCredits(ServelmError):
+    """Segmind answers 406 when the balance cannot pay; OpenAI clients expect 402."""
+
+    status_code = 402
+    error_type = "insufficient_quota"
+    code = "insufficient_credits"
+
+    def status_for(self, dialect: str) -> int:
+        return 406 if dialect == "segmind" else 402
+
+
+class RateLimited(ServelmError):
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+class EngineError(ServelmError):
+    status_code = 500
+    error_type = "server_error"
+    code = "engine_error"
+
+
+class UpstreamError(ServelmError):
+    status_code = 502
+    error_type = "server_error"
+    code = "upstream_error"
+
+
+class Overloaded(ServelmError):
+    status_code = 503
+    error_type = "server_error"
+    code = "overloaded"
+
+    def __init__(self, message: str, *, retry_after: int = 1, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.headers.setdefault("Retry-After", str(retry_after))
+
+
+class ModelUnavailable(Overloaded):
+    code = "model_unavailable"
+
+
+class UpstreamTimeout(ServelmError):
+    status_code = 504
+    error_type = "server_error"
+    code = "upstream_timeout"
