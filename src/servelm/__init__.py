@@ -1,0 +1,3 @@
+"""servelm: a self-hosted serverless LLM API."""
+
+__version__ = "0.1.0"

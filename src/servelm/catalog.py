@@ -11,7 +11,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from servelm.errors import ModelNotFound
 
@@ -122,7 +122,7 @@ class Catalog:
 def price_micro(spec: ModelSpec, prompt_tokens: int, completion_tokens: int) -> int:
     """Cost in micro-credits of a request, rounded up to the next micro-credit.
 
-    Prices are credits per million tokens, so micro-credits = tokens × price (credits)
+    Prices are credits per million tokens, so micro-credits = tokens * price (credits)
     exactly; with sub-credit prices the product has a fraction, which we round up once
     per request rather than per token.
     """

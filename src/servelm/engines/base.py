@@ -1,0 +1,97 @@
+"""The engine interface.
+
+An engine takes an OpenAI-shaped chat body (already validated and prepared by the
+gateway) and yields OpenAI ``chat.completion.chunk`` dicts. That is the whole seam,
+like httpx's one-method transport: the gateway owns keys, credits, dialects and
+response shapes; an engine only generates.
+
+Engines raise ``servelm.errors`` exceptions: ``InvalidRequest`` when the engine
+rejects the input (e.g. the prompt does not fit), ``Overloaded`` when its queue is
+full, ``EngineError`` / ``UpstreamError`` when it fails.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from servelm.catalog import ModelSpec
+from servelm.errors import Overloaded
+
+
+@dataclass
+class EngineStats:
+    running: int = 0
+    waiting: int = 0
+    requests_total: int = 0
+    cancelled_total: int = 0
+    # Chunks handed out by the engine, summed over requests; tests use it to show that a
+    # cancelled request stops generating.
+    chunks_total: int = 0
+
+
+class Admission:
+    """At most ``slots`` requests run; at most ``queue_size`` more wait; the rest get 503.
+
+    Waiting happens here, in asyncio, rather than in the engine's own queue, so a client
+    that gives up while queued costs nothing and leaves at once.
+    """
+
+    def __init__(self, slots: int, queue_size: int, stats: EngineStats) -> None:
+        self._sem = asyncio.Semaphore(slots)
+        self._queue_size = queue_size
+        self._stats = stats
+
+    async def __aenter__(self) -> None:
+        if self._sem.locked():
+            if self._stats.waiting >= self._queue_size:
+                raise Overloaded(
+                    "The model is at capacity and its queue is full; retry shortly.",
+                    retry_after=1,
+                )
+            self._stats.waiting += 1
+            try:
+                await self._sem.acquire()
+            finally:
+                self._stats.waiting -= 1
+        else:
+            await self._sem.acquire()
+        self._stats.running += 1
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._stats.running -= 1
+        self._sem.release()
+
+
+class Engine(abc.ABC):
+    """One model, ready to generate."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        self.stats = EngineStats()
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Load the model / open connections. Raises ModelUnavailable on failure."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def count_prompt_tokens(self, body: dict[str, Any]) -> int | None:
+        """Exact prompt tokens for ``body``, or None when the engine cannot tell early."""
+
+    @abc.abstractmethod
+    def stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Generate; yields chunk dicts, the last one carrying ``usage``.
+
+        Closing the iterator (``aclose()``, or cancelling the task iterating it) must
+        stop generation at once and free the engine's slot.
+        """
+
+    def describe(self) -> dict[str, Any]:
+        """Facts for ``servelm models list`` and the metrics endpoint."""
+        return {"running": self.stats.running, "waiting": self.stats.waiting}

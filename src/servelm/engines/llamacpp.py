@@ -1,0 +1,248 @@
+"""llama.cpp in-process, through xllamacpp's embedded server.
+
+xllamacpp runs the real llama.cpp server (slots, continuous batching) inside our
+process. Its ``handle_chat_completions`` blocks a thread with the GIL released and
+streams through a callback on that thread; returning True from the callback cancels
+the request and frees the slot. So every generation runs on a worker thread and hands
+chunks to the event loop with ``call_soon_threadsafe``.
+
+Three facts of the binding shape this module (see shared/notes/engines.md §3):
+- non-streaming calls cannot be cancelled, so we always stream;
+- errors come back as ``{"error": {...}}`` chunks, not exceptions;
+- an exception raised inside the callback is swallowed and silently ends the stream,
+  so the callback catches everything itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+
+from servelm.catalog import ModelSpec
+from servelm.engines.base import Admission, Engine
+from servelm.errors import (
+    ContextWindowExceeded,
+    EngineError,
+    InvalidRequest,
+    ModelUnavailable,
+    ServelmError,
+)
+
+log = logging.getLogger(__name__)
+
+_END = object()
+
+
+class _Failed:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+class LlamaCppEngine(Engine):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        *,
+        threads: int,
+        slots: int,
+        queue_size: int,
+        verbose: bool = False,
+    ) -> None:
+        super().__init__(spec)
+        self.slots = spec.slots or slots
+        self._threads = threads
+        self._verbose = verbose
+        self._admission = Admission(self.slots, queue_size, self.stats)
+        # One thread per running generation; admission keeps the rest waiting in asyncio.
+        self._executor = ThreadPoolExecutor(
+            max_workers=self.slots, thread_name_prefix=f"llama-{spec.slug}"
+        )
+        self._server: Any = None
+        self._http: httpx.AsyncClient | None = None
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def _params(self) -> Any:
+        import xllamacpp
+
+        p = xllamacpp.CommonParams()
+        p.model.path = str(self.spec.path)
+        p.n_parallel = self.slots
+        # A unified KV cache lets any one slot use the whole context window while all
+        # slots share one pool, instead of cutting the window into per-slot slices.
+        p.kv_unified = True
+        p.n_ctx = self.spec.context_window
+        p.cpuparams.n_threads = self._threads
+        p.cpuparams_batch.n_threads = self._threads
+        p.warmup = False
+        p.verbosity = 3 if self._verbose else -1
+        if self.spec.chat_template:
+            p.chat_template = self.spec.chat_template
+        if self.spec.mmproj:
+            p.mmproj.path = str(self.spec.mmproj)
+        return p
+
+    async def start(self) -> None:
+        if self.spec.path is None or not self.spec.path.is_file():
+            raise ModelUnavailable(
+                f"Model '{self.spec.slug}' has no weights at {self.spec.path}.", retry_after=60
+            )
+        import xllamacpp
+
+        params = self._params()
+        saved = _save_signal_handlers()
+        try:
+            self._server = await asyncio.to_thread(xllamacpp.Server, params)
+        except RuntimeError as exc:
+            raise ModelUnavailable(
+                f"Model '{self.spec.slug}' failed to load from {self.spec.path}: {exc}",
+                retry_after=60,
+            ) from exc
+        finally:
+            # llama.cpp's init installs its own SIGINT/SIGTERM handlers in our process;
+            # put uvicorn's (or Python's) back so Ctrl+C still shuts us down cleanly.
+            _restore_signal_handlers(saved)
+        # The embedded server also listens on an ephemeral loopback port; we use it only
+        # for the routes the Python binding does not wrap (template, tokenize).
+        self._http = httpx.AsyncClient(
+            base_url=self._server.listening_address, timeout=httpx.Timeout(30.0)
+        )
+        log.info(
+            "loaded %s from %s (%d slots, context %d)",
+            self.spec.slug,
+            self.spec.path,
+            self.slots,
+            self.spec.context_window,
+        )
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+        holder, self._server = [self._server], None
+        if holder[0] is not None:
+            # The destructor stops and joins llama.cpp's thread; run it on a worker, not
+            # on the event loop, by dropping the last reference there.
+            await asyncio.to_thread(holder.clear)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- prompt accounting -----------------------------------------------------------
+
+    async def render_prompt(self, body: dict[str, Any]) -> str:
+        """The exact prompt text the model will see, from the model's chat template."""
+        assert self._http is not None, "engine not started"
+        payload = {k: body[k] for k in ("messages", "tools", "tool_choice") if k in body}
+        resp = await self._http.post("/apply-template", json=payload)
+        data = resp.json()
+        if resp.status_code != 200:
+            raise _map_error(data.get("error", data))
+        return str(data["prompt"])
+
+    async def count_prompt_tokens(self, body: dict[str, Any]) -> int:
+        assert self._http is not None, "engine not started"
+        prompt = await self.render_prompt(body)
+        resp = await self._http.post(
+            "/tokenize", json={"content": prompt, "add_special": True, "parse_special": True}
+        )
+        if resp.status_code != 200:
+            raise EngineError(f"tokenizer failed: HTTP {resp.status_code}")
+        return len(resp.json()["tokens"])
+
+    # -- generation ------------------------------------------------------------------
+
+    async def stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        server = self._server
+        if server is None:
+            raise ModelUnavailable(f"Model '{self.spec.slug}' is not loaded.")
+        body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        async with self._admission:
+            self.stats.requests_total += 1
+            loop = asyncio.get_running_loop()
+            queue: asyncio.Queue[Any] = asyncio.Queue()
+            cancel = threading.Event()
+
+            def on_chunk(chunk: Any) -> bool:
+                # Runs on the worker thread with the GIL held: keep it tiny, and never
+                # let an exception escape (the binding would swallow it and end the stream).
+                try:
+                    loop.call_soon_threadsafe(queue.put_nowait, chunk)
+                except BaseException:  # the loop is gone: nobody is listening any more
+                    cancel.set()
+                return cancel.is_set()
+
+            def run() -> None:
+                try:
+                    server.handle_chat_completions(body, on_chunk)
+                    item: Any = _END
+                except BaseException as exc:  # reported to the consumer, not swallowed
+                    item = _Failed(exc)
+                try:
+                    loop.call_soon_threadsafe(queue.put_nowait, item)
+                except RuntimeError:  # loop closed during shutdown; nothing left to tell
+                    return
+
+            done = loop.run_in_executor(self._executor, run)
+            finished = False
+            try:
+                while True:
+                    item = await queue.get()
+                    if item is _END:
+                        finished = True
+                        return
+                    if isinstance(item, _Failed):
+                        finished = True
+                        raise EngineError(f"engine failed: {item.exc}") from item.exc
+                    if "error" in item:
+                        raise _map_error(item["error"])
+                    self.stats.chunks_total += 1
+                    yield item
+            finally:
+                if not finished:
+                    cancel.set()
+                    self.stats.cancelled_total += 1
+                    # Wait for the worker so the slot is really free before admission
+                    # lets the next request in; shielded so a second cancel cannot
+                    # leave the thread running unaccounted.
+                    await asyncio.shield(done)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "slots": self.slots,
+            "loaded": self._server is not None,
+            "weights": str(self.spec.path),
+        }
+
+
+def _map_error(err: Any) -> ServelmError:
+    if not isinstance(err, dict):
+        return EngineError(f"engine error: {err}")
+    message = str(err.get("message", "engine error"))
+    code = err.get("code")
+    if err.get("type") == "exceed_context_size_error":
+        return ContextWindowExceeded(
+            f"The prompt has {err.get('n_prompt_tokens')} tokens, more than the model's "
+            f"context window of {err.get('n_ctx')} tokens.",
+            param="messages",
+        )
+    if code in (400, 501):
+        return InvalidRequest(message)
+    return EngineError(message)
+
+
+def _save_signal_handlers() -> dict[int, Any]:
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _restore_signal_handlers(saved: dict[int, Any]) -> None:
+    for sig, handler in saved.items():
+        if handler is not None:
+            signal.signal(sig, handler)

@@ -1,0 +1,311 @@
+"""The chat request's walk, in order (DESIGN.md "One request, start to end").
+
+Routers stay thin: they hand the raw body and the dialect to ``ChatService``, which
+validates, resolves the model, prepares the engine body, generates, and shapes the
+response. Everything dialect-specific about *errors* lives in ``servelm.api.errors``;
+the success shapes are the same OpenAI ``chat.completion`` on both routes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from servelm.catalog import Catalog, ModelSpec
+from servelm.engines.base import Engine
+from servelm.errors import (
+    ContextWindowExceeded,
+    InvalidRequest,
+    ModelUnavailable,
+    ServelmError,
+)
+from servelm.protocol import (
+    ChatRequest,
+    chunk_body,
+    completion_body,
+    parse_chat_request,
+    usage_body,
+)
+
+log = logging.getLogger(__name__)
+
+Dialect = Literal["segmind", "openai"]
+
+# Sent to the engine only when the client set them.
+_PASSTHROUGH = (
+    "temperature",
+    "top_p",
+    "stop",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "logprobs",
+    "top_logprobs",
+    "tool_choice",
+    "parallel_tool_calls",
+    "ignore_eos",
+    "min_tokens",
+)
+
+
+@dataclass
+class Call:
+    """One chat request's state from validation to settlement."""
+
+    request_id: str
+    dialect: Dialect
+    spec: ModelSpec
+    engine: Engine
+    request: ChatRequest
+    body: dict[str, Any]
+    prompt_tokens: int
+    max_tokens: int
+    completion_id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    created: int = field(default_factory=lambda: int(time.time()))
+    started: float = field(default_factory=time.perf_counter)
+    # What actually happened, filled in while generating.
+    completion_tokens: int = 0
+    delivered_tokens: int = 0
+    finish_reason: str | None = None
+    usage: dict[str, Any] | None = None
+
+
+class ChatService:
+    def __init__(self, catalog: Catalog, engines: dict[str, Engine]) -> None:
+        self.catalog = catalog
+        self.engines = engines
+
+    # -- steps 1-6: validate, resolve, prepare ---------------------------------------
+
+    def parse(self, raw: bytes, dialect: Dialect) -> ChatRequest:
+        return parse_chat_request(raw)
+
+    def resolve(self, request: ChatRequest, slug: str | None) -> tuple[ModelSpec, Engine]:
+        if slug is None:
+            if not request.model:
+                raise InvalidRequest("Missing required parameter: 'model'.", param="model")
+            slug = request.model
+        spec = self.catalog.resolve(slug)
+        engine = self.engines.get(spec.slug)
+        if engine is None:
+            raise ModelUnavailable(
+                f"Model '{spec.slug}' is not loaded on this server.", retry_after=60
+            )
+        return spec, engine
+
+    async def prepare(
+        self,
+        request_id: str,
+        dialect: Dialect,
+        request: ChatRequest,
+        spec: ModelSpec,
+        engine: Engine,
+    ) -> Call:
+        if request.has_images() and not spec.vision:
+            raise InvalidRequest(
+                f"Model '{spec.slug}' does not accept images; send text content only.",
+                param="messages",
+            )
+        if request.tools and not spec.tools:
+            raise InvalidRequest(f"Model '{spec.slug}' does not support tools.", param="tools")
+        body = engine_body(request)
+        prompt_tokens = await engine.count_prompt_tokens(body) or 0
+        max_tokens = self._max_tokens(request, spec, prompt_tokens)
+        body["max_tokens"] = max_tokens
+        return Call(
+            request_id=request_id,
+            dialect=dialect,
+            spec=spec,
+            engine=engine,
+            request=request,
+            body=body,
+            prompt_tokens=prompt_tokens,
+            max_tokens=max_tokens,
+        )
+
+    @staticmethod
+    def _max_tokens(request: ChatRequest, spec: ModelSpec, prompt_tokens: int) -> int:
+        asked = request.requested_max_tokens
+        param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
+        if asked is not None and asked > spec.max_output_tokens:
+            raise InvalidRequest(
+                f"{param} is {asked}, above the maximum of {spec.max_output_tokens} "
+                f"output tokens for model '{spec.slug}'.",
+                param=param,
+            )
+        room = spec.context_window - prompt_tokens
+        if asked is None:
+            # No explicit limit: generate up to the default, but never past the window.
+            if room < 1:
+                raise ContextWindowExceeded(
+                    f"The prompt has {prompt_tokens} tokens, which fills the context window "
+                    f"of {spec.context_window} tokens of model '{spec.slug}'.",
+                    param="messages",
+                )
+            return min(spec.default_max_tokens, room)
+        if asked > room:
+            raise ContextWindowExceeded(
+                f"The prompt has {prompt_tokens} tokens and {param} is {asked}: "
+                f"{prompt_tokens + asked} tokens, more than the context window of "
+                f"{spec.context_window} tokens of model '{spec.slug}'.",
+                param=param,
+            )
+        return asked
+
+    # -- steps 8 and 10: generate and respond ---------------------------------------
+
+    async def complete(self, call: Call) -> dict[str, Any]:
+        """Run to the end and assemble one ``chat.completion``."""
+        content: list[str] = []
+        tool_calls: dict[int, dict[str, Any]] = {}
+        logprobs: list[Any] = []
+        async for chunk in self._generate(call):
+            for choice in chunk.get("choices") or ():
+                delta = choice.get("delta") or {}
+                if delta.get("content"):
+                    content.append(delta["content"])
+                for tc in delta.get("tool_calls") or ():
+                    _merge_tool_call(tool_calls, tc)
+                lp = choice.get("logprobs")
+                if lp and lp.get("content"):
+                    logprobs.extend(lp["content"])
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": "".join(content) if content or not tool_calls else None,
+            "refusal": None,
+        }
+        if tool_calls:
+            message["tool_calls"] = [tool_calls[i] for i in sorted(tool_calls)]
+        call.delivered_tokens = call.completion_tokens
+        return completion_body(
+            completion_id=call.completion_id,
+            model=call.spec.slug,
+            created=call.created,
+            message=message,
+            finish_reason=call.finish_reason or "stop",
+            usage=self.usage(call),
+            logprobs={"content": logprobs, "refusal": None} if call.request.logprobs else None,
+        )
+
+    async def stream_chunks(self, call: Call) -> AsyncIterator[dict[str, Any]]:
+        """``chat.completion.chunk`` dicts in OpenAI's order (role first, usage last)."""
+        include_usage = call.request.include_usage
+
+        def chunk(**kw: Any) -> dict[str, Any]:
+            body = chunk_body(
+                completion_id=call.completion_id, model=call.spec.slug, created=call.created, **kw
+            )
+            if not include_usage:
+                body.pop("usage")
+            return body
+
+        sent_role = False
+        async for raw in self._generate(call):
+            for choice in raw.get("choices") or ():
+                delta = dict(choice.get("delta") or {})
+                if not sent_role:
+                    delta.pop("role", None)
+                    if delta.get("content") is None:
+                        delta.pop("content", None)
+                    yield chunk(delta={"role": "assistant", "content": "", **delta})
+                    sent_role = True
+                    if not delta:
+                        continue
+                delta.pop("role", None)
+                finish = choice.get("finish_reason")
+                if not delta and finish is None:
+                    continue
+                yield chunk(delta=delta, finish_reason=finish, logprobs=choice.get("logprobs"))
+                if delta.get("content") or delta.get("tool_calls"):
+                    call.delivered_tokens += 1
+        call.delivered_tokens = call.completion_tokens
+        usage = self.usage(call)
+        if include_usage:
+            yield {**chunk(usage_only=True), "usage": usage}
+
+    async def _generate(self, call: Call) -> AsyncIterator[dict[str, Any]]:
+        stream = call.engine.stream(call.body)
+        try:
+            async for raw in stream:
+                usage = raw.get("usage")
+                if usage:
+                    call.usage = usage
+                    call.completion_tokens = int(usage.get("completion_tokens", 0))
+                    # The engine's own count is the truth for the prompt, too.
+                    call.prompt_tokens = int(usage.get("prompt_tokens", call.prompt_tokens))
+                for choice in raw.get("choices") or ():
+                    if choice.get("finish_reason"):
+                        call.finish_reason = choice["finish_reason"]
+                    delta = choice.get("delta") or {}
+                    if call.usage is None and (delta.get("content") or delta.get("tool_calls")):
+                        call.completion_tokens += 1
+                yield raw
+        finally:
+            await stream.aclose()
+
+    def usage(self, call: Call) -> dict[str, Any]:
+        return usage_body(call.prompt_tokens, call.completion_tokens)
+
+
+def engine_body(request: ChatRequest) -> dict[str, Any]:
+    """The OpenAI-shaped body an engine receives: only what the client set."""
+    body: dict[str, Any] = {"messages": [_engine_message(m) for m in request.messages]}
+    for name in _PASSTHROUGH:
+        value = getattr(request, name)
+        if value is not None:
+            body[name] = value
+    if request.response_format is not None and request.response_format.type != "text":
+        body["response_format"] = request.response_format.model_dump(
+            by_alias=True, exclude_none=True
+        )
+    if request.tools:
+        body["tools"] = [t.model_dump(exclude_none=True) for t in request.tools]
+    return body
+
+
+def _engine_message(m: Any) -> dict[str, Any]:
+    # Chat templates know "system", not OpenAI's newer "developer" role.
+    out: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role}
+    if isinstance(m.content, list) and not m.images():
+        # Many templates only render string content; a text-only array is one string.
+        out["content"] = m.text()
+    elif isinstance(m.content, list):
+        out["content"] = [p.model_dump(exclude_none=True) for p in m.content]
+    elif m.content is not None:
+        out["content"] = m.content
+    for name in ("name", "tool_call_id"):
+        if getattr(m, name) is not None:
+            out[name] = getattr(m, name)
+    if m.tool_calls:
+        out["tool_calls"] = [tc.model_dump() for tc in m.tool_calls]
+    return out
+
+
+def _merge_tool_call(acc: dict[int, dict[str, Any]], delta: dict[str, Any]) -> None:
+    slot = acc.setdefault(
+        int(delta.get("index", 0)),
+        {"id": "", "type": "function", "function": {"name": "", "arguments": ""}},
+    )
+    if delta.get("id"):
+        slot["id"] = delta["id"]
+    fn = delta.get("function") or {}
+    if fn.get("name"):
+        slot["function"]["name"] += fn["name"]
+    if fn.get("arguments"):
+        slot["function"]["arguments"] += fn["arguments"]
+
+
+def sse(data: dict[str, Any] | str) -> bytes:
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return f"data: {payload}\n\n".encode()
+
+
+def error_event(exc: ServelmError, dialect: Dialect) -> bytes:
+    body = exc.segmind_body() if dialect == "segmind" else exc.openai_body()
+    return sse(body)
