@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -53,6 +54,8 @@ def create_app(settings: Settings, catalog: Catalog | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engines = await start_engines(catalog, settings)
         app.state.chat = ChatService(catalog, engines)
+        # Engines belong to this loop; tools that reach in from other threads need it.
+        app.state.loop = asyncio.get_running_loop()
         try:
             yield
         finally:

@@ -82,6 +82,7 @@ class LlamaCppEngine(Engine):
         p.cpuparams.n_threads = self._threads
         p.cpuparams_batch.n_threads = self._threads
         p.warmup = False
+        p.endpoint_metrics = True
         p.verbosity = 3 if self._verbose else -1
         if self.spec.chat_template:
             p.chat_template = self.spec.chat_template
@@ -210,6 +211,17 @@ class LlamaCppEngine(Engine):
                     # lets the next request in; shielded so a second cancel cannot
                     # leave the thread running unaccounted.
                     await asyncio.shield(done)
+
+    def metrics(self) -> dict[str, float]:
+        """llama.cpp's own counters (``llamacpp:*`` Prometheus text), parsed."""
+        if self._server is None:
+            return {}
+        out: dict[str, float] = {}
+        for line in self._server.handle_metrics().splitlines():
+            if line.startswith("llamacpp:"):
+                name, _, value = line.partition(" ")
+                out[name.removeprefix("llamacpp:")] = float(value)
+        return out
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -1,0 +1,96 @@
+"""Shared fixtures: a real server (uvicorn on loopback) running the real engine."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+
+from servelm import bundled
+from servelm.api.app import create_app
+from servelm.catalog import Catalog
+from servelm.config import Settings, default_data_dir
+
+
+@pytest.fixture(scope="session")
+def models_dir() -> Path:
+    """The shared models directory; the default model is fetched once per machine."""
+    path = default_data_dir() / "models"
+    bundled.ensure_default_model(path)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class LiveServer:
+    app: FastAPI
+    base_url: str
+    thread: threading.Thread
+    server: uvicorn.Server
+
+    @property
+    def v1(self) -> str:
+        return f"{self.base_url}/v1"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def start_server(settings: Settings, catalog: Catalog | None = None) -> LiveServer:
+    """Start uvicorn in a thread with its own event loop; return once it accepts requests."""
+    port = free_port()
+    app = create_app(settings, catalog)
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="on"
+    )
+    server = uvicorn.Server(config)
+    # uvicorn must not install signal handlers from a non-main thread.
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("test server did not start")
+        time.sleep(0.02)
+    return LiveServer(app, f"http://127.0.0.1:{port}", thread, server)
+
+
+def make_settings(tmp: Path, models_dir: Path, **kw: object) -> Settings:
+    base: dict[str, object] = {
+        "data_dir": tmp,
+        "models_dir": models_dir,
+        "threads": 2,
+        "slots": 4,
+    }
+    base.update(kw)
+    return Settings(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def live(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """One server for the whole session: the default model, 4 slots."""
+    srv = start_server(make_settings(tmp_path_factory.mktemp("live"), models_dir))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def http(live: LiveServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=live.base_url, timeout=60) as client:
+        yield client
