@@ -28,8 +28,10 @@ class ModelSpec(BaseModel):
     engine: Literal["llama.cpp", "openai"] = "llama.cpp"
     # Local GGUF weights (llama.cpp). Relative paths resolve against the models dir.
     path: Path | None = None
+    # Where `servelm models pull` fetches the weights from; several files for split GGUFs
+    # (llama.cpp loads the first and finds the rest beside it).
     hf_repo: str | None = None
-    hf_file: str | None = None
+    hf_files: tuple[str, ...] = ()
     mmproj: Path | None = None
     # Remote engine (engine = "openai").
     base_url: str | None = None
@@ -46,6 +48,12 @@ class ModelSpec(BaseModel):
     tools: bool = False
     slots: int | None = None
     chat_template: str | None = None
+    # How system/developer text reaches models whose template has no system role:
+    # "native" keeps it, "first_user"/"last_user" merge it into that user turn
+    # (Mistral's tokenizer v1 and v3 conventions).
+    system_role: Literal["native", "first_user", "last_user"] = "native"
+    # Mistral templates demand strict user/assistant alternation.
+    merge_consecutive: bool = False
     owned_by: str = "servelm"
     description: str = ""
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
+from servelm.catalog import Catalog
 from servelm.config import Settings
+from servelm.models_file import ConfigError, load_catalog
 
 app = typer.Typer(
     name="servelm",
@@ -22,6 +25,28 @@ app.add_typer(models_app, name="models")
 
 console = Console()
 err_console = Console(stderr=True)
+
+ModelsFileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="Models file (TOML) [env: SERVELM_MODELS_FILE; default: ./servelm.toml if present]."
+    ),
+]
+
+
+def _models_file(given: Path | None) -> Path | None:
+    if given is not None:
+        return given
+    local = Path("servelm.toml")
+    return local if local.is_file() and "SERVELM_MODELS_FILE" not in os.environ else None
+
+
+def _catalog(settings: Settings) -> Catalog:
+    try:
+        return load_catalog(settings.model_dir, settings.models_file)
+    except ConfigError as exc:
+        err_console.print(f"[red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from exc
 
 
 @app.command()
@@ -42,6 +67,7 @@ def serve(
     log_json: Annotated[
         bool, typer.Option("--log-json", help="One JSON object per log line.")
     ] = False,
+    models_file: ModelsFileOpt = None,
 ) -> None:
     """Serve the chat API (Segmind: POST /v1/{model}; OpenAI: POST /v1/chat/completions)."""
     import uvicorn
@@ -58,6 +84,7 @@ def serve(
         queue_size=queue_size,
         log_level=log_level,
         log_json=log_json or None,
+        models_file=_models_file(models_file),
     )
     logs.setup(settings.log_level, settings.log_json)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -65,8 +92,13 @@ def serve(
         bundled.ensure_default_model(settings.model_dir, verify=False)
     except bundled.FetchError as exc:
         err_console.print(f"[yellow]default model not available:[/] {exc}")
+    try:
+        asgi = create_app(settings)
+    except ConfigError as exc:
+        err_console.print(f"[red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from exc
     uvicorn.run(
-        create_app(settings),
+        asgi,
         host=settings.host,
         port=settings.port,
         log_config=None,
@@ -89,6 +121,82 @@ def fetch_default(
         err_console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(1) from exc
     console.print(f"default model ready: {path}")
+
+
+@models_app.command("list")
+def models_list(
+    data_dir: Annotated[Path | None, typer.Option(help="[env: SERVELM_DATA_DIR]")] = None,
+    models_file: ModelsFileOpt = None,
+    url: Annotated[
+        str, typer.Option(help="A running server to ask which models are loaded.")
+    ] = "http://127.0.0.1:8000",
+) -> None:
+    """Every catalog entry: its state, where its weights are, and (from a running
+    server) whether it is loaded and the memory it takes."""
+    import httpx
+    from rich.table import Table
+
+    settings = Settings.from_env(data_dir=data_dir, models_file=_models_file(models_file))
+    catalog = _catalog(settings)
+    try:
+        live = httpx.get(f"{url}/health", timeout=1.0).json().get("models", {})
+    except (httpx.HTTPError, ValueError):
+        live = None
+    table = Table(title="servelm models")
+    for col in ("slug", "engine", "state", "weights", "context", "price in/out", "memory"):
+        table.add_column(col, overflow="fold")
+    hints: list[str] = []
+    for spec in catalog:
+        if spec.engine == "openai":
+            state, where = "remote", spec.base_url or ""
+        elif spec.path is not None and spec.path.is_file():
+            state, where = "ready", str(spec.path)
+        else:
+            state, where = "[yellow]missing[/]", str(spec.path)
+            hints.append(f"servelm models pull {spec.slug}")
+        memory = "-"
+        if live is not None:
+            info = live.get(spec.slug)
+            state = "[green]loaded[/]" if info else f"{state}, not loaded"
+            if info and info.get("memory_bytes"):
+                memory = f"{info['memory_bytes'] / 2**20:,.0f} MiB"
+        table.add_row(
+            spec.slug,
+            spec.engine,
+            state,
+            where,
+            f"{spec.context_window:,}",
+            f"{spec.input_price}/{spec.output_price}",
+            memory,
+        )
+    console.print(table)
+    if hints:
+        console.print("To install missing weights: " + "; ".join(hints))
+    if live is None:
+        console.print(f"[dim]no server answered at {url}; load state not shown[/]")
+
+
+@models_app.command("pull")
+def models_pull(
+    slug: Annotated[str, typer.Argument(help="The model's slug or alias.")],
+    data_dir: Annotated[Path | None, typer.Option(help="[env: SERVELM_DATA_DIR]")] = None,
+    models_file: ModelsFileOpt = None,
+) -> None:
+    """Download a model's GGUF weights from the Hugging Face Hub into the models dir."""
+    from servelm import pull
+
+    settings = Settings.from_env(data_dir=data_dir, models_file=_models_file(models_file))
+    spec = _catalog(settings).get(slug)
+    if spec is None:
+        err_console.print(f"[red]error:[/] no model '{slug}' in the catalog")
+        raise typer.Exit(2)
+    try:
+        paths = pull.pull(spec, settings.model_dir)
+    except pull.PullError as exc:
+        err_console.print(f"[red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(1) from exc
+    for path in paths:
+        console.print(f"{spec.slug}: {path}")
 
 
 def main() -> None:

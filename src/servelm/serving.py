@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from servelm.catalog import Catalog, ModelSpec
+from servelm.conversation import fit_conversation
 from servelm.engines.base import Engine
 from servelm.errors import (
     ContextWindowExceeded,
@@ -77,9 +78,16 @@ class Call:
 
 
 class ChatService:
-    def __init__(self, catalog: Catalog, engines: dict[str, Engine]) -> None:
+    def __init__(
+        self,
+        catalog: Catalog,
+        engines: dict[str, Engine],
+        unavailable: dict[str, str] | None = None,
+    ) -> None:
         self.catalog = catalog
         self.engines = engines
+        # slug → why it is not served (missing weights, failed load), said in the 503.
+        self.unavailable = unavailable or {}
 
     # -- steps 1-6: validate, resolve, prepare ---------------------------------------
 
@@ -94,9 +102,8 @@ class ChatService:
         spec = self.catalog.resolve(slug)
         engine = self.engines.get(spec.slug)
         if engine is None:
-            raise ModelUnavailable(
-                f"Model '{spec.slug}' is not loaded on this server.", retry_after=60
-            )
+            reason = self.unavailable.get(spec.slug, "it is not loaded on this server")
+            raise ModelUnavailable(f"Model '{spec.slug}' is unavailable: {reason}", retry_after=60)
         return spec, engine
 
     async def prepare(
@@ -115,8 +122,12 @@ class ChatService:
         if request.tools and not spec.tools:
             raise InvalidRequest(f"Model '{spec.slug}' does not support tools.", param="tools")
         body = engine_body(request)
-        prompt_tokens = await engine.count_prompt_tokens(body) or 0
-        max_tokens = self._max_tokens(request, spec, prompt_tokens)
+        body["messages"] = fit_conversation(body["messages"], spec)
+        counted = await engine.count_prompt_tokens(body)
+        # A remote engine cannot count before generating: bound the prompt from above
+        # (for the credit hold) and let the upstream enforce its own window.
+        prompt_tokens = counted if counted is not None else estimate_prompt_tokens(body)
+        max_tokens = self._max_tokens(request, spec, prompt_tokens, exact=counted is not None)
         body["max_tokens"] = max_tokens
         return Call(
             request_id=request_id,
@@ -130,7 +141,9 @@ class ChatService:
         )
 
     @staticmethod
-    def _max_tokens(request: ChatRequest, spec: ModelSpec, prompt_tokens: int) -> int:
+    def _max_tokens(
+        request: ChatRequest, spec: ModelSpec, prompt_tokens: int, *, exact: bool = True
+    ) -> int:
         asked = request.requested_max_tokens
         param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
         if asked is not None and asked > spec.max_output_tokens:
@@ -139,6 +152,8 @@ class ChatService:
                 f"output tokens for model '{spec.slug}'.",
                 param=param,
             )
+        if not exact:
+            return asked if asked is not None else spec.default_max_tokens
         room = spec.context_window - prompt_tokens
         if asked is None:
             # No explicit limit: generate up to the default, but never past the window.
@@ -267,6 +282,35 @@ def engine_body(request: ChatRequest) -> dict[str, Any]:
     if request.tools:
         body["tools"] = [t.model_dump(exclude_none=True) for t in request.tools]
     return body
+
+
+# Byte-level BPE never spends less than one byte of text per token, so bytes bound the
+# text's tokens; the per-message and fixed allowances cover template tokens, and each
+# image is budgeted at what large vision encoders spend on one.
+_PER_MESSAGE_TOKENS = 16
+_TEMPLATE_TOKENS = 256
+_PER_IMAGE_TOKENS = 4096
+
+
+def estimate_prompt_tokens(body: dict[str, Any]) -> int:
+    """An upper bound on the prompt's tokens, for engines that cannot count early."""
+    total = _TEMPLATE_TOKENS
+    for m in body["messages"]:
+        total += _PER_MESSAGE_TOKENS
+        content = m.get("content")
+        if isinstance(content, str):
+            total += len(content.encode())
+        elif isinstance(content, list):
+            for part in content:
+                if part.get("type") == "text":
+                    total += len(part["text"].encode())
+                else:
+                    total += _PER_IMAGE_TOKENS
+        if m.get("tool_calls"):
+            total += len(json.dumps(m["tool_calls"]).encode())
+    if body.get("tools"):
+        total += len(json.dumps(body["tools"]).encode())
+    return total
 
 
 def _engine_message(m: Any) -> dict[str, Any]:

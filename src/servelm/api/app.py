@@ -13,17 +13,21 @@ from fastapi import FastAPI
 from servelm import __version__
 from servelm.api import chat, errors, models
 from servelm.api.middleware import RequestContextMiddleware
-from servelm.catalog import Catalog, default_spec
+from servelm.catalog import Catalog, ModelSpec
 from servelm.config import Settings
 from servelm.engines.base import Engine
 from servelm.engines.llamacpp import LlamaCppEngine
+from servelm.engines.upstream import OpenAIUpstreamEngine
 from servelm.errors import ModelUnavailable
+from servelm.models_file import load_catalog
 from servelm.serving import ChatService
 
 log = logging.getLogger(__name__)
 
 
-def build_engine(spec, settings: Settings) -> Engine:  # type: ignore[no-untyped-def]
+def build_engine(spec: ModelSpec, settings: Settings) -> Engine:
+    if spec.engine == "openai":
+        return OpenAIUpstreamEngine(spec, queue_size=settings.queue_size)
     return LlamaCppEngine(
         spec,
         threads=settings.threads,
@@ -33,27 +37,46 @@ def build_engine(spec, settings: Settings) -> Engine:  # type: ignore[no-untyped
     )
 
 
-async def start_engines(catalog: Catalog, settings: Settings) -> dict[str, Engine]:
-    """Load every model that can be loaded; a model that cannot is reported, not fatal."""
+async def start_engines(
+    catalog: Catalog, settings: Settings
+) -> tuple[dict[str, Engine], dict[str, str]]:
+    """Load every model that can be loaded; one that cannot is reported, not fatal.
+
+    Returns the engines and, for each model left out, the reason (said in its 503).
+    """
     engines: dict[str, Engine] = {}
+    unavailable: dict[str, str] = {}
     for spec in catalog:
+        if spec.engine == "llama.cpp" and (spec.path is None or not spec.path.is_file()):
+            how = (
+                f"run `servelm models pull {spec.slug}`"
+                if spec.hf_repo
+                else "set its path in the models file"
+            )
+            unavailable[spec.slug] = f"its weights are not installed at {spec.path}; {how}."
+            log.info("model %s not served: no weights at %s", spec.slug, spec.path)
+            continue
         engine = build_engine(spec, settings)
         try:
             await engine.start()
         except ModelUnavailable as exc:
             log.warning("model %s unavailable: %s", spec.slug, exc.message)
+            unavailable[spec.slug] = exc.message
             continue
         engines[spec.slug] = engine
-    return engines
+    return engines, unavailable
 
 
 def create_app(settings: Settings, catalog: Catalog | None = None) -> FastAPI:
-    catalog = catalog or Catalog([default_spec(settings.model_dir)])
+    """Build the app. Without an explicit catalog, the built-in entries plus the models
+    file (raises ``ConfigError`` when that file is bad, before anything starts)."""
+    if catalog is None:
+        catalog = load_catalog(settings.model_dir, settings.models_file)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engines = await start_engines(catalog, settings)
-        app.state.chat = ChatService(catalog, engines)
+        engines, unavailable = await start_engines(catalog, settings)
+        app.state.chat = ChatService(catalog, engines, unavailable)
         # Engines belong to this loop; tools that reach in from other threads need it.
         app.state.loop = asyncio.get_running_loop()
         try:

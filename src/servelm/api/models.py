@@ -24,6 +24,7 @@ def _card(request: Request, spec: ModelSpec) -> dict[str, Any]:
         max_output_tokens=spec.max_output_tokens,
         vision=spec.vision,
         available=spec.slug in engines,
+        engine=spec.engine,
         pricing={
             "input_per_million": str(spec.input_price),
             "output_per_million": str(spec.output_price),

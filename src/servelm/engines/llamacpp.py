@@ -16,11 +16,14 @@ Three facts of the binding shape this module (see shared/notes/engines.md §3):
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import re
 import signal
 import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -229,7 +232,47 @@ class LlamaCppEngine(Engine):
             "slots": self.slots,
             "loaded": self._server is not None,
             "weights": str(self.spec.path),
+            "memory_bytes": self._memory_bytes,
         }
+
+    @functools.cached_property
+    def _memory_bytes(self) -> int | None:
+        """Weights (mapped) plus the f16 KV cache for the whole context: what loading
+        this model costs. llama.cpp reports no memory figures of its own."""
+        if self.spec.path is None or not self.spec.path.is_file():
+            return None
+        return weights_bytes(self.spec.path) + kv_cache_bytes(
+            self.spec.path, self.spec.context_window
+        )
+
+
+def weights_bytes(path: Path) -> int:
+    """Size of a GGUF, all shards of a split one included."""
+    m = re.match(r"(.*)-\d{5}-of-(\d{5})\.gguf$", path.name)
+    if not m:
+        return path.stat().st_size
+    shards = path.parent.glob(f"{m.group(1)}-*-of-{m.group(2)}.gguf")
+    return sum(p.stat().st_size for p in shards)
+
+
+def kv_cache_bytes(path: Path, n_ctx: int) -> int:
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    arch = str(reader.fields["general.architecture"].contents())
+
+    def meta(key: str) -> int:
+        return int(reader.fields[f"{arch}.{key}"].contents())
+
+    heads = meta("attention.head_count")
+    kv_heads = (
+        meta("attention.head_count_kv")
+        if (f"{arch}.attention.head_count_kv" in reader.fields)
+        else heads
+    )
+    head_dim = meta("embedding_length") // heads
+    # K and V, f16 (2 bytes) each, per layer per position.
+    return meta("block_count") * n_ctx * kv_heads * head_dim * 2 * 2
 
 
 def _map_error(err: Any) -> ServelmError:
