@@ -11,7 +11,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from servelm.errors import ModelNotFound
 
@@ -37,16 +37,18 @@ class ModelSpec(BaseModel):
     base_url: str | None = None
     api_key: str | None = None
     upstream_model: str | None = None
+    # Seconds to wait for an upstream's next byte before answering 504.
+    timeout: float = Field(default=300.0, gt=0)
 
-    context_window: int = 2048
-    default_max_tokens: int = 512
-    max_output_tokens: int = 2048
+    context_window: int = Field(default=2048, gt=0)
+    default_max_tokens: int = Field(default=512, gt=0)
+    max_output_tokens: int = Field(default=2048, gt=0)
     # Credits per million tokens. Decimal, never float: money is exact.
     input_price: Decimal = Decimal("0.1")
     output_price: Decimal = Decimal("0.2")
     vision: bool = False
     tools: bool = False
-    slots: int | None = None
+    slots: int | None = Field(default=None, gt=0)
     chat_template: str | None = None
     # How system/developer text reaches models whose template has no system role:
     # "native" keeps it, "first_user"/"last_user" merge it into that user turn

@@ -87,16 +87,16 @@ def serve(
         models_file=_models_file(models_file),
     )
     logs.setup(settings.log_level, settings.log_json)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        bundled.ensure_default_model(settings.model_dir, verify=False)
-    except bundled.FetchError as exc:
-        err_console.print(f"[yellow]default model not available:[/] {exc}")
     try:
         asgi = create_app(settings)
     except ConfigError as exc:
         err_console.print(f"[red]error:[/] {exc}", highlight=False)
         raise typer.Exit(2) from exc
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        bundled.ensure_default_model(settings.model_dir, verify=False)
+    except bundled.FetchError as exc:
+        err_console.print(f"[yellow]default model not available:[/] {exc}")
     uvicorn.run(
         asgi,
         host=settings.host,
@@ -201,3 +201,7 @@ def models_pull(
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

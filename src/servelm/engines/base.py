@@ -19,7 +19,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from servelm.catalog import ModelSpec
-from servelm.errors import Overloaded
+from servelm.errors import (
+    ContextWindowExceeded,
+    EngineError,
+    InvalidRequest,
+    Overloaded,
+    ServelmError,
+)
 
 
 @dataclass
@@ -95,3 +101,20 @@ class Engine(abc.ABC):
     def describe(self) -> dict[str, Any]:
         """Facts for ``servelm models list`` and the metrics endpoint."""
         return {"running": self.stats.running, "waiting": self.stats.waiting}
+
+
+def map_engine_error(err: Any) -> ServelmError:
+    """An OpenAI/llama.cpp-style error object from an engine, as our exception."""
+    if not isinstance(err, dict):
+        return EngineError(f"engine error: {err}")
+    message = str(err.get("message", "engine error"))
+    code = err.get("code")
+    if err.get("type") == "exceed_context_size_error":
+        return ContextWindowExceeded(
+            f"The prompt has {err.get('n_prompt_tokens')} tokens, more than the model's "
+            f"context window of {err.get('n_ctx')} tokens.",
+            param="messages",
+        )
+    if code in (400, 501):
+        return InvalidRequest(message)
+    return EngineError(message)

@@ -29,14 +29,8 @@ from typing import Any
 import httpx
 
 from servelm.catalog import ModelSpec
-from servelm.engines.base import Admission, Engine
-from servelm.errors import (
-    ContextWindowExceeded,
-    EngineError,
-    InvalidRequest,
-    ModelUnavailable,
-    ServelmError,
-)
+from servelm.engines.base import Admission, Engine, map_engine_error
+from servelm.errors import EngineError, ModelUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +139,7 @@ class LlamaCppEngine(Engine):
         resp = await self._http.post("/apply-template", json=payload)
         data = resp.json()
         if resp.status_code != 200:
-            raise _map_error(data.get("error", data))
+            raise map_engine_error(data.get("error", data))
         return str(data["prompt"])
 
     async def count_prompt_tokens(self, body: dict[str, Any]) -> int:
@@ -203,7 +197,7 @@ class LlamaCppEngine(Engine):
                         finished = True
                         raise EngineError(f"engine failed: {item.exc}") from item.exc
                     if "error" in item:
-                        raise _map_error(item["error"])
+                        raise map_engine_error(item["error"])
                     self.stats.chunks_total += 1
                     yield item
             finally:
@@ -273,22 +267,6 @@ def kv_cache_bytes(path: Path, n_ctx: int) -> int:
     head_dim = meta("embedding_length") // heads
     # K and V, f16 (2 bytes) each, per layer per position.
     return meta("block_count") * n_ctx * kv_heads * head_dim * 2 * 2
-
-
-def _map_error(err: Any) -> ServelmError:
-    if not isinstance(err, dict):
-        return EngineError(f"engine error: {err}")
-    message = str(err.get("message", "engine error"))
-    code = err.get("code")
-    if err.get("type") == "exceed_context_size_error":
-        return ContextWindowExceeded(
-            f"The prompt has {err.get('n_prompt_tokens')} tokens, more than the model's "
-            f"context window of {err.get('n_ctx')} tokens.",
-            param="messages",
-        )
-    if code in (400, 501):
-        return InvalidRequest(message)
-    return EngineError(message)
 
 
 def _save_signal_handlers() -> dict[int, Any]:

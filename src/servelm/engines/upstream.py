@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 
 from servelm.catalog import ModelSpec
-from servelm.engines.base import Admission, Engine
+from servelm.engines.base import Admission, Engine, map_engine_error
 from servelm.errors import (
     InvalidRequest,
     ServelmError,
@@ -40,7 +40,6 @@ class OpenAIUpstreamEngine(Engine):
         *,
         queue_size: int,
         connect_timeout: float = 5.0,
-        read_timeout: float = 120.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         super().__init__(spec)
@@ -51,7 +50,7 @@ class OpenAIUpstreamEngine(Engine):
         self._client = httpx.AsyncClient(
             base_url=spec.base_url.rstrip("/"),
             headers=headers,
-            timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
+            timeout=httpx.Timeout(spec.timeout, connect=connect_timeout),
             limits=httpx.Limits(
                 max_connections=self.slots, max_keepalive_connections=min(self.slots, 64)
             ),
@@ -109,6 +108,8 @@ class OpenAIUpstreamEngine(Engine):
             detail = raw.decode(errors="replace")[:500]
         if 400 <= resp.status_code < 500 and resp.status_code not in (401, 403, 404, 429):
             # The upstream judged the request itself bad (e.g. too long for its window).
+            if isinstance(detail, dict):
+                return map_engine_error({**detail, "code": resp.status_code})
             return InvalidRequest(_message(detail))
         return UpstreamError(
             f"The engine for '{self.spec.slug}' answered HTTP {resp.status_code}: "
@@ -141,5 +142,5 @@ def _message(detail: Any) -> str:
 def _upstream_error_body(slug: str, err: Any) -> ServelmError:
     code = err.get("code") if isinstance(err, dict) else None
     if isinstance(code, int) and 400 <= code < 500:
-        return InvalidRequest(_message(err))
+        return map_engine_error(err)
     return UpstreamError(f"The engine for '{slug}' failed: {_message(err)}")

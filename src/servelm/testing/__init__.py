@@ -1,0 +1,1 @@
+"""Test instruments that ship with servelm: tiny model generators, a standalone engine."""

@@ -1,0 +1,168 @@
+"""A slug served by a remote engine: a separate llama.cpp server process on loopback."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import LiveServer, free_port, make_settings, start_server
+
+REMOTE = "remote-smol"
+
+
+def _spawn_engine(model: Path, port: int) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "servelm.testing.llama_server", str(model), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.startswith("READY"), line
+    return proc
+
+
+@pytest.fixture(scope="module")
+def engine_proc(models_dir: Path) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    port = free_port()
+    proc = _spawn_engine(models_dir / "SmolLM2-135M-Instruct.Q4_1.gguf", port)
+    yield proc, port
+    proc.kill()
+    proc.wait()
+
+
+@pytest.fixture(scope="module")
+def silent_port() -> Iterator[int]:
+    """A TCP server that accepts connections and never answers: the timeout case."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    conns: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        sock.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conns.append(sock.accept()[0])
+            except TimeoutError:
+                continue
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    yield sock.getsockname()[1]
+    stop.set()
+    t.join()
+    for c in conns:
+        c.close()
+    sock.close()
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    engine_proc: tuple[subprocess.Popen[str], int],
+    silent_port: int,
+    models_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[LiveServer]:
+    tmp = tmp_path_factory.mktemp("upstream")
+    _, port = engine_proc
+    models_file = tmp / "servelm.toml"
+    models_file.write_text(
+        f"""
+[models.{REMOTE}]
+engine = "openai"
+base_url = "http://127.0.0.1:{port}/v1"
+upstream_model = "smollm2"
+context_window = 8192
+max_output_tokens = 1024
+
+[models.remote-silent]
+engine = "openai"
+base_url = "http://127.0.0.1:{silent_port}/v1"
+timeout = 0.5
+"""
+    )
+    srv = start_server(make_settings(tmp, models_dir, models_file=models_file))
+    yield srv
+    srv.stop()
+
+
+MSGS = [{"role": "user", "content": "tell me a joke on cats"}]
+
+
+def test_remote_slug_serves_openai_route(gateway: LiveServer) -> None:
+    client = openai.OpenAI(base_url=gateway.v1, api_key="unused", max_retries=0)
+    resp = client.chat.completions.create(model=REMOTE, messages=MSGS, max_tokens=8)
+    assert resp.model == REMOTE
+    assert resp.usage is not None
+    assert resp.usage.completion_tokens == 8 or resp.choices[0].finish_reason == "stop"
+    # Same tokenizer and template as the local default model: the upstream's own
+    # usage must count the prompt the way the local engine does.
+    local = client.chat.completions.create(
+        model="smollm2-135m-instruct", messages=MSGS, max_tokens=1
+    )
+    assert local.usage is not None
+    assert resp.usage.prompt_tokens == local.usage.prompt_tokens
+
+
+def test_remote_slug_streams_on_the_segmind_route(gateway: LiveServer) -> None:
+    body = {
+        "messages": MSGS,
+        "max_tokens": 6,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    events = []
+    with httpx.stream("POST", f"{gateway.base_url}/v1/{REMOTE}", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["model"] == REMOTE for c in chunks)
+    assert chunks[-1]["usage"]["completion_tokens"] >= 1
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text
+
+
+def test_upstream_rejection_is_a_400_with_its_numbers(gateway: LiveServer) -> None:
+    r = httpx.post(
+        f"{gateway.base_url}/v1/chat/completions",
+        json={"model": REMOTE, "messages": [{"role": "user", "content": "cat " * 9000}]},
+        timeout=60,
+    )
+    assert r.status_code == 400, r.text
+    assert "8192" in r.json()["error"]["message"]
+
+
+def test_upstream_timeout_is_504(gateway: LiveServer) -> None:
+    r = httpx.post(f"{gateway.base_url}/v1/remote-silent", json={"messages": MSGS}, timeout=30)
+    assert r.status_code == 504
+    assert "did not answer in time" in r.json()["error"]
+
+
+def test_stopped_upstream_is_502_not_500(
+    gateway: LiveServer, engine_proc: tuple[subprocess.Popen[str], int]
+) -> None:
+    # Runs last in this module (pytest keeps file order): it kills the shared engine.
+    proc, _ = engine_proc
+    proc.kill()
+    proc.wait()
+    r = httpx.post(f"{gateway.base_url}/v1/{REMOTE}", json={"messages": MSGS}, timeout=30)
+    assert r.status_code == 502
+    assert "unreachable" in r.json()["error"]
+    client = openai.OpenAI(base_url=gateway.v1, api_key="unused", max_retries=0)
+    with pytest.raises(openai.InternalServerError) as exc:
+        client.chat.completions.create(model=REMOTE, messages=MSGS, stream=True)
+    assert exc.value.status_code == 502
