@@ -32,19 +32,27 @@ def pull(spec: ModelSpec, models_dir: Path) -> list[Path]:
         try:
             local = hf_hub_download(spec.hf_repo, filename, local_dir=models_dir)
         except LocalEntryNotFoundError as exc:
-            # Raised when the hub cannot be reached at all (offline, DNS, firewall).
+            # The hub library wraps its HTTP answer in this when there is no local copy;
+            # a wrapped HTTP error means the hub answered, anything else that it did not.
+            if isinstance(exc.__cause__, HfHubHTTPError):
+                raise _refused(spec, filename, exc.__cause__) from exc
             raise PullError(
                 f"could not reach the Hugging Face Hub to fetch {spec.hf_repo}/{filename}: "
                 "check the network (or HF_ENDPOINT), or copy the file into "
                 f"{models_dir} and run again."
             ) from exc
         except HfHubHTTPError as exc:
-            status = exc.response.status_code if exc.response is not None else "?"
-            raise PullError(
-                f"the Hugging Face Hub refused {spec.hf_repo}/{filename} (HTTP {status}); "
-                "check the repo and file names, and HF_TOKEN for gated models."
-            ) from exc
+            raise _refused(spec, filename, exc) from exc
         except OSError as exc:
             raise PullError(f"could not fetch {spec.hf_repo}/{filename}: {exc}") from exc
         out.append(Path(local))
     return out
+
+
+def _refused(spec: ModelSpec, filename: str, exc: Exception) -> PullError:
+    response = getattr(exc, "response", None)
+    status = response.status_code if response is not None else "?"
+    return PullError(
+        f"the Hugging Face Hub refused {spec.hf_repo}/{filename} (HTTP {status}); "
+        "check hf_repo and hf_files in the models file, and HF_TOKEN for gated models."
+    )
