@@ -25,6 +25,7 @@ from servelm.errors import (
     ModelUnavailable,
     ServelmError,
 )
+from servelm.metrics import Metrics
 from servelm.protocol import (
     ChatRequest,
     chunk_body,
@@ -83,9 +84,11 @@ class ChatService:
         catalog: Catalog,
         engines: dict[str, Engine],
         unavailable: dict[str, str] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.catalog = catalog
         self.engines = engines
+        self.metrics = metrics
         # slug → why it is not served (missing weights, failed load), said in the 503.
         self.unavailable = unavailable or {}
 
@@ -263,6 +266,12 @@ class ChatService:
                 yield raw
         finally:
             await stream.aclose()
+            await self._finish(call)
+
+    async def _finish(self, call: Call) -> None:
+        """Runs once per generation, however it ended: finished, failed or abandoned."""
+        if self.metrics is not None:
+            self.metrics.observe_tokens(call.spec.slug, call.prompt_tokens, call.completion_tokens)
 
     def usage(self, call: Call) -> dict[str, Any]:
         return usage_body(call.prompt_tokens, call.completion_tokens)

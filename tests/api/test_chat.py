@@ -206,3 +206,20 @@ def test_models_list_and_retrieve(client: openai.OpenAI) -> None:
     assert SLUG in ids
     model = client.models.retrieve(SLUG)
     assert model.id == SLUG and model.object == "model"
+
+
+def test_metrics_count_requests_and_tokens(http: httpx.Client) -> None:
+    def value(text: str, prefix: str) -> float:
+        return sum(float(ln.split()[-1]) for ln in text.splitlines() if ln.startswith(prefix))
+
+    before = http.get("/metrics").text
+    r = http.post(f"/v1/{SLUG}", json={"messages": JOKE, "max_tokens": 3})
+    assert r.status_code == 200
+    after = http.get("/metrics").text
+    completion = f'servelm_tokens_total{{kind="completion",model="{SLUG}"}}'
+    assert value(after, completion) - value(before, completion) == r.json()["usage"][
+        "completion_tokens"
+    ]
+    ok = 'servelm_requests_total{route="segmind_chat",status="200"}'
+    assert value(after, ok) - value(before, ok) == 1
+    assert f'servelm_engine_running{{model="{SLUG}"}}' in after

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from servelm import __version__
-from servelm.api import chat, errors, models
+from servelm.api import chat, errors, metrics, models
 from servelm.api.middleware import RequestContextMiddleware
 from servelm.catalog import Catalog, ModelSpec
 from servelm.config import Settings
@@ -19,6 +19,7 @@ from servelm.engines.base import Engine
 from servelm.engines.llamacpp import LlamaCppEngine
 from servelm.engines.upstream import OpenAIUpstreamEngine
 from servelm.errors import ModelUnavailable
+from servelm.metrics import Metrics
 from servelm.models_file import load_catalog
 from servelm.serving import ChatService
 
@@ -76,7 +77,7 @@ def create_app(settings: Settings, catalog: Catalog | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engines, unavailable = await start_engines(catalog, settings)
-        app.state.chat = ChatService(catalog, engines, unavailable)
+        app.state.chat = ChatService(catalog, engines, unavailable, app.state.metrics)
         # Engines belong to this loop; tools that reach in from other threads need it.
         app.state.loop = asyncio.get_running_loop()
         try:
@@ -93,8 +94,12 @@ def create_app(settings: Settings, catalog: Catalog | None = None) -> FastAPI:
         redoc_url=None,
     )
     app.state.settings = settings
+    app.state.metrics = Metrics(
+        lambda: app.state.chat.engines if hasattr(app.state, "chat") else {}
+    )
     app.state.started_at = int(time.time())
     errors.install(app)
+    app.include_router(metrics.router)
     app.include_router(models.router)
     app.include_router(chat.router)
     app.add_middleware(RequestContextMiddleware)

@@ -9,6 +9,7 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from servelm.logs import request_id_var
+from servelm.metrics import route_family
 
 log = logging.getLogger("servelm.access")
 
@@ -44,11 +45,15 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            elapsed = time.perf_counter() - started
+            metrics = getattr(scope["app"].state, "metrics", None) if "app" in scope else None
+            if metrics is not None:
+                metrics.observe_request(route_family(scope["path"]), status, elapsed)
             log.info(
                 "%s %s %d",
                 scope["method"],
                 scope["path"],
                 status,
-                extra={"fields": {"ms": round((time.perf_counter() - started) * 1000, 2)}},
+                extra={"fields": {"ms": round(elapsed * 1000, 2)}},
             )
             request_id_var.reset(token)

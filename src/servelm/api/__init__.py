@@ -1,0 +1,1 @@
+"""HTTP layer: app factory, thin routers, error rendering, middleware."""
