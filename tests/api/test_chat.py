@@ -217,9 +217,10 @@ def test_metrics_count_requests_and_tokens(http: httpx.Client) -> None:
     assert r.status_code == 200
     after = http.get("/metrics").text
     completion = f'servelm_tokens_total{{kind="completion",model="{SLUG}"}}'
-    assert value(after, completion) - value(before, completion) == r.json()["usage"][
-        "completion_tokens"
-    ]
+    assert (
+        value(after, completion) - value(before, completion)
+        == r.json()["usage"]["completion_tokens"]
+    )
     ok = 'servelm_requests_total{route="segmind_chat",status="200"}'
     assert value(after, ok) - value(before, ok) == 1
     assert f'servelm_engine_running{{model="{SLUG}"}}' in after
