@@ -17,8 +17,10 @@ from fastapi import FastAPI
 
 from servelm import bundled
 from servelm.api.app import create_app
-from servelm.catalog import Catalog
+from servelm.billing import accounts
+from servelm.catalog import MICRO, Catalog
 from servelm.config import Settings, default_data_dir
+from servelm.store.db import Database
 
 
 @pytest.fixture(scope="session")
@@ -41,18 +43,32 @@ class LiveServer:
     base_url: str
     thread: threading.Thread
     server: uvicorn.Server
+    settings: Settings
+    api_key: str = ""
 
     @property
     def v1(self) -> str:
         return f"{self.base_url}/v1"
+
+    @property
+    def db(self) -> Database:
+        return self.app.state.billing.db
+
+    def headers(self) -> dict[str, str]:
+        return {"x-api-key": self.api_key}
 
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
 
 
-def start_server(settings: Settings, catalog: Catalog | None = None) -> LiveServer:
-    """Start uvicorn in a thread with its own event loop; return once it accepts requests."""
+def start_server(
+    settings: Settings, catalog: Catalog | None = None, credits: int = 1000
+) -> LiveServer:
+    """Start uvicorn in a thread with its own event loop; return once it accepts requests.
+
+    The server's database gets an account with ``credits`` and a key (``api_key``).
+    """
     port = free_port()
     app = create_app(settings, catalog)
     config = uvicorn.Config(
@@ -68,7 +84,18 @@ def start_server(settings: Settings, catalog: Catalog | None = None) -> LiveServ
         if not thread.is_alive() or time.monotonic() > deadline:
             raise RuntimeError("test server did not start")
         time.sleep(0.02)
-    return LiveServer(app, f"http://127.0.0.1:{port}", thread, server)
+    live = LiveServer(app, f"http://127.0.0.1:{port}", thread, server, settings)
+    live.api_key = provision(live.db, "tests", credits)
+    return live
+
+
+def provision(db: Database, name: str, credits: int, **key_kw: object) -> str:
+    """An account with ``credits`` credits and one key; returns the key."""
+    account = accounts.create_account(db, name)
+    if credits:
+        accounts.grant(db, account.id, credits * MICRO, note="test grant")
+    _, key = accounts.create_key(db, account.id, name, **key_kw)  # type: ignore[arg-type]
+    return key
 
 
 def make_settings(tmp: Path, models_dir: Path, **kw: object) -> Settings:
@@ -92,5 +119,6 @@ def live(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 @pytest.fixture
 def http(live: LiveServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=live.base_url, timeout=60) as client:
+    """An httpx client that sends the test account's key."""
+    with httpx.Client(base_url=live.base_url, timeout=60, headers=live.headers()) as client:
         yield client

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from servelm import cli_money
 from servelm.catalog import Catalog
 from servelm.config import Settings
 from servelm.models_file import ConfigError, load_catalog
@@ -22,6 +23,7 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="List and fetch models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+cli_money.register(app)
 
 console = Console()
 err_console = Console(stderr=True)
@@ -97,6 +99,7 @@ def serve(
         bundled.ensure_default_model(settings.model_dir, verify=False)
     except bundled.FetchError as exc:
         err_console.print(f"[yellow]default model not available:[/] {exc}")
+    _first_start(settings)
     uvicorn.run(
         asgi,
         host=settings.host,
@@ -104,6 +107,38 @@ def serve(
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=10,
+    )
+
+
+def _first_start(settings: Settings) -> None:
+    """On an empty database: a default account with starter credits, and its key,
+    printed this once."""
+    from rich.panel import Panel
+
+    from servelm.billing.accounts import bootstrap
+    from servelm.catalog import MICRO
+    from servelm.store.db import Database
+
+    db = Database(settings.db_url)
+    db.upgrade()
+    key = bootstrap(db, settings.starter_credits * MICRO)
+    db.dispose()
+    if key is None:
+        return
+    url = f"http://{settings.host}:{settings.port}"
+    console.print(
+        Panel(
+            f"[bold]{key}[/]\n\nAccount 'default' has {settings.starter_credits} starter "
+            "credits. This key is shown once; keep it.",
+            title="servelm: your API key",
+            expand=False,
+        )
+    )
+    # Plain print: a terminal must not wrap the command inside a box.
+    print(
+        f"curl {url}/v1/smollm2-135m-instruct -H 'x-api-key: {key}' \\\n"
+        """  -d '{"messages":[{"role":"user","content":"tell me a joke on cats"}]}'\n""",
+        flush=True,
     )
 
 

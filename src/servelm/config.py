@@ -50,6 +50,10 @@ class Settings(BaseModel):
     ctx_per_slot: int = 2048
 
     starter_credits: int = 10  # credits granted to the default account on first start
+    # How long a key lookup is trusted; a revoked key stops working within this.
+    key_cache_seconds: float = 5.0
+    # A hold not refreshed for this long belongs to a dead process and is released.
+    hold_ttl_seconds: float = 120.0
     log_level: str = "info"
     log_json: bool = False
 
@@ -79,6 +83,8 @@ class Settings(BaseModel):
             "SERVELM_SLOTS": "slots",
             "SERVELM_CTX_PER_SLOT": "ctx_per_slot",
             "SERVELM_STARTER_CREDITS": "starter_credits",
+            "SERVELM_KEY_CACHE_SECONDS": "key_cache_seconds",
+            "SERVELM_HOLD_TTL_SECONDS": "hold_ttl_seconds",
             "SERVELM_LOG_LEVEL": "log_level",
             "SERVELM_LOG_JSON": "log_json",
         }

@@ -60,3 +60,4 @@ def setup(level: str = "info", json_lines: bool = False) -> None:
     # uvicorn's access log would duplicate ours (and lacks the request id).
     logging.getLogger("uvicorn.access").disabled = True
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)

@@ -16,7 +16,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from servelm.catalog import Catalog, ModelSpec
+from servelm.billing.holds import NotEnoughCredits, Settlement, affordable_max_tokens
+from servelm.billing.service import Billing, Principal
+from servelm.catalog import Catalog, ModelSpec, format_credits, price_micro
 from servelm.conversation import fit_conversation
 from servelm.engines.base import Engine
 from servelm.errors import (
@@ -68,12 +70,19 @@ class Call:
     body: dict[str, Any]
     prompt_tokens: int
     max_tokens: int
+    # False when prompt_tokens is only an upper bound (remote engines count later).
+    prompt_exact: bool = True
+    principal: Principal | None = None
+    # Balance right after the hold (what a stream's headers can say), and the
+    # settlement once done.
+    held_balance: int | None = None
+    settlement: Settlement | None = None
+    status: str = "ok"
     completion_id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
     started: float = field(default_factory=time.perf_counter)
     # What actually happened, filled in while generating.
     completion_tokens: int = 0
-    delivered_tokens: int = 0
     finish_reason: str | None = None
     usage: dict[str, Any] | None = None
 
@@ -85,10 +94,12 @@ class ChatService:
         engines: dict[str, Engine],
         unavailable: dict[str, str] | None = None,
         metrics: Metrics | None = None,
+        billing: Billing | None = None,
     ) -> None:
         self.catalog = catalog
         self.engines = engines
         self.metrics = metrics
+        self.billing = billing
         # slug → why it is not served (missing weights, failed load), said in the 503.
         self.unavailable = unavailable or {}
 
@@ -116,6 +127,7 @@ class ChatService:
         request: ChatRequest,
         spec: ModelSpec,
         engine: Engine,
+        principal: Principal | None = None,
     ) -> Call:
         if request.has_images() and not spec.vision:
             raise InvalidRequest(
@@ -131,8 +143,7 @@ class ChatService:
         # (for the credit hold) and let the upstream enforce its own window.
         prompt_tokens = counted if counted is not None else estimate_prompt_tokens(body)
         max_tokens = self._max_tokens(request, spec, prompt_tokens, exact=counted is not None)
-        body["max_tokens"] = max_tokens
-        return Call(
+        call = Call(
             request_id=request_id,
             dialect=dialect,
             spec=spec,
@@ -141,7 +152,40 @@ class ChatService:
             body=body,
             prompt_tokens=prompt_tokens,
             max_tokens=max_tokens,
+            prompt_exact=counted is not None,
+            principal=principal,
         )
+        if principal is not None and self.billing is not None:
+            await self._hold(call, principal)
+        body["max_tokens"] = call.max_tokens
+        return call
+
+    async def _hold(self, call: Call, principal: Principal) -> None:
+        """Step 7: reserve the worst case, or, when the client set no limit, as many
+        output tokens as the balance affords."""
+        assert self.billing is not None
+        spec = call.spec
+        try:
+            amount = price_micro(spec, call.prompt_tokens, call.max_tokens)
+            call.held_balance = await self.billing.hold(
+                principal, call.request_id, spec.slug, amount
+            )
+        except NotEnoughCredits as exc:
+            if call.request.requested_max_tokens is not None:
+                raise
+            affordable = affordable_max_tokens(
+                exc.balance,
+                price_micro(spec, call.prompt_tokens, 0),
+                spec.output_price_micro,
+                call.max_tokens,
+            )
+            if affordable < 1:
+                raise
+            call.max_tokens = affordable
+            amount = price_micro(spec, call.prompt_tokens, affordable)
+            call.held_balance = await self.billing.hold(
+                principal, call.request_id, spec.slug, amount
+            )
 
     @staticmethod
     def _max_tokens(
@@ -200,7 +244,6 @@ class ChatService:
         }
         if tool_calls:
             message["tool_calls"] = [tool_calls[i] for i in sorted(tool_calls)]
-        call.delivered_tokens = call.completion_tokens
         return completion_body(
             completion_id=call.completion_id,
             model=call.spec.slug,
@@ -212,7 +255,13 @@ class ChatService:
         )
 
     async def stream_chunks(self, call: Call) -> AsyncIterator[dict[str, Any]]:
-        """``chat.completion.chunk`` dicts in OpenAI's order (role first, usage last)."""
+        """``chat.completion.chunk`` dicts in OpenAI's order: role first, content, the
+        finish chunk, then (with ``include_usage``) a usage-only chunk.
+
+        The finish chunk is held back until the engine is done and the request is
+        settled, so the last chunk the client sees carries the exact usage, cost and
+        remaining credits either way.
+        """
         include_usage = call.request.include_usage
 
         def chunk(**kw: Any) -> dict[str, Any]:
@@ -224,31 +273,36 @@ class ChatService:
             return body
 
         sent_role = False
+        finish: dict[str, Any] | None = None
         async for raw in self._generate(call):
             for choice in raw.get("choices") or ():
                 delta = dict(choice.get("delta") or {})
+                delta.pop("role", None)
                 if not sent_role:
-                    delta.pop("role", None)
                     if delta.get("content") is None:
                         delta.pop("content", None)
                     yield chunk(delta={"role": "assistant", "content": "", **delta})
                     sent_role = True
-                    if not delta:
-                        continue
-                delta.pop("role", None)
-                finish = choice.get("finish_reason")
-                if not delta and finish is None:
                     continue
-                yield chunk(delta=delta, finish_reason=finish, logprobs=choice.get("logprobs"))
-                if delta.get("content") or delta.get("tool_calls"):
-                    call.delivered_tokens += 1
-        call.delivered_tokens = call.completion_tokens
+                reason = choice.get("finish_reason")
+                if reason is not None:
+                    finish = chunk(
+                        delta=delta, finish_reason=reason, logprobs=choice.get("logprobs")
+                    )
+                elif delta:
+                    yield chunk(delta=delta, logprobs=choice.get("logprobs"))
         usage = self.usage(call)
+        if finish is None:
+            finish = chunk(delta={}, finish_reason=call.finish_reason or "stop")
         if include_usage:
+            yield finish
             yield {**chunk(usage_only=True), "usage": usage}
+        else:
+            yield {**finish, "usage": usage}
 
     async def _generate(self, call: Call) -> AsyncIterator[dict[str, Any]]:
         stream = call.engine.stream(call.body)
+        call.status = "cancelled"  # until the engine says it finished
         try:
             async for raw in stream:
                 usage = raw.get("usage")
@@ -264,17 +318,46 @@ class ChatService:
                     if call.usage is None and (delta.get("content") or delta.get("tool_calls")):
                         call.completion_tokens += 1
                 yield raw
+            call.status = "ok"
+        except ServelmError:
+            call.status = "error"
+            raise
         finally:
             await stream.aclose()
             await self._finish(call)
 
     async def _finish(self, call: Call) -> None:
-        """Runs once per generation, however it ended: finished, failed or abandoned."""
+        """Step 9, once per generation, however it ended: finished, failed or abandoned."""
         if self.metrics is not None:
             self.metrics.observe_tokens(call.spec.slug, call.prompt_tokens, call.completion_tokens)
+        if call.held_balance is None or self.billing is None:
+            return
+        call.settlement = await self.billing.settle(
+            call.request_id,
+            charge=self.charge(call),
+            prompt_tokens=call.prompt_tokens if call.prompt_exact or call.usage else 0,
+            completion_tokens=call.completion_tokens,
+            status=call.status,
+            latency_ms=int((time.perf_counter() - call.started) * 1000),
+        )
+
+    @staticmethod
+    def charge(call: Call) -> int:
+        """What the user pays: the tokens produced. A request that failed or was
+        abandoned before any output costs nothing; a prompt count that is only an upper
+        bound (remote engine, no usage received) is not billed."""
+        if call.status != "ok" and call.completion_tokens == 0:
+            return 0
+        prompt = call.prompt_tokens if (call.prompt_exact or call.usage) else 0
+        return price_micro(call.spec, prompt, call.completion_tokens)
 
     def usage(self, call: Call) -> dict[str, Any]:
-        return usage_body(call.prompt_tokens, call.completion_tokens)
+        extra: dict[str, Any] = {}
+        if call.settlement is not None:
+            # Credits as decimal strings: exact, unlike JSON numbers in most clients.
+            extra["cost"] = format_credits(call.settlement.charged)
+            extra["remaining_credits"] = format_credits(call.settlement.balance)
+        return usage_body(call.prompt_tokens, call.completion_tokens, **extra)
 
 
 def engine_body(request: ChatRequest) -> dict[str, Any]:

@@ -16,7 +16,7 @@ JOKE = [{"role": "user", "content": "tell me a joke on cats"}]
 
 @pytest.fixture
 def client(live: LiveServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=live.v1, api_key="unused", max_retries=0, timeout=60)
+    return openai.OpenAI(base_url=live.v1, api_key=live.api_key, max_retries=0, timeout=60)
 
 
 def test_segmind_route_answers_with_a_real_completion(http: httpx.Client) -> None:
@@ -112,7 +112,7 @@ def test_prompt_count_before_generation_matches_engine_usage(live: LiveServer) -
     # The engine lives on the server's loop; its httpx client must be used there.
     loop = _server_loop(live)
     counted = asyncio.run_coroutine_threadsafe(count(), loop).result(30)
-    with httpx.Client(base_url=live.base_url, timeout=60) as http:
+    with httpx.Client(base_url=live.base_url, timeout=60, headers=live.headers()) as http:
         usage = http.post(f"/v1/{SLUG}", json={"messages": JOKE, "max_tokens": 2}).json()["usage"]
     assert counted == usage["prompt_tokens"]
 

@@ -165,7 +165,9 @@ def test_there_are_at_least_twenty_kinds() -> None:
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_openai_route(small_body_server, case: Case) -> None:  # type: ignore[no-untyped-def]
-    with httpx.Client(base_url=small_body_server.base_url, timeout=60) as client:
+    with httpx.Client(
+        base_url=small_body_server.base_url, timeout=60, headers=small_body_server.headers()
+    ) as client:
         r = _send(client, "/v1/chat/completions", case, SLUG)
     assert r.status_code == case.status, r.text
     err = r.json()["error"]
@@ -179,7 +181,9 @@ def test_openai_route(small_body_server, case: Case) -> None:  # type: ignore[no
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_segmind_route(small_body_server, case: Case) -> None:  # type: ignore[no-untyped-def]
-    with httpx.Client(base_url=small_body_server.base_url, timeout=60) as client:
+    with httpx.Client(
+        base_url=small_body_server.base_url, timeout=60, headers=small_body_server.headers()
+    ) as client:
         r = _send(client, f"/v1/{SLUG}", case, None)
     assert r.status_code == case.status, r.text
     body = r.json()

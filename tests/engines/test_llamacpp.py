@@ -47,7 +47,9 @@ async def _stream_tokens(client: httpx.AsyncClient, max_tokens: int) -> int:
 
 async def test_sixteen_concurrent_streams_complete_and_are_batched(wide: LiveServer) -> None:
     n_tokens = 128
-    async with httpx.AsyncClient(base_url=wide.base_url, timeout=120) as client:
+    async with httpx.AsyncClient(
+        base_url=wide.base_url, timeout=120, headers=wide.headers()
+    ) as client:
         await _stream_tokens(client, 4)  # warm the model's caches
         t0 = time.perf_counter()
         single = await _stream_tokens(client, n_tokens)
@@ -86,7 +88,7 @@ async def test_disconnect_after_three_chunks_stops_generation(live: LiveServer) 
         "ignore_eos": True,
     }
     async with (
-        httpx.AsyncClient(base_url=live.base_url, timeout=60) as client,
+        httpx.AsyncClient(base_url=live.base_url, timeout=60, headers=live.headers()) as client,
         client.stream("POST", "/v1/chat/completions", json=body) as r,
     ):
         seen = 0
@@ -122,7 +124,9 @@ async def test_full_queue_answers_503_with_retry_after(
     try:
         body = {"model": SLUG, "messages": STORY, "max_tokens": 400, "stream": True}
         engine = srv.app.state.chat.engines[SLUG]
-        async with httpx.AsyncClient(base_url=srv.base_url, timeout=60) as client:
+        async with httpx.AsyncClient(
+            base_url=srv.base_url, timeout=60, headers=srv.headers()
+        ) as client:
             running = asyncio.create_task(_first_line(client, body))
             while engine.stats.running < 1:
                 await asyncio.sleep(0.01)

@@ -101,7 +101,7 @@ MSGS = [{"role": "user", "content": "tell me a joke on cats"}]
 
 
 def test_remote_slug_serves_openai_route(gateway: LiveServer) -> None:
-    client = openai.OpenAI(base_url=gateway.v1, api_key="unused", max_retries=0)
+    client = openai.OpenAI(base_url=gateway.v1, api_key=gateway.api_key, max_retries=0)
     resp = client.chat.completions.create(model=REMOTE, messages=MSGS, max_tokens=8)
     assert resp.model == REMOTE
     assert resp.usage is not None
@@ -123,7 +123,9 @@ def test_remote_slug_streams_on_the_segmind_route(gateway: LiveServer) -> None:
         "stream_options": {"include_usage": True},
     }
     events = []
-    with httpx.stream("POST", f"{gateway.base_url}/v1/{REMOTE}", json=body, timeout=60) as r:
+    with httpx.stream(
+        "POST", f"{gateway.base_url}/v1/{REMOTE}", json=body, timeout=60, headers=gateway.headers()
+    ) as r:
         assert r.status_code == 200
         for line in r.iter_lines():
             if line.startswith("data: "):
@@ -141,13 +143,19 @@ def test_upstream_rejection_is_a_400_with_its_numbers(gateway: LiveServer) -> No
         f"{gateway.base_url}/v1/chat/completions",
         json={"model": REMOTE, "messages": [{"role": "user", "content": "cat " * 9000}]},
         timeout=60,
+        headers=gateway.headers(),
     )
     assert r.status_code == 400, r.text
     assert "8192" in r.json()["error"]["message"]
 
 
 def test_upstream_timeout_is_504(gateway: LiveServer) -> None:
-    r = httpx.post(f"{gateway.base_url}/v1/remote-silent", json={"messages": MSGS}, timeout=30)
+    r = httpx.post(
+        f"{gateway.base_url}/v1/remote-silent",
+        json={"messages": MSGS},
+        timeout=30,
+        headers=gateway.headers(),
+    )
     assert r.status_code == 504
     assert "did not answer in time" in r.json()["error"]
 
@@ -159,10 +167,15 @@ def test_stopped_upstream_is_502_not_500(
     proc, _ = engine_proc
     proc.kill()
     proc.wait()
-    r = httpx.post(f"{gateway.base_url}/v1/{REMOTE}", json={"messages": MSGS}, timeout=30)
+    r = httpx.post(
+        f"{gateway.base_url}/v1/{REMOTE}",
+        json={"messages": MSGS},
+        timeout=30,
+        headers=gateway.headers(),
+    )
     assert r.status_code == 502
     assert "unreachable" in r.json()["error"]
-    client = openai.OpenAI(base_url=gateway.v1, api_key="unused", max_retries=0)
+    client = openai.OpenAI(base_url=gateway.v1, api_key=gateway.api_key, max_retries=0)
     with pytest.raises(openai.InternalServerError) as exc:
         client.chat.completions.create(model=REMOTE, messages=MSGS, stream=True)
     assert exc.value.status_code == 502

@@ -7,12 +7,14 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from datetime import timedelta
 
 from fastapi import FastAPI
 
 from servelm import __version__
-from servelm.api import chat, errors, metrics, models
+from servelm.api import account, admin, chat, errors, metrics, models
 from servelm.api.middleware import RequestContextMiddleware
+from servelm.billing.service import Billing
 from servelm.catalog import Catalog, ModelSpec
 from servelm.config import Settings
 from servelm.engines.base import Engine
@@ -22,6 +24,7 @@ from servelm.errors import ModelUnavailable
 from servelm.metrics import Metrics
 from servelm.models_file import load_catalog
 from servelm.serving import ChatService
+from servelm.store.db import Database
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +79,17 @@ def create_app(settings: Settings, catalog: Catalog | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        db = Database(settings.db_url)
+        await asyncio.to_thread(db.upgrade)
+        billing = Billing(
+            db,
+            key_cache_seconds=settings.key_cache_seconds,
+            hold_ttl=timedelta(seconds=settings.hold_ttl_seconds),
+        )
+        await billing.start()
+        app.state.billing = billing
         engines, unavailable = await start_engines(catalog, settings)
-        app.state.chat = ChatService(catalog, engines, unavailable, app.state.metrics)
+        app.state.chat = ChatService(catalog, engines, unavailable, app.state.metrics, billing)
         # Engines belong to this loop; tools that reach in from other threads need it.
         app.state.loop = asyncio.get_running_loop()
         try:
@@ -85,6 +97,8 @@ def create_app(settings: Settings, catalog: Catalog | None = None) -> FastAPI:
         finally:
             for engine in engines.values():
                 await engine.close()
+            await billing.close()
+            db.dispose()
 
     app = FastAPI(
         title="servelm",
@@ -100,6 +114,8 @@ def create_app(settings: Settings, catalog: Catalog | None = None) -> FastAPI:
     app.state.started_at = int(time.time())
     errors.install(app)
     app.include_router(metrics.router)
+    app.include_router(admin.router)
+    app.include_router(account.router)
     app.include_router(models.router)
     app.include_router(chat.router)
     app.add_middleware(RequestContextMiddleware)

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from servelm.api.auth import authenticate, credit_headers
+from servelm.billing.service import Billing
+from servelm.catalog import ModelSpec, format_credits
+from servelm.engines.base import Engine
 from servelm.errors import InvalidRequest, PayloadTooLarge, ServelmError
+from servelm.protocol import ChatRequest
 from servelm.serving import Call, ChatService, Dialect, error_event, sse
 
 router = APIRouter()
@@ -55,16 +61,76 @@ async def _chat(request: Request, dialect: Dialect, slug: str | None) -> Respons
     request.state.dialect = dialect
     service: ChatService = request.app.state.chat
     raw = await read_body(request)
+    principal = await authenticate(request)
     req = service.parse(raw, dialect)
     spec, engine = service.resolve(req, slug)
-    call = await service.prepare(request.state.request_id, dialect, req, spec, engine)
+    Billing.check_model(principal, spec.slug)
+
+    idem_key = request.headers.get("idempotency-key")
+    if idem_key is not None:
+        return await _idempotent(request, service, idem_key, raw, req, spec, engine)
+
+    call = await service.prepare(request.state.request_id, dialect, req, spec, engine, principal)
     if req.stream:
         return await _streaming_response(service, call)
     result = await _until_disconnect(request, service.complete(call))
     if result is None:
         # Nobody is listening; 499 is what the access log should say.
         return Response(status_code=499)
-    return JSONResponse(result)
+    return JSONResponse(result, headers=_money_headers(call))
+
+
+def _money_headers(call: Call) -> dict[str, str]:
+    assert call.settlement is not None
+    return {
+        "x-remaining-credits": format_credits(call.settlement.balance),
+        "x-cost": format_credits(call.settlement.charged),
+    }
+
+
+async def _idempotent(
+    request: Request,
+    service: ChatService,
+    key: str,
+    raw: bytes,
+    req: ChatRequest,
+    spec: ModelSpec,
+    engine: Engine,
+) -> Response:
+    """A retried request with the same Idempotency-Key and body is charged once and
+    answered with the same completion."""
+    if not 1 <= len(key) <= 255:
+        raise InvalidRequest("Idempotency-Key must be 1 to 255 characters.")
+    if req.stream:
+        raise InvalidRequest(
+            "Idempotency-Key is supported for non-streaming requests only.", param="stream"
+        )
+    principal = request.state.principal
+    billing: Billing = request.app.state.billing
+    replay = await billing.idempotency_begin(
+        principal.account_id, key, hashlib.sha256(raw).hexdigest()
+    )
+    if replay is not None:
+        headers = await credit_headers(request)
+        headers["x-cost"] = "0.000000"  # this answer is not charged again
+        headers["idempotent-replayed"] = "true"
+        return JSONResponse(replay.body, status_code=replay.status_code, headers=headers)
+    try:
+        call = await service.prepare(
+            request.state.request_id, request.state.dialect, req, spec, engine, principal
+        )
+        result = await _until_disconnect(request, service.complete(call))
+    except BaseException:
+        await billing.idempotency_abort(principal.account_id, key)
+        raise
+    if result is None:
+        await billing.idempotency_abort(principal.account_id, key)
+        return Response(status_code=499)
+    assert call.settlement is not None
+    await billing.idempotency_finish(
+        principal.account_id, key, 200, result, call.settlement.charged
+    )
+    return JSONResponse(result, headers=_money_headers(call))
 
 
 async def _until_disconnect(request: Request, work: Any) -> Any:
@@ -106,10 +172,15 @@ async def _streaming_response(service: ChatService, call: Call) -> Response:
     except BaseException:
         await chunks.aclose()
         raise
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    if call.held_balance is not None:
+        # Headers leave before generation: they can only say the balance after the hold.
+        # The final chunk's usage carries the exact cost and remaining credits.
+        headers["x-remaining-credits"] = format_credits(call.held_balance)
     return StreamingResponse(
         _sse_frames(first, chunks, call.dialect),
         media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        headers=headers,
     )
 
 

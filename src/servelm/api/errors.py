@@ -11,10 +11,13 @@ import re
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from servelm.api.auth import credit_headers
 from servelm.errors import (
+    InvalidRequest,
     MethodNotAllowed,
     NotFound,
     ServelmError,
@@ -44,6 +47,10 @@ def error_response(
     )
 
 
+def _authenticated(request: Request) -> bool:
+    return getattr(request.state, "principal", None) is not None
+
+
 def _dialect(request: Request) -> str:
     return getattr(request.state, "dialect", None) or dialect_for_path(request.url.path)
 
@@ -51,8 +58,24 @@ def _dialect(request: Request) -> str:
 def install(app: FastAPI) -> None:
     @app.exception_handler(ServelmError)
     async def _servelm(request: Request, exc: ServelmError) -> JSONResponse:
-        extra = getattr(request.state, "extra_headers", None)
+        # Authenticated callers learn their balance on errors too; a refused hold
+        # already knows it, so no second query.
+        known = getattr(exc, "balance", None)
+        extra = await credit_headers(request, known) if _authenticated(request) else {}
         return error_response(exc, _dialect(request), extra)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own validation (admin bodies, path and query params) answers 422;
+        # we promise 400 naming the field.
+        err = exc.errors()[0]
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")]
+        param = ".".join(loc) or None
+        wrapped = InvalidRequest(
+            f"Invalid value for '{param}': {err.get('msg')}." if param else str(err.get("msg")),
+            param=param,
+        )
+        return await _servelm(request, wrapped)
 
     @app.exception_handler(StarletteHTTPException)
     async def _routing(request: Request, exc: StarletteHTTPException) -> JSONResponse:

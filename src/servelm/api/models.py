@@ -6,6 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
+from servelm.api.auth import authenticate
 from servelm.catalog import ModelSpec
 from servelm.errors import MethodNotAllowed, ModelNotFound
 from servelm.protocol import model_card
@@ -34,12 +35,14 @@ def _card(request: Request, spec: ModelSpec) -> dict[str, Any]:
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
+    await authenticate(request)
     catalog = request.app.state.chat.catalog
     return {"object": "list", "data": [_card(request, s) for s in catalog]}
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(request: Request, model_id: str) -> dict[str, Any]:
+    await authenticate(request)
     spec = request.app.state.chat.catalog.get(model_id)
     if spec is None:
         raise ModelNotFound(f"The model '{model_id}' does not exist.", param="model")

@@ -1,0 +1,38 @@
+"""What a key's owner may see of their own account: balance and usage."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from servelm.api.auth import authenticate
+from servelm.catalog import MICRO, format_credits
+
+router = APIRouter()
+
+
+@router.get("/v1/credits")
+async def credits(request: Request) -> dict[str, Any]:
+    principal = await authenticate(request)
+    balance = await request.app.state.billing.balance(principal.account_id)
+    return {"object": "credits", "credits": format_credits(balance), "micro_credits": balance}
+
+
+@router.get("/v1/get-user-credits")
+async def segmind_credits(request: Request) -> dict[str, Any]:
+    """Segmind's shape: ``{"credits": <number>}``. A JSON number, as their clients
+    expect; /v1/credits gives the exact decimal string."""
+    principal = await authenticate(request)
+    balance = await request.app.state.billing.balance(principal.account_id)
+    return {"credits": balance / MICRO, "free-credits": 0}
+
+
+@router.get("/v1/usage")
+async def usage(request: Request) -> dict[str, Any]:
+    principal = await authenticate(request)
+    rows = await request.app.state.billing.usage(principal.account_id)
+    return {
+        "object": "list",
+        "data": [{**r, "cost": format_credits(r["cost"])} for r in rows],
+    }

@@ -1,0 +1,109 @@
+"""The ledger audit and usage reports.
+
+Invariant, for every account at every moment (all in micro-credits)::
+
+    grants + refunds + adjustments − charges  =  balance + held
+    held = Σ amount of the account's unsettled holds,   balance ≥ 0
+
+i.e. everything ever granted is either still spendable, reserved by a request in
+flight, or was charged. ``servelm ledger check`` runs this.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import case, func, select
+
+from servelm.store.db import Database
+from servelm.store.tables import accounts, api_keys, holds, ledger, usage
+
+
+@dataclass(frozen=True)
+class Discrepancy:
+    account_id: int
+    name: str
+    problem: str
+
+
+def ledger_check(db: Database) -> list[Discrepancy]:
+    signed = case((ledger.c.kind == "charge", -ledger.c.amount), else_=ledger.c.amount)
+    with db.read() as conn:
+        net = dict(
+            conn.execute(
+                select(ledger.c.account_id, func.coalesce(func.sum(signed), 0)).group_by(
+                    ledger.c.account_id
+                )
+            ).all()
+        )
+        open_held = dict(
+            conn.execute(
+                select(holds.c.account_id, func.coalesce(func.sum(holds.c.amount), 0))
+                .where(holds.c.settled_at.is_(None))
+                .group_by(holds.c.account_id)
+            ).all()
+        )
+        rows = conn.execute(
+            select(accounts.c.id, accounts.c.name, accounts.c.balance, accounts.c.held)
+        ).all()
+    problems: list[Discrepancy] = []
+    for account_id, name, balance, held in rows:
+        ledger_net = int(net.get(account_id, 0))
+        if ledger_net != balance + held:
+            problems.append(
+                Discrepancy(
+                    account_id,
+                    name,
+                    f"ledger says {ledger_net} but balance + held = {balance} + {held}",
+                )
+            )
+        if held != int(open_held.get(account_id, 0)):
+            problems.append(
+                Discrepancy(
+                    account_id,
+                    name,
+                    f"held {held} but open holds sum to {open_held.get(account_id, 0)}",
+                )
+            )
+        if balance < 0 or held < 0:
+            problems.append(
+                Discrepancy(account_id, name, f"negative: balance {balance}, held {held}")
+            )
+    return problems
+
+
+def usage_summary(
+    db: Database, account_id: int | None = None, since: datetime | None = None
+) -> list[dict[str, Any]]:
+    """Requests, tokens and cost per key, model and day."""
+    day = func.substr(func.cast(usage.c.created_at, usage.c.model.type), 1, 10)
+    q = (
+        select(
+            day.label("day"),
+            api_keys.c.key_id,
+            usage.c.model,
+            func.count().label("requests"),
+            func.sum(usage.c.prompt_tokens).label("prompt_tokens"),
+            func.sum(usage.c.completion_tokens).label("completion_tokens"),
+            func.sum(usage.c.cost).label("cost"),
+        )
+        .select_from(usage.outerjoin(api_keys, usage.c.key_id == api_keys.c.id))
+        .group_by(day, api_keys.c.key_id, usage.c.model)
+        .order_by(day, api_keys.c.key_id, usage.c.model)
+    )
+    if account_id is not None:
+        q = q.where(usage.c.account_id == account_id)
+    if since is not None:
+        q = q.where(usage.c.created_at >= since)
+    with db.read() as conn:
+        return [
+            {
+                k: (
+                    int(v) if k in ("requests", "prompt_tokens", "completion_tokens", "cost") else v
+                )
+                for k, v in r._mapping.items()
+            }
+            for r in conn.execute(q)
+        ]

@@ -1,0 +1,218 @@
+"""Credit holds and settlement: the two statements every chat request costs.
+
+reserve: one conditional UPDATE moves the worst-case cost from ``balance`` to
+``held`` only if the balance covers it (``WHERE balance >= :amount``). The database
+serialises writers on the account row, so concurrent requests can never together
+spend more than the balance: overspend is impossible by construction, not by a
+read-then-write check.
+
+settle: exactly once per request id. The hold row is marked settled by a conditional
+UPDATE (``WHERE settled_at IS NULL``); only the caller that wins that update moves the
+money, so a retry, a sweeper and a late ``finally`` can all call it safely.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import case, func, insert, literal, select, update
+
+from servelm.billing.clock import utcnow
+from servelm.catalog import MICRO, format_credits
+from servelm.errors import InsufficientCredits, NotFound
+from servelm.store.db import Database
+from servelm.store.tables import accounts, holds, ledger, usage
+
+
+class NotEnoughCredits(InsufficientCredits):
+    """InsufficientCredits that also carries the balance, for ``x-remaining-credits``."""
+
+    def __init__(self, balance: int, needed: int) -> None:
+        super().__init__(
+            f"Not enough credits: this request needs up to {format_credits(needed)} "
+            f"credits and the balance is {format_credits(balance)}."
+        )
+        self.balance = balance
+        self.needed = needed
+
+
+@dataclass(frozen=True)
+class Settlement:
+    charged: int
+    balance: int
+    already: bool  # True when an earlier call had settled it; nothing moved now
+
+
+def affordable_max_tokens(
+    balance: int, prompt_cost: int, output_price_micro: int, wanted: int
+) -> int:
+    """The most output tokens (≤ wanted) whose worst case the balance still covers.
+
+    ``output_price_micro`` is micro-credits per million tokens; cost rounds up, so n
+    tokens cost ceil(n * price / 1e6).
+    """
+    room = balance - prompt_cost
+    if room <= 0:
+        return 0
+    if output_price_micro == 0:
+        return wanted
+    # largest n with ceil(n*p/M) <= room  <=>  n*p <= room*M
+    return min(wanted, room * MICRO // output_price_micro)
+
+
+def reserve(
+    db: Database,
+    *,
+    account_id: int,
+    key_id: int | None,
+    request_id: str,
+    model: str,
+    amount: int,
+    ttl: timedelta,
+) -> int:
+    """Hold ``amount``; returns the balance left. Raises NotEnoughCredits."""
+    now = utcnow()
+    with db.write() as conn:
+        row = conn.execute(
+            update(accounts)
+            .where(accounts.c.id == account_id, accounts.c.balance >= amount)
+            .values(balance=accounts.c.balance - amount, held=accounts.c.held + amount)
+            .returning(accounts.c.balance)
+        ).first()
+        if row is None:
+            current = conn.execute(
+                select(accounts.c.balance).where(accounts.c.id == account_id)
+            ).scalar()
+            if current is None:
+                raise NotFound(f"No account {account_id}.")
+            raise NotEnoughCredits(int(current), amount)
+        conn.execute(
+            insert(holds).values(
+                request_id=request_id,
+                account_id=account_id,
+                key_id=key_id,
+                model=model,
+                amount=amount,
+                created_at=now,
+                expires_at=now + ttl,
+            )
+        )
+    return int(row[0])
+
+
+def settle(
+    db: Database,
+    request_id: str,
+    *,
+    charge: int,
+    prompt_tokens: int = 0,
+    completion_tokens: int = 0,
+    status: str = "ok",
+    latency_ms: int = 0,
+) -> Settlement:
+    """Charge ``min(charge, hold)``, release the rest, record ledger and usage rows."""
+    now = utcnow()
+    charge = max(0, charge)
+    with db.write() as conn:
+        won = conn.execute(
+            update(holds)
+            .where(holds.c.request_id == request_id, holds.c.settled_at.is_(None))
+            .values(
+                settled_at=now,
+                # Never more than was held: the hold is the promise made to the user.
+                charged=case((holds.c.amount < charge, holds.c.amount), else_=literal(charge)),
+            )
+            .returning(
+                holds.c.account_id, holds.c.key_id, holds.c.model, holds.c.amount, holds.c.charged
+            )
+        ).first()
+        if won is None:
+            hold = conn.execute(
+                select(holds.c.account_id, holds.c.charged).where(holds.c.request_id == request_id)
+            ).first()
+            if hold is None:
+                raise NotFound(f"No hold for request {request_id}.")
+            balance = conn.execute(
+                select(accounts.c.balance).where(accounts.c.id == hold.account_id)
+            ).scalar_one()
+            return Settlement(int(hold.charged or 0), int(balance), already=True)
+        account_id, key_id, model, amount, charged = won
+        balance = conn.execute(
+            update(accounts)
+            .where(accounts.c.id == account_id)
+            .values(
+                held=accounts.c.held - amount,
+                balance=accounts.c.balance + (amount - charged),
+            )
+            .returning(accounts.c.balance)
+        ).scalar_one()
+        if charged:
+            conn.execute(
+                insert(ledger).values(
+                    account_id=account_id,
+                    kind="charge",
+                    amount=charged,
+                    request_id=request_id,
+                    note=model,
+                    created_at=now,
+                )
+            )
+        conn.execute(
+            insert(usage).values(
+                request_id=request_id,
+                account_id=account_id,
+                key_id=key_id,
+                model=model,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                cost=charged,
+                status=status,
+                latency_ms=latency_ms,
+                created_at=now,
+            )
+        )
+    return Settlement(int(charged), int(balance), already=False)
+
+
+def refresh(db: Database, request_ids: list[str], ttl: timedelta) -> int:
+    """Push the expiry of live requests' holds forward (this process is alive)."""
+    if not request_ids:
+        return 0
+    with db.write() as conn:
+        result = conn.execute(
+            update(holds)
+            .where(holds.c.request_id.in_(request_ids), holds.c.settled_at.is_(None))
+            .values(expires_at=utcnow() + ttl)
+        )
+    return int(result.rowcount or 0)
+
+
+def sweep_expired(db: Database, now: datetime | None = None) -> list[str]:
+    """Release (charge nothing for) holds whose process stopped refreshing them."""
+    now = now or utcnow()
+    with db.read() as conn:
+        expired = [
+            r[0]
+            for r in conn.execute(
+                select(holds.c.request_id).where(
+                    holds.c.settled_at.is_(None), holds.c.expires_at < now
+                )
+            )
+        ]
+    released = []
+    for request_id in expired:
+        if not settle(db, request_id, charge=0, status="expired").already:
+            released.append(request_id)
+    return released
+
+
+def open_holds_total(db: Database, account_id: int) -> int:
+    with db.read() as conn:
+        return int(
+            conn.execute(
+                select(func.coalesce(func.sum(holds.c.amount), 0)).where(
+                    holds.c.account_id == account_id, holds.c.settled_at.is_(None)
+                )
+            ).scalar_one()
+        )

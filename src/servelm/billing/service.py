@@ -1,0 +1,190 @@
+"""``Billing``: the async face of the money layer, as the request path uses it.
+
+Database work runs on a small dedicated thread pool (the event loop never blocks on
+SQLite's lock or PostgreSQL's round trip). Key lookups are cached for a few seconds,
+so the common request costs two short transactions: reserve and settle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+from servelm import keys
+from servelm.billing import accounts, audit, holds, idempotency
+from servelm.billing.clock import utcnow
+from servelm.errors import AuthenticationError, PermissionDenied
+from servelm.store.db import Database
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the key's account and what the key may do."""
+
+    account_id: int
+    key_pk: int
+    key_id: str
+    key_name: str
+    allowed_models: tuple[str, ...] | None
+    expires_at: datetime | None
+
+
+class Billing:
+    def __init__(
+        self,
+        db: Database,
+        *,
+        key_cache_seconds: float = 5.0,
+        hold_ttl: timedelta = timedelta(minutes=2),
+        workers: int = 4,
+    ) -> None:
+        self.db = db
+        self.key_cache_seconds = key_cache_seconds
+        self.hold_ttl = hold_ttl
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="billing")
+        # key id → (digest, principal or None for revoked, fetched at)
+        self._keys: dict[str, tuple[str, Principal | None, float]] = {}
+        self._live: set[str] = set()  # request ids with open holds in this process
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def run(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+        """Run a synchronous store function on the billing pool."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kw))
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self, *, sweep_every: float | None = None) -> None:
+        released = await self.run(holds.sweep_expired, self.db)
+        if released:
+            log.warning("released %d holds left by a stopped process", len(released))
+        period = sweep_every or self.hold_ttl.total_seconds() / 3
+        self._tasks.append(asyncio.create_task(self._keepalive(period)))
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._pool.shutdown(wait=True)
+
+    async def _keepalive(self, period: float) -> None:
+        """Keep this process's holds alive, and release those of processes that died."""
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await self.run(holds.refresh, self.db, list(self._live), self.hold_ttl)
+                released = await self.run(holds.sweep_expired, self.db)
+                if released:
+                    log.warning("released %d expired holds", len(released))
+            except Exception:
+                # A database hiccup must not kill the loop; the next round retries.
+                log.exception("hold keep-alive failed")
+
+    # -- keys ------------------------------------------------------------------------
+
+    async def authenticate(self, raw_key: str) -> Principal:
+        key_id, digest = keys.parse(raw_key)
+        now = time.monotonic()
+        cached = self._keys.get(key_id)
+        if cached is None or now - cached[2] > self.key_cache_seconds:
+            record = await self.run(accounts.find_key, self.db, key_id)
+            if record is None:
+                raise AuthenticationError(keys.INVALID_KEY)
+            principal = None
+            if record.revoked_at is None:
+                principal = Principal(
+                    account_id=record.account_id,
+                    key_pk=record.id,
+                    key_id=record.key_id,
+                    key_name=record.name,
+                    allowed_models=tuple(record.allowed_models)
+                    if record.allowed_models is not None
+                    else None,
+                    expires_at=record.expires_at,
+                )
+            cached = (record.digest, principal, now)
+            self._keys[key_id] = cached
+        stored_digest, principal, _ = cached
+        if not keys.matches(digest, stored_digest):
+            raise AuthenticationError(keys.INVALID_KEY)
+        if principal is None:
+            raise AuthenticationError("This API key has been revoked.")
+        if principal.expires_at is not None and principal.expires_at <= utcnow():
+            raise AuthenticationError("This API key has expired.")
+        return principal
+
+    @staticmethod
+    def check_model(principal: Principal, slug: str) -> None:
+        if principal.allowed_models is not None and slug not in principal.allowed_models:
+            raise PermissionDenied(f"This API key may not use model '{slug}'.", param="model")
+
+    # -- money -----------------------------------------------------------------------
+
+    async def balance(self, account_id: int) -> int:
+        return (await self.run(accounts.get_account, self.db, account_id)).balance
+
+    async def hold(self, principal: Principal, request_id: str, model: str, amount: int) -> int:
+        balance = await self.run(
+            holds.reserve,
+            self.db,
+            account_id=principal.account_id,
+            key_id=principal.key_pk,
+            request_id=request_id,
+            model=model,
+            amount=amount,
+            ttl=self.hold_ttl,
+        )
+        self._live.add(request_id)
+        return balance
+
+    async def settle(
+        self,
+        request_id: str,
+        *,
+        charge: int,
+        prompt_tokens: int,
+        completion_tokens: int,
+        status: str,
+        latency_ms: int,
+    ) -> holds.Settlement:
+        try:
+            return await self.run(
+                holds.settle,
+                self.db,
+                request_id,
+                charge=charge,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                status=status,
+                latency_ms=latency_ms,
+            )
+        finally:
+            self._live.discard(request_id)
+
+    async def usage(self, account_id: int) -> list[dict[str, Any]]:
+        return await self.run(audit.usage_summary, self.db, account_id)
+
+    # -- idempotency -----------------------------------------------------------------
+
+    async def idempotency_begin(
+        self, account_id: int, key: str, body_hash: str
+    ) -> idempotency.Replay | None:
+        return await self.run(idempotency.begin, self.db, account_id, key, body_hash)
+
+    async def idempotency_finish(
+        self, account_id: int, key: str, status_code: int, body: dict[str, Any], cost: int
+    ) -> None:
+        await self.run(idempotency.finish, self.db, account_id, key, status_code, body, cost)
+
+    async def idempotency_abort(self, account_id: int, key: str) -> None:
+        await self.run(idempotency.abort, self.db, account_id, key)

@@ -1,0 +1,5 @@
+"""Persistence: tables, the database handle, migrations."""
+
+from servelm.store.db import Database
+
+__all__ = ["Database"]

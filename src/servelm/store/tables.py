@@ -1,0 +1,119 @@
+"""The schema, as SQLAlchemy Core tables (Core, not ORM: every statement on the
+request path is one hand-written conditional UPDATE or INSERT).
+
+Money is integer micro-credits (1 credit = 1,000,000) in BIGINT columns; there is
+no float anywhere near it.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+metadata = MetaData()
+
+accounts = Table(
+    "accounts",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(200), nullable=False, unique=True),
+    # Spendable now. Changes only through conditional UPDATEs (never read-then-write).
+    Column("balance", BigInteger, nullable=False, default=0),
+    # Reserved by requests in flight; returns to balance (minus the charge) at settle.
+    Column("held", BigInteger, nullable=False, default=0),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    # The last line of defence: whatever the code does, no balance goes negative.
+    CheckConstraint("balance >= 0", name="ck_accounts_balance_nonneg"),
+    CheckConstraint("held >= 0", name="ck_accounts_held_nonneg"),
+)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    # The public half of a key, embedded in it; how a key is found without its secret.
+    Column("key_id", String(32), nullable=False, unique=True),
+    # SHA-256 of the secret half, hex. The secret itself is never stored.
+    Column("digest", String(64), nullable=False),
+    Column("account_id", Integer, ForeignKey("accounts.id"), nullable=False, index=True),
+    Column("name", String(200), nullable=False, default=""),
+    # null: every model; else a list of slugs.
+    Column("allowed_models", JSON, nullable=True),
+    Column("expires_at", DateTime(timezone=True), nullable=True),
+    Column("revoked_at", DateTime(timezone=True), nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+holds = Table(
+    "holds",
+    metadata,
+    Column("request_id", String(64), primary_key=True),
+    Column("account_id", Integer, ForeignKey("accounts.id"), nullable=False),
+    Column("key_id", Integer, ForeignKey("api_keys.id"), nullable=True),
+    Column("model", String(200), nullable=False),
+    Column("amount", BigInteger, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    # A live gateway keeps pushing this forward; a crashed one's holds expire and
+    # the sweeper releases them.
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("settled_at", DateTime(timezone=True), nullable=True),
+    Column("charged", BigInteger, nullable=True),
+    Index("ix_holds_open", "settled_at", "expires_at"),
+)
+
+ledger = Table(
+    "ledger",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("account_id", Integer, ForeignKey("accounts.id"), nullable=False, index=True),
+    # grant (+), adjustment (±), refund (+), charge (recorded positive, subtracts).
+    Column("kind", String(16), nullable=False),
+    Column("amount", BigInteger, nullable=False),
+    Column("request_id", String(64), nullable=True),
+    Column("note", Text, nullable=False, default=""),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+usage = Table(
+    "usage",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("request_id", String(64), nullable=False, unique=True),
+    Column("account_id", Integer, ForeignKey("accounts.id"), nullable=False),
+    Column("key_id", Integer, ForeignKey("api_keys.id"), nullable=True),
+    Column("model", String(200), nullable=False),
+    Column("prompt_tokens", Integer, nullable=False, default=0),
+    Column("completion_tokens", Integer, nullable=False, default=0),
+    Column("cost", BigInteger, nullable=False, default=0),
+    # ok, error, cancelled, expired
+    Column("status", String(16), nullable=False),
+    Column("latency_ms", Integer, nullable=False, default=0),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index("ix_usage_account_time", "account_id", "created_at"),
+)
+
+idempotency = Table(
+    "idempotency",
+    metadata,
+    Column("account_id", Integer, ForeignKey("accounts.id"), primary_key=True),
+    Column("key", String(255), primary_key=True),
+    Column("body_hash", String(64), nullable=False),
+    # pending while the first request runs, done once its answer is stored.
+    Column("state", String(16), nullable=False),
+    Column("status_code", Integer, nullable=True),
+    Column("response", Text, nullable=True),
+    Column("cost", BigInteger, nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
