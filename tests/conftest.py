@@ -109,10 +109,19 @@ def make_settings(tmp: Path, models_dir: Path, **kw: object) -> Settings:
     return Settings(**base)  # type: ignore[arg-type]
 
 
+ADMIN_TOKEN = "test-admin-token-0123456789"
+
+
 @pytest.fixture(scope="session")
 def live(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     """One server for the whole session: the default model, 4 slots."""
-    srv = start_server(make_settings(tmp_path_factory.mktemp("live"), models_dir))
+    settings = make_settings(
+        tmp_path_factory.mktemp("live"),
+        models_dir,
+        key_cache_seconds=1.0,
+        admin_token=ADMIN_TOKEN,
+    )
+    srv = start_server(settings)
     yield srv
     srv.stop()
 
@@ -122,3 +131,45 @@ def http(live: LiveServer) -> Iterator[httpx.Client]:
     """An httpx client that sends the test account's key."""
     with httpx.Client(base_url=live.base_url, timeout=60, headers=live.headers()) as client:
         yield client
+
+
+PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def new_pg_database() -> str:
+    """A fresh, empty PostgreSQL database on the local server; returns its URL."""
+    import uuid
+
+    import psycopg
+
+    name = f"servelm_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return f"postgresql://postgres@127.0.0.1:5432/{name}"
+
+
+def drop_pg_database(url: str) -> None:
+    import psycopg
+
+    name = url.rsplit("/", 1)[1]
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database of each kind we support: a SQLite file, and PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'servelm.db'}"
+        return
+    url = new_pg_database()
+    yield url
+    drop_pg_database(url)
+
+
+@pytest.fixture
+def db(db_url: str) -> Iterator[Database]:
+    database = Database(db_url)
+    database.upgrade()
+    yield database
+    database.dispose()

@@ -16,6 +16,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import anyio
+
 from servelm.billing.holds import NotEnoughCredits, Settlement, affordable_max_tokens
 from servelm.billing.service import Billing, Principal
 from servelm.catalog import Catalog, ModelSpec, format_credits, price_micro
@@ -175,7 +177,8 @@ class ChatService:
                 raise
             affordable = affordable_max_tokens(
                 exc.balance,
-                price_micro(spec, call.prompt_tokens, 0),
+                call.prompt_tokens,
+                spec.input_price_micro,
                 spec.output_price_micro,
                 call.max_tokens,
             )
@@ -323,8 +326,13 @@ class ChatService:
             call.status = "error"
             raise
         finally:
-            await stream.aclose()
-            await self._finish(call)
+            # A client hang-up reaches us as cancellation of the response task, and
+            # anyio re-delivers it at every await in a cancelled scope: without the
+            # shield, the settlement below would never run and the hold would stay
+            # open (kept alive by our own keep-alive) until a restart.
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()
+                await self._finish(call)
 
     async def _finish(self, call: Call) -> None:
         """Step 9, once per generation, however it ended: finished, failed or abandoned."""

@@ -45,20 +45,24 @@ class Settlement:
 
 
 def affordable_max_tokens(
-    balance: int, prompt_cost: int, output_price_micro: int, wanted: int
+    balance: int,
+    prompt_tokens: int,
+    input_price_micro: int,
+    output_price_micro: int,
+    wanted: int,
 ) -> int:
-    """The most output tokens (≤ wanted) whose worst case the balance still covers.
+    """The most output tokens (≤ wanted) whose worst-case cost the balance covers.
 
-    ``output_price_micro`` is micro-credits per million tokens; cost rounds up, so n
-    tokens cost ceil(n * price / 1e6).
+    Prices are micro-credits per million tokens and a request's cost is rounded up
+    once (``catalog.price_micro``), so n tokens are affordable exactly when
+    ``prompt * p_in + n * p_out <= balance * 1e6``.
     """
-    room = balance - prompt_cost
-    if room <= 0:
+    room = balance * MICRO - prompt_tokens * input_price_micro
+    if room < 0:
         return 0
     if output_price_micro == 0:
         return wanted
-    # largest n with ceil(n*p/M) <= room  <=>  n*p <= room*M
-    return min(wanted, room * MICRO // output_price_micro)
+    return min(wanted, room // output_price_micro)
 
 
 def reserve(

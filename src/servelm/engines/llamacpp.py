@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 
 from servelm.catalog import ModelSpec
@@ -205,9 +206,10 @@ class LlamaCppEngine(Engine):
                     cancel.set()
                     self.stats.cancelled_total += 1
                     # Wait for the worker so the slot is really free before admission
-                    # lets the next request in; shielded so a second cancel cannot
-                    # leave the thread running unaccounted.
-                    await asyncio.shield(done)
+                    # lets the next request in; shielded because this runs while the
+                    # task is being cancelled, and anyio re-cancels every await then.
+                    with anyio.CancelScope(shield=True):
+                        await done
 
     def metrics(self) -> dict[str, float]:
         """llama.cpp's own counters (``llamacpp:*`` Prometheus text), parsed."""

@@ -19,6 +19,8 @@ from sqlalchemy import Connection, create_engine, event
 from sqlalchemy.engine import Engine
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+# An arbitrary constant naming our advisory lock ("servelm" in ASCII, truncated).
+_MIGRATION_LOCK = 0x7365_7276_656C
 
 
 def normalize_url(url: str) -> str:
@@ -62,6 +64,11 @@ class Database:
         cfg = Config()
         cfg.set_main_option("script_location", str(MIGRATIONS))
         with self.engine.begin() as conn:
+            if not self.is_sqlite:
+                # Gateway replicas start together; one migrates, the others wait and
+                # then find the schema at head. (SQLite's BEGIN IMMEDIATE already
+                # serialises this.)
+                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
 

@@ -1,0 +1,103 @@
+"""Gateways as real OS processes (``servelm serve``), for tests where processes share a
+database, get killed, or are restarted."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import free_port
+
+SERVELM = str(Path(sys.executable).parent / "servelm")
+
+
+@dataclass
+class Gateway:
+    proc: subprocess.Popen[bytes]
+    port: int
+    log: Path
+    env: dict[str, str] = field(repr=False)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs, exactly like a crash or the OOM killer."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def gateway_env(data_dir: Path, models_dir: Path, **extra: str) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "SERVELM_DATA_DIR": str(data_dir),
+        "SERVELM_MODELS_DIR": str(models_dir),
+        "SERVELM_THREADS": "1",
+        "SERVELM_LOG_LEVEL": "info",
+    }
+    env.pop("SERVELM_DATABASE_URL", None)
+    env.update(extra)
+    return env
+
+
+def spawn(env: dict[str, str], log_dir: Path, *args: str) -> Gateway:
+    """Start ``servelm serve`` on a free port; does not wait (see ``wait_ready``)."""
+    port = free_port()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = log_dir / f"gateway-{port}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [SERVELM, "serve", "--port", str(port), *args],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    return Gateway(proc, port, log, env)
+
+
+def wait_ready(gw: Gateway, timeout: float = 90) -> Gateway:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if gw.proc.poll() is not None:
+            raise RuntimeError(f"gateway exited with {gw.proc.returncode}:\n{gw.log.read_text()}")
+        try:
+            if httpx.get(f"{gw.base_url}/health", timeout=2).status_code == 200:
+                return gw
+        except httpx.TransportError:
+            pass  # not listening yet
+        time.sleep(0.1)
+    gw.stop()
+    raise RuntimeError(f"gateway not ready in {timeout}s:\n{gw.log.read_text()}")
+
+
+def start(env: dict[str, str], log_dir: Path, count: int = 1, *args: str) -> list[Gateway]:
+    """Start ``count`` gateways together and wait for all of them."""
+    gws = [spawn(env, log_dir, *args) for _ in range(count)]
+    try:
+        return [wait_ready(gw) for gw in gws]
+    except BaseException:
+        for gw in gws:
+            gw.stop()
+        raise
+
+
+def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [SERVELM, *args], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
