@@ -20,7 +20,14 @@ model: $(STAMP)
 serve: model
 	$(BIN)/servelm serve --host $(HOST) --port $(PORT)
 
-test: model
+# The Node client tests (the Segmind pages' axios snippets) need axios; without npm
+# they are skipped, with a reason.
+JS_DEPS := tests/js/node_modules/.package-lock.json
+$(JS_DEPS): tests/js/package.json tests/js/package-lock.json
+	@if command -v npm >/dev/null; then npm ci --prefix tests/js --no-audit --no-fund --loglevel=error; \
+	else echo "npm not found: the Node client tests will be skipped"; fi
+
+test: model $(JS_DEPS)
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -34,4 +41,4 @@ fmt: $(STAMP)
 	$(BIN)/ruff format src tests
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) build *.egg-info src/*.egg-info tests/js/node_modules

@@ -173,3 +173,36 @@ def db(db_url: str) -> Iterator[Database]:
     database.upgrade()
     yield database
     database.dispose()
+
+
+@pytest.fixture(scope="session")
+def seed_models(models_dir: Path) -> dict[str, Path]:
+    """Seed slug → tiny random-weight GGUF of that architecture (generated once)."""
+    from servelm.testing import ggufgen
+
+    return ggufgen.ensure_models(
+        default_data_dir() / "testmodels", bundled.default_model_path(models_dir)
+    )
+
+
+def seed_models_file(directory: Path, seed_models: dict[str, Path], extra: str = "") -> Path:
+    """A servelm.toml that maps each seed slug to its tiny model."""
+    entries = [f'[models.{slug}]\npath = "{path}"\n' for slug, path in seed_models.items()]
+    path = directory / "servelm.toml"
+    path.write_text("\n".join(entries) + extra)
+    return path
+
+
+@pytest.fixture(scope="session")
+def seed_live(
+    models_dir: Path, seed_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveServer]:
+    """A server with the three seed slugs served by their tiny models, 2 slots each."""
+    from servelm.models_file import load_catalog
+
+    tmp = tmp_path_factory.mktemp("seeds")
+    models_file = seed_models_file(tmp, seed_models)
+    settings = make_settings(tmp, models_dir, slots=2, models_file=models_file)
+    srv = start_server(settings, load_catalog(models_dir, models_file))
+    yield srv
+    srv.stop()

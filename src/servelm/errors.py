@@ -145,6 +145,14 @@ class UpstreamError(ServelmError):
     code = "upstream_error"
 
 
+class ModelOutputError(UpstreamError):
+    """The model wrote something its own format cannot parse (a malformed tool call).
+    Nothing the client sent was wrong and nothing in servelm broke: like a bad answer
+    from an upstream server, it is a 502, and retrying may well succeed."""
+
+    code = "invalid_model_output"
+
+
 class Overloaded(ServelmError):
     status_code = 503
     error_type = "server_error"

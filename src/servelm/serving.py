@@ -351,10 +351,12 @@ class ChatService:
 
     @staticmethod
     def charge(call: Call) -> int:
-        """What the user pays: the tokens produced. A request that failed or was
-        abandoned before any output costs nothing; a prompt count that is only an upper
+        """What the user pays: the tokens generated and delivered. A request that
+        failed or was abandoned before any output costs nothing, and so does a
+        non-streaming one that failed or lost its client (no answer reached anyone); a
+        stream cut short pays for what it sent. A prompt count that is only an upper
         bound (remote engine, no usage received) is not billed."""
-        if call.status != "ok" and call.completion_tokens == 0:
+        if call.status != "ok" and (call.completion_tokens == 0 or not call.request.stream):
             return 0
         prompt = call.prompt_tokens if (call.prompt_exact or call.usage) else 0
         return price_micro(call.spec, prompt, call.completion_tokens)

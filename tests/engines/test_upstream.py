@@ -8,13 +8,15 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from tests.conftest import LiveServer, free_port, make_settings, start_server
+from servelm.catalog import MICRO, price_micro
+from tests.conftest import LiveServer, free_port, make_settings, provision, start_server
 
 REMOTE = "remote-smol"
 
@@ -85,6 +87,8 @@ base_url = "http://127.0.0.1:{port}/v1"
 upstream_model = "smollm2"
 context_window = 8192
 max_output_tokens = 1024
+input_price = 1000
+output_price = 3000
 
 [models.remote-silent]
 engine = "openai"
@@ -138,6 +142,40 @@ def test_remote_slug_streams_on_the_segmind_route(gateway: LiveServer) -> None:
     assert text
 
 
+def test_remote_charges_follow_the_upstreams_usage(gateway: LiveServer) -> None:
+    """Non-streaming and streaming: the charge is the upstream's reported tokens at the
+    entry's prices, and the balance falls by exactly that."""
+    spec = gateway.app.state.chat.catalog.resolve(REMOTE)
+    key = provision(gateway.db, "remote-payer", 1)
+    r = httpx.post(
+        f"{gateway.v1}/{REMOTE}",
+        json={"messages": MSGS, "max_tokens": 5},
+        headers={"x-api-key": key},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    u = r.json()["usage"]
+    assert Decimal(r.headers["x-cost"]) * MICRO == price_micro(
+        spec, u["prompt_tokens"], u["completion_tokens"]
+    )
+    after_first = Decimal(r.headers["x-remaining-credits"])
+    assert after_first == 1 - Decimal(r.headers["x-cost"])
+    body = {"model": REMOTE, "messages": MSGS, "max_tokens": 5, "stream": True}
+    with httpx.stream(
+        "POST",
+        f"{gateway.v1}/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=60,
+    ) as s:
+        events = [line.removeprefix("data: ") for line in s.iter_lines() if line]
+    su = json.loads(events[-2])["usage"]
+    assert Decimal(su["cost"]) * MICRO == price_micro(
+        spec, su["prompt_tokens"], su["completion_tokens"]
+    )
+    assert Decimal(su["remaining_credits"]) == after_first - Decimal(su["cost"])
+
+
 def test_upstream_rejection_is_a_400_with_its_numbers(gateway: LiveServer) -> None:
     r = httpx.post(
         f"{gateway.base_url}/v1/chat/completions",
@@ -158,6 +196,14 @@ def test_upstream_timeout_is_504(gateway: LiveServer) -> None:
     )
     assert r.status_code == 504
     assert "did not answer in time" in r.json()["error"]
+    before = Decimal(r.headers["x-remaining-credits"])
+    again = httpx.post(
+        f"{gateway.base_url}/v1/remote-silent",
+        json={"messages": MSGS},
+        timeout=30,
+        headers=gateway.headers(),
+    )
+    assert Decimal(again.headers["x-remaining-credits"]) == before  # nothing charged
 
 
 def test_stopped_upstream_is_502_not_500(
@@ -175,6 +221,8 @@ def test_stopped_upstream_is_502_not_500(
     )
     assert r.status_code == 502
     assert "unreachable" in r.json()["error"]
+    balance = httpx.get(f"{gateway.v1}/credits", headers=gateway.headers()).json()["credits"]
+    assert r.headers["x-remaining-credits"] == balance  # the hold came back whole
     client = openai.OpenAI(base_url=gateway.v1, api_key=gateway.api_key, max_retries=0)
     with pytest.raises(openai.InternalServerError) as exc:
         client.chat.completions.create(model=REMOTE, messages=MSGS, stream=True)

@@ -23,6 +23,7 @@ from servelm.errors import (
     ContextWindowExceeded,
     EngineError,
     InvalidRequest,
+    ModelOutputError,
     Overloaded,
     ServelmError,
 )
@@ -117,4 +118,8 @@ def map_engine_error(err: Any) -> ServelmError:
         )
     if code in (400, 501):
         return InvalidRequest(message)
+    if "model produced output that does not match" in message:
+        return ModelOutputError(
+            f"The model's output did not parse as a tool call ({message}); retry the request."
+        )
     return EngineError(message)

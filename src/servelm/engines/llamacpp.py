@@ -143,15 +143,19 @@ class LlamaCppEngine(Engine):
             raise map_engine_error(data.get("error", data))
         return str(data["prompt"])
 
-    async def count_prompt_tokens(self, body: dict[str, Any]) -> int:
+    async def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
+        """Token ids as generation would see them: control tokens written in the text
+        (``<|eot_id|>``, ``[INST]``) count as one token each."""
         assert self._http is not None, "engine not started"
-        prompt = await self.render_prompt(body)
         resp = await self._http.post(
-            "/tokenize", json={"content": prompt, "add_special": True, "parse_special": True}
+            "/tokenize", json={"content": text, "add_special": add_special, "parse_special": True}
         )
         if resp.status_code != 200:
             raise EngineError(f"tokenizer failed: HTTP {resp.status_code}")
-        return len(resp.json()["tokens"])
+        return [int(t) for t in resp.json()["tokens"]]
+
+    async def count_prompt_tokens(self, body: dict[str, Any]) -> int:
+        return len(await self.tokenize(await self.render_prompt(body)))
 
     # -- generation ------------------------------------------------------------------
 
