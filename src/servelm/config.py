@@ -8,7 +8,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from servelm.media import MediaLimits
 
 
 def default_data_dir() -> Path:
@@ -57,6 +59,31 @@ class Settings(BaseModel):
     log_level: str = "info"
     log_json: bool = False
 
+    # Images in chat content (servelm.media).
+    image_max_bytes: int = 10 * 1024 * 1024
+    image_max_pixels: int = 40_000_000
+    image_max_side: int = 2048
+    image_max_count: int = 8
+    # Hosts, addresses or CIDR networks that image URLs may point at although private
+    # (an internal image store, a test server); everything else must be public.
+    image_allow_hosts: tuple[str, ...] = ()
+
+    @field_validator("image_allow_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, v: object) -> object:
+        if isinstance(v, str):
+            return tuple(h.strip() for h in v.split(",") if h.strip())
+        return v
+
+    def media_limits(self) -> MediaLimits:
+        return MediaLimits(
+            max_image_bytes=self.image_max_bytes,
+            max_pixels=self.image_max_pixels,
+            max_side=self.image_max_side,
+            max_images=self.image_max_count,
+            allow_hosts=self.image_allow_hosts,
+        )
+
     @property
     def model_dir(self) -> Path:
         return self.models_dir or (self.data_dir / "models")
@@ -85,6 +112,11 @@ class Settings(BaseModel):
             "SERVELM_STARTER_CREDITS": "starter_credits",
             "SERVELM_KEY_CACHE_SECONDS": "key_cache_seconds",
             "SERVELM_HOLD_TTL_SECONDS": "hold_ttl_seconds",
+            "SERVELM_IMAGE_MAX_BYTES": "image_max_bytes",
+            "SERVELM_IMAGE_MAX_PIXELS": "image_max_pixels",
+            "SERVELM_IMAGE_MAX_SIDE": "image_max_side",
+            "SERVELM_IMAGE_MAX_COUNT": "image_max_count",
+            "SERVELM_IMAGE_ALLOW_HOSTS": "image_allow_hosts",
             "SERVELM_LOG_LEVEL": "log_level",
             "SERVELM_LOG_JSON": "log_json",
         }

@@ -98,6 +98,8 @@ def _resolve_paths(spec: ModelSpec, models_dir: Path, base: Path) -> ModelSpec:
         updates["path"] = (base / spec.path).resolve()
     if spec.mmproj is not None and not spec.mmproj.is_absolute():
         updates["mmproj"] = (base / spec.mmproj).resolve()
+    if spec.mmproj is not None and not spec.vision:
+        updates["vision"] = True  # a projector is what lets a llama.cpp model see
     return spec.model_copy(update=updates) if updates else spec
 
 
@@ -106,6 +108,8 @@ def _check_engine_fields(where: str, spec: ModelSpec) -> None:
         raise ConfigError(f'{where}.base_url: required when engine = "openai"')
     if spec.engine == "llama.cpp" and spec.path is None:
         raise ConfigError(f"{where}.path: a llama.cpp model needs path or hf_repo + hf_files")
+    if spec.engine == "llama.cpp" and spec.vision and spec.mmproj is None:
+        raise ConfigError(f"{where}.vision: a llama.cpp model sees images through an mmproj file")
     if spec.default_max_tokens > spec.max_output_tokens:
         raise ConfigError(f"{where}.default_max_tokens: above max_output_tokens")
     if spec.max_output_tokens > spec.context_window:

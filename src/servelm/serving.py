@@ -29,6 +29,7 @@ from servelm.errors import (
     ModelUnavailable,
     ServelmError,
 )
+from servelm.media import ImageLoader, MediaLimits, inline_images
 from servelm.metrics import Metrics
 from servelm.protocol import (
     ChatRequest,
@@ -97,8 +98,10 @@ class ChatService:
         unavailable: dict[str, str] | None = None,
         metrics: Metrics | None = None,
         billing: Billing | None = None,
+        media: ImageLoader | None = None,
     ) -> None:
         self.catalog = catalog
+        self.media = media or ImageLoader(MediaLimits())
         self.engines = engines
         self.metrics = metrics
         self.billing = billing
@@ -139,12 +142,17 @@ class ChatService:
         if request.tools and not spec.tools:
             raise InvalidRequest(f"Model '{spec.slug}' does not support tools.", param="tools")
         body = engine_body(request)
+        if request.has_images():
+            # Every image is fetched or decoded and checked here; the engine only ever
+            # sees data URIs (llama.cpp would otherwise fetch URLs itself, unchecked).
+            await inline_images(body, self.media)
         body["messages"] = fit_conversation(body["messages"], spec)
         counted = await engine.count_prompt_tokens(body)
         # A remote engine cannot count before generating: bound the prompt from above
         # (for the credit hold) and let the upstream enforce its own window.
         prompt_tokens = counted if counted is not None else estimate_prompt_tokens(body)
-        max_tokens = self._max_tokens(request, spec, prompt_tokens, exact=counted is not None)
+        exact = counted is not None and engine.prompt_count_exact(body)
+        max_tokens = self._max_tokens(request, spec, prompt_tokens, exact=exact)
         call = Call(
             request_id=request_id,
             dialect=dialect,
@@ -154,7 +162,7 @@ class ChatService:
             body=body,
             prompt_tokens=prompt_tokens,
             max_tokens=max_tokens,
-            prompt_exact=counted is not None,
+            prompt_exact=exact,
             principal=principal,
         )
         if principal is not None and self.billing is not None:

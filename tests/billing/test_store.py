@@ -172,7 +172,7 @@ def test_keys_store_only_a_digest(db: Database) -> None:
     record, plaintext = accounts.create_key(db, acct, "ci", allowed_models=["a", "b"])
     key_id, digest = keys.parse(plaintext)
     assert key_id == record.key_id
-    secret = plaintext.rsplit("_", 1)[1]
+    secret = plaintext.split("_", 2)[2]
     with db.read() as conn:
         row = conn.execute(select(api_keys)).one()
         dump = " ".join(str(v) for v in row)
@@ -196,7 +196,7 @@ def test_malformed_keys_are_refused_before_any_lookup(raw: str) -> None:
 def test_a_redacted_key_keeps_the_id_and_drops_the_secret() -> None:
     new = keys.generate()
     shown = keys.redact(new.plaintext)
-    assert new.key_id in shown and new.plaintext.rsplit("_", 1)[1] not in shown
+    assert new.key_id in shown and new.plaintext.split("_", 2)[2] not in shown
 
 
 def test_idempotency_claims_replays_and_refuses_a_different_body(db: Database) -> None:

@@ -21,6 +21,7 @@ from servelm.engines.base import Engine
 from servelm.engines.llamacpp import LlamaCppEngine
 from servelm.engines.upstream import OpenAIUpstreamEngine
 from servelm.errors import ModelUnavailable
+from servelm.media import ImageLoader
 from servelm.metrics import Metrics
 from servelm.models_file import load_catalog
 from servelm.serving import ChatService
@@ -89,12 +90,16 @@ def create_app(settings: Settings, catalog: Catalog | None = None) -> FastAPI:
         await billing.start()
         app.state.billing = billing
         engines, unavailable = await start_engines(catalog, settings)
-        app.state.chat = ChatService(catalog, engines, unavailable, app.state.metrics, billing)
+        media = ImageLoader(settings.media_limits())
+        app.state.chat = ChatService(
+            catalog, engines, unavailable, app.state.metrics, billing, media
+        )
         # Engines belong to this loop; tools that reach in from other threads need it.
         app.state.loop = asyncio.get_running_loop()
         try:
             yield
         finally:
+            await media.aclose()
             for engine in engines.values():
                 await engine.close()
             await billing.close()

@@ -89,7 +89,11 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     async def count_prompt_tokens(self, body: dict[str, Any]) -> int | None:
-        """Exact prompt tokens for ``body``, or None when the engine cannot tell early."""
+        """Prompt tokens for ``body``, or None when the engine cannot tell early."""
+
+    def prompt_count_exact(self, body: dict[str, Any]) -> bool:
+        """Whether ``count_prompt_tokens`` is exact for this body (not an upper bound)."""
+        return True
 
     @abc.abstractmethod
     def stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import gguf
 import httpx
 
 from servelm.catalog import ModelSpec
@@ -36,6 +37,39 @@ from servelm.errors import EngineError, ModelUnavailable
 log = logging.getLogger(__name__)
 
 _END = object()
+
+
+# How llama.cpp's template marks where an image's embeddings go.
+_MEDIA_MARKER = re.compile(r"<__media_?[A-Za-z0-9]*__>")
+# Projectors that turn every image into the same fixed grid of tokens.
+_FIXED_GRID = {"mlp", "mlp_norm", "ldp", "ldpv2"}
+# Per-image allowance for projectors with dynamic resolution: above what the largest
+# vision encoders spend on one (downscaled) image.
+IMAGE_TOKENS_BOUND = 4096
+
+
+def _has_images(body: dict[str, Any]) -> bool:
+    return any(
+        isinstance(m.get("content"), list)
+        and any(p.get("type") == "image_url" for p in m["content"])
+        for m in body["messages"]
+    )
+
+
+def projector_image_tokens(mmproj: Path) -> int | None:
+    """Tokens per image of a fixed-grid projector ((image size / patch size)²), read
+    from the mmproj GGUF; None for projectors whose count depends on the image."""
+    reader = gguf.GGUFReader(mmproj)
+
+    def value(key: str) -> Any:
+        f = reader.get_field(key)
+        return f.contents() if f is not None else None
+
+    kind = value("clip.projector_type") or value("clip.vision.projector_type")
+    size, patch = value("clip.vision.image_size"), value("clip.vision.patch_size")
+    if kind not in _FIXED_GRID or not size or not patch:
+        return None
+    return int(size // patch) ** 2
 
 
 class _Failed:
@@ -64,6 +98,8 @@ class LlamaCppEngine(Engine):
         )
         self._server: Any = None
         self._http: httpx.AsyncClient | None = None
+        # Exact tokens per image (fixed-grid projector), or None (unknown / no vision).
+        self.image_tokens: int | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -95,6 +131,13 @@ class LlamaCppEngine(Engine):
             )
         import xllamacpp
 
+        if self.spec.mmproj is not None:
+            if not self.spec.mmproj.is_file():
+                raise ModelUnavailable(
+                    f"Model '{self.spec.slug}' has no multimodal projector at {self.spec.mmproj}.",
+                    retry_after=60,
+                )
+            self.image_tokens = await asyncio.to_thread(projector_image_tokens, self.spec.mmproj)
         params = self._params()
         saved = _save_signal_handlers()
         try:
@@ -155,7 +198,17 @@ class LlamaCppEngine(Engine):
         return [int(t) for t in resp.json()["tokens"]]
 
     async def count_prompt_tokens(self, body: dict[str, Any]) -> int:
-        return len(await self.tokenize(await self.render_prompt(body)))
+        """Exact for text. Each image's marker in the rendered prompt is replaced by the
+        tokens the projector spends on one image: exact for fixed-grid projectors
+        (LLaVA's), otherwise an upper bound, and then ``prompt_count_exact`` is False
+        and the engine's own usage settles the count."""
+        prompt = await self.render_prompt(body)
+        text, images = _MEDIA_MARKER.subn("", prompt)
+        per_image = self.image_tokens if self.image_tokens is not None else IMAGE_TOKENS_BOUND
+        return len(await self.tokenize(text)) + images * per_image
+
+    def prompt_count_exact(self, body: dict[str, Any]) -> bool:
+        return self.image_tokens is not None or not _has_images(body)
 
     # -- generation ------------------------------------------------------------------
 

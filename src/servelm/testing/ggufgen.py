@@ -10,7 +10,9 @@ they do on the real models: ``<|eot_id|>`` is one token, not eleven.
 Random weights write nonsense: tests built on these check formatting, token
 accounting, stops and limits, never wording.
 
-    python -m servelm.testing.ggufgen OUT_DIR   # writes all three
+A tiny multimodal projector (``mmproj``) makes any of them a vision model.
+
+    python -m servelm.testing.ggufgen OUT_DIR   # writes all of them
 """
 
 from __future__ import annotations
@@ -334,10 +336,88 @@ def write_model(arch: TinyArch, vocab: Vocab, out: Path, seed: int = 0) -> Path:
     return out
 
 
+# A LLaVA-style vision tower: 32x32 pixels in 8x8 patches → 16 image tokens, one
+# transformer block, and the two-layer MLP projector ("mlp") into the language
+# model's embedding width. llama.cpp's multimodal loader takes it as it takes
+# LLaVA 1.5's, so the real image path (decode, encode, embed) runs in tests.
+MMPROJ_FILE = f"tiny-mmproj-v{VERSION}.gguf"
+MMPROJ_IMAGE_SIZE = 32
+MMPROJ_PATCH_SIZE = 8
+MMPROJ_IMAGE_TOKENS = (MMPROJ_IMAGE_SIZE // MMPROJ_PATCH_SIZE) ** 2
+
+
+def write_mmproj(out: Path, n_embd_out: int = 64, seed: int = 1) -> Path:
+    """A tiny random-weight multimodal projector whose output width is ``n_embd_out``
+    (the language model's ``n_embd``: 64 for every tiny model here)."""
+    width, ff = 32, 64
+    rng = np.random.default_rng(seed)
+
+    def weight(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape) * 0.02).astype(np.float32)
+
+    def ones(n: int) -> np.ndarray:
+        return np.ones(n, dtype=np.float32)
+
+    def zeros(n: int) -> np.ndarray:
+        return np.zeros(n, dtype=np.float32)
+
+    tmp = out.with_suffix(".tmp")
+    w = gguf.GGUFWriter(tmp, arch="clip")
+    w.add_name("tiny-mmproj")
+    w.add_bool(gguf.Keys.Clip.HAS_VISION_ENCODER, True)
+    w.add_string(gguf.Keys.Clip.PROJECTOR_TYPE, "mlp")
+    w.add_uint32(gguf.Keys.ClipVision.IMAGE_SIZE, MMPROJ_IMAGE_SIZE)
+    w.add_uint32(gguf.Keys.ClipVision.PATCH_SIZE, MMPROJ_PATCH_SIZE)
+    w.add_uint32(gguf.Keys.ClipVision.EMBEDDING_LENGTH, width)
+    w.add_uint32(gguf.Keys.ClipVision.FEED_FORWARD_LENGTH, ff)
+    w.add_uint32(gguf.Keys.ClipVision.PROJECTION_DIM, n_embd_out)
+    w.add_uint32(gguf.Keys.ClipVision.BLOCK_COUNT, 1)
+    w.add_uint32(gguf.Keys.ClipVision.Attention.HEAD_COUNT, 2)
+    w.add_float32(gguf.Keys.ClipVision.Attention.LAYERNORM_EPS, 1e-5)
+    w.add_array(gguf.Keys.ClipVision.IMAGE_MEAN, [0.5, 0.5, 0.5])
+    w.add_array(gguf.Keys.ClipVision.IMAGE_STD, [0.5, 0.5, 0.5])
+    w.add_bool(gguf.Keys.ClipVision.USE_GELU, True)
+    patches = (MMPROJ_IMAGE_SIZE // MMPROJ_PATCH_SIZE) ** 2
+    w.add_tensor("v.class_embd", weight(width))
+    w.add_tensor(
+        "v.patch_embd.weight",
+        weight(width, 3, MMPROJ_PATCH_SIZE, MMPROJ_PATCH_SIZE).astype(np.float16),
+    )
+    w.add_tensor("v.position_embd.weight", weight(patches + 1, width))
+    w.add_tensor("v.pre_ln.weight", ones(width))
+    w.add_tensor("v.pre_ln.bias", zeros(width))
+    for name in ("attn_q", "attn_k", "attn_v", "attn_out"):
+        w.add_tensor(f"v.blk.0.{name}.weight", weight(width, width))
+        w.add_tensor(f"v.blk.0.{name}.bias", zeros(width))
+    for name in ("ln1", "ln2"):
+        w.add_tensor(f"v.blk.0.{name}.weight", ones(width))
+        w.add_tensor(f"v.blk.0.{name}.bias", zeros(width))
+    w.add_tensor("v.blk.0.ffn_up.weight", weight(ff, width))
+    w.add_tensor("v.blk.0.ffn_up.bias", zeros(ff))
+    w.add_tensor("v.blk.0.ffn_down.weight", weight(width, ff))
+    w.add_tensor("v.blk.0.ffn_down.bias", zeros(width))
+    w.add_tensor("mm.0.weight", weight(n_embd_out, width))
+    w.add_tensor("mm.0.bias", zeros(n_embd_out))
+    w.add_tensor("mm.2.weight", weight(n_embd_out, n_embd_out))
+    w.add_tensor("mm.2.bias", zeros(n_embd_out))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    tmp.replace(out)
+    return out
+
+
+def ensure_mmproj(out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / MMPROJ_FILE
+    return path if path.is_file() else write_mmproj(path)
+
+
 def ensure_models(out_dir: Path, vocab_source: Path) -> dict[str, Path]:
     """Seed slug → tiny GGUF path; files already written by this VERSION are reused."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    current = {arch.file_name for arch in ARCHS.values()}
+    current = {arch.file_name for arch in ARCHS.values()} | {MMPROJ_FILE}
     for old in out_dir.glob("tiny-*-v*.gguf"):
         if old.name not in current:
             old.unlink()  # written by an older generator
@@ -360,8 +440,10 @@ def main(argv: list[str]) -> int:
         print("usage: python -m servelm.testing.ggufgen OUT_DIR", file=sys.stderr)
         return 2
     source = bundled.ensure_default_model(default_data_dir() / "models")
-    for slug, path in ensure_models(Path(argv[0]), source).items():
-        print(f"{slug}: {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    made = ensure_models(Path(argv[0]), source)
+    made["mmproj (vision)"] = ensure_mmproj(Path(argv[0]))
+    for slug, path in made.items():
+        print(f"{slug}: {path} ({path.stat().st_size / 1e6:.2f} MB)")
     return 0
 
 
