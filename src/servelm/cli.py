@@ -155,7 +155,7 @@ def fetch_default(
     except bundled.FetchError as exc:
         err_console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(1) from exc
-    console.print(f"default model ready: {path}")
+    console.print(f"default model ready: {path}", soft_wrap=True)
 
 
 @models_app.command("list")
