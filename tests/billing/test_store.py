@@ -215,6 +215,17 @@ def test_idempotency_claims_replays_and_refuses_a_different_body(db: Database) -
     assert idempotency.begin(db, acct, "k2", "h1") is None
 
 
+def test_a_claim_left_by_a_dead_process_can_be_taken_over(db: Database) -> None:
+    acct = funded(db, 1)
+    assert idempotency.begin(db, acct, "k", "h") is None  # and then the process dies
+    with pytest.raises(Conflict, match="still in progress"):
+        idempotency.begin(db, acct, "k", "h", stale_after=timedelta(minutes=1))
+    assert idempotency.begin(db, acct, "k", "h", stale_after=timedelta(0)) is None
+    # The take-over renewed the claim: a second retry right away still waits.
+    with pytest.raises(Conflict, match="still in progress"):
+        idempotency.begin(db, acct, "k", "h", stale_after=timedelta(minutes=1))
+
+
 def test_bootstrap_creates_one_funded_key_once(db: Database) -> None:
     key = accounts.bootstrap(db, 10 * MICRO)
     assert key is not None and keys.parse(key)

@@ -3,19 +3,21 @@
 The first request with a key claims it (INSERT of a pending row; the primary key
 makes the claim atomic across processes). A retry with the same body gets the stored
 answer; with another body, 409; while the first is still running, 409 too. A
-request that fails without an answer gives the key back so a retry can run.
+request that fails without an answer gives the key back so a retry can run, and a
+claim left pending longer than ``stale_after`` (its process died) can be taken over.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from servelm.billing.clock import utcnow
+from servelm.billing.clock import as_utc, utcnow
 from servelm.errors import Conflict
 from servelm.store.db import Database
 from servelm.store.tables import idempotency
@@ -28,7 +30,13 @@ class Replay:
     cost: int
 
 
-def begin(db: Database, account_id: int, key: str, body_hash: str) -> Replay | None:
+def begin(
+    db: Database,
+    account_id: int,
+    key: str,
+    body_hash: str,
+    stale_after: timedelta = timedelta(minutes=10),
+) -> Replay | None:
     """Claim ``key`` (returns None: go ahead) or return the stored answer."""
     try:
         with db.write() as conn:
@@ -55,8 +63,27 @@ def begin(db: Database, account_id: int, key: str, body_hash: str) -> Replay | N
     if row.body_hash != body_hash:
         raise Conflict("This Idempotency-Key was already used with a different request body.")
     if row.state != "done":
+        if as_utc(row.created_at) < utcnow() - stale_after and _take_over(db, row):
+            return None
         raise Conflict("A request with this Idempotency-Key is still in progress.")
     return Replay(int(row.status_code), json.loads(row.response), int(row.cost or 0))
+
+
+def _take_over(db: Database, row: Any) -> bool:
+    """Claim a pending row whose owner stopped (conditional on it being unchanged, so
+    two retries cannot both take it)."""
+    with db.write() as conn:
+        result = conn.execute(
+            update(idempotency)
+            .where(
+                idempotency.c.account_id == row.account_id,
+                idempotency.c.key == row.key,
+                idempotency.c.state == "pending",
+                idempotency.c.created_at == row.created_at,
+            )
+            .values(created_at=utcnow())
+        )
+    return bool(result.rowcount)
 
 
 def finish(

@@ -179,7 +179,8 @@ class Billing:
     async def idempotency_begin(
         self, account_id: int, key: str, body_hash: str
     ) -> idempotency.Replay | None:
-        return await self.run(idempotency.begin, self.db, account_id, key, body_hash)
+        # A claim older than a hold's lifetime belongs to a process that died mid-request.
+        return await self.run(idempotency.begin, self.db, account_id, key, body_hash, self.hold_ttl)
 
     async def idempotency_finish(
         self, account_id: int, key: str, status_code: int, body: dict[str, Any], cost: int
