@@ -121,12 +121,16 @@ class OpenAIUpstreamEngine(Engine):
 
 
 async def _sse_json(resp: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+    done = False
+    # Read to the end of the body even after [DONE]: a response closed part-read
+    # cannot go back to the pool, and every request would pay for a new connection.
     async for line in resp.aiter_lines():
-        if not line.startswith("data:"):
-            continue  # comments, event names, keep-alives
+        if done or not line.startswith("data:"):
+            continue  # the tail after [DONE]; comments, event names, keep-alives
         data = line[5:].strip()
         if data == "[DONE]":
-            return
+            done = True
+            continue
         try:
             yield json.loads(data)
         except ValueError as exc:

@@ -1,0 +1,124 @@
+"""An OpenAI-compatible chat server that answers at once: a benchmark instrument.
+
+It spends no time generating, so whatever latency a gateway in front of it shows is
+the gateway's own. It answers ``max_tokens`` one-word chunks (16 without), with
+usage, streaming or not; ``--chunk-delay`` spaces the chunks out, to hold many
+streams open at once (the memory benchmark).
+
+    python -m servelm.testing.instant_upstream --port 9100 [--chunk-delay 0.5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from typing import Any
+
+import uvicorn
+
+Scope = dict[str, Any]
+Receive = Any
+Send = Any
+
+_JSON = [(b"content-type", b"application/json")]
+_SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+
+
+def make_app(chunk_delay: float = 0.0) -> Any:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["path"] == "/v1/models":
+            await _send(send, 200, _JSON, b'{"object":"list","data":[{"id":"instant"}]}')
+            return
+        if scope["method"] != "POST" or not scope["path"].endswith("/chat/completions"):
+            await _send(send, 404, _JSON, b'{"error":{"message":"not found"}}')
+            return
+        raw = b""
+        while True:
+            message = await receive()
+            raw += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        body = json.loads(raw)
+        n = int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
+        prompt = sum(len(str(m.get("content", "")).split()) for m in body["messages"]) + 8
+        usage = {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}
+        model = body.get("model", "instant")
+        created = int(time.time())
+        if not body.get("stream"):
+            reply = {
+                "id": "chatcmpl-instant",
+                "object": "chat.completion",
+                "created": created,
+                "model": model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": " tok" * n},
+                        "finish_reason": "length",
+                    }
+                ],
+                "usage": usage,
+            }
+            await _send(send, 200, _JSON, json.dumps(reply).encode())
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": _SSE})
+        head = f'{{"id":"chatcmpl-instant","object":"chat.completion.chunk","created":{created},"model":{json.dumps(model)},'  # noqa: E501
+
+        async def event(rest: str) -> None:
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": f"data: {head}{rest}\n\n".encode(),
+                    "more_body": True,
+                }
+            )
+
+        await event(
+            '"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}'
+        )
+        for _ in range(n):
+            if chunk_delay:
+                await asyncio.sleep(chunk_delay)
+            await event('"choices":[{"index":0,"delta":{"content":" tok"},"finish_reason":null}]}')
+        await event('"choices":[{"index":0,"delta":{},"finish_reason":"length"}]}')
+        await event(f'"choices":[],"usage":{json.dumps(usage)}}}')
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+
+    return app
+
+
+async def _send(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9100)
+    parser.add_argument("--chunk-delay", type=float, default=0.0)
+    args = parser.parse_args()
+    uvicorn.run(
+        make_app(args.chunk_delay),
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        access_log=False,
+        loop="uvloop",
+        http="httptools",
+        backlog=4096,
+    )
+
+
+if __name__ == "__main__":
+    main()
