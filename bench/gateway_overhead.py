@@ -1,0 +1,251 @@
+"""Gateway overhead: an instant upstream behind nothing, servelm (SQLite, PostgreSQL)
+and LiteLLM, at several concurrencies, streaming and not.
+
+    .venv/bin/python bench/gateway_overhead.py                 # everything it can run
+    .venv/bin/python bench/gateway_overhead.py --contenders direct,servelm-sqlite
+
+The gateway under test runs pinned to CPU 0; the instant upstream and this load
+generator share CPU 1, so the gateway has one whole core and nothing else competes
+for it. Each point is run ``--repeats`` times and the median is reported. Results go
+to bench/results/gateway_overhead.json; render them with bench/report.py.
+
+LiteLLM runs from its own virtualenv (``--litellm`` path, default /tmp/litellm-venv)
+in master-key mode: its virtual-key mode needs Prisma engine binaries that cannot be
+downloaded here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from servelm import bench
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+BIN = Path(sys.executable).parent
+GATEWAY_CPU, CLIENT_CPU = 0, 1
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pinned(cpu: int, argv: list[str]) -> list[str]:
+    return ["taskset", "-c", str(cpu), *argv]
+
+
+def wait_http(url: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.TransportError:
+            time.sleep(0.2)
+    raise RuntimeError(f"{url} did not come up")
+
+
+class Proc:
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None) -> None:
+        self.log = Path(tempfile.mkstemp(suffix=".log")[1])
+        with self.log.open("wb") as out:
+            self.p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+
+    def stop(self) -> None:
+        self.p.terminate()
+        try:
+            self.p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+
+
+def start_upstream() -> tuple[Proc, str]:
+    port = free_port()
+    proc = Proc(
+        pinned(
+            CLIENT_CPU,
+            [str(BIN / "python"), "-m", "servelm.testing.instant_upstream", "--port", str(port)],
+        )
+    )
+    wait_http(f"http://127.0.0.1:{port}/v1/models")
+    return proc, f"http://127.0.0.1:{port}/v1"
+
+
+def start_servelm(upstream: str, database: str) -> tuple[Proc, str, str]:
+    data = Path(tempfile.mkdtemp(prefix="servelm-bench-"))
+    models = data / "servelm.toml"
+    models.write_text(
+        f'[models.instant]\nengine = "openai"\nbase_url = "{upstream}"\n'
+        "context_window = 8192\nmax_output_tokens = 1024\n"
+    )
+    env = {
+        **os.environ,
+        "SERVELM_DATA_DIR": str(data),
+        "SERVELM_MODELS_FILE": str(models),
+        "SERVELM_STARTER_CREDITS": "1000000000",
+        "SERVELM_LOG_LEVEL": "warning",
+        "SERVELM_QUEUE_SIZE": "4096",
+    }
+    if database == "postgresql":
+        name = f"servelm_bench_{uuid.uuid4().hex[:8]}"
+        import psycopg
+
+        with psycopg.connect("postgresql://postgres@127.0.0.1/postgres", autocommit=True) as c:
+            c.execute(f'CREATE DATABASE "{name}"')
+        env["SERVELM_DATABASE_URL"] = f"postgresql://postgres@127.0.0.1/{name}"
+    port = free_port()
+    proc = Proc(pinned(GATEWAY_CPU, [str(BIN / "servelm"), "serve", "--port", str(port)]), env)
+    wait_http(f"http://127.0.0.1:{port}/health")
+    match = re.search(r"slm_[a-z0-9]{12}_[A-Za-z0-9_-]{43}", proc.log.read_text())
+    assert match, "no first-start key printed"
+    return proc, f"http://127.0.0.1:{port}/v1", match.group(0)
+
+
+def start_litellm(upstream: str, venv: Path) -> tuple[Proc, str, str]:
+    config = Path(tempfile.mkstemp(suffix=".yaml")[1])
+    config.write_text(
+        "model_list:\n  - model_name: instant\n    litellm_params:\n"
+        f"      model: openai/instant\n      api_base: {upstream}\n      api_key: none\n"
+    )
+    port = free_port()
+    key = "sk-bench-master"
+    env = {**os.environ, "LITELLM_MASTER_KEY": key, "LITELLM_LOG": "ERROR"}
+    argv = [str(venv / "bin" / "litellm"), "--config", str(config), "--port", str(port)]
+    proc = Proc(pinned(GATEWAY_CPU, argv), env)
+    wait_http(f"http://127.0.0.1:{port}/health/liveliness", timeout=180)
+    return proc, f"http://127.0.0.1:{port}/v1", key
+
+
+def measure(url: str, key: str | None, args: argparse.Namespace) -> list[dict[str, Any]]:
+    points = []
+    for stream in (False, True):
+        for c in args.concurrency:
+            runs = [
+                asyncio.run(
+                    bench.run(
+                        f"{url}/chat/completions",
+                        model="instant",
+                        load=bench.Load(concurrency=c),
+                        requests=args.requests,
+                        input_len=args.input_len,
+                        output_len=args.output_len,
+                        stream=stream,
+                        api_key=key,
+                        warmup=20,
+                    )
+                )
+                for _ in range(args.repeats)
+            ]
+            points.append(median_point(runs, stream, c))
+            p = points[-1]
+            print(
+                f"  {'stream' if stream else 'plain '} c={c:<3}"
+                f" {p['request_throughput']:7.1f} req/s"
+                f"  e2e p50 {p['e2e_p50']:7.2f} p99 {p['e2e_p99']:7.2f} ms"
+                f"  ttft p50 {p['ttft_p50']:6.2f}  itl p50 {p['itl_p50']:.3f} ms"
+                f"  failed {p['failed']}",
+                flush=True,
+            )
+    return points
+
+
+def median_point(runs: list[dict[str, Any]], stream: bool, c: int) -> dict[str, Any]:
+    def med(path: tuple[str, ...]) -> float:
+        values = []
+        for r in runs:
+            v: Any = r
+            for k in path:
+                v = v[k]
+            values.append(float(v))
+        return statistics.median(values)
+
+    return {
+        "stream": stream,
+        "concurrency": c,
+        "repeats": len(runs),
+        "failed": sum(r["failed"] for r in runs),
+        "request_throughput": med(("request_throughput",)),
+        "e2e_p50": med(("e2e_ms", "p50")),
+        "e2e_p99": med(("e2e_ms", "p99")),
+        "ttft_p50": med(("ttft_ms", "p50")),
+        "ttft_p99": med(("ttft_ms", "p99")),
+        "itl_p50": med(("itl_ms", "p50")),
+        "itl_p99": med(("itl_ms", "p99")),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--contenders", default="direct,servelm-sqlite,servelm-postgresql,litellm")
+    parser.add_argument("--concurrency", default="1,16,64")
+    parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--input-len", type=int, default=64)
+    parser.add_argument("--output-len", type=int, default=16)
+    parser.add_argument("--litellm", type=Path, default=Path("/tmp/litellm-venv"))
+    parser.add_argument("--out", type=Path, default=RESULTS / "gateway_overhead.json")
+    args = parser.parse_args()
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    os.sched_setaffinity(0, {CLIENT_CPU})
+
+    upstream_proc, upstream = start_upstream()
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("litellm", "out")},
+        "contenders": {},
+    }
+    try:
+        for name in args.contenders.split(","):
+            print(name, flush=True)
+            proc: Proc | None = None
+            if name == "direct":
+                url, key = upstream, None
+            elif name.startswith("servelm-"):
+                proc, url, key = start_servelm(upstream, name.removeprefix("servelm-"))
+            elif name == "litellm":
+                if not (args.litellm / "bin" / "litellm").exists():
+                    print(f"  skipped: no LiteLLM at {args.litellm}")
+                    continue
+                proc, url, key = start_litellm(upstream, args.litellm)
+            else:
+                raise SystemExit(f"unknown contender {name}")
+            try:
+                results["contenders"][name] = measure(url, key, args)
+            finally:
+                if proc is not None:
+                    proc.stop()
+    finally:
+        upstream_proc.stop()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {args.out}")
+
+
+def machine() -> dict[str, Any]:
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+         if line.startswith("model name")),
+        "unknown",
+    )  # fmt: skip
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": sys.version.split()[0]}
+
+
+if __name__ == "__main__":
+    main()
