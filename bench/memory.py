@@ -1,0 +1,163 @@
+"""Gateway memory: RSS with 1,000 streams open at once (a slow upstream keeps them
+open), and RSS sampled through a long run at a steady request rate (leak check).
+
+    .venv/bin/python bench/memory.py --streams 1000 --leak-minutes 10 --rate 50
+
+Writes bench/results/memory.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from servelm import bench
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gateway_overhead import BIN, RESULTS, Proc, free_port, machine, wait_http
+
+
+def rss_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    match = re.search(r"VmRSS:\s+(\d+) kB", status)
+    assert match
+    return int(match.group(1)) / 1024
+
+
+def start_upstream(chunk_delay: float) -> tuple[Proc, str]:
+    port = free_port()
+    argv = [str(BIN / "python"), "-m", "servelm.testing.instant_upstream", "--port", str(port)]
+    proc = Proc([*argv, "--chunk-delay", str(chunk_delay)])
+    wait_http(f"http://127.0.0.1:{port}/v1/models")
+    return proc, f"http://127.0.0.1:{port}/v1"
+
+
+def start_servelm(upstream: str, slots: int) -> tuple[Proc, str, str]:
+    data = Path(tempfile.mkdtemp(prefix="servelm-mem-"))
+    models = data / "servelm.toml"
+    models.write_text(
+        f'[models.instant]\nengine = "openai"\nbase_url = "{upstream}"\nslots = {slots}\n'
+        "context_window = 8192\nmax_output_tokens = 1024\n"
+    )
+    env = {
+        **os.environ,
+        "SERVELM_DATA_DIR": str(data),
+        "SERVELM_MODELS_FILE": str(models),
+        "SERVELM_STARTER_CREDITS": "1000000000",
+        "SERVELM_LOG_LEVEL": "warning",
+    }
+    port = free_port()
+    proc = Proc([str(BIN / "servelm"), "serve", "--port", str(port)], env)
+    wait_http(f"http://127.0.0.1:{port}/health")
+    key = re.search(r"slm_[a-z0-9]{12}_[A-Za-z0-9_-]{43}", proc.log.read_text())
+    assert key
+    return proc, f"http://127.0.0.1:{port}/v1", key.group(0)
+
+
+async def open_streams(url: str, key: str, n: int, pid: int, tokens: int) -> dict[str, Any]:
+    """Open ``n`` streams, wait until every one has its first chunk, sample RSS, then
+    let them finish."""
+    limits = httpx.Limits(max_connections=n + 10)
+    first = asyncio.Event()
+    started = 0
+    done = 0
+    body = {
+        "model": "instant",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": tokens,
+        "stream": True,
+    }
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+
+        async def one() -> None:
+            nonlocal started, done
+            async with client.stream(
+                "POST", f"{url}/chat/completions", json=body, headers={"x-api-key": key}
+            ) as r:
+                assert r.status_code == 200, await r.aread()
+                counted = False
+                async for line in r.aiter_lines():
+                    if not counted and line.startswith("data: "):
+                        counted = True
+                        started += 1
+                        if started == n:
+                            first.set()
+            done += 1
+
+        tasks = [asyncio.create_task(one()) for _ in range(n)]
+        await asyncio.wait_for(first.wait(), timeout=300)
+        peak = 0.0
+        for _ in range(5):
+            peak = max(peak, rss_mib(pid))
+            await asyncio.sleep(0.2)
+        await asyncio.gather(*tasks)
+    return {"streams": n, "open_rss_mib": peak, "completed": done}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--streams", type=int, default=1000)
+    parser.add_argument("--leak-minutes", type=float, default=10)
+    parser.add_argument("--rate", type=float, default=50, help="requests/s for the long run")
+    parser.add_argument("--out", type=Path, default=RESULTS / "memory.json")
+    args = parser.parse_args()
+    results: dict[str, Any] = {"machine": machine()}
+
+    slow, slow_url = start_upstream(chunk_delay=1.0)
+    gw, url, key = start_servelm(slow_url, slots=args.streams + 10)
+    try:
+        # Warm every code path once, then measure idle.
+        asyncio.run(open_streams(url, key, 10, gw.p.pid, tokens=2))
+        results["idle_rss_mib"] = rss_mib(gw.p.pid)
+        results.update(asyncio.run(open_streams(url, key, args.streams, gw.p.pid, tokens=20)))
+        results["after_streams_rss_mib"] = rss_mib(gw.p.pid)
+        print(json.dumps(results, indent=2), flush=True)
+    finally:
+        gw.stop()
+        slow.stop()
+
+    fast, fast_url = start_upstream(chunk_delay=0.0)
+    gw, url, key = start_servelm(fast_url, slots=256)
+    try:
+        samples = [(0.0, rss_mib(gw.p.pid))]
+        per_minute = int(args.rate * 60)
+        began = time.monotonic()
+        while time.monotonic() - began < args.leak_minutes * 60:
+            r = asyncio.run(
+                bench.run(
+                    f"{url}/chat/completions",
+                    model="instant",
+                    load=bench.Load(rate=args.rate),
+                    requests=per_minute,
+                    input_len=32,
+                    output_len=16,
+                    api_key=key,
+                )
+            )
+            samples.append(((time.monotonic() - began) / 60, rss_mib(gw.p.pid)))
+            print(
+                f"  minute {samples[-1][0]:5.1f}: RSS {samples[-1][1]:7.1f} MiB, "
+                f"{r['completed']} ok, {r['failed']} failed",
+                flush=True,
+            )
+        results["long_run"] = {"rate": args.rate, "rss_mib_by_minute": samples}
+    finally:
+        gw.stop()
+        fast.stop()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
