@@ -211,6 +211,12 @@ def main() -> None:
         "settings": {k: v for k, v in vars(args).items() if k not in ("litellm", "out")},
         "contenders": {},
     }
+    if args.out.exists():
+        # Contenders not rerun keep their earlier results (e.g. LiteLLM, which is slow).
+        earlier = json.loads(args.out.read_text())["contenders"]
+        results["contenders"] = {
+            k: v for k, v in earlier.items() if k not in args.contenders.split(",")
+        }
     try:
         for name in args.contenders.split(","):
             print(name, flush=True)
