@@ -212,10 +212,7 @@ class LlamaCppEngine(Engine):
 
     # -- generation ------------------------------------------------------------------
 
-    async def stream(
-        self, body: dict[str, Any], *, whole: bool = False
-    ) -> AsyncIterator[dict[str, Any]]:
-        # Always streams inside, whole or not: only a streaming call can be cancelled.
+    async def stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         server = self._server
         if server is None:
             raise ModelUnavailable(f"Model '{self.spec.slug}' is not loaded.")

@@ -68,36 +68,25 @@ class OpenAIUpstreamEngine(Engine):
     async def count_prompt_tokens(self, body: dict[str, Any]) -> int | None:
         return None  # only the upstream knows its tokenizer; its usage settles the bill
 
-    async def stream(
-        self, body: dict[str, Any], *, whole: bool = False
-    ) -> AsyncIterator[dict[str, Any]]:
-        payload = {**body, "model": self.spec.upstream_model or self.spec.slug}
-        if whole:
-            # One JSON answer costs the relay far less than parsing an SSE stream, and
-            # closing the connection still stops the upstream if our client leaves.
-            payload["stream"] = False
-        else:
-            payload["stream"] = True
-            payload["stream_options"] = {"include_usage": True}
+    async def stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        payload = {
+            **body,
+            "model": self.spec.upstream_model or self.spec.slug,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         async with self._admission:
             self.stats.requests_total += 1
             finished = False
             try:
-                if whole:
-                    for chunk in await self._complete(payload):
+                async with self._client.stream("POST", "/chat/completions", json=payload) as resp:
+                    if resp.status_code != 200:
+                        raise await self._status_error(resp)
+                    async for chunk in _sse_json(resp):
+                        if "error" in chunk:
+                            raise _upstream_error_body(self.spec.slug, chunk["error"])
                         self.stats.chunks_total += 1
                         yield chunk
-                else:
-                    async with self._client.stream(
-                        "POST", "/chat/completions", json=payload
-                    ) as resp:
-                        if resp.status_code != 200:
-                            raise await self._status_error(resp)
-                        async for chunk in _sse_json(resp):
-                            if "error" in chunk:
-                                raise _upstream_error_body(self.spec.slug, chunk["error"])
-                            self.stats.chunks_total += 1
-                            yield chunk
                 finished = True
             except httpx.TimeoutException as exc:
                 raise UpstreamTimeout(
@@ -110,30 +99,6 @@ class OpenAIUpstreamEngine(Engine):
             finally:
                 if not finished:
                     self.stats.cancelled_total += 1
-
-    async def _complete(self, payload: dict[str, Any]) -> list[dict[str, Any]]:
-        """A non-streaming call, reshaped as the two chunks a stream would end with."""
-        resp = await self._client.post("/chat/completions", json=payload)
-        if resp.status_code != 200:
-            raise await self._status_error(resp)
-        try:
-            data = resp.json()
-            choice = data["choices"][0]
-            message = choice.get("message") or {}
-        except (ValueError, KeyError, IndexError, TypeError) as exc:
-            raise UpstreamError(
-                f"The engine for '{self.spec.slug}' sent a malformed answer: {resp.text[:200]!r}"
-            ) from exc
-        delta: dict[str, Any] = {"role": "assistant", "content": message.get("content")}
-        if message.get("tool_calls"):
-            delta["tool_calls"] = [
-                {"index": i, **call} for i, call in enumerate(message["tool_calls"])
-            ]
-        head = {"index": 0, "delta": delta, "finish_reason": None}
-        if choice.get("logprobs"):
-            head["logprobs"] = choice["logprobs"]
-        tail = {"index": 0, "delta": {}, "finish_reason": choice.get("finish_reason") or "stop"}
-        return [{"choices": [head]}, {"choices": [tail], "usage": data.get("usage")}]
 
     async def _status_error(self, resp: httpx.Response) -> ServelmError:
         raw = await resp.aread()
