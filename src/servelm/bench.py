@@ -25,8 +25,9 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
-import httpx
+from servelm import http1
 
 # Short common words: close to one token each in every BPE vocabulary we serve.
 _WORD_LIST = (
@@ -69,62 +70,57 @@ def request_body(model: str, prompt: str, output_len: int, stream: bool) -> dict
 
 
 async def send(
-    client: httpx.AsyncClient, url: str, body: dict[str, Any], headers: dict[str, str]
+    pool: http1.Pool, path: str, body: dict[str, Any], headers: dict[str, str]
 ) -> Result:
     start = time.perf_counter()
     try:
-        if not body["stream"]:
-            r = await client.post(url, json=body, headers=headers)
-            latency = time.perf_counter() - start
-            if r.status_code != 200:
-                return Result(False, latency, error=f"HTTP {r.status_code}: {r.text[:200]}")
-            usage = r.json().get("usage") or {}
-            return Result(
-                True,
-                latency,
-                ttft=latency,
-                prompt_tokens=int(usage.get("prompt_tokens", 0)),
-                output_tokens=int(usage.get("completion_tokens", 0)),
-            )
-        return await _send_stream(client, url, body, headers, start)
-    except httpx.HTTPError as exc:
+        resp = await pool.request("POST", path, json.dumps(body).encode(), headers=headers)
+        async with resp:
+            if resp.status_code != 200:
+                text = (await resp.read()).decode(errors="replace")
+                return Result(
+                    False,
+                    time.perf_counter() - start,
+                    error=f"HTTP {resp.status_code}: {text[:200]}",
+                )
+            if body["stream"]:
+                return await _read_stream(resp, start)
+            reply = json.loads(await resp.read())
+    except (http1.HTTPError, ValueError) as exc:
         return Result(False, time.perf_counter() - start, error=f"{type(exc).__name__}: {exc}")
+    latency = time.perf_counter() - start
+    usage = reply.get("usage") or {}
+    return Result(
+        True,
+        latency,
+        ttft=latency,
+        prompt_tokens=int(usage.get("prompt_tokens", 0)),
+        output_tokens=int(usage.get("completion_tokens", 0)),
+    )
 
 
-async def _send_stream(
-    client: httpx.AsyncClient,
-    url: str,
-    body: dict[str, Any],
-    headers: dict[str, str],
-    start: float,
-) -> Result:
+async def _read_stream(resp: http1.Response, start: float) -> Result:
     result = Result(True)
     last = 0.0
     chunks = 0
-    async with client.stream("POST", url, json=body, headers=headers) as r:
-        if r.status_code != 200:
-            text = (await r.aread()).decode(errors="replace")
-            return Result(
-                False, time.perf_counter() - start, error=f"HTTP {r.status_code}: {text[:200]}"
-            )
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            data = json.loads(line[6:])
-            if "error" in data:
-                return Result(False, time.perf_counter() - start, error=str(data["error"])[:200])
-            now = time.perf_counter()
-            if any((c.get("delta") or {}).get("content") for c in data.get("choices") or ()):
-                if chunks == 0:
-                    result.ttft = now - start
-                else:
-                    result.itl.append(now - last)
-                chunks += 1
-                last = now
-            usage = data.get("usage")
-            if usage:
-                result.prompt_tokens = int(usage.get("prompt_tokens", 0))
-                result.output_tokens = int(usage.get("completion_tokens", 0))
+    async for payload in http1.sse_data(resp.iter_bytes()):
+        if payload == b"[DONE]":
+            continue
+        data = json.loads(payload)
+        if "error" in data:
+            return Result(False, time.perf_counter() - start, error=str(data["error"])[:200])
+        now = time.perf_counter()
+        if any((c.get("delta") or {}).get("content") for c in data.get("choices") or ()):
+            if chunks == 0:
+                result.ttft = now - start
+            else:
+                result.itl.append(now - last)
+            chunks += 1
+            last = now
+        usage = data.get("usage")
+        if usage:
+            result.prompt_tokens = int(usage.get("prompt_tokens", 0))
+            result.output_tokens = int(usage.get("completion_tokens", 0))
     result.latency = time.perf_counter() - start
     result.output_tokens = result.output_tokens or chunks
     return result
@@ -162,17 +158,18 @@ async def run(
         request_body(model, random_prompt(input_len, rng), output_len, stream)
         for _ in range(requests + warmup)
     ]
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
     width = load.concurrency or max(64, int((load.rate or 1) * 4))
-    limits = httpx.Limits(max_connections=width, max_keepalive_connections=width)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+    origin, path = _split(url)
+    pool = http1.Pool(origin, read_timeout=600.0, max_idle=width)
+    try:
         for body in bodies[:warmup]:
-            await send(client, url, body, headers)
+            await send(pool, path, body, headers)
         todo = bodies[warmup:]
         results: list[Result] = []
 
         async def one(body: dict[str, Any]) -> None:
-            results.append(await send(client, url, body, headers))
+            results.append(await send(pool, path, body, headers))
             if on_done is not None:
                 on_done()
 
@@ -193,7 +190,16 @@ async def run(
                 await asyncio.sleep(rng.expovariate(load.rate))
             await asyncio.gather(*tasks)
         duration = time.perf_counter() - began
+    finally:
+        await pool.aclose()
     return summarize(results, duration, load=load, stream=stream, url=url, model=model)
+
+
+def _split(url: str) -> tuple[str, str]:
+    """``http://h:p/v1/chat/completions`` → (``http://h:p``, ``/v1/chat/completions``)."""
+    parts = urlsplit(url)
+    path = parts.path + (f"?{parts.query}" if parts.query else "")
+    return f"{parts.scheme}://{parts.netloc}", path or "/"
 
 
 def _stats(values: list[float]) -> dict[str, float]:

@@ -27,13 +27,13 @@ log = logging.getLogger(__name__)
 
 # /v1/<one segment> is a Segmind model route, unless it is one of our OpenAI-style
 # or account paths.
-_OPENAI_SINGLE = {"models", "credits", "usage", "get-user-credits"}
+NOT_MODELS = frozenset({"models", "credits", "usage", "get-user-credits"})
 _SEGMIND_PATH = re.compile(r"^/v1/([^/]+)/?$")
 
 
 def dialect_for_path(path: str) -> str:
     m = _SEGMIND_PATH.match(path)
-    if m and m.group(1) not in _OPENAI_SINGLE:
+    if m and m.group(1) not in NOT_MODELS:
         return "segmind"
     return "openai"
 

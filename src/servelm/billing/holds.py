@@ -15,13 +15,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import bindparam, case, func, insert, select, update
 
 from servelm.billing.clock import utcnow
 from servelm.catalog import MICRO, format_credits
 from servelm.errors import InsufficientCredits, NotFound
-from servelm.store.db import Database
+from servelm.store.db import Database, Tx
 from servelm.store.tables import accounts, holds, ledger, usage
 
 
@@ -65,9 +66,9 @@ def affordable_max_tokens(
     return min(wanted, room // output_price_micro)
 
 
-# The request path's statements, built once: constructing a SQLAlchemy statement costs
-# far more than running it on SQLite (the first profile: ~90 coercions per request),
-# so these take their values as bind parameters instead of being rebuilt per call.
+# The request path's statements, built once with bind parameters and compiled once
+# per database (``Database.prepare``): constructing and compiling a statement costs
+# far more than SQLite spends running it.
 _P = bindparam
 _RESERVE = (
     update(accounts)
@@ -76,7 +77,10 @@ _RESERVE = (
     .returning(accounts.c.balance)
 )
 _BALANCE = select(accounts.c.balance).where(accounts.c.id == _P("account_id"))
-_NEW_HOLD = insert(holds)
+_NEW_HOLD = insert(holds).values(
+    {name: _P(name) for name in ("request_id", "account_id", "key_id", "model", "amount")}
+    | {"created_at": _P("now"), "expires_at": _P("expires_at")}
+)
 _CLAIM = (
     update(holds)
     .where(holds.c.request_id == _P("rid"), holds.c.settled_at.is_(None))
@@ -97,12 +101,39 @@ _RELEASE = (
     )
     .returning(accounts.c.balance)
 )
-_LEDGER = insert(ledger)
-_USAGE = insert(usage)
+_LEDGER = insert(ledger).values(
+    {name: _P(name) for name in ("account_id", "kind", "amount", "request_id", "note")}
+    | {"created_at": _P("now")}
+)
+_USAGE = insert(usage).values(
+    {
+        name: _P(name)
+        for name in (
+            "request_id",
+            "account_id",
+            "key_id",
+            "model",
+            "prompt_tokens",
+            "completion_tokens",
+            "cost",
+            "status",
+            "latency_ms",
+        )
+    }
+    | {"created_at": _P("now")}
+)
 
 
-def reserve(
-    db: Database,
+def reserve(db: Database, **kw: Any) -> int:
+    """Hold ``amount``; returns the balance left. Raises NotEnoughCredits.
+
+    Keywords as ``reserve_in``; this opens its own transaction."""
+    with db.transaction() as tx:
+        return reserve_in(tx, **kw)
+
+
+def reserve_in(
+    tx: Tx,
     *,
     account_id: int,
     key_id: int | None,
@@ -111,32 +142,38 @@ def reserve(
     amount: int,
     ttl: timedelta,
 ) -> int:
-    """Hold ``amount``; returns the balance left. Raises NotEnoughCredits."""
     now = utcnow()
-    with db.write() as conn:
-        row = conn.execute(_RESERVE, {"account_id": account_id, "amount": amount}).first()
-        if row is None:
-            current = conn.execute(_BALANCE, {"account_id": account_id}).scalar()
-            if current is None:
-                raise NotFound(f"No account {account_id}.")
-            raise NotEnoughCredits(int(current), amount)
-        conn.execute(
-            _NEW_HOLD,
-            {
-                "request_id": request_id,
-                "account_id": account_id,
-                "key_id": key_id,
-                "model": model,
-                "amount": amount,
-                "created_at": now,
-                "expires_at": now + ttl,
-            },
-        )
+    row = tx.first(_RESERVE, {"account_id": account_id, "amount": amount})
+    if row is None:
+        current = tx.first(_BALANCE, {"account_id": account_id})
+        if current is None:
+            raise NotFound(f"No account {account_id}.")
+        raise NotEnoughCredits(int(current[0]), amount)
+    tx.execute(
+        _NEW_HOLD,
+        {
+            "request_id": request_id,
+            "account_id": account_id,
+            "key_id": key_id,
+            "model": model,
+            "amount": amount,
+            "now": now,
+            "expires_at": now + ttl,
+        },
+    )
     return int(row[0])
 
 
-def settle(
-    db: Database,
+def settle(db: Database, request_id: str, **kw: Any) -> Settlement:
+    """Charge ``min(charge, hold)``, release the rest, record ledger and usage rows.
+
+    Keywords as ``settle_in``; this opens its own transaction."""
+    with db.transaction() as tx:
+        return settle_in(tx, request_id, **kw)
+
+
+def settle_in(
+    tx: Tx,
     request_id: str,
     *,
     charge: int,
@@ -145,49 +182,48 @@ def settle(
     status: str = "ok",
     latency_ms: int = 0,
 ) -> Settlement:
-    """Charge ``min(charge, hold)``, release the rest, record ledger and usage rows."""
     now = utcnow()
     charge = max(0, charge)
-    with db.write() as conn:
-        won = conn.execute(_CLAIM, {"rid": request_id, "now": now, "charge": charge}).first()
-        if won is None:
-            hold = conn.execute(_SETTLED, {"rid": request_id}).first()
-            if hold is None:
-                raise NotFound(f"No hold for request {request_id}.")
-            balance = conn.execute(_BALANCE, {"account_id": hold.account_id}).scalar_one()
-            return Settlement(int(hold.charged or 0), int(balance), already=True)
-        account_id, key_id, model, amount, charged = won
-        balance = conn.execute(
-            _RELEASE, {"account_id": account_id, "amount": amount, "charged": charged}
-        ).scalar_one()
-        if charged:
-            conn.execute(
-                _LEDGER,
-                {
-                    "account_id": account_id,
-                    "kind": "charge",
-                    "amount": charged,
-                    "request_id": request_id,
-                    "note": model,
-                    "created_at": now,
-                },
-            )
-        conn.execute(
-            _USAGE,
+    won = tx.first(_CLAIM, {"rid": request_id, "now": now, "charge": charge})
+    if won is None:
+        hold = tx.first(_SETTLED, {"rid": request_id})
+        if hold is None:
+            raise NotFound(f"No hold for request {request_id}.")
+        held_by, charged_before = hold
+        balance = tx.first(_BALANCE, {"account_id": held_by})
+        assert balance is not None  # the hold's account exists (foreign key)
+        return Settlement(int(charged_before or 0), int(balance[0]), already=True)
+    account_id, key_id, model, amount, charged = won
+    row = tx.first(_RELEASE, {"account_id": account_id, "amount": amount, "charged": charged})
+    assert row is not None
+    if charged:
+        tx.execute(
+            _LEDGER,
             {
-                "request_id": request_id,
                 "account_id": account_id,
-                "key_id": key_id,
-                "model": model,
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "cost": charged,
-                "status": status,
-                "latency_ms": latency_ms,
-                "created_at": now,
+                "kind": "charge",
+                "amount": charged,
+                "request_id": request_id,
+                "note": model,
+                "now": now,
             },
         )
-    return Settlement(int(charged), int(balance), already=False)
+    tx.execute(
+        _USAGE,
+        {
+            "request_id": request_id,
+            "account_id": account_id,
+            "key_id": key_id,
+            "model": model,
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "cost": charged,
+            "status": status,
+            "latency_ms": latency_ms,
+            "now": now,
+        },
+    )
+    return Settlement(int(charged), int(row[0]), already=False)
 
 
 def refresh(db: Database, request_ids: list[str], ttl: timedelta) -> int:

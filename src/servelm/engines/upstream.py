@@ -6,8 +6,8 @@ We always stream from it with usage on, so settlement uses the upstream's own to
 counts and a client that hangs up cancels the upstream request (closing the
 connection is how every one of those servers learns to stop).
 
-One pooled ``httpx.AsyncClient`` per upstream. Unreachable → 502, timeout → 504,
-both before anything is charged.
+One keep-alive pool (``servelm.http1``) per upstream. Unreachable → 502, timeout →
+504, both before anything is charged.
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
-
+from servelm import http1
 from servelm.catalog import ModelSpec
 from servelm.engines.base import Admission, Engine, map_engine_error
 from servelm.errors import (
@@ -40,21 +39,18 @@ class OpenAIUpstreamEngine(Engine):
         *,
         queue_size: int,
         connect_timeout: float = 5.0,
-        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         super().__init__(spec)
         assert spec.base_url, "an openai engine needs base_url"
         self.slots = spec.slots or DEFAULT_CONCURRENCY
         self._admission = Admission(self.slots, queue_size, self.stats)
-        headers = {"Authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
-        self._client = httpx.AsyncClient(
-            base_url=spec.base_url.rstrip("/"),
+        headers = {"authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
+        self._pool = http1.Pool(
+            spec.base_url,
             headers=headers,
-            timeout=httpx.Timeout(spec.timeout, connect=connect_timeout),
-            limits=httpx.Limits(
-                max_connections=self.slots, max_keepalive_connections=min(self.slots, 64)
-            ),
-            transport=transport,
+            connect_timeout=connect_timeout,
+            read_timeout=spec.timeout,
+            max_idle=min(self.slots, 64),
         )
 
     async def start(self) -> None:
@@ -63,7 +59,7 @@ class OpenAIUpstreamEngine(Engine):
         log.info("model %s relays to %s", self.spec.slug, self.spec.base_url)
 
     async def close(self) -> None:
-        await self._client.aclose()
+        await self._pool.aclose()
 
     async def count_prompt_tokens(self, body: dict[str, Any]) -> int | None:
         return None  # only the upstream knows its tokenizer; its usage settles the bill
@@ -79,7 +75,10 @@ class OpenAIUpstreamEngine(Engine):
             self.stats.requests_total += 1
             finished = False
             try:
-                async with self._client.stream("POST", "/chat/completions", json=payload) as resp:
+                resp = await self._pool.request(
+                    "POST", "/chat/completions", json.dumps(payload).encode()
+                )
+                async with resp:
                     if resp.status_code != 200:
                         raise await self._status_error(resp)
                     async for chunk in _sse_json(resp):
@@ -88,20 +87,20 @@ class OpenAIUpstreamEngine(Engine):
                         self.stats.chunks_total += 1
                         yield chunk
                 finished = True
-            except httpx.TimeoutException as exc:
+            except http1.Timeout as exc:
                 raise UpstreamTimeout(
                     f"The engine for '{self.spec.slug}' did not answer in time."
                 ) from exc
-            except httpx.TransportError as exc:
+            except http1.HTTPError as exc:
                 raise UpstreamError(
-                    f"The engine for '{self.spec.slug}' is unreachable: {type(exc).__name__}."
+                    f"The engine for '{self.spec.slug}' is unreachable: {exc}."
                 ) from exc
             finally:
                 if not finished:
                     self.stats.cancelled_total += 1
 
-    async def _status_error(self, resp: httpx.Response) -> ServelmError:
-        raw = await resp.aread()
+    async def _status_error(self, resp: http1.Response) -> ServelmError:
+        raw = await resp.read()
         try:
             detail = json.loads(raw).get("error", raw.decode(errors="replace"))
         except (ValueError, AttributeError):
@@ -120,15 +119,14 @@ class OpenAIUpstreamEngine(Engine):
         return {**super().describe(), "upstream": self.spec.base_url, "loaded": True}
 
 
-async def _sse_json(resp: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+async def _sse_json(resp: http1.Response) -> AsyncIterator[dict[str, Any]]:
     done = False
     # Read to the end of the body even after [DONE]: a response closed part-read
     # cannot go back to the pool, and every request would pay for a new connection.
-    async for line in resp.aiter_lines():
-        if done or not line.startswith("data:"):
-            continue  # the tail after [DONE]; comments, event names, keep-alives
-        data = line[5:].strip()
-        if data == "[DONE]":
+    async for data in http1.sse_data(resp.iter_bytes()):
+        if done:
+            continue  # the tail after [DONE]
+        if data == b"[DONE]":
             done = True
             continue
         try:
