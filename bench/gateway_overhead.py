@@ -88,12 +88,18 @@ def start_upstream() -> tuple[Proc, str]:
     return proc, f"http://127.0.0.1:{port}/v1"
 
 
-def start_servelm(upstream: str, database: str) -> tuple[Proc, str, str]:
+def start_servelm(
+    upstream: str, database: str = "sqlite", *, slots: int | None = None, cpu: int | None = None
+) -> tuple[Proc, str, str]:
+    """servelm as a gateway node in front of ``upstream`` (the built-in local model
+    disabled), keys and credits on; returns the process, its /v1 URL and a key."""
     data = Path(tempfile.mkdtemp(prefix="servelm-bench-"))
     models = data / "servelm.toml"
     models.write_text(
         f'[models.instant]\nengine = "openai"\nbase_url = "{upstream}"\n'
         "context_window = 8192\nmax_output_tokens = 1024\n"
+        + (f"slots = {slots}\n" if slots else "")
+        + "[models.smollm2-135m-instruct]\nenabled = false\n"
     )
     env = {
         **os.environ,
@@ -111,7 +117,8 @@ def start_servelm(upstream: str, database: str) -> tuple[Proc, str, str]:
             c.execute(f'CREATE DATABASE "{name}"')
         env["SERVELM_DATABASE_URL"] = f"postgresql://postgres@127.0.0.1/{name}"
     port = free_port()
-    proc = Proc(pinned(GATEWAY_CPU, [str(BIN / "servelm"), "serve", "--port", str(port)]), env)
+    argv = [str(BIN / "servelm"), "serve", "--port", str(port)]
+    proc = Proc(pinned(cpu, argv) if cpu is not None else argv, env)
     wait_http(f"http://127.0.0.1:{port}/health")
     match = re.search(r"slm_[a-z0-9]{12}_[A-Za-z0-9_-]{43}", proc.log.read_text())
     assert match, "no first-start key printed"
@@ -133,34 +140,79 @@ def start_litellm(upstream: str, venv: Path) -> tuple[Proc, str, str]:
     return proc, f"http://127.0.0.1:{port}/v1", key
 
 
-def measure(url: str, key: str | None, args: argparse.Namespace) -> list[dict[str, Any]]:
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def rss_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    match = re.search(r"VmRSS:\s+(\d+) kB", status)
+    assert match
+    return int(match.group(1)) / 1024
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its descendants (all threads), from /proc."""
+    children: dict[int, list[int]] = {}
+    times: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the process ended while we looked
+        child = int(entry.name)
+        children.setdefault(int(fields[1]), []).append(child)
+        times[child] = (int(fields[11]) + int(fields[12])) / _TICK
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        total += times.get(p, 0.0)
+        todo.extend(children.get(p, ()))
+    return total
+
+
+def one_run(
+    url: str, key: str | None, args: argparse.Namespace, stream: bool, c: int, pid: int | None
+) -> dict[str, Any]:
+    """One point; with the gateway's pid, also the gateway CPU it took per request."""
+    before = cpu_seconds(pid) if pid else 0.0
+    result = asyncio.run(
+        bench.run(
+            f"{url}/chat/completions",
+            model="instant",
+            load=bench.Load(concurrency=c),
+            requests=args.requests,
+            input_len=args.input_len,
+            output_len=args.output_len,
+            stream=stream,
+            api_key=key,
+            warmup=20,
+        )
+    )
+    if pid:
+        # Warm-up requests ran inside the window too; they are counted.
+        done = result["completed"] + result["failed"] + 20
+        result["gateway_cpu_ms"] = (cpu_seconds(pid) - before) * 1000 / done
+    return result
+
+
+def measure(
+    url: str, key: str | None, args: argparse.Namespace, pid: int | None = None
+) -> list[dict[str, Any]]:
     points = []
     for stream in (False, True):
         for c in args.concurrency:
-            runs = [
-                asyncio.run(
-                    bench.run(
-                        f"{url}/chat/completions",
-                        model="instant",
-                        load=bench.Load(concurrency=c),
-                        requests=args.requests,
-                        input_len=args.input_len,
-                        output_len=args.output_len,
-                        stream=stream,
-                        api_key=key,
-                        warmup=20,
-                    )
-                )
-                for _ in range(args.repeats)
-            ]
+            runs = [one_run(url, key, args, stream, c, pid) for _ in range(args.repeats)]
             points.append(median_point(runs, stream, c))
             p = points[-1]
+            cpu = f"  gw cpu {p['gateway_cpu_ms']:.3f} ms/req" if "gateway_cpu_ms" in p else ""
             print(
                 f"  {'stream' if stream else 'plain '} c={c:<3}"
                 f" {p['request_throughput']:7.1f} req/s"
                 f"  e2e p50 {p['e2e_p50']:7.2f} p99 {p['e2e_p99']:7.2f} ms"
                 f"  ttft p50 {p['ttft_p50']:6.2f}  itl p50 {p['itl_p50']:.3f} ms"
-                f"  failed {p['failed']}",
+                f"  failed {p['failed']}{cpu}",
                 flush=True,
             )
     return points
@@ -176,7 +228,9 @@ def median_point(runs: list[dict[str, Any]], stream: bool, c: int) -> dict[str, 
             values.append(float(v))
         return statistics.median(values)
 
+    extra = {"gateway_cpu_ms": med(("gateway_cpu_ms",))} if "gateway_cpu_ms" in runs[0] else {}
     return {
+        **extra,
         "stream": stream,
         "concurrency": c,
         "repeats": len(runs),
@@ -224,7 +278,8 @@ def main() -> None:
             if name == "direct":
                 url, key = upstream, None
             elif name.startswith("servelm-"):
-                proc, url, key = start_servelm(upstream, name.removeprefix("servelm-"))
+                database = name.removeprefix("servelm-")
+                proc, url, key = start_servelm(upstream, database, cpu=GATEWAY_CPU)
             elif name == "litellm":
                 if not (args.litellm / "bin" / "litellm").exists():
                     print(f"  skipped: no LiteLLM at {args.litellm}")
@@ -233,7 +288,8 @@ def main() -> None:
             else:
                 raise SystemExit(f"unknown contender {name}")
             try:
-                results["contenders"][name] = measure(url, key, args)
+                pid = proc.p.pid if proc is not None else None
+                results["contenders"][name] = measure(url, key, args, pid)
             finally:
                 if proc is not None:
                     proc.stop()

@@ -11,10 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -24,14 +21,16 @@ import httpx
 from servelm import bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gateway_overhead import BIN, RESULTS, Proc, free_port, machine, wait_http
-
-
-def rss_mib(pid: int) -> float:
-    status = Path(f"/proc/{pid}/status").read_text()
-    match = re.search(r"VmRSS:\s+(\d+) kB", status)
-    assert match
-    return int(match.group(1)) / 1024
+from gateway_overhead import (
+    BIN,
+    RESULTS,
+    Proc,
+    free_port,
+    machine,
+    rss_mib,
+    start_servelm,
+    wait_http,
+)
 
 
 def start_upstream(chunk_delay: float) -> tuple[Proc, str]:
@@ -40,28 +39,6 @@ def start_upstream(chunk_delay: float) -> tuple[Proc, str]:
     proc = Proc([*argv, "--chunk-delay", str(chunk_delay)])
     wait_http(f"http://127.0.0.1:{port}/v1/models")
     return proc, f"http://127.0.0.1:{port}/v1"
-
-
-def start_servelm(upstream: str, slots: int) -> tuple[Proc, str, str]:
-    data = Path(tempfile.mkdtemp(prefix="servelm-mem-"))
-    models = data / "servelm.toml"
-    models.write_text(
-        f'[models.instant]\nengine = "openai"\nbase_url = "{upstream}"\nslots = {slots}\n'
-        "context_window = 8192\nmax_output_tokens = 1024\n"
-    )
-    env = {
-        **os.environ,
-        "SERVELM_DATA_DIR": str(data),
-        "SERVELM_MODELS_FILE": str(models),
-        "SERVELM_STARTER_CREDITS": "1000000000",
-        "SERVELM_LOG_LEVEL": "warning",
-    }
-    port = free_port()
-    proc = Proc([str(BIN / "servelm"), "serve", "--port", str(port)], env)
-    wait_http(f"http://127.0.0.1:{port}/health")
-    key = re.search(r"slm_[a-z0-9]{12}_[A-Za-z0-9_-]{43}", proc.log.read_text())
-    assert key
-    return proc, f"http://127.0.0.1:{port}/v1", key.group(0)
 
 
 async def open_streams(url: str, key: str, n: int, pid: int, tokens: int) -> dict[str, Any]:

@@ -52,6 +52,14 @@ def test_remote_entry(tmp_path: Path) -> None:
     assert spec.slug == "big" and spec.engine == "openai"
 
 
+def test_enabled_false_leaves_a_builtin_out(tmp_path: Path) -> None:
+    f = write(tmp_path, "[models.smollm2-135m-instruct]\nenabled = false\n")
+    catalog = load_catalog(tmp_path, f)
+    assert "smollm2-135m-instruct" not in {s.slug for s in catalog}
+    assert catalog.get("smollm2") is None  # its aliases go with it
+    assert catalog.get("llama-v3p1-8b-instruct") is not None
+
+
 @pytest.mark.parametrize(
     ("text", "fragment"),
     [

@@ -58,6 +58,9 @@ class ModelSpec(BaseModel):
     merge_consecutive: bool = False
     owned_by: str = "servelm"
     description: str = ""
+    # False leaves the entry out altogether: e.g. a gateway node that only fronts GPU
+    # servers and should not load the built-in default model.
+    enabled: bool = True
 
     @field_validator("input_price", "output_price", mode="before")
     @classmethod

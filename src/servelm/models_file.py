@@ -122,7 +122,7 @@ def load_catalog(models_dir: Path, models_file: Path | None = None) -> Catalog:
     if models_file is not None:
         for spec in _read_file(models_file, specs, models_dir):
             specs[spec.slug] = spec
-    catalog_specs = list(specs.values())
+    catalog_specs = [s for s in specs.values() if s.enabled]
     _check_unique_names(catalog_specs, models_file)
     return Catalog(catalog_specs)
 
@@ -159,7 +159,8 @@ def _read_file(path: Path, builtins: dict[str, ModelSpec], models_dir: Path) -> 
             field = ".".join(str(p) for p in err["loc"]) or "?"
             raise ConfigError(f"{where}.{field}: {err['msg']}") from None
         spec = _resolve_paths(spec, models_dir, path.parent)
-        _check_engine_fields(where, spec)
+        if spec.enabled:
+            _check_engine_fields(where, spec)
         out.append(spec)
     return out
 

@@ -312,7 +312,7 @@ class ChatService:
             yield {**finish, "usage": usage}
 
     async def _generate(self, call: Call) -> AsyncIterator[dict[str, Any]]:
-        stream = call.engine.stream(call.body)
+        stream = call.engine.stream(call.body, whole=not call.request.stream)
         call.status = "cancelled"  # until the engine says it finished
         try:
             async for raw in stream:

@@ -132,9 +132,7 @@ class _Exchange:
         if idem_key is not None:
             await self._idempotent(idem_key, raw, req, spec, engine)
             return
-        call = await service.prepare(
-            self.request_id, self.dialect, req, spec, engine, principal
-        )
+        call = await service.prepare(self.request_id, self.dialect, req, spec, engine, principal)
         if req.stream:
             await self._stream(call)
             return
@@ -349,4 +347,3 @@ def _money_headers(call: Call) -> dict[str, str]:
         "x-remaining-credits": format_credits(call.settlement.balance),
         "x-cost": format_credits(call.settlement.charged),
     }
-

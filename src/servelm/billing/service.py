@@ -1,11 +1,10 @@
 """``Billing``: the async face of the money layer, as the request path uses it.
 
 Key lookups are cached for a few seconds, so the common request costs two short
-transactions: reserve and settle. On SQLite those run on the event loop itself when
-the write lock is free (``LoopConnection``: tens of microseconds, where a thread hop
-costs more and, under load, queues for the GIL); everything else, and every
-PostgreSQL round trip, runs on a small dedicated thread pool, so the loop never
-waits on a lock or a network.
+writes: reserve and settle. They go through ``GroupCommit`` (writes of requests in
+flight together share a transaction; on SQLite it runs on the loop while the write
+lock is free). Everything else runs on a small dedicated thread pool, so the loop
+never waits on a lock or a network.
 """
 
 from __future__ import annotations
@@ -24,10 +23,17 @@ from servelm import keys
 from servelm.billing import accounts, audit, holds, idempotency
 from servelm.billing.clock import utcnow
 from servelm.errors import AuthenticationError, PermissionDenied
-from servelm.store.db import Busy, Database, Tx
+from servelm.store.db import Database
+from servelm.store.groupcommit import GroupCommit
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+def _log_failure(done: asyncio.Future[Any]) -> None:
+    if not done.cancelled() and done.exception() is not None:
+        # The hold stays open until it expires; the sweeper releases it then.
+        log.error("releasing an abandoned hold failed: %s", done.exception())
 
 
 @dataclass(frozen=True)
@@ -59,28 +65,12 @@ class Billing:
         self._keys: dict[str, tuple[str, Principal | None, float]] = {}
         self._live: set[str] = set()  # request ids with open holds in this process
         self._tasks: list[asyncio.Task[None]] = []
-        self._loop_conn = db.loop_connection()
+        self._commit = GroupCommit(db, self.run)
 
     async def run(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
         """Run a synchronous store function on the billing pool."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kw))
-
-    async def write(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
-        """``fn(tx, *args, **kw)`` in one write transaction, committed before returning:
-        on the loop when SQLite's write lock is free, else on the pool."""
-        if self._loop_conn is not None:
-            try:
-                with self._loop_conn.transaction() as tx:
-                    return fn(tx, *args, **kw)
-            except Busy:
-                pass  # another process is writing; wait for it off the loop
-        return await self.run(self._pooled, fn, *args, **kw)
-
-    def _pooled(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
-        tx: Tx
-        with self.db.transaction() as tx:
-            return fn(tx, *args, **kw)
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -90,7 +80,7 @@ class Billing:
             log.warning("released %d holds left by a stopped process", len(released))
         period = sweep_every or self.hold_ttl.total_seconds() / 3
         self._tasks.append(asyncio.create_task(self._keepalive(period)))
-        if self._loop_conn is not None:
+        if self.db.is_sqlite:
             self._tasks.append(asyncio.create_task(self._checkpoints()))
 
     async def close(self) -> None:
@@ -98,8 +88,7 @@ class Billing:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._pool.shutdown(wait=True)
-        if self._loop_conn is not None:
-            self._loop_conn.close()
+        self._commit.close()
 
     async def _keepalive(self, period: float) -> None:
         """Keep this process's holds alive, and release those of processes that died."""
@@ -168,7 +157,7 @@ class Billing:
         return (await self.run(accounts.get_account, self.db, account_id)).balance
 
     async def hold(self, principal: Principal, request_id: str, model: str, amount: int) -> int:
-        balance = await self.write(
+        written = self._commit.write(
             holds.reserve_in,
             account_id=principal.account_id,
             key_id=principal.key_pk,
@@ -177,8 +166,21 @@ class Billing:
             amount=amount,
             ttl=self.hold_ttl,
         )
+        try:
+            balance: int = await asyncio.shield(written)
+        except asyncio.CancelledError:
+            # The caller left (client gone) but the hold may commit all the same:
+            # release it then, charging nothing, rather than leave it to expire.
+            written.add_done_callback(functools.partial(self._release_abandoned, request_id))
+            raise
         self._live.add(request_id)
         return balance
+
+    def _release_abandoned(self, request_id: str, written: asyncio.Future[int]) -> None:
+        if written.cancelled() or written.exception() is not None:
+            return  # no hold was made
+        released = self._commit.write(holds.settle_in, request_id, charge=0, status="cancelled")
+        released.add_done_callback(_log_failure)
 
     async def settle(
         self,
@@ -191,7 +193,7 @@ class Billing:
         latency_ms: int,
     ) -> holds.Settlement:
         try:
-            return await self.write(
+            settlement: holds.Settlement = await self._commit.write(
                 holds.settle_in,
                 request_id,
                 charge=charge,
@@ -202,6 +204,7 @@ class Billing:
             )
         finally:
             self._live.discard(request_id)
+        return settlement
 
     async def usage(self, account_id: int) -> list[dict[str, Any]]:
         return await self.run(audit.usage_summary, self.db, account_id)

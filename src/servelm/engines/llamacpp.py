@@ -212,7 +212,10 @@ class LlamaCppEngine(Engine):
 
     # -- generation ------------------------------------------------------------------
 
-    async def stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def stream(
+        self, body: dict[str, Any], *, whole: bool = False
+    ) -> AsyncIterator[dict[str, Any]]:
+        # Streams inside, whole or not: only a streaming call can be cancelled.
         server = self._server
         if server is None:
             raise ModelUnavailable(f"Model '{self.spec.slug}' is not loaded.")

@@ -2,9 +2,16 @@
 llama.cpp's server, or another servelm.
 
 Keys, credits and both dialects stay the gateway's own: the upstream only generates.
-We always stream from it with usage on, so settlement uses the upstream's own token
-counts and a client that hangs up cancels the upstream request (closing the
-connection is how every one of those servers learns to stop).
+Settlement uses the upstream's own token counts (``usage``; streams are asked for it
+with ``stream_options.include_usage``). A client that hangs up closes our connection
+to the upstream, which is how every one of those servers learns to stop.
+
+A client that streams gets a streamed upstream call; one that does not gets a plain
+call, reshaped into the chunks a stream would end with. One JSON answer costs the
+relay one wake-up where a stream costs one per token: at one request in flight that
+was a third of the gateway's time per request (docs/benchmarks.md). An upstream that
+answers a plain call without ``usage`` has its answers streamed from then on, where
+tokens can at least be counted.
 
 One keep-alive pool (``servelm.http1``) per upstream. Unreachable → 502, timeout →
 504, both before anything is charged.
@@ -45,6 +52,8 @@ class OpenAIUpstreamEngine(Engine):
         self.slots = spec.slots or DEFAULT_CONCURRENCY
         self._admission = Admission(self.slots, queue_size, self.stats)
         headers = {"authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
+        # Cleared (once, for good) by an upstream that leaves usage out of plain answers.
+        self._plain_calls = True
         self._pool = http1.Pool(
             spec.base_url,
             headers=headers,
@@ -64,13 +73,16 @@ class OpenAIUpstreamEngine(Engine):
     async def count_prompt_tokens(self, body: dict[str, Any]) -> int | None:
         return None  # only the upstream knows its tokenizer; its usage settles the bill
 
-    async def stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        payload = {
-            **body,
-            "model": self.spec.upstream_model or self.spec.slug,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
+    async def stream(
+        self, body: dict[str, Any], *, whole: bool = False
+    ) -> AsyncIterator[dict[str, Any]]:
+        plain = whole and self._plain_calls
+        payload = {**body, "model": self.spec.upstream_model or self.spec.slug}
+        if plain:
+            payload["stream"] = False
+        else:
+            payload["stream"] = True
+            payload["stream_options"] = {"include_usage": True}
         async with self._admission:
             self.stats.requests_total += 1
             finished = False
@@ -81,7 +93,8 @@ class OpenAIUpstreamEngine(Engine):
                 async with resp:
                     if resp.status_code != 200:
                         raise await self._status_error(resp)
-                    async for chunk in _sse_json(resp):
+                    chunks = self._reshape(await resp.read()) if plain else _sse_json(resp)
+                    async for chunk in chunks:
                         if "error" in chunk:
                             raise _upstream_error_body(self.spec.slug, chunk["error"])
                         self.stats.chunks_total += 1
@@ -98,6 +111,38 @@ class OpenAIUpstreamEngine(Engine):
             finally:
                 if not finished:
                     self.stats.cancelled_total += 1
+
+    async def _reshape(self, raw: bytes) -> AsyncIterator[dict[str, Any]]:
+        """A plain ``chat.completion`` as the two chunks a stream would end with: the
+        whole message as one delta, then the finish reason with the usage."""
+        try:
+            data = json.loads(raw)
+            if "error" in data:
+                raise _upstream_error_body(self.spec.slug, data["error"])
+            choice = data["choices"][0]
+            message = choice.get("message") or {}
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+            raise UpstreamError(
+                f"The engine for '{self.spec.slug}' sent a malformed answer: {raw[:200]!r}"
+            ) from exc
+        usage = data.get("usage")
+        if not usage and self._plain_calls:
+            self._plain_calls = False
+            log.warning(
+                "the engine for %s answered without usage; streaming from it from now on",
+                self.spec.slug,
+            )
+        delta: dict[str, Any] = {"role": "assistant", "content": message.get("content")}
+        if message.get("tool_calls"):
+            delta["tool_calls"] = [
+                {"index": i, **call} for i, call in enumerate(message["tool_calls"])
+            ]
+        head: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": None}
+        if choice.get("logprobs"):
+            head["logprobs"] = choice["logprobs"]
+        yield {"choices": [head]}
+        tail = {"index": 0, "delta": {}, "finish_reason": choice.get("finish_reason") or "stop"}
+        yield {"choices": [tail], "usage": usage} if usage else {"choices": [tail]}
 
     async def _status_error(self, resp: http1.Response) -> ServelmError:
         raw = await resp.read()

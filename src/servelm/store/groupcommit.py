@@ -1,0 +1,144 @@
+"""Group commit: the money writes of requests that arrive together share one transaction.
+
+Every chat request costs two write transactions (a hold, a settlement), and on SQLite
+the commit is most of their cost: it appends every page the transaction touched to
+the write-ahead log (80 µs of the 0.2 ms a hold and a settlement take). Requests in
+flight together hold and settle within the same turn of the event loop, so those
+writes are queued and run back to back in one transaction, committed once, before any
+of their callers goes on. Each write is still committed before its request proceeds;
+only the commit is shared. With one request in flight a batch holds one write and
+nothing changes.
+
+Where a batch runs:
+- SQLite: on the event loop itself (``LoopConnection``: tens of microseconds, where a
+  thread hop costs more and, under load, queues for the GIL behind the busy loop);
+  if another connection holds the write lock (``Busy``), on the thread pool instead.
+- PostgreSQL: on the thread pool (every statement is a network round trip), one
+  thread hop and one commit per batch.
+
+A write is a function ``fn(tx, ...)`` that raises ``ServelmError`` only before it has
+written anything (``NotEnoughCredits``: the conditional UPDATE matched no row). Such an
+error goes to its caller and the batch goes on. Anything else rolls the batch back and
+each of its writes is run again alone, so one failure cannot fail its neighbours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from servelm.errors import ServelmError
+from servelm.store.db import Busy, Database, LoopConnection, Tx
+
+log = logging.getLogger(__name__)
+
+Blocking = Callable[..., Awaitable[Any]]
+
+
+@dataclass
+class _Write:
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    kw: dict[str, Any]
+    future: asyncio.Future[Any]
+    result: Any = None
+    error: ServelmError | None = None
+
+
+class GroupCommit:
+    def __init__(self, db: Database, blocking: Blocking) -> None:
+        """``blocking(fn, *args)`` runs ``fn`` off the loop (the billing thread pool)."""
+        self._db = db
+        self._blocking = blocking
+        self._conn: LoopConnection | None = db.loop_connection()
+        self._queue: list[_Write] = []
+        self._running: set[asyncio.Task[None]] = set()  # batches off the loop
+        self.batches = 0  # counters, for the benchmarks' profile
+        self.writes = 0
+
+    def write(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> asyncio.Future[Any]:
+        """Queue ``fn(tx, *args, **kw)``; the future resolves once it is committed."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._queue.append(_Write(fn, args, kw, future))
+        if len(self._queue) == 1:
+            # Everything queued before the loop comes back round joins this batch.
+            loop.call_soon(self._flush)
+        return future
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _flush(self) -> None:
+        batch, self._queue = self._queue, []
+        self.batches += 1
+        self.writes += len(batch)
+        if self._conn is not None:
+            try:
+                with self._conn.transaction() as tx:
+                    _apply(tx, batch)
+            except Busy:
+                pass  # another process is writing: wait for the lock off the loop
+            except Exception as exc:
+                self._failed(batch, exc)
+                return
+            else:
+                _resolve(batch)
+                return
+        self._off_loop(batch)
+
+    def _off_loop(self, batch: list[_Write]) -> None:
+        task = asyncio.ensure_future(self._pooled(batch))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _pooled(self, batch: list[_Write]) -> None:
+        try:
+            await self._blocking(self._apply_in_transaction, batch)
+        except Exception as exc:
+            self._failed(batch, exc)
+            return
+        _resolve(batch)
+
+    def _apply_in_transaction(self, batch: list[_Write]) -> None:
+        with self._db.transaction() as tx:
+            _apply(tx, batch)
+
+    def _failed(self, batch: list[_Write], exc: Exception) -> None:
+        """The batch was rolled back: a lone write fails; each of several runs again alone."""
+        if len(batch) == 1:
+            _settle_future(batch[0].future, error=exc)
+            return
+        log.warning("a batch of %d money writes failed (%s); retrying each alone", len(batch), exc)
+        for write in batch:
+            self._off_loop([write])
+
+
+def _apply(tx: Tx, batch: list[_Write]) -> None:
+    for write in batch:
+        write.result, write.error = None, None
+        try:
+            write.result = write.fn(tx, *write.args, **write.kw)
+        except ServelmError as exc:
+            write.error = exc  # raised before anything was written: the batch goes on
+
+
+def _resolve(batch: list[_Write]) -> None:
+    for write in batch:
+        _settle_future(write.future, result=write.result, error=write.error)
+
+
+def _settle_future(
+    future: asyncio.Future[Any], *, result: Any = None, error: BaseException | None = None
+) -> None:
+    if future.done():
+        return  # its caller was cancelled; the write is committed all the same
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
