@@ -16,8 +16,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import anyio
-
 from servelm.billing.holds import NotEnoughCredits, Settlement, affordable_max_tokens
 from servelm.billing.service import Billing, Principal
 from servelm.catalog import Catalog, ModelSpec, format_credits, price_micro
@@ -334,12 +332,14 @@ class ChatService:
             call.status = "error"
             raise
         finally:
-            # A client hang-up reaches us as cancellation of the response task, and
-            # anyio re-delivers it at every await in a cancelled scope: without the
-            # shield, the settlement below would never run and the hold would stay
-            # open (kept alive by our own keep-alive) until a restart.
-            with anyio.CancelScope(shield=True):
+            # A client hang-up reaches us as cancellation of this task, and a second
+            # one (a server shutting down) may interrupt the awaits here: settlement
+            # is queued all the same, before its first await, and then commits
+            # whether or not anyone waits for it. Without that the hold would stay
+            # open, kept alive by our own keep-alive, until a restart.
+            try:
                 await stream.aclose()
+            finally:
                 await self._finish(call)
 
     async def _finish(self, call: Call) -> None:
