@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import ssl
 from collections.abc import AsyncIterator
-from typing import cast
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import httptools
@@ -268,6 +269,17 @@ class Pool:
             if not (conn.reused and not conn.received_any):
                 raise
         return await self._exchange(await self._connect(), message)
+
+    async def post_json(self, path: str, payload: Any) -> tuple[int, Any]:
+        """POST ``payload`` as JSON; the status and the parsed JSON answer (None when
+        the answer is not JSON)."""
+        resp = await self.request("POST", path, json.dumps(payload).encode())
+        async with resp:
+            raw = await resp.read()
+        try:
+            return resp.status_code, json.loads(raw)
+        except ValueError:
+            return resp.status_code, None
 
     async def _exchange(self, conn: _Connection, message: bytes) -> Response:
         assert conn.transport is not None

@@ -28,8 +28,8 @@ from typing import Any
 
 import anyio
 import gguf
-import httpx
 
+from servelm import http1
 from servelm.catalog import ModelSpec
 from servelm.engines.base import Admission, Engine, map_engine_error
 from servelm.errors import EngineError, ModelUnavailable
@@ -97,7 +97,7 @@ class LlamaCppEngine(Engine):
             max_workers=self.slots, thread_name_prefix=f"llama-{spec.slug}"
         )
         self._server: Any = None
-        self._http: httpx.AsyncClient | None = None
+        self._http: http1.Pool | None = None
         # Exact tokens per image (fixed-grid projector), or None (unknown / no vision).
         self.image_tokens: int | None = None
 
@@ -153,9 +153,7 @@ class LlamaCppEngine(Engine):
             _restore_signal_handlers(saved)
         # The embedded server also listens on an ephemeral loopback port; we use it only
         # for the routes the Python binding does not wrap (template, tokenize).
-        self._http = httpx.AsyncClient(
-            base_url=self._server.listening_address, timeout=httpx.Timeout(30.0)
-        )
+        self._http = http1.Pool(self._server.listening_address, read_timeout=30.0)
         log.info(
             "loaded %s from %s (%d slots, context %d)",
             self.spec.slug,
@@ -178,24 +176,29 @@ class LlamaCppEngine(Engine):
 
     async def render_prompt(self, body: dict[str, Any]) -> str:
         """The exact prompt text the model will see, from the model's chat template."""
-        assert self._http is not None, "engine not started"
         payload = {k: body[k] for k in ("messages", "tools", "tool_choice") if k in body}
-        resp = await self._http.post("/apply-template", json=payload)
-        data = resp.json()
-        if resp.status_code != 200:
-            raise map_engine_error(data.get("error", data))
+        status, data = await self._call("/apply-template", payload)
+        if status != 200:
+            raise map_engine_error(data.get("error", data) if isinstance(data, dict) else data)
         return str(data["prompt"])
 
     async def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
         """Token ids as generation would see them: control tokens written in the text
         (``<|eot_id|>``, ``[INST]``) count as one token each."""
-        assert self._http is not None, "engine not started"
-        resp = await self._http.post(
-            "/tokenize", json={"content": text, "add_special": add_special, "parse_special": True}
+        status, data = await self._call(
+            "/tokenize", {"content": text, "add_special": add_special, "parse_special": True}
         )
-        if resp.status_code != 200:
-            raise EngineError(f"tokenizer failed: HTTP {resp.status_code}")
-        return [int(t) for t in resp.json()["tokens"]]
+        if status != 200 or not isinstance(data, dict):
+            raise EngineError(f"tokenizer failed: HTTP {status}")
+        return [int(t) for t in data["tokens"]]
+
+    async def _call(self, path: str, payload: dict[str, Any]) -> tuple[int, Any]:
+        """One call to the embedded server's own HTTP routes."""
+        assert self._http is not None, "engine not started"
+        try:
+            return await self._http.post_json(path, payload)
+        except http1.HTTPError as exc:
+            raise EngineError(f"the embedded engine did not answer {path}: {exc}") from exc
 
     async def count_prompt_tokens(self, body: dict[str, Any]) -> int:
         """Exact for text. Each image's marker in the rendered prompt is replaced by the
