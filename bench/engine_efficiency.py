@@ -15,6 +15,7 @@ import asyncio
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -58,29 +59,20 @@ def start_llama_server(slots: int) -> tuple[subprocess.Popen[str], str]:
     return proc, f"http://127.0.0.1:{port}/v1"
 
 
-def sweep(url: str, key: str | None, args: argparse.Namespace) -> list[dict[str, Any]]:
-    out = []
-    for c in args.concurrency:
-        r = asyncio.run(
-            bench.run(
-                f"{url}/chat/completions",
-                model="smollm2-135m-instruct",
-                load=bench.Load(concurrency=c),
-                requests=max(2 * c, 8),
-                input_len=args.input_len,
-                output_len=args.output_len,
-                api_key=key,
-                warmup=2,
-            )
+def point(url: str, key: str | None, c: int, args: argparse.Namespace) -> dict[str, Any]:
+    r = asyncio.run(
+        bench.run(
+            f"{url}/chat/completions",
+            model="smollm2-135m-instruct",
+            load=bench.Load(concurrency=c),
+            requests=max(args.requests_per_slot * c, 16),
+            input_len=args.input_len,
+            output_len=args.output_len,
+            api_key=key,
+            warmup=2,
         )
-        print(
-            f"  c={c:<3} {r['output_throughput']:7.1f} out tok/s"
-            f"  TTFT p50 {r['ttft_ms']['p50']:8.1f} ms"
-            f"  TPOT p50 {r['tpot_ms']['p50']:6.1f} ms  failed {r['failed']}",
-            flush=True,
-        )
-        out.append({"concurrency": c, **r})
-    return out
+    )
+    return {"concurrency": c, **r}
 
 
 def main() -> None:
@@ -88,36 +80,66 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--input-len", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=32)
+    parser.add_argument("--requests-per-slot", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS / "engine_efficiency.json")
     args = parser.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     slots = max(args.concurrency)
-    results: dict[str, Any] = {"machine": machine(), "slots": slots}
-
-    print("xllamacpp HTTP server", flush=True)
-    raw, url = start_llama_server(slots)
-    try:
-        results["llama_server"] = sweep(url, None, args)
-    finally:
-        raw.kill()
-        raw.wait()
-    print("servelm (embedded engine, keys and credits on)", flush=True)
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "slots": slots,
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "runs": [],
+    }
+    # Both stay up; only one is loaded at a time. Each point runs on the raw server,
+    # then on servelm, back to back, repeated: the machine's drift hits both alike.
+    raw, raw_url = start_llama_server(slots)
     proc, url, key = start_servelm(slots)
     try:
-        results["servelm"] = sweep(url, key, args)
+        # Unmeasured: the first batches of a fresh llama.cpp allocate its compute
+        # buffers and page the weights in (the first run measured half the speed).
+        for c in args.concurrency:
+            point(raw_url, None, c, args)
+            point(url, key, c, args)
+        for repeat in range(args.repeats):
+            for c in args.concurrency:
+                r = point(raw_url, None, c, args)
+                s = point(url, key, c, args)
+                ratio = s["output_throughput"] / r["output_throughput"]
+                results["runs"].append({"repeat": repeat, "llama_server": r, "servelm": s})
+                print(
+                    f"  repeat {repeat} c={c:<3} out tok/s servelm {s['output_throughput']:6.1f}"
+                    f" server {r['output_throughput']:6.1f} ratio {ratio:.3f}"
+                    f"  TTFT p50 {s['ttft_ms']['p50']:7.1f} / {r['ttft_ms']['p50']:7.1f} ms"
+                    f"  failed {s['failed']} / {r['failed']}",
+                    flush=True,
+                )
     finally:
         proc.stop()
+        raw.kill()
+        raw.wait()
 
-    print("\n| concurrency | out tok/s servelm | out tok/s llama.cpp server | ratio "
+    print("\n| concurrency | out tok/s servelm | out tok/s llama.cpp server | ratio (median) "
           "| TTFT p50 servelm − server |")  # fmt: skip
     print("|---|---|---|---|---|")
-    for s, r in zip(results["servelm"], results["llama_server"], strict=True):
-        ratio = s["output_throughput"] / r["output_throughput"]
-        ttft = s["ttft_ms"]["p50"] - r["ttft_ms"]["p50"]
-        print(
-            f"| {s['concurrency']} | {s['output_throughput']:.1f} | {r['output_throughput']:.1f} "
-            f"| {ratio:.2f} | {ttft:+.1f} ms |"
+    summary = []
+    for c in args.concurrency:
+        runs = [r for r in results["runs"] if r["servelm"]["concurrency"] == c]
+        s_tps = statistics.median(r["servelm"]["output_throughput"] for r in runs)
+        r_tps = statistics.median(r["llama_server"]["output_throughput"] for r in runs)
+        ratio = statistics.median(
+            r["servelm"]["output_throughput"] / r["llama_server"]["output_throughput"] for r in runs
         )
+        ttft = statistics.median(
+            r["servelm"]["ttft_ms"]["p50"] - r["llama_server"]["ttft_ms"]["p50"] for r in runs
+        )
+        summary.append(
+            {"concurrency": c, "servelm": s_tps, "llama_server": r_tps, "ratio": ratio,
+             "ttft_p50_diff_ms": ttft}
+        )  # fmt: skip
+        print(f"| {c} | {s_tps:.1f} | {r_tps:.1f} | {ratio:.2f} | {ttft:+.1f} ms |")
+    results["summary"] = summary
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
 

@@ -91,44 +91,58 @@ class Tx:
         return int(self._cursor.rowcount)
 
 
-class LoopConnection:
-    """SQLite only: one connection the event loop uses directly, never waiting.
+class WriterConnection:
+    """One dedicated connection for the request path's money writes (``GroupCommit``).
 
-    A hold or a settlement is a few tens of microseconds of SQLite work; handing it to
-    a thread costs more than that, and under load the thread then queues for the GIL
-    behind the busy loop. So the request path runs it right here, and where another
-    connection or process holds the write lock (``Busy``), the caller takes the
-    blocking route instead. This connection never checkpoints the WAL either (that
-    can take milliseconds): ``Database.checkpoint`` does, off the loop.
+    Not the pool's: checking a connection out costs a liveness round trip on
+    PostgreSQL (``pool_pre_ping``), twice per request. One batch at a time uses it.
+
+    On SQLite it is used on the event loop itself (``on_loop``): a hold or a
+    settlement is tens of microseconds of SQLite work, where handing it to a thread
+    costs more and, under load, queues for the GIL behind the busy loop. So it never
+    waits: if another connection or process holds the write lock, ``transaction``
+    raises ``Busy`` at once and the caller takes the blocking route. Nor does it
+    checkpoint the WAL (that can take milliseconds): ``Database.checkpoint`` does, off
+    the loop.
     """
 
     def __init__(self, db: Database) -> None:
         self._db = db
+        self.on_loop = db.is_sqlite
         raw = db.engine.raw_connection()
-        raw.detach()  # ours for good; not the pool's
+        raw.detach()  # ours for good
         self._raw = raw
         cur = raw.cursor()
-        cur.execute("PRAGMA busy_timeout=0")
-        cur.execute("PRAGMA wal_autocheckpoint=0")
+        if db.is_sqlite:
+            cur.execute("PRAGMA busy_timeout=0")
+            cur.execute("PRAGMA wal_autocheckpoint=0")
         self._cursor = cur
+        self.broken = False
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Tx]:
-        try:
-            self._cursor.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            if exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
-                raise Busy(str(exc)) from exc
-            raise
+        if self._db.is_sqlite:
+            try:
+                self._cursor.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                    raise Busy(str(exc)) from exc
+                raise
         try:
             yield Tx(self._cursor, self._db)
+            self._raw.commit()
         except BaseException:
-            self._raw.rollback()
+            try:
+                self._raw.rollback()
+            except Exception:
+                # The connection itself is gone (server restart, network): the next
+                # batch gets a new one.
+                self.broken = True
             raise
-        self._raw.commit()
 
     def close(self) -> None:
-        self._raw.close()
+        with contextlib.suppress(Exception):
+            self._raw.close()
 
 
 class Database:
@@ -179,9 +193,8 @@ class Database:
         finally:
             raw.close()  # back to the pool
 
-    def loop_connection(self) -> LoopConnection | None:
-        """A never-waiting connection for the event loop (SQLite), or None."""
-        return LoopConnection(self) if self.is_sqlite else None
+    def writer_connection(self) -> WriterConnection:
+        return WriterConnection(self)
 
     def checkpoint(self) -> None:
         """Move SQLite's write-ahead log into the database file (PASSIVE: never waits)."""

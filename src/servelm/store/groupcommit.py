@@ -9,12 +9,13 @@ of their callers goes on. Each write is still committed before its request proce
 only the commit is shared. With one request in flight a batch holds one write and
 nothing changes.
 
-Where a batch runs:
-- SQLite: on the event loop itself (``LoopConnection``: tens of microseconds, where a
-  thread hop costs more and, under load, queues for the GIL behind the busy loop);
-  if another connection holds the write lock (``Busy``), on the thread pool instead.
+Where a batch runs, on one dedicated connection (``WriterConnection``):
+- SQLite: on the event loop itself (tens of microseconds, where a thread hop costs
+  more and, under load, queues for the GIL behind the busy loop); if another
+  connection holds the write lock (``Busy``), on the thread pool instead.
 - PostgreSQL: on the thread pool (every statement is a network round trip), one
-  thread hop and one commit per batch.
+  batch at a time: writes that arrive meanwhile form the next batch, so batches grow
+  with the load, one thread hop and one commit each.
 
 A write is a function ``fn(tx, ...)`` that raises ``ServelmError`` only before it has
 written anything (``NotEnoughCredits``: the conditional UPDATE matched no row). Such an
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from servelm.errors import ServelmError
-from servelm.store.db import Busy, Database, LoopConnection, Tx
+from servelm.store.db import Busy, Database, Tx, WriterConnection
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +54,12 @@ class GroupCommit:
         """``blocking(fn, *args)`` runs ``fn`` off the loop (the billing thread pool)."""
         self._db = db
         self._blocking = blocking
-        self._conn: LoopConnection | None = db.loop_connection()
+        # SQLite's is made now (it is used on the loop); PostgreSQL's on first use, on
+        # a thread, and again after it breaks.
+        self._writer: WriterConnection | None = db.writer_connection() if db.is_sqlite else None
         self._queue: list[_Write] = []
-        self._running: set[asyncio.Task[None]] = set()  # batches off the loop
+        self._busy = False  # a batch is running off the loop on the writer connection
+        self._running: set[asyncio.Task[None]] = set()
         self.batches = 0  # counters, for the benchmarks' profile
         self.writes = 0
 
@@ -64,59 +68,85 @@ class GroupCommit:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._queue.append(_Write(fn, args, kw, future))
-        if len(self._queue) == 1:
+        if len(self._queue) == 1 and not self._busy:
             # Everything queued before the loop comes back round joins this batch.
             loop.call_soon(self._flush)
         return future
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
     def _flush(self) -> None:
+        if self._busy or not self._queue:
+            return
         batch, self._queue = self._queue, []
         self.batches += 1
         self.writes += len(batch)
-        if self._conn is not None:
+        if self._db.is_sqlite:
+            assert self._writer is not None
             try:
-                with self._conn.transaction() as tx:
+                with self._writer.transaction() as tx:
                     _apply(tx, batch)
             except Busy:
-                pass  # another process is writing: wait for the lock off the loop
+                # Another process is writing: wait for the lock off the loop, on a
+                # pooled connection (the writer is the loop's).
+                self._spawn(self._pooled(batch))
             except Exception as exc:
                 self._failed(batch, exc)
-                return
             else:
                 _resolve(batch)
-                return
-        self._off_loop(batch)
+            return
+        self._busy = True
+        self._spawn(self._on_writer(batch))
 
-    def _off_loop(self, batch: list[_Write]) -> None:
-        task = asyncio.ensure_future(self._pooled(batch))
+    async def _on_writer(self, batch: list[_Write]) -> None:
+        try:
+            await self._blocking(self._apply_on_writer, batch)
+        except Exception as exc:
+            self._failed(batch, exc)
+        else:
+            _resolve(batch)
+        finally:
+            self._busy = False
+            self._flush()  # what queued up meanwhile
+
+    def _apply_on_writer(self, batch: list[_Write]) -> None:
+        if self._writer is not None and self._writer.broken:
+            self._writer.close()
+            self._writer = None
+        if self._writer is None:
+            self._writer = self._db.writer_connection()
+        with self._writer.transaction() as tx:
+            _apply(tx, batch)
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
         self._running.add(task)
         task.add_done_callback(self._running.discard)
 
     async def _pooled(self, batch: list[_Write]) -> None:
         try:
-            await self._blocking(self._apply_in_transaction, batch)
+            await self._blocking(self._apply_pooled, batch)
         except Exception as exc:
             self._failed(batch, exc)
-            return
-        _resolve(batch)
+        else:
+            _resolve(batch)
 
-    def _apply_in_transaction(self, batch: list[_Write]) -> None:
+    def _apply_pooled(self, batch: list[_Write]) -> None:
         with self._db.transaction() as tx:
             _apply(tx, batch)
 
     def _failed(self, batch: list[_Write], exc: Exception) -> None:
-        """The batch was rolled back: a lone write fails; each of several runs again alone."""
+        """The batch was rolled back: a lone write fails; each of several runs again
+        alone, on a pooled connection."""
         if len(batch) == 1:
             _settle_future(batch[0].future, error=exc)
             return
         log.warning("a batch of %d money writes failed (%s); retrying each alone", len(batch), exc)
         for write in batch:
-            self._off_loop([write])
+            self._spawn(self._pooled([write]))
 
 
 def _apply(tx: Tx, batch: list[_Write]) -> None:
