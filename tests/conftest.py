@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import threading
 import time
@@ -77,7 +76,9 @@ def start_server(
     server = uvicorn.Server(config)
     # uvicorn must not install signal handlers from a non-main thread.
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-    thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
+    # server.run, not asyncio.run(server.serve()): the same event loop as production
+    # (uvloop), whose transports behave differently in places (http1.py).
+    thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
     while not server.started:
