@@ -64,6 +64,7 @@ class _Connection(asyncio.Protocol):
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.headers_done = False
+        self._interim = False
         self.keep_alive = False
         self.until_close = False
         self.complete = False
@@ -106,7 +107,13 @@ class _Connection(asyncio.Protocol):
         self.headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
-        self.status = self.parser.get_status_code()
+        status = self.parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            # An interim answer (100 Continue, 103 Early Hints): the real one follows.
+            self.headers = []
+            self._interim = True
+            return
+        self.status = status
         # Asked now: once the message is complete the parser has reset for the next.
         self.keep_alive = self.parser.should_keep_alive()
         self.headers_done = True
@@ -124,6 +131,9 @@ class _Connection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
         self.complete = True
 
     # -- used by Response ------------------------------------------------------------
