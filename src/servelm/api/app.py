@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -124,6 +125,11 @@ def create_app(settings: Settings, catalog: Catalog | None = None) -> FastAPI:
         )
         # Engines belong to this loop; tools that reach in from other threads need it.
         app.state.loop = asyncio.get_running_loop()
+        # Everything built so far (modules, the app, the engines) lives as long as the
+        # process: out of the collector's reach, a full collection no longer walks
+        # those hundreds of thousands of objects in the middle of someone's request.
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:
