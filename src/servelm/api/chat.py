@@ -11,9 +11,11 @@ response starts) was a fifth of the gateway's CPU per request in the profile
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 from starlette.routing import Match, Route
@@ -72,22 +74,7 @@ class ChatRoute:
         self.dialect: Dialect = dialect
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        exchange = _Exchange(scope, receive, send, self.dialect)
-        try:
-            await exchange.run()
-        except ClientGone:
-            if not exchange.started:
-                # Nobody hears it (the server drops it), but the access log and the
-                # metrics say what happened.
-                await exchange._start(499, [])
-                await exchange._body(b"", more=False)
-        except ServelmError as exc:
-            await exchange.fail(exc)
-        except Exception:
-            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
-            await exchange.fail(
-                ServelmError("The server had an internal error processing the request.")
-            )
+        await _Exchange(scope, receive, send, self.dialect).handle()
 
 
 class _Exchange:
@@ -110,10 +97,26 @@ class _Exchange:
                 self.headers[key] = value.decode("latin-1")
         self.principal: Principal | None = None
         self.started = False  # response headers sent
-        self.status = 0
         self._watcher: asyncio.Task[None] | None = None
         self._gone = False  # set by the watcher when the client hung up
         self._finished = False
+
+    async def handle(self) -> None:
+        try:
+            await self.run()
+        except ClientGone:
+            if not self.started:
+                # Nobody hears it (the server drops it), but the access log and the
+                # metrics say what happened.
+                await self._start(499, [])
+                await self._body(b"", more=False)
+        except ServelmError as exc:
+            await self.fail(exc)
+        except Exception:
+            log.exception("unhandled error on %s %s", self.scope["method"], self.scope["path"])
+            await self.fail(
+                ServelmError("The server had an internal error processing the request.")
+            )
 
     # -- the walk ----------------------------------------------------------------------
 
@@ -208,39 +211,35 @@ class _Exchange:
 
     async def _stream(self, call: Call) -> None:
         chunks = self.service.stream_chunks(call)
-        self._watch()
         try:
-            # The first chunk before the headers: errors the engine reports up front
-            # (queue full, prompt too long) still become a proper HTTP status.
-            try:
-                first: dict[str, Any] | None = await anext(chunks)
-            except StopAsyncIteration:
-                first = None
-            headers = list(_SSE_HEADERS)
-            if call.held_balance is not None:
-                # Headers leave before generation: they can only say the balance after
-                # the hold. The final chunk's usage carries the exact cost and balance.
-                headers.append((b"x-remaining-credits", format_credits(call.held_balance).encode()))
-            await self._start(200, headers)
-            try:
-                if first is not None:
-                    await self._body(sse(first))
-                async for chunk in chunks:
-                    await self._body(sse(chunk))
-            except ServelmError as exc:
-                # Headers are gone: the error travels as an event, and no [DONE]
-                # follows, so no client mistakes a failed stream for a finished one.
+            with self._cancel_on_disconnect():
+                # The first chunk before the headers: errors the engine reports up front
+                # (queue full, prompt too long) still become a proper HTTP status.
+                try:
+                    first: dict[str, Any] | None = await anext(chunks)
+                except StopAsyncIteration:
+                    first = None
+                headers = list(_SSE_HEADERS)
+                if call.held_balance is not None:
+                    # Headers leave before generation: they can only say the balance
+                    # after the hold. The final chunk's usage has the exact cost.
+                    balance = format_credits(call.held_balance).encode()
+                    headers.append((b"x-remaining-credits", balance))
+                await self._start(200, headers)
+                try:
+                    if first is not None:
+                        await self._body(sse(first))
+                    async for chunk in chunks:
+                        await self._body(sse(chunk))
+                except ServelmError as exc:
+                    # Headers are gone: the error travels as an event, and no [DONE]
+                    # follows, so no client mistakes a failed stream for a finished one.
+                    self._finished = True
+                    await self._body(error_event(exc, self.dialect), more=False)
+                    return
                 self._finished = True
-                await self._body(error_event(exc, self.dialect), more=False)
-                return
-            self._finished = True
-            await self._body(b"data: [DONE]\n\n", more=False)
-        except asyncio.CancelledError:
-            if not self._cancelled_by_watcher():
-                raise  # server shutdown
-            raise ClientGone from None
+                await self._body(b"data: [DONE]\n\n", more=False)
         finally:
-            self._unwatch()
             await chunks.aclose()
 
     # -- the client hanging up ---------------------------------------------------------
@@ -248,9 +247,16 @@ class _Exchange:
     async def _until_disconnect(self, work: Any) -> Any:
         """Await ``work``; if the client hangs up first, cancel it (and so the
         generation) and raise ClientGone."""
+        with self._cancel_on_disconnect():
+            return await work
+
+    @contextlib.contextmanager
+    def _cancel_on_disconnect(self) -> Iterator[None]:
+        """Inside, a client hang-up cancels this task (and so the generation); it
+        leaves as ClientGone."""
         self._watch()
         try:
-            return await work
+            yield
         except asyncio.CancelledError:
             if not self._cancelled_by_watcher():
                 raise  # server shutdown
@@ -291,7 +297,6 @@ class _Exchange:
 
     async def _start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         self.started = True
-        self.status = status
         await self.send({"type": "http.response.start", "status": status, "headers": headers})
 
     async def _body(self, data: bytes, more: bool = True) -> None:
@@ -328,7 +333,6 @@ class _Exchange:
                 balance = await self.billing.balance(self.principal.account_id)
             extra["x-remaining-credits"] = format_credits(balance)
         response = error_response(exc, self.dialect, extra)
-        self.status = response.status_code
         await response(self.scope, self.receive, self.send)
 
 
