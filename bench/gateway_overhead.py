@@ -173,7 +173,13 @@ def cpu_seconds(pid: int) -> float:
 
 
 def one_run(
-    url: str, key: str | None, args: argparse.Namespace, stream: bool, c: int, pid: int | None
+    url: str,
+    key: str | None,
+    args: argparse.Namespace,
+    stream: bool,
+    c: int,
+    pid: int | None,
+    requests: int,
 ) -> dict[str, Any]:
     """One point; with the gateway's pid, also the gateway CPU it took per request."""
     before = cpu_seconds(pid) if pid else 0.0
@@ -182,7 +188,7 @@ def one_run(
             f"{url}/chat/completions",
             model="instant",
             load=bench.Load(concurrency=c),
-            requests=args.requests,
+            requests=requests,
             input_len=args.input_len,
             output_len=args.output_len,
             stream=stream,
@@ -198,12 +204,12 @@ def one_run(
 
 
 def measure(
-    url: str, key: str | None, args: argparse.Namespace, pid: int | None = None
+    url: str, key: str | None, args: argparse.Namespace, pid: int | None, requests: int
 ) -> list[dict[str, Any]]:
     points = []
     for stream in (False, True):
         for c in args.concurrency:
-            runs = [one_run(url, key, args, stream, c, pid) for _ in range(args.repeats)]
+            runs = [one_run(url, key, args, stream, c, pid, requests) for _ in range(args.repeats)]
             points.append(median_point(runs, stream, c))
             p = points[-1]
             cpu = f"  gw cpu {p['gateway_cpu_ms']:.3f} ms/req" if "gateway_cpu_ms" in p else ""
@@ -215,6 +221,46 @@ def measure(
                 f"  failed {p['failed']}{cpu}",
                 flush=True,
             )
+    return points
+
+
+def rate_sweep(
+    url: str, key: str | None, args: argparse.Namespace, most: int
+) -> list[dict[str, Any]]:
+    """Open loop (Poisson arrivals), non-streaming: the latency each offered rate gets,
+    for "requests/s at p99 under a bound". About three seconds of traffic per rate."""
+    points = []
+    for rate in args.rates:
+        requests = max(150, min(most, int(rate * 3)))
+        r = asyncio.run(
+            bench.run(
+                f"{url}/chat/completions",
+                model="instant",
+                load=bench.Load(rate=rate),
+                requests=requests,
+                input_len=args.input_len,
+                output_len=args.output_len,
+                stream=False,
+                api_key=key,
+                warmup=20,
+            )
+        )
+        points.append(
+            {
+                "rate": rate,
+                "requests": requests,
+                "failed": r["failed"],
+                "request_throughput": r["request_throughput"],
+                "e2e_p50": r["e2e_ms"]["p50"],
+                "e2e_p99": r["e2e_ms"]["p99"],
+            }
+        )
+        print(
+            f"  rate {rate:>6}/s: {r['request_throughput']:7.1f} req/s"
+            f"  e2e p50 {r['e2e_ms']['p50']:8.2f} p99 {r['e2e_ms']['p99']:8.2f} ms"
+            f"  failed {r['failed']}",
+            flush=True,
+        )
     return points
 
 
@@ -249,14 +295,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--contenders", default="direct,servelm-sqlite,servelm-postgresql,litellm")
     parser.add_argument("--concurrency", default="1,16,64")
-    parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--litellm-requests", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--rates",
+        default="25,50,100,250,500,750,1000,1250,1500",
+        help="Poisson request rates for the capacity sweep; empty for none.",
+    )
     parser.add_argument("--input-len", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=16)
     parser.add_argument("--litellm", type=Path, default=Path("/tmp/litellm-venv"))
     parser.add_argument("--out", type=Path, default=RESULTS / "gateway_overhead.json")
     args = parser.parse_args()
-    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    args.concurrency = [int(c) for c in args.concurrency.split(",") if c]
+    args.rates = [float(r) for r in args.rates.split(",") if r]
     os.sched_setaffinity(0, {CLIENT_CPU})
 
     upstream_proc, upstream = start_upstream()
@@ -264,13 +317,17 @@ def main() -> None:
         "machine": machine(),
         "settings": {k: v for k, v in vars(args).items() if k not in ("litellm", "out")},
         "contenders": {},
+        "capacity": {},
     }
     if args.out.exists():
         # Contenders not rerun keep their earlier results (e.g. LiteLLM, which is slow).
-        earlier = json.loads(args.out.read_text())["contenders"]
-        results["contenders"] = {
-            k: v for k, v in earlier.items() if k not in args.contenders.split(",")
+        earlier = json.loads(args.out.read_text())
+        rerun = {
+            "contenders": set(args.contenders.split(",")) if args.concurrency else set(),
+            "capacity": set(args.contenders.split(",")) if args.rates else set(),
         }
+        for part, names in rerun.items():
+            results[part] = {k: v for k, v in earlier.get(part, {}).items() if k not in names}
     try:
         for name in args.contenders.split(","):
             print(name, flush=True)
@@ -289,7 +346,12 @@ def main() -> None:
                 raise SystemExit(f"unknown contender {name}")
             try:
                 pid = proc.p.pid if proc is not None else None
-                results["contenders"][name] = measure(url, key, args, pid)
+                # LiteLLM serves 30-75 requests/s: fewer requests keep its runs minutes.
+                requests = args.litellm_requests if name == "litellm" else args.requests
+                if args.concurrency:
+                    results["contenders"][name] = measure(url, key, args, pid, requests)
+                if args.rates:
+                    results["capacity"][name] = rate_sweep(url, key, args, requests)
             finally:
                 if proc is not None:
                     proc.stop()

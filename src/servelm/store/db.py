@@ -196,14 +196,27 @@ class Database:
     def writer_connection(self) -> WriterConnection:
         return WriterConnection(self)
 
-    def checkpoint(self) -> None:
-        """Move SQLite's write-ahead log into the database file (PASSIVE: never waits)."""
-        if self.is_sqlite:
-            raw = self.engine.raw_connection()
-            try:
-                raw.cursor().execute("PRAGMA wal_checkpoint(PASSIVE)")
-            finally:
-                raw.close()
+    def checkpoint(self, max_wal_frames: int = 16384) -> None:
+        """Move SQLite's write-ahead log into the database file.
+
+        PASSIVE first: it never holds writers up. But under steady writes it never
+        catches up (writers append while it syncs), so SQLite never restarts the log:
+        it grows for ever and each checkpoint is slower than the last (measured: 80,000
+        frames and 35 ms per checkpoint after a minute at 600 requests/s). Past
+        ``max_wal_frames`` (64 MiB of 4 KiB pages) a RESTART checkpoint holds writers
+        for the moment it needs to finish, and the log starts again from its top. (Not
+        TRUNCATE: writing into a file that must grow again cost every commit more.)
+        """
+        if not self.is_sqlite:
+            return
+        raw = self.engine.raw_connection()
+        try:
+            cur = raw.cursor()
+            _, frames, _ = cur.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            if frames > max_wal_frames:
+                cur.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+        finally:
+            raw.close()
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Connection]:
