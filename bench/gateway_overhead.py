@@ -76,14 +76,12 @@ class Proc:
             self.p.kill()
 
 
-def start_upstream() -> tuple[Proc, str]:
+def start_upstream(chunk_delay: float = 0.0) -> tuple[Proc, str]:
+    """The instant upstream on the load generator's CPU; ``chunk_delay`` spaces its
+    stream's chunks out (to hold streams open)."""
     port = free_port()
-    proc = Proc(
-        pinned(
-            CLIENT_CPU,
-            [str(BIN / "python"), "-m", "servelm.testing.instant_upstream", "--port", str(port)],
-        )
-    )
+    argv = [str(BIN / "python"), "-m", "servelm.testing.instant_upstream", "--port", str(port)]
+    proc = Proc(pinned(CLIENT_CPU, [*argv, "--chunk-delay", str(chunk_delay)]))
     wait_http(f"http://127.0.0.1:{port}/v1/models")
     return proc, f"http://127.0.0.1:{port}/v1"
 

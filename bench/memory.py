@@ -1,7 +1,11 @@
 """Gateway memory: RSS with 1,000 streams open at once (a slow upstream keeps them
 open), and RSS sampled through a long run at a steady request rate (leak check).
 
-    .venv/bin/python bench/memory.py --streams 1000 --leak-minutes 10 --rate 50
+    .venv/bin/python bench/memory.py --streams 1000 --leak-minutes 10 --rate 300
+
+servelm runs as a gateway node (no local model), pinned to CPU 0 like in the gateway
+benchmark; the long run streams at about half of what that one core serves
+(500-640 streams/s measured).
 
 Writes bench/results/memory.json.
 """
@@ -11,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,23 +27,14 @@ from servelm import bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gateway_overhead import (
-    BIN,
+    CLIENT_CPU,
+    GATEWAY_CPU,
     RESULTS,
-    Proc,
-    free_port,
     machine,
     rss_mib,
     start_servelm,
-    wait_http,
+    start_upstream,
 )
-
-
-def start_upstream(chunk_delay: float) -> tuple[Proc, str]:
-    port = free_port()
-    argv = [str(BIN / "python"), "-m", "servelm.testing.instant_upstream", "--port", str(port)]
-    proc = Proc([*argv, "--chunk-delay", str(chunk_delay)])
-    wait_http(f"http://127.0.0.1:{port}/v1/models")
-    return proc, f"http://127.0.0.1:{port}/v1"
 
 
 async def open_streams(url: str, key: str, n: int, pid: int, tokens: int) -> dict[str, Any]:
@@ -85,13 +81,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--streams", type=int, default=1000)
     parser.add_argument("--leak-minutes", type=float, default=10)
-    parser.add_argument("--rate", type=float, default=50, help="requests/s for the long run")
+    parser.add_argument("--rate", type=float, default=300, help="streams/s for the long run")
     parser.add_argument("--out", type=Path, default=RESULTS / "memory.json")
     args = parser.parse_args()
     results: dict[str, Any] = {"machine": machine()}
 
     slow, slow_url = start_upstream(chunk_delay=1.0)
-    gw, url, key = start_servelm(slow_url, slots=args.streams + 10)
+    os.sched_setaffinity(0, {CLIENT_CPU})
+    gw, url, key = start_servelm(slow_url, slots=args.streams + 10, cpu=GATEWAY_CPU)
     try:
         # Warm every code path once, then measure idle.
         asyncio.run(open_streams(url, key, 10, gw.p.pid, tokens=2))
@@ -104,7 +101,7 @@ def main() -> None:
         slow.stop()
 
     fast, fast_url = start_upstream(chunk_delay=0.0)
-    gw, url, key = start_servelm(fast_url, slots=256)
+    gw, url, key = start_servelm(fast_url, slots=256, cpu=GATEWAY_CPU)
     try:
         samples = [(0.0, rss_mib(gw.p.pid))]
         per_minute = int(args.rate * 60)
