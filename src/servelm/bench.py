@@ -185,9 +185,15 @@ async def run(
         else:
             assert load.rate, "a Load needs concurrency or rate"
             tasks = []
+            due = began
             for body in todo:
                 tasks.append(asyncio.create_task(one(body)))
-                await asyncio.sleep(rng.expovariate(load.rate))
+                # Arrival times are fixed in advance and slept towards, not slept
+                # between: the overhead of each sleep would otherwise add up and offer
+                # well under the asked rate (838/s measured when 1,500/s were asked).
+                due += rng.expovariate(load.rate)
+                delay = due - time.perf_counter()
+                await asyncio.sleep(delay if delay > 0 else 0)
             await asyncio.gather(*tasks)
         duration = time.perf_counter() - began
     finally:

@@ -273,9 +273,10 @@ class Pool:
         try:
             return await self._exchange(conn, message)
         except ProtocolError:
-            # A kept-alive connection the server closed while it sat idle fails before
-            # any byte of an answer; that request never reached the server, so it is
-            # sent once more on a new connection (what browsers and httpx do too).
+            # A kept-alive connection that fails before any byte of an answer was, in
+            # all likelihood, closed by the server while it sat idle: the request is
+            # sent once more on a new connection (as browsers and httpx do). At worst
+            # an engine generates twice; the gateway charges for the answer it relays.
             if not (conn.reused and not conn.received_any):
                 raise
         return await self._exchange(await self._connect(), message)

@@ -104,8 +104,9 @@ class Billing:
                 log.exception("hold keep-alive failed")
 
     async def _checkpoints(self, period: float = 1.0) -> None:
-        """The loop's connection never checkpoints SQLite's WAL (it could take
-        milliseconds, with an fsync); this does, off the loop, so the log stays short."""
+        """The loop's connection never checkpoints SQLite's WAL (that can take
+        milliseconds, with an fsync); this does, off the loop, and keeps the log
+        bounded (``Database.checkpoint``)."""
         while True:
             await asyncio.sleep(period)
             try:

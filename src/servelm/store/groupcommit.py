@@ -60,7 +60,7 @@ class GroupCommit:
         self._queue: list[_Write] = []
         self._busy = False  # a batch is running off the loop on the writer connection
         self._running: set[asyncio.Task[None]] = set()
-        self.batches = 0  # counters, for the benchmarks' profile
+        self.batches = 0  # counters: how much sharing there was (the tests read them)
         self.writes = 0
 
     def write(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> asyncio.Future[Any]:
