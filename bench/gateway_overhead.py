@@ -170,6 +170,31 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
+def run_load(
+    url: str,
+    key: str | None,
+    args: argparse.Namespace,
+    load: bench.Load,
+    requests: int,
+    stream: bool,
+) -> dict[str, Any]:
+    """``requests`` chat requests to the model "instant" under ``load``, after 20
+    unmeasured ones."""
+    return asyncio.run(
+        bench.run(
+            f"{url}/chat/completions",
+            model="instant",
+            load=load,
+            requests=requests,
+            input_len=args.input_len,
+            output_len=args.output_len,
+            stream=stream,
+            api_key=key,
+            warmup=20,
+        )
+    )
+
+
 def one_run(
     url: str,
     key: str | None,
@@ -181,19 +206,7 @@ def one_run(
 ) -> dict[str, Any]:
     """One point; with the gateway's pid, also the gateway CPU it took per request."""
     before = cpu_seconds(pid) if pid else 0.0
-    result = asyncio.run(
-        bench.run(
-            f"{url}/chat/completions",
-            model="instant",
-            load=bench.Load(concurrency=c),
-            requests=requests,
-            input_len=args.input_len,
-            output_len=args.output_len,
-            stream=stream,
-            api_key=key,
-            warmup=20,
-        )
-    )
+    result = run_load(url, key, args, bench.Load(concurrency=c), requests, stream)
     if pid:
         # Warm-up requests ran inside the window too; they are counted.
         done = result["completed"] + result["failed"] + 20
@@ -230,19 +243,7 @@ def rate_sweep(
     points = []
     for rate in args.rates:
         requests = max(150, min(most, int(rate * 3)))
-        r = asyncio.run(
-            bench.run(
-                f"{url}/chat/completions",
-                model="instant",
-                load=bench.Load(rate=rate),
-                requests=requests,
-                input_len=args.input_len,
-                output_len=args.output_len,
-                stream=False,
-                api_key=key,
-                warmup=20,
-            )
-        )
+        r = run_load(url, key, args, bench.Load(rate=rate), requests, stream=False)
         points.append(
             {
                 "rate": rate,

@@ -103,36 +103,29 @@ def main() -> None:
     fast, fast_url = start_upstream(chunk_delay=0.0)
     gw, url, key = start_servelm(fast_url, slots=256, cpu=GATEWAY_CPU)
     try:
-        per_minute = int(args.rate * 60)
-        results["cold_rss_mib"] = rss_mib(gw.p.pid)
-        # One unmeasured minute first: allocator arenas, caches and pooled connections
-        # fill up once; a leak is growth after that.
-        asyncio.run(
-            bench.run(
-                f"{url}/chat/completions",
-                model="instant",
-                load=bench.Load(rate=args.rate),
-                requests=per_minute,
-                input_len=32,
-                output_len=16,
-                api_key=key,
-            )
-        )
-        samples = [(0.0, rss_mib(gw.p.pid))]
-        print(f"  after a warm-up minute: RSS {samples[0][1]:7.1f} MiB", flush=True)
-        began = time.monotonic()
-        while time.monotonic() - began < args.leak_minutes * 60:
-            r = asyncio.run(
+
+        def one_minute() -> dict[str, Any]:
+            return asyncio.run(
                 bench.run(
                     f"{url}/chat/completions",
                     model="instant",
                     load=bench.Load(rate=args.rate),
-                    requests=per_minute,
+                    requests=int(args.rate * 60),
                     input_len=32,
                     output_len=16,
                     api_key=key,
                 )
             )
+
+        results["cold_rss_mib"] = rss_mib(gw.p.pid)
+        # One unmeasured minute first: allocator arenas, caches and pooled connections
+        # fill up once; a leak is growth after that.
+        one_minute()
+        samples = [(0.0, rss_mib(gw.p.pid))]
+        print(f"  after a warm-up minute: RSS {samples[0][1]:7.1f} MiB", flush=True)
+        began = time.monotonic()
+        while time.monotonic() - began < args.leak_minutes * 60:
+            r = one_minute()
             samples.append(((time.monotonic() - began) / 60, rss_mib(gw.p.pid)))
             print(
                 f"  minute {samples[-1][0]:5.1f}: RSS {samples[-1][1]:7.1f} MiB, "

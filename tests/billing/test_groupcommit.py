@@ -8,7 +8,6 @@ import sqlite3
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -21,8 +20,7 @@ from servelm.store.db import Busy, Database
 from servelm.store.groupcommit import GroupCommit
 from servelm.store.tables import holds as holds_t
 from servelm.store.tables import usage
-
-TTL = timedelta(minutes=2)
+from tests.billing.test_store import TTL, funded
 
 
 async def _to_thread(fn: Callable[..., Any], *args: Any) -> Any:
@@ -34,12 +32,6 @@ async def commit(db: Database) -> AsyncIterator[GroupCommit]:
     gc = GroupCommit(db, _to_thread)
     yield gc
     gc.close()
-
-
-def funded(db: Database, micro: int) -> int:
-    account = accounts.create_account(db, "acme")
-    accounts.grant(db, account.id, micro, note="test")
-    return account.id
 
 
 def reserve(gc: GroupCommit, account_id: int, request_id: str, amount: int) -> Any:

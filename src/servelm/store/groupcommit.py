@@ -103,11 +103,7 @@ class GroupCommit:
 
     async def _on_writer(self, batch: list[_Write]) -> None:
         try:
-            await self._blocking(self._apply_on_writer, batch)
-        except Exception as exc:
-            self._failed(batch, exc)
-        else:
-            _resolve(batch)
+            await self._off_loop(self._apply_on_writer, batch)
         finally:
             self._busy = False
             self._flush()  # what queued up meanwhile
@@ -127,8 +123,11 @@ class GroupCommit:
         task.add_done_callback(self._running.discard)
 
     async def _pooled(self, batch: list[_Write]) -> None:
+        await self._off_loop(self._apply_pooled, batch)
+
+    async def _off_loop(self, apply: Callable[[list[_Write]], None], batch: list[_Write]) -> None:
         try:
-            await self._blocking(self._apply_pooled, batch)
+            await self._blocking(apply, batch)
         except Exception as exc:
             self._failed(batch, exc)
         else:
