@@ -146,13 +146,22 @@ async def test_a_hold_whose_caller_left_is_released(db: Database) -> None:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        with db.read() as conn:  # the hold was made all the same
-            assert conn.execute(select(holds_t).where(holds_t.c.request_id == "gone")).one()
-        for _ in range(100):  # the release is a second write, committed shortly after
-            a = accounts.get_account(db, acct)
-            if a.held == 0:
+        # The hold commits all the same (on PostgreSQL, off the loop, a moment
+        # later), and then a second write releases it: wait for that end state.
+        released = None
+        for _ in range(200):
+            with db.read() as conn:
+                released = conn.execute(
+                    select(holds_t.c.settled_at, holds_t.c.charged).where(
+                        holds_t.c.request_id == "gone"
+                    )
+                ).first()
+            if released is not None and released.settled_at is not None:
                 break
             await asyncio.sleep(0.05)
+        assert released is not None and released.settled_at is not None
+        assert released.charged == 0
+        a = accounts.get_account(db, acct)
         assert (a.balance, a.held) == (1000, 0)
         with db.read() as conn:
             row = conn.execute(select(usage).where(usage.c.request_id == "gone")).one()
