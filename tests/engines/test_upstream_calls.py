@@ -22,6 +22,7 @@ import pytest
 import uvicorn
 
 from servelm.catalog import MICRO, price_micro
+from servelm.testing.instant_upstream import lifespan, read_body
 from tests.conftest import LiveServer, free_port, make_settings, start_server
 
 SLUG = "scripted"
@@ -42,19 +43,9 @@ class Script:
 def scripted_app(script: Script) -> Any:
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                kind = message["type"].removeprefix("lifespan.")
-                await send({"type": f"lifespan.{kind}.complete"})
-                if kind == "shutdown":
-                    return
-        raw = b""
-        while True:
-            message = await receive()
-            raw += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        body = json.loads(raw)
+            await lifespan(receive, send)
+            return
+        body = json.loads(await read_body(receive))
         script.seen.append(body)
         usage = {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14}
         if body.get("stream"):

@@ -97,7 +97,7 @@ class WriterConnection:
     Not the pool's: checking a connection out costs a liveness round trip on
     PostgreSQL (``pool_pre_ping``), twice per request. One batch at a time uses it.
 
-    On SQLite it is used on the event loop itself (``on_loop``): a hold or a
+    On SQLite it is used on the event loop itself: a hold or a
     settlement is tens of microseconds of SQLite work, where handing it to a thread
     costs more and, under load, queues for the GIL behind the busy loop. So it never
     waits: if another connection or process holds the write lock, ``transaction``
@@ -108,7 +108,6 @@ class WriterConnection:
 
     def __init__(self, db: Database) -> None:
         self._db = db
-        self.on_loop = db.is_sqlite
         raw = db.engine.raw_connection()
         raw.detach()  # ours for good
         self._raw = raw

@@ -29,26 +29,15 @@ _SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")
 def make_app(chunk_delay: float = 0.0) -> Any:
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await lifespan(receive, send)
+            return
         if scope["path"] == "/v1/models":
             await _send(send, 200, _JSON, b'{"object":"list","data":[{"id":"instant"}]}')
             return
         if scope["method"] != "POST" or not scope["path"].endswith("/chat/completions"):
             await _send(send, 404, _JSON, b'{"error":{"message":"not found"}}')
             return
-        raw = b""
-        while True:
-            message = await receive()
-            raw += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        body = json.loads(raw)
+        body = json.loads(await read_body(receive))
         n = int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
         prompt = sum(len(str(m.get("content", "")).split()) for m in body["messages"]) + 8
         usage = {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}
@@ -95,6 +84,25 @@ def make_app(chunk_delay: float = 0.0) -> Any:
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
 
     return app
+
+
+async def lifespan(receive: Receive, send: Send) -> None:
+    """Answer an ASGI lifespan: nothing to start or stop."""
+    while True:
+        kind = (await receive())["type"].removeprefix("lifespan.")
+        await send({"type": f"lifespan.{kind}.complete"})
+        if kind == "shutdown":
+            return
+
+
+async def read_body(receive: Receive) -> bytes:
+    """A request's whole body, however many messages it came in."""
+    raw = b""
+    while True:
+        message = await receive()
+        raw += message.get("body", b"")
+        if not message.get("more_body"):
+            return raw
 
 
 async def _send(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
