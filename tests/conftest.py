@@ -17,8 +17,9 @@ from fastapi import FastAPI
 from servelm import bundled
 from servelm.api.app import create_app
 from servelm.billing import accounts
-from servelm.catalog import MICRO, Catalog
+from servelm.catalog import Catalog
 from servelm.config import Settings, default_data_dir
+from servelm.money import MICRO
 from servelm.store.db import Database
 
 

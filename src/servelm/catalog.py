@@ -14,8 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from servelm.errors import ModelNotFound
-
-MICRO = 1_000_000  # micro-credits per credit
+from servelm.money import cost_micro, price_per_million_micro
 
 DEFAULT_MODEL_SLUG = "smollm2-135m-instruct"
 
@@ -80,11 +79,17 @@ class ModelSpec(BaseModel):
     @property
     def input_price_micro(self) -> int:
         """Micro-credits per million input tokens (an integer: sub-micro prices are rounded up)."""
-        return int((self.input_price * MICRO).to_integral_value(rounding="ROUND_CEILING"))
+        return price_per_million_micro(self.input_price)
 
     @property
     def output_price_micro(self) -> int:
-        return int((self.output_price * MICRO).to_integral_value(rounding="ROUND_CEILING"))
+        return price_per_million_micro(self.output_price)
+
+    def cost_micro(self, prompt_tokens: int, completion_tokens: int) -> int:
+        """What a request with these token counts costs, in micro-credits."""
+        return cost_micro(
+            prompt_tokens, completion_tokens, self.input_price_micro, self.output_price_micro
+        )
 
     def names(self) -> tuple[str, ...]:
         return (self.slug, *self.aliases)
@@ -130,21 +135,3 @@ class Catalog:
         if spec is None:
             raise ModelNotFound(f"The model '{name}' does not exist.", param="model")
         return spec
-
-
-def price_micro(spec: ModelSpec, prompt_tokens: int, completion_tokens: int) -> int:
-    """Cost in micro-credits of a request, rounded up to the next micro-credit.
-
-    Prices are credits per million tokens, so micro-credits = tokens * price (credits)
-    exactly; with sub-credit prices the product has a fraction, which we round up once
-    per request rather than per token.
-    """
-    numer = prompt_tokens * spec.input_price_micro + completion_tokens * spec.output_price_micro
-    return -(-numer // MICRO)
-
-
-def format_credits(micro: int) -> str:
-    """Micro-credits as a decimal credit string, e.g. 1234567 → '1.234567'."""
-    sign = "-" if micro < 0 else ""
-    q, r = divmod(abs(micro), MICRO)
-    return f"{sign}{q}.{r:06d}"

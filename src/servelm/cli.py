@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Annotated, Any
@@ -116,7 +117,7 @@ def _first_start(settings: Settings) -> None:
     from rich.panel import Panel
 
     from servelm.billing.accounts import bootstrap
-    from servelm.catalog import MICRO
+    from servelm.money import MICRO
     from servelm.store.db import Database
 
     db = Database(settings.db_url)
@@ -291,7 +292,7 @@ def bench(
                         stream=stream,
                         api_key=api_key,
                         warmup=warmup,
-                        on_done=lambda task=task: progress.advance(task),
+                        on_done=functools.partial(progress.advance, task),
                     )
                 )
             )

@@ -16,9 +16,9 @@ from rich.table import Table
 
 from servelm.billing import accounts as acct
 from servelm.billing import audit
-from servelm.catalog import format_credits
 from servelm.config import Settings
 from servelm.errors import ServelmError
+from servelm.money import format_credits, parse_credits
 from servelm.store.db import Database
 
 console = Console()
@@ -47,12 +47,6 @@ def _account_id(db: Database, ref: str) -> int:
 def _fail(exc: ServelmError) -> typer.Exit:
     err_console.print(f"[red]error:[/] {exc.message}", highlight=False)
     return typer.Exit(1)
-
-
-def parse_credits(value: str) -> int:
-    from servelm.api.admin import credits_to_micro
-
-    return credits_to_micro(value)
 
 
 @accounts_app.command("create")

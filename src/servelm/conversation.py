@@ -1,4 +1,6 @@
-"""Making a conversation fit a model's chat format before its template renders it.
+"""The conversation an engine receives: the client's request as an OpenAI-shaped body
+(``engine_body``), an upper bound on its tokens, and fitting it to a model's chat
+format before its template renders it (``fit_conversation``).
 
 Mixtral Instruct has no system role and demands strict user/assistant alternation
 (its original template raises otherwise). Rather than reject what OpenAI clients
@@ -10,12 +12,94 @@ made valid is a 400.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from servelm.catalog import ModelSpec
 from servelm.errors import InvalidRequest
+from servelm.protocol import ChatRequest
 
 Message = dict[str, Any]
+
+# Sent to the engine only when the client set them.
+_PASSTHROUGH = (
+    "temperature",
+    "top_p",
+    "stop",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "logprobs",
+    "top_logprobs",
+    "tool_choice",
+    "parallel_tool_calls",
+    "ignore_eos",
+    "min_tokens",
+)
+
+
+def engine_body(request: ChatRequest) -> dict[str, Any]:
+    """The OpenAI-shaped body an engine receives: only what the client set."""
+    body: dict[str, Any] = {"messages": [_engine_message(m) for m in request.messages]}
+    for name in _PASSTHROUGH:
+        value = getattr(request, name)
+        if value is not None:
+            body[name] = value
+    if request.response_format is not None and request.response_format.type != "text":
+        body["response_format"] = request.response_format.model_dump(
+            by_alias=True, exclude_none=True
+        )
+    if request.tools:
+        body["tools"] = [t.model_dump(exclude_none=True) for t in request.tools]
+    return body
+
+
+# Byte-level BPE never spends less than one byte of text per token, so bytes bound the
+# text's tokens; the per-message and fixed allowances cover template tokens, and each
+# image is budgeted at what large vision encoders spend on one.
+_PER_MESSAGE_TOKENS = 16
+_TEMPLATE_TOKENS = 256
+_PER_IMAGE_TOKENS = 4096
+
+
+def estimate_prompt_tokens(body: dict[str, Any]) -> int:
+    """An upper bound on the prompt's tokens, for engines that cannot count early."""
+    total = _TEMPLATE_TOKENS
+    for m in body["messages"]:
+        total += _PER_MESSAGE_TOKENS
+        content = m.get("content")
+        if isinstance(content, str):
+            total += len(content.encode())
+        elif isinstance(content, list):
+            for part in content:
+                if part.get("type") == "text":
+                    total += len(part["text"].encode())
+                else:
+                    total += _PER_IMAGE_TOKENS
+        if m.get("tool_calls"):
+            total += len(json.dumps(m["tool_calls"]).encode())
+    if body.get("tools"):
+        total += len(json.dumps(body["tools"]).encode())
+    return total
+
+
+def _engine_message(m: Any) -> dict[str, Any]:
+    # Chat templates know "system", not OpenAI's newer "developer" role.
+    out: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role}
+    if isinstance(m.content, list) and not m.images():
+        # Many templates only render string content; a text-only array is one string.
+        out["content"] = m.text()
+    elif isinstance(m.content, list):
+        out["content"] = [p.model_dump(exclude_none=True) for p in m.content]
+    elif m.content is not None:
+        out["content"] = m.content
+    for name in ("name", "tool_call_id"):
+        if getattr(m, name) is not None:
+            out[name] = getattr(m, name)
+    if m.tool_calls:
+        out["tool_calls"] = [tc.model_dump() for tc in m.tool_calls]
+    return out
 
 
 def fit_conversation(messages: list[Message], spec: ModelSpec) -> list[Message]:

@@ -26,6 +26,7 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 from PIL import Image as PILImage
+from PIL import UnidentifiedImageError
 
 from servelm.errors import InvalidRequest, PayloadTooLarge
 
@@ -108,7 +109,7 @@ def check_image_bytes(raw: bytes, declared: str | None, limits: MediaLimits, sou
         warnings.simplefilter("error", PILImage.DecompressionBombWarning)
         try:
             im = PILImage.open(io.BytesIO(raw))
-        except PILImage.UnidentifiedImageError:
+        except UnidentifiedImageError:
             raise InvalidRequest(f"The data{where} is not an image Pillow can read.") from None
         except (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning):
             raise _bomb(where, limits) from None

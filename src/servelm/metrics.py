@@ -68,15 +68,3 @@ class _EngineCollector(Collector):
             waiting.add_metric([slug], engine.stats.waiting)
             cancelled.add_metric([slug], engine.stats.cancelled_total)
         yield from (running, waiting, cancelled)
-
-
-def route_family(path: str) -> str:
-    if path == "/v1/chat/completions":
-        return "openai_chat"
-    if path.startswith("/v1/models"):
-        return "models"
-    if path.startswith("/admin/"):
-        return "admin"
-    if path.count("/") == 2 and path.startswith("/v1/"):
-        return "segmind_chat"
-    return "other"

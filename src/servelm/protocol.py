@@ -8,6 +8,7 @@ fixed by OpenAI's spec, so a model class per chunk would only cost time.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Annotated, Any, Literal
 
@@ -348,3 +349,9 @@ def model_card(slug: str, owned_by: str, created: int, **extra: Any) -> dict[str
 
 def now() -> int:
     return int(time.time())
+
+
+def sse(data: dict[str, Any] | str) -> bytes:
+    """One server-sent event carrying ``data`` (a JSON object, or ``[DONE]``)."""
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return f"data: {payload}\n\n".encode()

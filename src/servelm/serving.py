@@ -1,25 +1,34 @@
-"""The chat request's walk, in order (DESIGN.md "One request, start to end").
+"""The chat request's walk, start to end, in one place (DESIGN.md "One request").
 
-Routers stay thin: they hand the raw body and the dialect to ``ChatService``, which
-validates, resolves the model, prepares the engine body, generates, and shapes the
-response. Everything dialect-specific about *errors* lives in ``servelm.api.errors``;
-the success shapes are the same OpenAI ``chat.completion`` on both routes.
+``ChatService.handle`` is the orchestrator: every step below is one method, called
+from there in this order, and nothing else in the codebase calls them out of order.
+
+    authenticate → read body → parse → resolve model → model rights → idempotency
+    → prepare (images, template, count) → hold credits → generate → settle → shape
+
+The HTTP layer (``servelm.api.chat``) only hands in a ``ChatExchange`` (headers, a
+body reader, the dialect) and writes back the ``JsonReply`` or ``StreamReply`` it
+gets, or renders the ``ServelmError`` raised. Errors raised after authentication
+carry ``x-remaining-credits``, so every authenticated response tells the balance.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-from servelm.billing.holds import NotEnoughCredits, Settlement, affordable_max_tokens
-from servelm.billing.service import Billing, Principal
-from servelm.catalog import Catalog, ModelSpec, format_credits, price_micro
-from servelm.conversation import fit_conversation
+from servelm.answers import assemble_completion, reorder_stream
+from servelm.api.paths import Dialect
+from servelm.auth import Authenticator, Principal, check_model_rights, key_from_headers
+from servelm.billing.holds import NotEnoughCredits, Settlement
+from servelm.billing.service import Billing
+from servelm.catalog import Catalog, ModelSpec
+from servelm.conversation import engine_body, estimate_prompt_tokens, fit_conversation
 from servelm.engines.base import Engine
 from servelm.errors import (
     ContextWindowExceeded,
@@ -27,44 +36,60 @@ from servelm.errors import (
     ModelUnavailable,
     ServelmError,
 )
-from servelm.media import ImageLoader, MediaLimits, inline_images
+from servelm.media import ImageLoader, inline_images
 from servelm.metrics import Metrics
-from servelm.protocol import (
-    ChatRequest,
-    chunk_body,
-    completion_body,
-    parse_chat_request,
-    usage_body,
-)
+from servelm.money import affordable_max_tokens, format_credits
+from servelm.protocol import ChatRequest, parse_chat_request, usage_body
 
 log = logging.getLogger(__name__)
 
-Dialect = Literal["segmind", "openai"]
 
-# Sent to the engine only when the client set them.
-_PASSTHROUGH = (
-    "temperature",
-    "top_p",
-    "stop",
-    "seed",
-    "presence_penalty",
-    "frequency_penalty",
-    "logit_bias",
-    "logprobs",
-    "top_logprobs",
-    "tool_choice",
-    "parallel_tool_calls",
-    "ignore_eos",
-    "min_tokens",
-)
+@dataclass(frozen=True)
+class ChatExchange:
+    """What the HTTP layer knows of a chat request before the walk starts."""
+
+    dialect: Dialect
+    request_id: str
+    # Reads (and size-checks) the body; called after the key is checked, so an
+    # unauthenticated client never gets a body read.
+    read_body: Callable[[], Awaitable[bytes]]
+    slug: str | None = None  # from the path, on the Segmind route
+    api_key: str | None = None  # x-api-key
+    authorization: str | None = None
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True)
+class JsonReply:
+    status: int
+    body: dict[str, Any]
+    headers: dict[str, str]
+
+
+@dataclass
+class StreamReply:
+    """Headers to send now, then ``chunks()`` as SSE. The first chunk was already
+    produced, so errors the engine reports up front were still a proper status.
+    Whoever takes it must ``aclose()`` it, sent or not: that settles the request."""
+
+    headers: dict[str, str]
+    first: dict[str, Any]
+    rest: AsyncGenerator[dict[str, Any]]
+
+    async def chunks(self) -> AsyncIterator[dict[str, Any]]:
+        yield self.first
+        async for chunk in self.rest:
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self.rest.aclose()
 
 
 @dataclass
 class Call:
-    """One chat request's state from validation to settlement."""
+    """One chat request's state from preparation to settlement."""
 
     request_id: str
-    dialect: Dialect
     spec: ModelSpec
     engine: Engine
     request: ChatRequest
@@ -73,7 +98,6 @@ class Call:
     max_tokens: int
     # False when prompt_tokens is only an upper bound (remote engines count later).
     prompt_exact: bool = True
-    principal: Principal | None = None
     # Balance right after the hold (what a stream's headers can say), and the
     # settlement once done.
     held_balance: int | None = None
@@ -93,22 +117,46 @@ class ChatService:
         self,
         catalog: Catalog,
         engines: dict[str, Engine],
+        *,
+        billing: Billing,
+        authenticator: Authenticator,
+        media: ImageLoader,
         unavailable: dict[str, str] | None = None,
         metrics: Metrics | None = None,
-        billing: Billing | None = None,
-        media: ImageLoader | None = None,
     ) -> None:
         self.catalog = catalog
-        self.media = media or ImageLoader(MediaLimits())
         self.engines = engines
-        self.metrics = metrics
         self.billing = billing
+        self.authenticator = authenticator
+        self.media = media
+        self.metrics = metrics
         # slug → why it is not served (missing weights, failed load), said in the 503.
         self.unavailable = unavailable or {}
 
-    # -- steps 1-6: validate, resolve, prepare ---------------------------------------
+    # -- the walk ----------------------------------------------------------------------
 
-    def parse(self, raw: bytes, dialect: Dialect) -> ChatRequest:
+    async def handle(self, ex: ChatExchange) -> JsonReply | StreamReply:
+        principal = await self.authenticate(ex)
+        try:
+            raw = await ex.read_body()
+            request = self.parse(raw)
+            spec, engine = self.resolve(request, ex.slug)
+            check_model_rights(principal, spec.slug)
+            if ex.idempotency_key is not None:
+                return await self._idempotent(ex, raw, request, spec, engine, principal)
+            call = await self.prepare(ex.request_id, request, spec, engine)
+            await self.hold_credits(call, principal)
+            if request.stream:
+                return await self.stream_reply(call)
+            return await self.json_reply(call)
+        except ServelmError as exc:
+            await self._tell_balance(exc, principal)
+            raise
+
+    async def authenticate(self, ex: ChatExchange) -> Principal:
+        return await self.authenticator.authenticate(key_from_headers(ex.api_key, ex.authorization))
+
+    def parse(self, raw: bytes) -> ChatRequest:
         return parse_chat_request(raw)
 
     def resolve(self, request: ChatRequest, slug: str | None) -> tuple[ModelSpec, Engine]:
@@ -124,14 +172,10 @@ class ChatService:
         return spec, engine
 
     async def prepare(
-        self,
-        request_id: str,
-        dialect: Dialect,
-        request: ChatRequest,
-        spec: ModelSpec,
-        engine: Engine,
-        principal: Principal | None = None,
+        self, request_id: str, request: ChatRequest, spec: ModelSpec, engine: Engine
     ) -> Call:
+        """Images inlined and checked, the conversation fitted to the model, the prompt
+        counted (exactly where the engine can) and the output limit decided."""
         if request.has_images() and not spec.vision:
             raise InvalidRequest(
                 f"Model '{spec.slug}' does not accept images; send text content only.",
@@ -150,10 +194,10 @@ class ChatService:
         # (for the credit hold) and let the upstream enforce its own window.
         prompt_tokens = counted if counted is not None else estimate_prompt_tokens(body)
         exact = counted is not None and engine.prompt_count_exact(body)
-        max_tokens = self._max_tokens(request, spec, prompt_tokens, exact=exact)
-        call = Call(
+        max_tokens = output_limit(request, spec, prompt_tokens, exact=exact)
+        body["max_tokens"] = max_tokens
+        return Call(
             request_id=request_id,
-            dialect=dialect,
             spec=spec,
             engine=engine,
             request=request,
@@ -161,20 +205,14 @@ class ChatService:
             prompt_tokens=prompt_tokens,
             max_tokens=max_tokens,
             prompt_exact=exact,
-            principal=principal,
         )
-        if principal is not None and self.billing is not None:
-            await self._hold(call, principal)
-        body["max_tokens"] = call.max_tokens
-        return call
 
-    async def _hold(self, call: Call, principal: Principal) -> None:
-        """Step 7: reserve the worst case, or, when the client set no limit, as many
-        output tokens as the balance affords."""
-        assert self.billing is not None
+    async def hold_credits(self, call: Call, principal: Principal) -> None:
+        """Reserve the worst case, or, when the client set no limit, as many output
+        tokens as the balance affords."""
         spec = call.spec
         try:
-            amount = price_micro(spec, call.prompt_tokens, call.max_tokens)
+            amount = spec.cost_micro(call.prompt_tokens, call.max_tokens)
             call.held_balance = await self.billing.hold(
                 principal, call.request_id, spec.slug, amount
             )
@@ -190,127 +228,33 @@ class ChatService:
             )
             if affordable < 1:
                 raise
-            call.max_tokens = affordable
-            amount = price_micro(spec, call.prompt_tokens, affordable)
+            call.max_tokens = call.body["max_tokens"] = affordable
+            amount = spec.cost_micro(call.prompt_tokens, affordable)
             call.held_balance = await self.billing.hold(
                 principal, call.request_id, spec.slug, amount
             )
 
-    @staticmethod
-    def _max_tokens(
-        request: ChatRequest, spec: ModelSpec, prompt_tokens: int, *, exact: bool = True
-    ) -> int:
-        asked = request.requested_max_tokens
-        param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
-        if asked is not None and asked > spec.max_output_tokens:
-            raise InvalidRequest(
-                f"{param} is {asked}, above the maximum of {spec.max_output_tokens} "
-                f"output tokens for model '{spec.slug}'.",
-                param=param,
-            )
-        if not exact:
-            return asked if asked is not None else spec.default_max_tokens
-        room = spec.context_window - prompt_tokens
-        if asked is None:
-            # No explicit limit: generate up to the default, but never past the window.
-            if room < 1:
-                raise ContextWindowExceeded(
-                    f"The prompt has {prompt_tokens} tokens, which fills the context window "
-                    f"of {spec.context_window} tokens of model '{spec.slug}'.",
-                    param="messages",
-                )
-            return min(spec.default_max_tokens, room)
-        if asked > room:
-            raise ContextWindowExceeded(
-                f"The prompt has {prompt_tokens} tokens and {param} is {asked}: "
-                f"{prompt_tokens + asked} tokens, more than the context window of "
-                f"{spec.context_window} tokens of model '{spec.slug}'.",
-                param=param,
-            )
-        return asked
+    async def json_reply(self, call: Call) -> JsonReply:
+        body = await assemble_completion(call, self.generate(call), self.usage)
+        return JsonReply(200, body, money_headers(call))
 
-    # -- steps 8 and 10: generate and respond ---------------------------------------
+    async def stream_reply(self, call: Call) -> StreamReply:
+        chunks = reorder_stream(call, self.generate(call), self.usage)
+        try:
+            first = await anext(chunks)
+        except BaseException:
+            await chunks.aclose()
+            raise
+        headers: dict[str, str] = {}
+        if call.held_balance is not None:
+            # Headers leave before generation: they can only say the balance after
+            # the hold. The final chunk's usage has the exact cost.
+            headers["x-remaining-credits"] = format_credits(call.held_balance)
+        return StreamReply(headers, first, chunks)
 
-    async def complete(self, call: Call) -> dict[str, Any]:
-        """Run to the end and assemble one ``chat.completion``."""
-        content: list[str] = []
-        tool_calls: dict[int, dict[str, Any]] = {}
-        logprobs: list[Any] = []
-        async for chunk in self._generate(call):
-            for choice in chunk.get("choices") or ():
-                delta = choice.get("delta") or {}
-                if delta.get("content"):
-                    content.append(delta["content"])
-                for tc in delta.get("tool_calls") or ():
-                    _merge_tool_call(tool_calls, tc)
-                lp = choice.get("logprobs")
-                if lp and lp.get("content"):
-                    logprobs.extend(lp["content"])
-        message: dict[str, Any] = {
-            "role": "assistant",
-            "content": "".join(content) if content or not tool_calls else None,
-            "refusal": None,
-        }
-        if tool_calls:
-            message["tool_calls"] = [tool_calls[i] for i in sorted(tool_calls)]
-        return completion_body(
-            completion_id=call.completion_id,
-            model=call.spec.slug,
-            created=call.created,
-            message=message,
-            finish_reason=call.finish_reason or "stop",
-            usage=self.usage(call),
-            logprobs={"content": logprobs, "refusal": None} if call.request.logprobs else None,
-        )
-
-    async def stream_chunks(self, call: Call) -> AsyncIterator[dict[str, Any]]:
-        """``chat.completion.chunk`` dicts in OpenAI's order: role first, content, the
-        finish chunk, then (with ``include_usage``) a usage-only chunk.
-
-        The finish chunk is held back until the engine is done and the request is
-        settled, so the last chunk the client sees carries the exact usage, cost and
-        remaining credits either way.
-        """
-        include_usage = call.request.include_usage
-
-        def chunk(**kw: Any) -> dict[str, Any]:
-            body = chunk_body(
-                completion_id=call.completion_id, model=call.spec.slug, created=call.created, **kw
-            )
-            if not include_usage:
-                body.pop("usage")
-            return body
-
-        sent_role = False
-        finish: dict[str, Any] | None = None
-        async for raw in self._generate(call):
-            for choice in raw.get("choices") or ():
-                delta = dict(choice.get("delta") or {})
-                delta.pop("role", None)
-                if not sent_role:
-                    if delta.get("content") is None:
-                        delta.pop("content", None)
-                    yield chunk(delta={"role": "assistant", "content": "", **delta})
-                    sent_role = True
-                    continue
-                reason = choice.get("finish_reason")
-                if reason is not None:
-                    finish = chunk(
-                        delta=delta, finish_reason=reason, logprobs=choice.get("logprobs")
-                    )
-                elif delta:
-                    yield chunk(delta=delta, logprobs=choice.get("logprobs"))
-        usage = self.usage(call)
-        if finish is None:
-            finish = chunk(delta={}, finish_reason=call.finish_reason or "stop")
-        if include_usage:
-            yield finish
-            yield {**chunk(usage_only=True), "usage": usage}
-        else:
-            yield {**finish, "usage": usage}
-
-    async def _generate(self, call: Call) -> AsyncIterator[dict[str, Any]]:
-        stream = call.engine.stream(call.body, whole=not call.request.stream)
+    async def generate(self, call: Call) -> AsyncGenerator[dict[str, Any]]:
+        """The engine's raw chunks, counted as they pass; settles however it ends."""
+        stream = call.engine.stream(call.body, client_streams=call.request.stream)
         call.status = "cancelled"  # until the engine says it finished
         try:
             async for raw in stream:
@@ -338,36 +282,28 @@ class ChatService:
             # whether or not anyone waits for it. Without that the hold would stay
             # open, kept alive by our own keep-alive, until a restart.
             try:
-                await stream.aclose()
+                await stream.aclose()  # type: ignore[attr-defined]
             finally:
-                await self._finish(call)
+                await self.settle(call)
 
-    async def _finish(self, call: Call) -> None:
-        """Step 9, once per generation, however it ended: finished, failed or abandoned."""
-        if self.metrics is not None:
-            self.metrics.observe_tokens(call.spec.slug, call.prompt_tokens, call.completion_tokens)
-        if call.held_balance is None or self.billing is None:
-            return
-        call.settlement = await self.billing.settle(
-            call.request_id,
-            charge=self.charge(call),
-            prompt_tokens=call.prompt_tokens if call.prompt_exact or call.usage else 0,
-            completion_tokens=call.completion_tokens,
-            status=call.status,
-            latency_ms=int((time.perf_counter() - call.started) * 1000),
-        )
-
-    @staticmethod
-    def charge(call: Call) -> int:
-        """What the user pays: the tokens generated and delivered. A request that
-        failed or was abandoned before any output costs nothing, and so does a
-        non-streaming one that failed or lost its client (no answer reached anyone); a
-        stream cut short pays for what it sent. A prompt count that is only an upper
-        bound (remote engine, no usage received) is not billed."""
-        if call.status != "ok" and (call.completion_tokens == 0 or not call.request.stream):
-            return 0
-        prompt = call.prompt_tokens if (call.prompt_exact or call.usage) else 0
-        return price_micro(call.spec, prompt, call.completion_tokens)
+    async def settle(self, call: Call) -> None:
+        """Once per generation, however it ended: finished, failed or abandoned. The
+        money moves first; nothing after it (metrics) can keep a hold open."""
+        try:
+            if call.held_balance is not None:
+                call.settlement = await self.billing.settle(
+                    call.request_id,
+                    charge=charge(call),
+                    prompt_tokens=call.prompt_tokens if call.prompt_exact or call.usage else 0,
+                    completion_tokens=call.completion_tokens,
+                    status=call.status,
+                    latency_ms=int((time.perf_counter() - call.started) * 1000),
+                )
+        finally:
+            if self.metrics is not None:
+                self.metrics.observe_tokens(
+                    call.spec.slug, call.prompt_tokens, call.completion_tokens
+                )
 
     def usage(self, call: Call) -> dict[str, Any]:
         extra: dict[str, Any] = {}
@@ -377,89 +313,113 @@ class ChatService:
             extra["remaining_credits"] = format_credits(call.settlement.balance)
         return usage_body(call.prompt_tokens, call.completion_tokens, **extra)
 
+    # -- idempotency and the balance on errors ----------------------------------------
 
-def engine_body(request: ChatRequest) -> dict[str, Any]:
-    """The OpenAI-shaped body an engine receives: only what the client set."""
-    body: dict[str, Any] = {"messages": [_engine_message(m) for m in request.messages]}
-    for name in _PASSTHROUGH:
-        value = getattr(request, name)
-        if value is not None:
-            body[name] = value
-    if request.response_format is not None and request.response_format.type != "text":
-        body["response_format"] = request.response_format.model_dump(
-            by_alias=True, exclude_none=True
+    async def _idempotent(
+        self,
+        ex: ChatExchange,
+        raw: bytes,
+        request: ChatRequest,
+        spec: ModelSpec,
+        engine: Engine,
+        principal: Principal,
+    ) -> JsonReply:
+        """A retried request with the same Idempotency-Key and body is charged once and
+        answered with the same completion."""
+        key = ex.idempotency_key or ""
+        if not 1 <= len(key) <= 255:
+            raise InvalidRequest("Idempotency-Key must be 1 to 255 characters.")
+        if request.stream:
+            raise InvalidRequest(
+                "Idempotency-Key is supported for non-streaming requests only.", param="stream"
+            )
+        billing = self.billing
+        account = principal.account_id
+        replay = await billing.idempotency_begin(account, key, hashlib.sha256(raw).hexdigest())
+        if replay is not None:
+            balance = await billing.balance(account)
+            headers = {
+                "x-remaining-credits": format_credits(balance),
+                "x-cost": "0.000000",  # this answer is not charged again
+                "idempotent-replayed": "true",
+            }
+            return JsonReply(replay.status_code, replay.body, headers)
+        try:
+            call = await self.prepare(ex.request_id, request, spec, engine)
+            await self.hold_credits(call, principal)
+            reply = await self.json_reply(call)
+        except BaseException:
+            await billing.idempotency_abort(account, key)
+            raise
+        assert call.settlement is not None
+        await billing.idempotency_finish(account, key, 200, reply.body, call.settlement.charged)
+        return reply
+
+    async def _tell_balance(self, exc: ServelmError, principal: Principal) -> None:
+        if "x-remaining-credits" in exc.headers:
+            return
+        # A refused hold already knows the balance: no second query.
+        balance = getattr(exc, "balance", None)
+        if balance is None:
+            try:
+                balance = await self.billing.balance(principal.account_id)
+            except Exception:
+                # The error the client is owed matters more than the header.
+                log.warning("could not read the balance for an error response", exc_info=True)
+                return
+        exc.headers["x-remaining-credits"] = format_credits(balance)
+
+
+def output_limit(
+    request: ChatRequest, spec: ModelSpec, prompt_tokens: int, *, exact: bool = True
+) -> int:
+    """How many tokens the request may generate: what it asked for (within the model's
+    output limit and context window), or the model's default."""
+    asked = request.requested_max_tokens
+    param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
+    if asked is not None and asked > spec.max_output_tokens:
+        raise InvalidRequest(
+            f"{param} is {asked}, above the maximum of {spec.max_output_tokens} "
+            f"output tokens for model '{spec.slug}'.",
+            param=param,
         )
-    if request.tools:
-        body["tools"] = [t.model_dump(exclude_none=True) for t in request.tools]
-    return body
+    if not exact:
+        return asked if asked is not None else spec.default_max_tokens
+    room = spec.context_window - prompt_tokens
+    if asked is None:
+        # No explicit limit: generate up to the default, but never past the window.
+        if room < 1:
+            raise ContextWindowExceeded(
+                f"The prompt has {prompt_tokens} tokens, which fills the context window "
+                f"of {spec.context_window} tokens of model '{spec.slug}'.",
+                param="messages",
+            )
+        return min(spec.default_max_tokens, room)
+    if asked > room:
+        raise ContextWindowExceeded(
+            f"The prompt has {prompt_tokens} tokens and {param} is {asked}: "
+            f"{prompt_tokens + asked} tokens, more than the context window of "
+            f"{spec.context_window} tokens of model '{spec.slug}'.",
+            param=param,
+        )
+    return asked
 
 
-# Byte-level BPE never spends less than one byte of text per token, so bytes bound the
-# text's tokens; the per-message and fixed allowances cover template tokens, and each
-# image is budgeted at what large vision encoders spend on one.
-_PER_MESSAGE_TOKENS = 16
-_TEMPLATE_TOKENS = 256
-_PER_IMAGE_TOKENS = 4096
+def charge(call: Call) -> int:
+    """What the user pays: the tokens generated and delivered. A request that failed
+    or was abandoned before any output costs nothing, and so does a non-streaming one
+    that failed or lost its client (no answer reached anyone); a stream cut short pays
+    for what it sent. A prompt count that is only an upper bound (remote engine, no
+    usage received) is not billed."""
+    if call.status != "ok" and (call.completion_tokens == 0 or not call.request.stream):
+        return 0
+    prompt = call.prompt_tokens if (call.prompt_exact or call.usage) else 0
+    return call.spec.cost_micro(prompt, call.completion_tokens)
 
 
-def estimate_prompt_tokens(body: dict[str, Any]) -> int:
-    """An upper bound on the prompt's tokens, for engines that cannot count early."""
-    total = _TEMPLATE_TOKENS
-    for m in body["messages"]:
-        total += _PER_MESSAGE_TOKENS
-        content = m.get("content")
-        if isinstance(content, str):
-            total += len(content.encode())
-        elif isinstance(content, list):
-            for part in content:
-                if part.get("type") == "text":
-                    total += len(part["text"].encode())
-                else:
-                    total += _PER_IMAGE_TOKENS
-        if m.get("tool_calls"):
-            total += len(json.dumps(m["tool_calls"]).encode())
-    if body.get("tools"):
-        total += len(json.dumps(body["tools"]).encode())
-    return total
-
-
-def _engine_message(m: Any) -> dict[str, Any]:
-    # Chat templates know "system", not OpenAI's newer "developer" role.
-    out: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role}
-    if isinstance(m.content, list) and not m.images():
-        # Many templates only render string content; a text-only array is one string.
-        out["content"] = m.text()
-    elif isinstance(m.content, list):
-        out["content"] = [p.model_dump(exclude_none=True) for p in m.content]
-    elif m.content is not None:
-        out["content"] = m.content
-    for name in ("name", "tool_call_id"):
-        if getattr(m, name) is not None:
-            out[name] = getattr(m, name)
-    if m.tool_calls:
-        out["tool_calls"] = [tc.model_dump() for tc in m.tool_calls]
-    return out
-
-
-def _merge_tool_call(acc: dict[int, dict[str, Any]], delta: dict[str, Any]) -> None:
-    slot = acc.setdefault(
-        int(delta.get("index", 0)),
-        {"id": "", "type": "function", "function": {"name": "", "arguments": ""}},
-    )
-    if delta.get("id"):
-        slot["id"] = delta["id"]
-    fn = delta.get("function") or {}
-    if fn.get("name"):
-        slot["function"]["name"] += fn["name"]
-    if fn.get("arguments"):
-        slot["function"]["arguments"] += fn["arguments"]
-
-
-def sse(data: dict[str, Any] | str) -> bytes:
-    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
-    return f"data: {payload}\n\n".encode()
-
-
-def error_event(exc: ServelmError, dialect: Dialect) -> bytes:
-    body = exc.segmind_body() if dialect == "segmind" else exc.openai_body()
-    return sse(body)
+def money_headers(call: Call) -> dict[str, str]:
+    assert call.settlement is not None
+    return {
+        "x-remaining-credits": format_credits(call.settlement.balance),
+        "x-cost": format_credits(call.settlement.charged),
+    }

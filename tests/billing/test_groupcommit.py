@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
+from servelm.auth import Principal
 from servelm.billing import accounts, audit, holds
 from servelm.billing.holds import NotEnoughCredits
-from servelm.billing.service import Billing, Principal
+from servelm.billing.service import Billing
 from servelm.store.db import Busy, Database
 from servelm.store.groupcommit import GroupCommit
 from servelm.store.tables import holds as holds_t

@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from servelm.billing import accounts, audit
-from servelm.catalog import MICRO, price_micro
+from servelm.money import MICRO
 from tests.conftest import ADMIN_TOKEN, LiveServer, provision
 
 SLUG = "smollm2-135m-instruct"
@@ -51,7 +51,7 @@ def test_remaining_credits_fall_by_exactly_the_cost_of_each_request(live: LiveSe
         assert r.status_code == 200, r.text
         cost = Decimal(r.headers["x-cost"])
         u = r.json()["usage"]
-        assert cost * MICRO == price_micro(spec, u["prompt_tokens"], u["completion_tokens"])
+        assert cost * MICRO == spec.cost_micro(u["prompt_tokens"], u["completion_tokens"])
         assert cost > 0
         assert credits_of(r) == before - cost
         assert u["cost"] == r.headers["x-cost"]
@@ -101,10 +101,10 @@ def test_without_max_tokens_generation_is_capped_at_what_the_balance_affords(
     spec = live.app.state.chat.catalog.resolve(SLUG)
     probe = segmind(live, live.api_key, {"messages": HELLO["messages"], "max_tokens": 1})
     prompt = probe.json()["usage"]["prompt_tokens"]
-    grant = price_micro(spec, prompt, 3)
+    grant = spec.cost_micro(prompt, 3)
     # What that grant buys, found by brute force rather than by the code under test.
     affordable = max(
-        n for n in range(spec.default_max_tokens) if price_micro(spec, prompt, n) <= grant
+        n for n in range(spec.default_max_tokens) if spec.cost_micro(prompt, n) <= grant
     )
     assert 3 <= affordable < spec.default_max_tokens
     account = accounts.create_account(live.db, "pauper")
@@ -115,7 +115,7 @@ def test_without_max_tokens_generation_is_capped_at_what_the_balance_affords(
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] == affordable
     assert r.json()["choices"][0]["finish_reason"] == "length"
-    cost = price_micro(spec, prompt, affordable)
+    cost = spec.cost_micro(prompt, affordable)
     assert Decimal(r.headers["x-cost"]) * MICRO == cost
     assert Decimal(r.headers["x-remaining-credits"]) * MICRO == grant - cost
 

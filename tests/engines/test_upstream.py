@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from servelm.catalog import MICRO, price_micro
+from servelm.money import MICRO
 from tests.conftest import LiveServer, free_port, make_settings, provision, start_server
 
 REMOTE = "remote-smol"
@@ -155,8 +155,8 @@ def test_remote_charges_follow_the_upstreams_usage(gateway: LiveServer) -> None:
     )
     assert r.status_code == 200, r.text
     u = r.json()["usage"]
-    assert Decimal(r.headers["x-cost"]) * MICRO == price_micro(
-        spec, u["prompt_tokens"], u["completion_tokens"]
+    assert Decimal(r.headers["x-cost"]) * MICRO == spec.cost_micro(
+        u["prompt_tokens"], u["completion_tokens"]
     )
     after_first = Decimal(r.headers["x-remaining-credits"])
     assert after_first == 1 - Decimal(r.headers["x-cost"])
@@ -170,8 +170,8 @@ def test_remote_charges_follow_the_upstreams_usage(gateway: LiveServer) -> None:
     ) as s:
         events = [line.removeprefix("data: ") for line in s.iter_lines() if line]
     su = json.loads(events[-2])["usage"]
-    assert Decimal(su["cost"]) * MICRO == price_micro(
-        spec, su["prompt_tokens"], su["completion_tokens"]
+    assert Decimal(su["cost"]) * MICRO == spec.cost_micro(
+        su["prompt_tokens"], su["completion_tokens"]
     )
     assert Decimal(su["remaining_credits"]) == after_first - Decimal(su["cost"])
 

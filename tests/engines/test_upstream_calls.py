@@ -21,7 +21,7 @@ import httpx
 import pytest
 import uvicorn
 
-from servelm.catalog import MICRO, price_micro
+from servelm.money import MICRO
 from servelm.testing.instant_upstream import lifespan, read_body
 from tests.conftest import LiveServer, free_port, make_settings, start_server
 
@@ -152,7 +152,7 @@ def test_plain_client_gets_a_plain_call_and_a_streaming_one_a_stream(
     assert r.json()["choices"][0]["message"]["content"] == "abc"
     assert r.json()["usage"]["prompt_tokens"] == 11
     spec = live.app.state.chat.catalog.resolve(SLUG)
-    assert Decimal(r.headers["x-cost"]) * MICRO == price_micro(spec, 11, 3)
+    assert Decimal(r.headers["x-cost"]) * MICRO == spec.cost_micro(11, 3)
     assert script.seen[-1]["stream"] is False
     assert "stream_options" not in script.seen[-1]
 
@@ -184,7 +184,7 @@ def test_an_upstream_without_usage_is_streamed_from_then_on(
     # came in one piece, counted as one token. Never more than was surely produced.
     assert first.json()["usage"]["completion_tokens"] == 1
     spec = live.app.state.chat.catalog.resolve(SLUG)
-    assert Decimal(first.headers["x-cost"]) * MICRO == price_micro(spec, 0, 1)
+    assert Decimal(first.headers["x-cost"]) * MICRO == spec.cost_micro(0, 1)
     assert script.seen[-1]["stream"] is False
     second = chat(live)
     assert second.status_code == 200, second.text

@@ -12,10 +12,9 @@ import httpx
 import openai
 import pytest
 
-from servelm.conversation import fit_conversation
+from servelm.conversation import engine_body, fit_conversation
 from servelm.engines.llamacpp import LlamaCppEngine
 from servelm.protocol import parse_chat_request
-from servelm.serving import engine_body
 from tests.conftest import LiveServer, provision
 
 LLAMA = "llama-v3p1-8b-instruct"

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from servelm.catalog import MICRO, price_micro
+from servelm.money import MICRO
 from tests.conftest import LiveServer, provision
 
 HERE = Path(__file__).parent
@@ -42,7 +42,7 @@ def check_charge(live: LiveServer, slug: str, status: int, headers: Any, body: A
     spec = live.app.state.chat.catalog.resolve(slug)
     usage = body["usage"]
     cost = Decimal(headers["x-cost"])
-    assert cost * MICRO == price_micro(spec, usage["prompt_tokens"], usage["completion_tokens"])
+    assert cost * MICRO == spec.cost_micro(usage["prompt_tokens"], usage["completion_tokens"])
     assert cost > 0
     return Decimal(headers["x-remaining-credits"])
 

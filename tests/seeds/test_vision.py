@@ -16,8 +16,8 @@ import httpx
 import pytest
 from PIL import Image as PILImage
 
-from servelm.catalog import MICRO, price_micro
 from servelm.models_file import load_catalog
+from servelm.money import MICRO
 from servelm.testing import ggufgen
 from tests.conftest import LiveServer, make_settings, provision, seed_models_file, start_server
 
@@ -122,7 +122,7 @@ def test_image_tokens_are_prompt_tokens_and_are_paid_for(vision: LiveServer) -> 
     t, i = text_only.json()["usage"], with_image.json()["usage"]
     assert i["prompt_tokens"] == t["prompt_tokens"] + ggufgen.MMPROJ_IMAGE_TOKENS
     cost = Decimal(with_image.headers["x-cost"])
-    assert cost * MICRO == price_micro(spec, i["prompt_tokens"], i["completion_tokens"])
+    assert cost * MICRO == spec.cost_micro(i["prompt_tokens"], i["completion_tokens"])
     assert (
         Decimal(with_image.headers["x-remaining-credits"])
         == Decimal(text_only.headers["x-remaining-credits"]) - cost

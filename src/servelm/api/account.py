@@ -4,33 +4,33 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 
-from servelm.api.auth import authenticate
-from servelm.catalog import MICRO, format_credits
+from servelm.api.deps import caller
+from servelm.auth import Principal
+from servelm.money import MICRO, format_credits
 
-router = APIRouter()
+router = APIRouter(tags=["account"])
 
 
 @router.get("/v1/credits")
-async def credits(request: Request) -> dict[str, Any]:
-    principal = await authenticate(request)
-    balance = await request.app.state.billing.balance(principal.account_id)
+async def credits(request: Request, principal: Principal = Depends(caller)) -> dict[str, Any]:
+    balance: int = request.state.balance
     return {"object": "credits", "credits": format_credits(balance), "micro_credits": balance}
 
 
 @router.get("/v1/get-user-credits")
-async def segmind_credits(request: Request) -> dict[str, Any]:
+async def segmind_credits(
+    request: Request, principal: Principal = Depends(caller)
+) -> dict[str, Any]:
     """Segmind's shape: ``{"credits": <number>}``. A JSON number, as their clients
     expect; /v1/credits gives the exact decimal string."""
-    principal = await authenticate(request)
-    balance = await request.app.state.billing.balance(principal.account_id)
+    balance: int = request.state.balance
     return {"credits": balance / MICRO, "free-credits": 0}
 
 
 @router.get("/v1/usage")
-async def usage(request: Request) -> dict[str, Any]:
-    principal = await authenticate(request)
+async def usage(request: Request, principal: Principal = Depends(caller)) -> dict[str, Any]:
     rows = await request.app.state.billing.usage(principal.account_id)
     return {
         "object": "list",

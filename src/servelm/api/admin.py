@@ -6,53 +6,33 @@ Without a token configured the admin API is off.
 
 from __future__ import annotations
 
-import hmac
 from datetime import datetime
-from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from servelm.auth import check_admin_token
 from servelm.billing import accounts, audit
 from servelm.billing.accounts import Account, KeyRecord
-from servelm.catalog import MICRO, format_credits
-from servelm.errors import AuthenticationError, InvalidRequest, PermissionDenied
+from servelm.money import format_credits, parse_credits
 from servelm.store.db import Database
 
 
 async def require_admin(request: Request) -> None:
-    token: str | None = request.app.state.settings.admin_token
-    if not token:
-        raise PermissionDenied(
-            "The admin API is disabled: start servelm with SERVELM_ADMIN_TOKEN set."
-        )
-    given = request.headers.get("authorization", "")
-    scheme, _, value = given.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip(), token):
-        raise AuthenticationError("Invalid or missing admin token.")
+    check_admin_token(request.headers.get("authorization"), request.app.state.settings.admin_token)
 
 
-router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
 
 
 def _db(request: Request) -> Database:
-    return request.app.state.billing.db
+    db: Database = request.app.state.billing.db
+    return db
 
 
 async def _run(request: Request, fn: Any, *args: Any, **kw: Any) -> Any:
     return await request.app.state.billing.run(fn, *args, **kw)
-
-
-def credits_to_micro(value: str) -> int:
-    """'12.5' credits → 12500000 micro-credits; exact, refusing sub-micro amounts."""
-    try:
-        amount = Decimal(value) * MICRO
-    except InvalidOperation:
-        raise InvalidRequest(f"'{value}' is not a number of credits.", param="credits") from None
-    if amount != amount.to_integral_value():
-        raise InvalidRequest("Credits have at most 6 decimal places.", param="credits")
-    return int(amount)
 
 
 def account_out(a: Account) -> dict[str, Any]:
@@ -114,7 +94,7 @@ async def get_account(request: Request, account_id: int) -> dict[str, Any]:
 
 @router.post("/accounts/{account_id}/credits")
 async def grant(request: Request, account_id: int, body: Grant) -> dict[str, Any]:
-    micro = credits_to_micro(body.credits)
+    micro = parse_credits(body.credits)
     balance = await _run(request, accounts.grant, _db(request), account_id, micro, body.note)
     return {"account_id": account_id, "credits": format_credits(balance)}
 

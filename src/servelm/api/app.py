@@ -7,17 +7,20 @@ import contextlib
 import gc
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from typing import Any
 
 from fastapi import FastAPI
-from starlette.routing import Match
-from starlette.types import Receive, Scope, Send
+from starlette.routing import Match, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from servelm import __version__
-from servelm.api import account, admin, chat, errors, metrics, models
+from servelm.api import account, admin, errors, metrics, models, openapi
+from servelm.api.chat import ChatRoute
 from servelm.api.middleware import RequestContextMiddleware
+from servelm.api.paths import OPENAI_CHAT, is_reserved
+from servelm.auth import Authenticator
 from servelm.billing.service import Billing
 from servelm.catalog import Catalog, ModelSpec
 from servelm.config import Settings
@@ -46,8 +49,11 @@ def build_engine(spec: ModelSpec, settings: Settings) -> Engine:
     )
 
 
+EngineFactory = Callable[[ModelSpec, Settings], Engine]
+
+
 async def start_engines(
-    catalog: Catalog, settings: Settings
+    catalog: Catalog, settings: Settings, factory: EngineFactory = build_engine
 ) -> tuple[dict[str, Engine], dict[str, str]]:
     """Load every model that can be loaded; one that cannot is reported, not fatal.
 
@@ -65,7 +71,7 @@ async def start_engines(
             unavailable[spec.slug] = f"its weights are not installed at {spec.path}; {how}."
             log.info("model %s not served: no weights at %s", spec.slug, spec.path)
             continue
-        engine = build_engine(spec, settings)
+        engine = factory(spec, settings)
         try:
             await engine.start()
         except ModelUnavailable as exc:
@@ -78,32 +84,79 @@ async def start_engines(
 
 class ServelmApp(FastAPI):
     """FastAPI, except that a POST to one of the two chat routes skips FastAPI's
-    middleware stack and router (seven layers, a tenth of the gateway's CPU per
-    request in the profile, docs/benchmarks.md) and goes straight to the route, inside
-    the same request-context middleware as every other request."""
+    router and exception middleware (a tenth of the gateway's CPU per request in the
+    profile, docs/benchmarks.md) and goes straight to the route, but through the same
+    user middleware as every other request: ``add_middleware`` applies to chat too."""
 
     def __init__(self, **kw: Any) -> None:
         super().__init__(**kw)
-        self.chat_routes = chat.routes()
-        self._chat_fast = [
-            (route, RequestContextMiddleware(route.app)) for route in self.chat_routes
-        ]
+        self.chat_routes = chat_routes()
+        self._chat_stack: ASGIApp | None = None
+
+    def build_middleware_stack(self) -> ASGIApp:
+        stack: ASGIApp = _ChatDispatch(self.chat_routes)
+        for cls, args, kwargs in reversed(self.user_middleware):
+            stack = cls(stack, *args, **kwargs)
+        self._chat_stack = stack
+        return super().build_middleware_stack()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
-            for route, endpoint in self._chat_fast:
+            for route in self.chat_routes:
                 match, child = route.matches(scope)
                 if match is Match.FULL:
+                    if self.middleware_stack is None:
+                        self.middleware_stack = self.build_middleware_stack()
+                    assert self._chat_stack is not None
                     scope["app"] = self
                     scope.update(child)
-                    await endpoint(scope, receive, send)
+                    scope["servelm.chat_route"] = route
+                    await self._chat_stack(scope, receive, send)
                     return
         await super().__call__(scope, receive, send)
 
 
-def create_app(settings: Settings, catalog: Catalog | None = None) -> FastAPI:
+class _ChatDispatch:
+    """The innermost app of the chat stack: the matched chat route itself."""
+
+    def __init__(self, routes: list[Route]) -> None:
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        route: Route = scope["servelm.chat_route"]
+        await route.app(scope, receive, send)
+
+
+class _SegmindRoute(Route):
+    """``/v1/{model}``, except OpenAI's and our own paths there (``api.paths``): a POST
+    to ``/v1/models`` is a 405, not a request for a model called "models"."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child = super().matches(scope)
+        if match is not Match.NONE and is_reserved(child["path_params"]["model"]):
+            return Match.NONE, {}
+        return match, child
+
+
+def chat_routes() -> list[Route]:
+    """The two chat routes (OpenAI's also with a trailing slash: never a redirect)."""
+    openai = ChatRoute("openai")
+    return [
+        Route(OPENAI_CHAT, openai, methods=["POST"]),
+        Route(OPENAI_CHAT + "/", openai, methods=["POST"]),
+        _SegmindRoute("/v1/{model}", ChatRoute("segmind"), methods=["POST"]),
+    ]
+
+
+def create_app(
+    settings: Settings,
+    catalog: Catalog | None = None,
+    *,
+    engine_factory: EngineFactory = build_engine,
+) -> FastAPI:
     """Build the app. Without an explicit catalog, the built-in entries plus the models
-    file (raises ``ConfigError`` when that file is bad, before anything starts)."""
+    file (raises ``ConfigError`` when that file is bad, before anything starts).
+    ``engine_factory`` is the engine seam: tests plug a scripted engine in here."""
     if catalog is None:
         catalog = load_catalog(settings.model_dir, settings.models_file)
 
@@ -111,17 +164,20 @@ def create_app(settings: Settings, catalog: Catalog | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         db = Database(settings.db_url)
         await asyncio.to_thread(db.upgrade)
-        billing = Billing(
-            db,
-            key_cache_seconds=settings.key_cache_seconds,
-            hold_ttl=timedelta(seconds=settings.hold_ttl_seconds),
-        )
+        billing = Billing(db, hold_ttl=timedelta(seconds=settings.hold_ttl_seconds))
         await billing.start()
         app.state.billing = billing
-        engines, unavailable = await start_engines(catalog, settings)
+        authenticator = Authenticator(billing.find_key, cache_seconds=settings.key_cache_seconds)
+        engines, unavailable = await start_engines(catalog, settings, engine_factory)
         media = ImageLoader(settings.media_limits())
         app.state.chat = ChatService(
-            catalog, engines, unavailable, app.state.metrics, billing, media
+            catalog,
+            engines,
+            billing=billing,
+            authenticator=authenticator,
+            media=media,
+            unavailable=unavailable,
+            metrics=app.state.metrics,
         )
         # Engines belong to this loop; tools that reach in from other threads need it.
         app.state.loop = asyncio.get_running_loop()
@@ -151,15 +207,17 @@ def create_app(settings: Settings, catalog: Catalog | None = None) -> FastAPI:
         lambda: app.state.chat.engines if hasattr(app.state, "chat") else {}
     )
     app.state.started_at = int(time.time())
+    app.router.redirect_slashes = False  # a redirect would turn a POST into a GET
     errors.install(app)
     app.include_router(metrics.router)
     app.include_router(admin.router)
     app.include_router(account.router)
     app.include_router(models.router)
     # In the router too, where the fast path does not take a request: a GET there is
-    # a 405, a trailing slash a redirect. No other route fully matches a POST to
-    # /v1/<one segment>, so their place changes no routing decision.
+    # a 405. No other route fully matches a POST to /v1/<one segment>, so their place
+    # changes no routing decision. The schema-only twins go behind them.
     app.router.routes[0:0] = app.chat_routes
+    openapi.document_chat_routes(app)
     app.add_middleware(RequestContextMiddleware)
 
     @app.get("/health", include_in_schema=False)

@@ -1,71 +1,91 @@
 """Errors become responses here, and only here, in the dialect of the route.
 
-The Segmind route (``POST /v1/{model}``) answers ``{"error": "message"}``; everything
-else answers OpenAI's ``{"error": {"message", "type", "param", "code"}}``.
+``render`` is the one renderer: the FastAPI handlers below, the chat routes' fast
+path and a stream's closing error event all call it. The Segmind route answers
+``{"error": "message"}``; everything else OpenAI's
+``{"error": {"message", "type", "param", "code"}}``. Once a stream's headers are out
+the error travels as an SSE event in the same envelope, and no ``[DONE]`` follows, so
+no client mistakes a failed stream for a finished one.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import re
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from servelm.api.auth import credit_headers
+from servelm.api.paths import Dialect, dialect_for_path, unsupported_openai
 from servelm.errors import (
     InvalidRequest,
     MethodNotAllowed,
     NotFound,
     ServelmError,
 )
+from servelm.protocol import sse
 
 log = logging.getLogger(__name__)
 
-# /v1/<one segment> is a Segmind model route, unless it is one of our OpenAI-style
-# or account paths.
-NOT_MODELS = frozenset({"models", "credits", "usage", "get-user-credits"})
-_SEGMIND_PATH = re.compile(r"^/v1/([^/]+)/?$")
+INTERNAL = "The server had an internal error processing the request."
 
 
-def dialect_for_path(path: str) -> str:
-    m = _SEGMIND_PATH.match(path)
-    if m and m.group(1) not in NOT_MODELS:
-        return "segmind"
-    return "openai"
+@dataclass(frozen=True)
+class Rendered:
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
 
 
-def error_response(
-    exc: ServelmError, dialect: str, headers: dict[str, str] | None = None
-) -> JSONResponse:
-    body: dict[str, Any] = exc.segmind_body() if dialect == "segmind" else exc.openai_body()
-    return JSONResponse(
-        body, status_code=exc.status_for(dialect), headers={**exc.headers, **(headers or {})}
+def render(
+    exc: ServelmError,
+    dialect: Dialect,
+    *,
+    stream_started: bool = False,
+    headers: Mapping[str, str] | None = None,
+) -> Rendered:
+    """``exc`` as the route's dialect has it: a JSON response, or, when a stream's
+    headers are already out, the SSE event that ends the stream."""
+    body = exc.segmind_body() if dialect == "segmind" else exc.openai_body()
+    if stream_started:
+        return Rendered(200, [], sse(body))
+    data = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+    merged = {**exc.headers, **(headers or {})}
+    return Rendered(
+        exc.status_for(dialect),
+        [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(data)).encode()),
+            *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in merged.items()),
+        ],
+        data,
     )
 
 
-def _authenticated(request: Request) -> bool:
-    return getattr(request.state, "principal", None) is not None
+def _response(r: Rendered) -> Response:
+    response = Response(r.body, status_code=r.status)
+    response.raw_headers = r.headers
+    return response
 
 
-def _dialect(request: Request) -> str:
-    return getattr(request.state, "dialect", None) or dialect_for_path(request.url.path)
+def _dialect(request: Request) -> Dialect:
+    return dialect_for_path(request.url.path)
 
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(ServelmError)
-    async def _servelm(request: Request, exc: ServelmError) -> JSONResponse:
-        # Authenticated callers learn their balance on errors too; a refused hold
-        # already knows it, so no second query.
-        known = getattr(exc, "balance", None)
-        extra = await credit_headers(request, known) if _authenticated(request) else {}
-        return error_response(exc, _dialect(request), extra)
+    async def _servelm(request: Request, exc: ServelmError) -> Response:
+        # Authenticated callers learn their balance on errors too.
+        balance_headers = getattr(request.state, "balance_headers", None)
+        extra = await balance_headers(exc) if balance_headers is not None else {}
+        return _response(render(exc, _dialect(request), headers=extra))
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> Response:
         # FastAPI's own validation (admin bodies, path and query params) answers 422;
         # we promise 400 naming the field.
         err = exc.errors()[0]
@@ -78,25 +98,33 @@ def install(app: FastAPI) -> None:
         return await _servelm(request, wrapped)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _routing(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        if exc.status_code == 405:
-            err: ServelmError = MethodNotAllowed(
-                f"Method {request.method} is not allowed on {request.url.path}."
+    async def _routing(request: Request, exc: StarletteHTTPException) -> Response:
+        path = request.url.path
+        if unsupported_openai(path):
+            err: ServelmError = NotFound(
+                f"The endpoint {request.method} {path} is not supported by this server; "
+                "it serves chat completions (POST /v1/chat/completions) and models.",
+                code="unsupported_endpoint",
             )
+            return _response(render(err, "openai"))
+        if exc.status_code == 405:
+            err = MethodNotAllowed(f"Method {request.method} is not allowed on {path}.")
         elif exc.status_code == 404:
-            err = NotFound(f"No route for {request.method} {request.url.path}.")
+            err = NotFound(f"No route for {request.method} {path}.")
         else:
             err = ServelmError(str(exc.detail))
             err.status_code = exc.status_code
-        return error_response(err, _dialect(request), dict(exc.headers or {}))
+        return _response(render(err, _dialect(request), headers=exc.headers))
 
     @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         # This handler runs outside the request-id middleware, so add the header here.
         rid = getattr(request.state, "request_id", None)
-        return error_response(
-            ServelmError("The server had an internal error processing the request."),
-            _dialect(request),
-            {"x-request-id": rid} if rid else None,
+        return _response(
+            render(
+                ServelmError(INTERNAL),
+                _dialect(request),
+                headers={"x-request-id": rid} if rid else None,
+            )
         )

@@ -8,8 +8,8 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from servelm.api.paths import route_family
 from servelm.logs import request_id_var
-from servelm.metrics import route_family
 
 log = logging.getLogger("servelm.access")
 

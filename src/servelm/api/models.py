@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 
-from servelm.api.auth import authenticate
+from servelm.api.deps import caller
 from servelm.catalog import ModelSpec
-from servelm.errors import MethodNotAllowed, ModelNotFound
+from servelm.errors import ModelNotFound
 from servelm.protocol import model_card
 
-router = APIRouter()
+router = APIRouter(tags=["models"], dependencies=[Depends(caller)])
 
 
 def _card(request: Request, spec: ModelSpec) -> dict[str, Any]:
@@ -35,22 +35,13 @@ def _card(request: Request, spec: ModelSpec) -> dict[str, Any]:
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
-    await authenticate(request)
     catalog = request.app.state.chat.catalog
     return {"object": "list", "data": [_card(request, s) for s in catalog]}
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(request: Request, model_id: str) -> dict[str, Any]:
-    await authenticate(request)
     spec = request.app.state.chat.catalog.get(model_id)
     if spec is None:
         raise ModelNotFound(f"The model '{model_id}' does not exist.", param="model")
     return _card(request, spec)
-
-
-# POST /v1/models would otherwise be taken for a Segmind call to a model named
-# "models"; it is this path with the wrong method.
-@router.api_route("/v1/models", methods=["POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
-async def models_wrong_method(request: Request) -> None:
-    raise MethodNotAllowed(f"Method {request.method} is not allowed on /v1/models.")

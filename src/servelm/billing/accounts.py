@@ -8,7 +8,7 @@ from datetime import datetime
 from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from servelm import keys
+from servelm import auth
 from servelm.billing.clock import as_utc, utcnow
 from servelm.errors import Conflict, InvalidRequest, NotFound
 from servelm.store.db import Database
@@ -38,7 +38,7 @@ class KeyRecord:
 
     @property
     def redacted(self) -> str:
-        return f"{keys.PREFIX}{self.key_id}_***"
+        return auth.public_id(self.key_id)
 
 
 def _account(row: object) -> Account:
@@ -121,7 +121,7 @@ def create_key(
     expires_at: datetime | None = None,
 ) -> tuple[KeyRecord, str]:
     """A new key; the plaintext is returned here and never again."""
-    new = keys.generate()
+    new = auth.generate()
     with db.write() as conn:
         exists = conn.execute(select(accounts.c.id).where(accounts.c.id == account_id)).first()
         if exists is None:

@@ -20,8 +20,8 @@ from typing import Any
 from sqlalchemy import bindparam, case, func, insert, select, update
 
 from servelm.billing.clock import utcnow
-from servelm.catalog import MICRO, format_credits
 from servelm.errors import InsufficientCredits, NotFound
+from servelm.money import format_credits
 from servelm.store.db import Database, Tx
 from servelm.store.tables import accounts, holds, ledger, usage
 
@@ -43,27 +43,6 @@ class Settlement:
     charged: int
     balance: int
     already: bool  # True when an earlier call had settled it; nothing moved now
-
-
-def affordable_max_tokens(
-    balance: int,
-    prompt_tokens: int,
-    input_price_micro: int,
-    output_price_micro: int,
-    wanted: int,
-) -> int:
-    """The most output tokens (≤ wanted) whose worst-case cost the balance covers.
-
-    Prices are micro-credits per million tokens and a request's cost is rounded up
-    once (``catalog.price_micro``), so n tokens are affordable exactly when
-    ``prompt * p_in + n * p_out <= balance * 1e6``.
-    """
-    room = balance * MICRO - prompt_tokens * input_price_micro
-    if room < 0:
-        return 0
-    if output_price_micro == 0:
-        return wanted
-    return min(wanted, room // output_price_micro)
 
 
 # The request path's statements, built once with bind parameters and compiled once

@@ -63,7 +63,8 @@ def begin(
     if row.body_hash != body_hash:
         raise Conflict("This Idempotency-Key was already used with a different request body.")
     if row.state != "done":
-        if as_utc(row.created_at) < utcnow() - stale_after and _take_over(db, row):
+        created = as_utc(row.created_at)
+        if created is not None and created < utcnow() - stale_after and _take_over(db, row):
             return None
         raise Conflict("A request with this Idempotency-Key is still in progress.")
     return Replay(int(row.status_code), json.loads(row.response), int(row.cost or 0))

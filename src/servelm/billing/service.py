@@ -1,10 +1,9 @@
 """``Billing``: the async face of the money layer, as the request path uses it.
 
-Key lookups are cached for a few seconds, so the common request costs two short
-writes: reserve and settle. They go through ``GroupCommit`` (writes of requests in
-flight together share a transaction; on SQLite it runs on the loop while the write
-lock is free). Everything else runs on a small dedicated thread pool, so the loop
-never waits on a lock or a network.
+The common request costs two short writes: reserve and settle. They go through
+``GroupCommit`` (writes of requests in flight together share a transaction; on
+SQLite it runs on the loop while the write lock is free). Everything else runs on a
+small dedicated thread pool, so the loop never waits on a lock or a network.
 """
 
 from __future__ import annotations
@@ -12,17 +11,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any, TypeVar
 
-from servelm import keys
+from servelm.auth import Principal
 from servelm.billing import accounts, audit, holds, idempotency
-from servelm.billing.clock import utcnow
-from servelm.errors import AuthenticationError, PermissionDenied
 from servelm.store.db import Database
 from servelm.store.groupcommit import GroupCommit
 
@@ -36,33 +31,17 @@ def _log_failure(done: asyncio.Future[Any]) -> None:
         log.error("releasing an abandoned hold failed: %s", done.exception())
 
 
-@dataclass(frozen=True)
-class Principal:
-    """Who is calling: the key's account and what the key may do."""
-
-    account_id: int
-    key_pk: int
-    key_id: str
-    key_name: str
-    allowed_models: tuple[str, ...] | None
-    expires_at: datetime | None
-
-
 class Billing:
     def __init__(
         self,
         db: Database,
         *,
-        key_cache_seconds: float = 5.0,
         hold_ttl: timedelta = timedelta(minutes=2),
         workers: int = 4,
     ) -> None:
         self.db = db
-        self.key_cache_seconds = key_cache_seconds
         self.hold_ttl = hold_ttl
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="billing")
-        # key id → (digest, principal or None for revoked, fetched at)
-        self._keys: dict[str, tuple[str, Principal | None, float]] = {}
         self._live: set[str] = set()  # request ids with open holds in this process
         self._tasks: list[asyncio.Task[None]] = []
         self._commit = GroupCommit(db, self.run)
@@ -116,41 +95,9 @@ class Billing:
 
     # -- keys ------------------------------------------------------------------------
 
-    async def authenticate(self, raw_key: str) -> Principal:
-        key_id, digest = keys.parse(raw_key)
-        now = time.monotonic()
-        cached = self._keys.get(key_id)
-        if cached is None or now - cached[2] > self.key_cache_seconds:
-            record = await self.run(accounts.find_key, self.db, key_id)
-            if record is None:
-                raise AuthenticationError(keys.INVALID_KEY)
-            principal = None
-            if record.revoked_at is None:
-                principal = Principal(
-                    account_id=record.account_id,
-                    key_pk=record.id,
-                    key_id=record.key_id,
-                    key_name=record.name,
-                    allowed_models=tuple(record.allowed_models)
-                    if record.allowed_models is not None
-                    else None,
-                    expires_at=record.expires_at,
-                )
-            cached = (record.digest, principal, now)
-            self._keys[key_id] = cached
-        stored_digest, principal, _ = cached
-        if not keys.matches(digest, stored_digest):
-            raise AuthenticationError(keys.INVALID_KEY)
-        if principal is None:
-            raise AuthenticationError("This API key has been revoked.")
-        if principal.expires_at is not None and principal.expires_at <= utcnow():
-            raise AuthenticationError("This API key has expired.")
-        return principal
-
-    @staticmethod
-    def check_model(principal: Principal, slug: str) -> None:
-        if principal.allowed_models is not None and slug not in principal.allowed_models:
-            raise PermissionDenied(f"This API key may not use model '{slug}'.", param="model")
+    async def find_key(self, key_id: str) -> accounts.KeyRecord | None:
+        """A key's row by its public id, for ``auth.Authenticator``."""
+        return await self.run(accounts.find_key, self.db, key_id)
 
     # -- money -----------------------------------------------------------------------
 

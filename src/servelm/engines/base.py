@@ -96,11 +96,13 @@ class Engine(abc.ABC):
         return True
 
     @abc.abstractmethod
-    def stream(self, body: dict[str, Any], *, whole: bool = False) -> AsyncIterator[dict[str, Any]]:
+    def stream(
+        self, body: dict[str, Any], *, client_streams: bool = True
+    ) -> AsyncIterator[dict[str, Any]]:
         """Generate; yields chunk dicts, the last one carrying ``usage``.
 
-        ``whole``: the client wants one answer, not a stream, so an engine may deliver
-        the completion in one chunk where that is cheaper. Closing the iterator
+        ``client_streams`` False: the client wants one answer, not a stream, so an
+        engine may deliver the completion in one chunk where that is cheaper. Closing the iterator
         (``aclose()``, or cancelling the task iterating it) must stop generation at
         once and free the engine's slot.
         """

@@ -176,7 +176,9 @@ class LlamaCppEngine(Engine):
 
     async def render_prompt(self, body: dict[str, Any]) -> str:
         """The exact prompt text the model will see, from the model's chat template."""
-        payload = {k: body[k] for k in ("messages", "tools", "tool_choice") if k in body}
+        payload: dict[str, Any] = {
+            k: body[k] for k in ("messages", "tools", "tool_choice") if k in body
+        }
         status, data = await self._call("/apply-template", payload)
         if status != 200:
             raise map_engine_error(data.get("error", data) if isinstance(data, dict) else data)
@@ -216,9 +218,9 @@ class LlamaCppEngine(Engine):
     # -- generation ------------------------------------------------------------------
 
     async def stream(
-        self, body: dict[str, Any], *, whole: bool = False
+        self, body: dict[str, Any], *, client_streams: bool = True
     ) -> AsyncIterator[dict[str, Any]]:
-        # Streams inside, whole or not: only a streaming call can be cancelled.
+        # Streams inside, whatever the client wants: only a streaming call can be cancelled.
         server = self._server
         if server is None:
             raise ModelUnavailable(f"Model '{self.spec.slug}' is not loaded.")

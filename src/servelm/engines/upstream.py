@@ -74,9 +74,9 @@ class OpenAIUpstreamEngine(Engine):
         return None  # only the upstream knows its tokenizer; its usage settles the bill
 
     async def stream(
-        self, body: dict[str, Any], *, whole: bool = False
+        self, body: dict[str, Any], *, client_streams: bool = True
     ) -> AsyncIterator[dict[str, Any]]:
-        plain = whole and self._plain_calls
+        plain = not client_streams and self._plain_calls
         payload = {**body, "model": self.spec.upstream_model or self.spec.slug}
         if plain:
             payload["stream"] = False
@@ -141,7 +141,11 @@ class OpenAIUpstreamEngine(Engine):
         if choice.get("logprobs"):
             head["logprobs"] = choice["logprobs"]
         yield {"choices": [head]}
-        tail = {"index": 0, "delta": {}, "finish_reason": choice.get("finish_reason") or "stop"}
+        tail: dict[str, Any] = {
+            "index": 0,
+            "delta": {},
+            "finish_reason": choice.get("finish_reason") or "stop",
+        }
         yield {"choices": [tail], "usage": usage} if usage else {"choices": [tail]}
 
     async def _status_error(self, resp: http1.Response) -> ServelmError:

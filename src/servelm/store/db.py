@@ -50,7 +50,7 @@ class Prepared:
     datetime → text)."""
 
     def __init__(self, stmt: Executable, dialect: Dialect) -> None:
-        compiled = stmt.compile(dialect=dialect)
+        compiled = stmt.compile(dialect=dialect)  # type: ignore[attr-defined]
         self.sql = compiled.string
         self._order: tuple[str, ...] | None = (
             tuple(compiled.positiontup) if compiled.positiontup is not None else None

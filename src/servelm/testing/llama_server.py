@@ -12,7 +12,6 @@ killed.
 from __future__ import annotations
 
 import argparse
-import sys
 import threading
 
 
@@ -45,4 +44,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -1,0 +1,120 @@
+"""Shaping the engine's chunks into what the client gets: one ``chat.completion``
+for a plain request, or ``chat.completion.chunk`` events in OpenAI's order for a
+stream. Both routes answer in these OpenAI shapes; only errors differ by dialect."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Callable
+from typing import TYPE_CHECKING, Any
+
+from servelm.protocol import chunk_body, completion_body
+
+if TYPE_CHECKING:
+    from servelm.serving import Call
+
+UsageOf = Callable[["Call"], dict[str, Any]]
+
+
+async def assemble_completion(
+    call: Call, chunks: AsyncGenerator[dict[str, Any]], usage: UsageOf
+) -> dict[str, Any]:
+    """Run to the end and assemble one ``chat.completion``; ``usage`` is read after
+    the chunks are exhausted, i.e. after settlement."""
+    content: list[str] = []
+    tool_calls: dict[int, dict[str, Any]] = {}
+    logprobs: list[Any] = []
+    try:
+        async for chunk in chunks:
+            for choice in chunk.get("choices") or ():
+                delta = choice.get("delta") or {}
+                if delta.get("content"):
+                    content.append(delta["content"])
+                for tc in delta.get("tool_calls") or ():
+                    _merge_tool_call(tool_calls, tc)
+                lp = choice.get("logprobs")
+                if lp and lp.get("content"):
+                    logprobs.extend(lp["content"])
+    finally:
+        # Settlement runs in the generator's own finally: close it now, not at GC.
+        await chunks.aclose()
+    message: dict[str, Any] = {
+        "role": "assistant",
+        "content": "".join(content) if content or not tool_calls else None,
+        "refusal": None,
+    }
+    if tool_calls:
+        message["tool_calls"] = [tool_calls[i] for i in sorted(tool_calls)]
+    return completion_body(
+        completion_id=call.completion_id,
+        model=call.spec.slug,
+        created=call.created,
+        message=message,
+        finish_reason=call.finish_reason or "stop",
+        usage=usage(call),
+        logprobs={"content": logprobs, "refusal": None} if call.request.logprobs else None,
+    )
+
+
+async def reorder_stream(
+    call: Call, chunks: AsyncGenerator[dict[str, Any]], usage: UsageOf
+) -> AsyncGenerator[dict[str, Any]]:
+    """``chat.completion.chunk`` dicts in OpenAI's order: role first, content, the
+    finish chunk, then (with ``include_usage``) a usage-only chunk.
+
+    The finish chunk is held back until the engine is done and the request is
+    settled, so the last chunk the client sees carries the exact usage, cost and
+    remaining credits either way.
+    """
+    include_usage = call.request.include_usage
+
+    def chunk(**kw: Any) -> dict[str, Any]:
+        body = chunk_body(
+            completion_id=call.completion_id, model=call.spec.slug, created=call.created, **kw
+        )
+        if not include_usage:
+            body.pop("usage")
+        return body
+
+    sent_role = False
+    finish: dict[str, Any] | None = None
+    try:
+        async for raw in chunks:
+            for choice in raw.get("choices") or ():
+                delta = dict(choice.get("delta") or {})
+                delta.pop("role", None)
+                if not sent_role:
+                    if delta.get("content") is None:
+                        delta.pop("content", None)
+                    yield chunk(delta={"role": "assistant", "content": "", **delta})
+                    sent_role = True
+                    continue
+                reason = choice.get("finish_reason")
+                if reason is not None:
+                    lp = choice.get("logprobs")
+                    finish = chunk(delta=delta, finish_reason=reason, logprobs=lp)
+                elif delta:
+                    yield chunk(delta=delta, logprobs=choice.get("logprobs"))
+    finally:
+        # Settlement runs in the generator's own finally: close it now, not at GC.
+        await chunks.aclose()
+    if finish is None:
+        finish = chunk(delta={}, finish_reason=call.finish_reason or "stop")
+    if include_usage:
+        yield finish
+        yield {**chunk(usage_only=True), "usage": usage(call)}
+    else:
+        yield {**finish, "usage": usage(call)}
+
+
+def _merge_tool_call(acc: dict[int, dict[str, Any]], delta: dict[str, Any]) -> None:
+    slot = acc.setdefault(
+        int(delta.get("index", 0)),
+        {"id": "", "type": "function", "function": {"name": "", "arguments": ""}},
+    )
+    if delta.get("id"):
+        slot["id"] = delta["id"]
+    fn = delta.get("function") or {}
+    if fn.get("name"):
+        slot["function"]["name"] += fn["name"]
+    if fn.get("arguments"):
+        slot["function"]["arguments"] += fn["arguments"]

@@ -1,0 +1,76 @@
+"""Money arithmetic: micro-credits, prices, rounding, parsing and formatting.
+
+Every amount is an integer number of micro-credits (1 credit = 1,000,000), never a
+float. Prices are credits per million tokens, kept as ``Decimal`` in the catalog and
+turned into integer micro-credits per million tokens here, so a request's cost is one
+integer division, rounded up once per request rather than per token.
+
+Holds, settlement and the ledger (``servelm.billing``), the admin API and the CLI all
+do their arithmetic through this module and nowhere else.
+"""
+
+from __future__ import annotations
+
+from decimal import ROUND_CEILING, Decimal, InvalidOperation
+
+from servelm.errors import InvalidRequest
+
+MICRO = 1_000_000  # micro-credits per credit
+
+
+def price_per_million_micro(price: Decimal) -> int:
+    """A price in credits per million tokens as micro-credits per million tokens; a
+    sub-micro price is rounded up (never undercharge)."""
+    return int((price * MICRO).to_integral_value(rounding=ROUND_CEILING))
+
+
+def cost_micro(
+    prompt_tokens: int, completion_tokens: int, input_price_micro: int, output_price_micro: int
+) -> int:
+    """Cost in micro-credits of a request, rounded up to the next micro-credit.
+
+    Prices are micro-credits per million tokens, so the exact cost is
+    ``tokens * price / 1e6``; the fraction is rounded up once per request.
+    """
+    numer = prompt_tokens * input_price_micro + completion_tokens * output_price_micro
+    return -(-numer // MICRO)
+
+
+def affordable_max_tokens(
+    balance: int,
+    prompt_tokens: int,
+    input_price_micro: int,
+    output_price_micro: int,
+    wanted: int,
+) -> int:
+    """The most output tokens (≤ wanted) whose worst-case cost the balance covers.
+
+    A request's cost is rounded up once (``cost_micro``), so n tokens are affordable
+    exactly when ``prompt * p_in + n * p_out <= balance * 1e6``.
+    """
+    room = balance * MICRO - prompt_tokens * input_price_micro
+    if room < 0:
+        return 0
+    if output_price_micro == 0:
+        return wanted
+    return min(wanted, room // output_price_micro)
+
+
+def format_credits(micro: int) -> str:
+    """Micro-credits as a decimal credit string, e.g. 1234567 → '1.234567'."""
+    sign = "-" if micro < 0 else ""
+    q, r = divmod(abs(micro), MICRO)
+    return f"{sign}{q}.{r:06d}"
+
+
+def parse_credits(value: str, *, param: str = "credits") -> int:
+    """'12.5' credits → 12500000 micro-credits; exact, refusing sub-micro amounts."""
+    try:
+        amount = Decimal(value.strip()) * MICRO
+    except InvalidOperation:
+        raise InvalidRequest(f"'{value}' is not a number of credits.", param=param) from None
+    if not amount.is_finite():
+        raise InvalidRequest(f"'{value}' is not a number of credits.", param=param)
+    if amount != amount.to_integral_value():
+        raise InvalidRequest("Credits have at most 6 decimal places.", param=param)
+    return int(amount)
