@@ -14,20 +14,20 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 
-from servelm import bundled
 from servelm.api.app import create_app
 from servelm.billing import accounts
 from servelm.catalog import Catalog
 from servelm.config import Settings, default_data_dir
 from servelm.money import MICRO
 from servelm.store.db import Database
+from servelm.weights import default_model
 
 
 @pytest.fixture(scope="session")
 def models_dir() -> Path:
     """The shared models directory; the default model is fetched once per machine."""
     path = default_data_dir() / "models"
-    bundled.ensure_default_model(path)
+    default_model.ensure_default_model(path)
     return path
 
 
@@ -183,7 +183,7 @@ def seed_models(models_dir: Path) -> dict[str, Path]:
     from servelm.testing import ggufgen
 
     return ggufgen.ensure_models(
-        default_data_dir() / "testmodels", bundled.default_model_path(models_dir)
+        default_data_dir() / "testmodels", default_model.default_model_path(models_dir)
     )
 
 

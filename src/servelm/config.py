@@ -1,14 +1,18 @@
 """Settings: one immutable object built from the environment (and CLI flags), passed down.
 
-Nothing reads ``os.environ`` after start-up; tests build their own ``Settings``.
+Every field is read from ``SERVELM_<NAME>`` (pydantic-settings); explicit keyword
+arguments (CLI flags, tests) win over the environment. Nothing reads ``os.environ``
+after start-up.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from servelm.media import MediaLimits
 
@@ -26,47 +30,75 @@ def default_data_dir() -> Path:
     return Path(xdg) / "servelm"
 
 
-class Settings(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="SERVELM_", frozen=True, extra="forbid", env_ignore_empty=True
+    )
 
-    data_dir: Path = Field(default_factory=default_data_dir)
-    # Where models are kept; defaults to data_dir/models. Tests point data_dir at a temp
-    # directory but keep sharing the one models directory.
-    models_dir: Path | None = None
-    database_url: str | None = None
-    redis_url: str | None = None
-    models_file: Path | None = None
-    admin_token: str | None = None
+    data_dir: Path = Field(default_factory=default_data_dir, description="database and models")
+    # Tests point data_dir at a temp directory but keep sharing one models directory.
+    models_dir: Path | None = Field(
+        default=None, description="where model weights live (default: DATA_DIR/models)"
+    )
+    database_url: str | None = Field(
+        default=None,
+        description="`postgresql://…` to share one database between gateways "
+        "(default: a SQLite file in the data dir)",
+    )
+    models_file: Path | None = Field(
+        default=None, description="the models file (default: ./servelm.toml if present)"
+    )
+    admin_token: str | None = Field(
+        default=None, description="enables `/admin/` with this bearer token"
+    )
 
-    host: str = "127.0.0.1"
-    port: int = 8000
+    host: str = Field(default="127.0.0.1", description="address to listen on")
+    port: int = Field(default=8000, ge=0, le=65535, description="port to listen on")
 
-    # Request limits.
-    max_body_bytes: int = 20 * 1024 * 1024
-    # How many requests may wait for a slot, per model, before 503 + Retry-After.
-    queue_size: int = 64
+    max_body_bytes: int = Field(
+        default=20 * 1024 * 1024, gt=0, description="request body limit (413 above)"
+    )
+    queue_size: int = Field(
+        default=64, ge=0, description="requests waiting per model before 503 + Retry-After"
+    )
 
-    # Embedded engine defaults (a catalog entry can override slots and context).
-    threads: int = Field(default_factory=lambda: max(1, min(os.cpu_count() or 1, 8)))
-    slots: int = 4
-    ctx_per_slot: int = 2048
+    # Embedded engine defaults (a catalog entry can override slots).
+    threads: int = Field(
+        default_factory=lambda: max(1, min(os.cpu_count() or 1, 8)),
+        gt=0,
+        description="CPU threads for llama.cpp (default: cores, at most 8)",
+    )
+    slots: int = Field(default=4, gt=0, description="parallel generations per model")
 
-    starter_credits: int = 10  # credits granted to the default account on first start
-    # How long a key lookup is trusted; a revoked key stops working within this.
-    key_cache_seconds: float = 5.0
-    # A hold not refreshed for this long belongs to a dead process and is released.
-    hold_ttl_seconds: float = 120.0
-    log_level: str = "info"
-    log_json: bool = False
+    starter_credits: int = Field(
+        default=10, ge=0, description="credits of the account made on first start"
+    )
+    key_cache_seconds: float = Field(
+        default=5.0, ge=0, description="how long a key lookup is trusted (revocation delay)"
+    )
+    hold_ttl_seconds: float = Field(
+        default=120.0, gt=0, description="when a dead process's credit holds are released"
+    )
+    log_level: str = Field(default="info", description="debug, info, warning or error")
+    log_json: bool = Field(default=False, description="one JSON object per log line")
 
     # Images in chat content (servelm.media).
-    image_max_bytes: int = 10 * 1024 * 1024
-    image_max_pixels: int = 40_000_000
-    image_max_side: int = 2048
-    image_max_count: int = 8
-    # Hosts, addresses or CIDR networks that image URLs may point at although private
-    # (an internal image store, a test server); everything else must be public.
-    image_allow_hosts: tuple[str, ...] = ()
+    image_max_bytes: int = Field(
+        default=10 * 1024 * 1024, gt=0, description="largest image accepted (413 above)"
+    )
+    image_max_pixels: int = Field(
+        default=40_000_000, gt=0, description="most pixels an image may have"
+    )
+    image_max_side: int = Field(
+        default=2048, gt=0, description="longer images are scaled down to this"
+    )
+    image_max_count: int = Field(default=8, ge=0, description="images per request")
+    # Everything else must be public: see servelm.media.
+    image_allow_hosts: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(),
+        description="comma-separated hosts, addresses or CIDR networks image URLs may "
+        "reach although private",
+    )
 
     @field_validator("image_allow_hosts", mode="before")
     @classmethod
@@ -96,32 +128,5 @@ class Settings(BaseModel):
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
-        """Read SERVELM_* variables; explicit keyword overrides (CLI flags) win."""
-        env: dict[str, object] = {}
-        mapping = {
-            "SERVELM_MODELS_DIR": "models_dir",
-            "SERVELM_DATABASE_URL": "database_url",
-            "SERVELM_REDIS_URL": "redis_url",
-            "SERVELM_MODELS_FILE": "models_file",
-            "SERVELM_ADMIN_TOKEN": "admin_token",
-            "SERVELM_MAX_BODY_BYTES": "max_body_bytes",
-            "SERVELM_QUEUE_SIZE": "queue_size",
-            "SERVELM_THREADS": "threads",
-            "SERVELM_SLOTS": "slots",
-            "SERVELM_CTX_PER_SLOT": "ctx_per_slot",
-            "SERVELM_STARTER_CREDITS": "starter_credits",
-            "SERVELM_KEY_CACHE_SECONDS": "key_cache_seconds",
-            "SERVELM_HOLD_TTL_SECONDS": "hold_ttl_seconds",
-            "SERVELM_IMAGE_MAX_BYTES": "image_max_bytes",
-            "SERVELM_IMAGE_MAX_PIXELS": "image_max_pixels",
-            "SERVELM_IMAGE_MAX_SIDE": "image_max_side",
-            "SERVELM_IMAGE_MAX_COUNT": "image_max_count",
-            "SERVELM_IMAGE_ALLOW_HOSTS": "image_allow_hosts",
-            "SERVELM_LOG_LEVEL": "log_level",
-            "SERVELM_LOG_JSON": "log_json",
-        }
-        for var, field in mapping.items():
-            if var in os.environ:
-                env[field] = os.environ[var]
-        env.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.model_validate(env)
+        """The environment, with explicit values (CLI flags) winning; None means unset."""
+        return cls(**{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]

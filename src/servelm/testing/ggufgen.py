@@ -433,13 +433,13 @@ def ensure_models(out_dir: Path, vocab_source: Path) -> dict[str, Path]:
 
 
 def main(argv: list[str]) -> int:
-    from servelm import bundled
     from servelm.config import default_data_dir
+    from servelm.weights import default_model
 
     if len(argv) != 1:
         print("usage: python -m servelm.testing.ggufgen OUT_DIR", file=sys.stderr)
         return 2
-    source = bundled.ensure_default_model(default_data_dir() / "models")
+    source = default_model.ensure_default_model(default_data_dir() / "models")
     made = ensure_models(Path(argv[0]), source)
     made["mmproj (vision)"] = ensure_mmproj(Path(argv[0]))
     for slug, path in made.items():

@@ -1,0 +1,111 @@
+"""``servelm models``: list the catalog, fetch the default model, pull weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from servelm.cli.common import (
+    ModelsFileOpt,
+    console,
+    err_console,
+    load_catalog_or_exit,
+    models_file_option,
+)
+from servelm.config import Settings
+
+app = typer.Typer(help="List and fetch models.", no_args_is_help=True)
+
+
+@app.command("fetch-default")
+def fetch_default(
+    data_dir: Annotated[Path | None, typer.Option(help="[env: SERVELM_DATA_DIR]")] = None,
+) -> None:
+    """Fetch SmolLM2-135M-Instruct (the default model) if it is missing, and verify it."""
+    from servelm.weights import default_model
+
+    settings = Settings.from_env(data_dir=data_dir)
+    try:
+        path = default_model.ensure_default_model(settings.model_dir)
+    except default_model.FetchError as exc:
+        err_console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1) from exc
+    console.print(f"default model ready: {path}", soft_wrap=True)
+
+
+@app.command("list")
+def models_list(
+    data_dir: Annotated[Path | None, typer.Option(help="[env: SERVELM_DATA_DIR]")] = None,
+    models_file: ModelsFileOpt = None,
+    url: Annotated[
+        str, typer.Option(help="A running server to ask which models are loaded.")
+    ] = "http://127.0.0.1:8000",
+) -> None:
+    """Every catalog entry: its state, where its weights are, and (from a running
+    server) whether it is loaded and the memory it takes."""
+    import httpx
+    from rich.table import Table
+
+    settings = Settings.from_env(data_dir=data_dir, models_file=models_file_option(models_file))
+    catalog = load_catalog_or_exit(settings)
+    try:
+        live = httpx.get(f"{url}/health", timeout=1.0).json().get("models", {})
+    except (httpx.HTTPError, ValueError):
+        live = None
+    table = Table(title="servelm models")
+    for col in ("slug", "engine", "state", "weights", "context", "price in/out", "memory"):
+        table.add_column(col, overflow="fold")
+    hints: list[str] = []
+    for spec in catalog:
+        if spec.engine == "openai":
+            state, where = "remote", spec.base_url or ""
+        elif spec.path is not None and spec.path.is_file():
+            state, where = "ready", str(spec.path)
+        else:
+            state, where = "[yellow]missing[/]", str(spec.path)
+            hints.append(f"servelm models pull {spec.slug}")
+        memory = "-"
+        if live is not None:
+            info = live.get(spec.slug)
+            state = "[green]loaded[/]" if info else f"{state}, not loaded"
+            if info and info.get("memory_bytes"):
+                memory = f"{info['memory_bytes'] / 2**20:,.0f} MiB"
+        table.add_row(
+            spec.slug,
+            spec.engine,
+            state,
+            where,
+            f"{spec.context_window:,}",
+            f"{spec.input_price}/{spec.output_price}",
+            memory,
+        )
+    console.print(table)
+    if hints:
+        console.print("To install missing weights: " + "; ".join(hints))
+    if live is None:
+        console.print(f"[dim]no server answered at {url}; load state not shown[/]")
+
+
+@app.command("pull")
+def models_pull(
+    slug: Annotated[str, typer.Argument(help="The model's slug or alias.")],
+    data_dir: Annotated[Path | None, typer.Option(help="[env: SERVELM_DATA_DIR]")] = None,
+    models_file: ModelsFileOpt = None,
+) -> None:
+    """Download a model's GGUF weights from the Hugging Face Hub into the models dir."""
+    from servelm.weights import hub
+
+    settings = Settings.from_env(data_dir=data_dir, models_file=models_file_option(models_file))
+    spec = load_catalog_or_exit(settings).get(slug)
+    if spec is None:
+        err_console.print(f"[red]error:[/] no model '{slug}' in the catalog")
+        raise typer.Exit(2)
+    try:
+        paths = hub.pull(spec, settings.model_dir)
+    except hub.PullError as exc:
+        err_console.print(f"[red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(1) from exc
+    for path in paths:
+        console.print(f"{spec.slug}: {path}")
