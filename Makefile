@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test lint fmt model clean
+.PHONY: serve test test-fast lint typecheck fmt model clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,14 +27,19 @@ $(JS_DEPS): tests/js/package.json tests/js/package-lock.json
 	@if command -v npm >/dev/null; then npm ci --prefix tests/js --no-audit --no-fund --loglevel=error; \
 	else echo "npm not found: the Node client tests will be skipped"; fi
 
-test: model $(JS_DEPS)
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+test: model $(JS_DEPS) lint typecheck
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The walk's rules against the scripted engine: no model, no PostgreSQL, seconds.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest tests/fast $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
 
 fmt: $(STAMP)
 	$(BIN)/ruff check --fix src tests bench

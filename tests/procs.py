@@ -86,13 +86,38 @@ def wait_ready(gw: Gateway, timeout: float = 90) -> Gateway:
     raise RuntimeError(f"gateway not ready in {timeout}s:\n{gw.log.read_text()}")
 
 
-def start(env: dict[str, str], log_dir: Path, count: int = 1, *args: str) -> list[Gateway]:
-    """Start ``count`` gateways together and wait for all of them."""
-    gws = [spawn(env, log_dir, *args) for _ in range(count)]
+class PortTaken(RuntimeError):
+    """The port ``free_port`` chose was taken by someone else before the gateway bound it."""
+
+
+def wait_bound(gw: Gateway, timeout: float = 90) -> Gateway:
+    """``wait_ready``, telling a lost port race (worth a retry) from a real failure."""
     try:
-        return [wait_ready(gw) for gw in gws]
-    except BaseException:
+        return wait_ready(gw, timeout)
+    except RuntimeError:
+        if gw.proc.poll() is not None and "address already in use" in gw.log.read_text():
+            raise PortTaken(gw.log.read_text()) from None
+        raise
+
+
+def start(env: dict[str, str], log_dir: Path, count: int = 1, *args: str) -> list[Gateway]:
+    """Start ``count`` gateways together and wait for all of them; one that lost its
+    port to another process is started again on another."""
+    gws = [spawn(env, log_dir, *args) for _ in range(count)]
+    ready: list[Gateway] = []
+    try:
         for gw in gws:
+            for _ in range(3):
+                try:
+                    ready.append(wait_bound(gw))
+                    break
+                except PortTaken:
+                    gw = spawn(env, log_dir, *args)
+            else:
+                raise RuntimeError("three ports in a row were taken before a gateway bound them")
+        return ready
+    except BaseException:
+        for gw in [*gws, *ready]:
             gw.stop()
         raise
 

@@ -38,6 +38,14 @@ log = logging.getLogger(__name__)
 
 
 def build_engine(spec: ModelSpec, settings: Settings) -> Engine:
+    """The engine a catalog entry names; ModelUnavailable when it cannot run here."""
+    if spec.engine == "llama.cpp" and (spec.path is None or not spec.path.is_file()):
+        how = (
+            f"run `servelm models pull {spec.slug}`"
+            if spec.hf_repo
+            else "set its path in the models file"
+        )
+        raise ModelUnavailable(f"its weights are not installed at {spec.path}; {how}.")
     if spec.engine == "openai":
         return OpenAIUpstreamEngine(spec, queue_size=settings.queue_size)
     return LlamaCppEngine(
@@ -62,17 +70,8 @@ async def start_engines(
     engines: dict[str, Engine] = {}
     unavailable: dict[str, str] = {}
     for spec in catalog:
-        if spec.engine == "llama.cpp" and (spec.path is None or not spec.path.is_file()):
-            how = (
-                f"run `servelm models pull {spec.slug}`"
-                if spec.hf_repo
-                else "set its path in the models file"
-            )
-            unavailable[spec.slug] = f"its weights are not installed at {spec.path}; {how}."
-            log.info("model %s not served: no weights at %s", spec.slug, spec.path)
-            continue
-        engine = factory(spec, settings)
         try:
+            engine = factory(spec, settings)
             await engine.start()
         except ModelUnavailable as exc:
             log.warning("model %s unavailable: %s", spec.slug, exc.message)
