@@ -2,7 +2,7 @@
 
 Every chat request the gateway relays is one POST to an engine and one streamed
 answer back, so the client's cost is paid once per request and once per token. On
-the instant upstream (bench/README in docs/benchmarks.md), a streamed 16-token chat
+the instant upstream (docs/benchmarks.md, "HTTP clients"), a streamed 16-token chat
 completion cost 1.6-2.2 ms of CPU through httpx, 0.41-0.68 ms through aiohttp and
 0.25-0.35 ms through this: an asyncio ``Protocol`` feeding uvicorn's own HTTP parser
 (httptools, the C parser Node.js used), with nothing else between socket and caller.

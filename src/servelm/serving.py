@@ -1,4 +1,4 @@
-"""The chat request's walk, start to end, in one place (DESIGN.md "One request").
+"""The chat request's walk, start to end, in one place.
 
 ``ChatService.handle`` is the orchestrator: every step below is one method, called
 from there in this order, and nothing else in the codebase calls them out of order.

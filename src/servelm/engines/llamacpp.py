@@ -6,7 +6,7 @@ streams through a callback on that thread; returning True from the callback canc
 the request and frees the slot. So every generation runs on a worker thread and hands
 chunks to the event loop with ``call_soon_threadsafe``.
 
-Three facts of the binding shape this module (see shared/notes/engines.md §3):
+Three facts of the binding shape this module:
 - non-streaming calls cannot be cancelled, so we always stream;
 - errors come back as ``{"error": {...}}`` chunks, not exceptions;
 - an exception raised inside the callback is swallowed and silently ends the stream,
@@ -317,8 +317,6 @@ def weights_bytes(path: Path) -> int:
 
 
 def kv_cache_bytes(path: Path, n_ctx: int) -> int:
-    import gguf
-
     reader = gguf.GGUFReader(path)
     arch = str(reader.fields["general.architecture"].contents())
 
