@@ -22,6 +22,8 @@ from servelm.store.tables import usage
 from tests import procs
 from tests.conftest import provision
 
+pytestmark = pytest.mark.slow  # real engine processes or models: seconds each
+
 PRICES = """
 [models.smollm2-135m-instruct]
 input_price = 0

@@ -23,6 +23,8 @@ from servelm.store.tables import holds, usage
 from tests import procs
 from tests.conftest import provision
 
+pytestmark = pytest.mark.slow  # real engine processes or models: seconds each
+
 # 0.001 credit per prompt token, 1 credit per completion token.
 PRICES = """
 [models.smollm2-135m-instruct]

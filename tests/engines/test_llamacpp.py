@@ -13,6 +13,8 @@ import pytest
 
 from tests.conftest import LiveServer, make_settings, start_server
 
+pytestmark = pytest.mark.slow  # real engine processes or models: seconds each
+
 SLUG = "smollm2-135m-instruct"
 STORY = [{"role": "user", "content": "Write a very long story about a lighthouse keeper."}]
 

@@ -18,6 +18,8 @@ import pytest
 from servelm.money import MICRO
 from tests.conftest import LiveServer, free_port, make_settings, provision, start_server
 
+pytestmark = pytest.mark.slow  # real engine processes or models: seconds each
+
 REMOTE = "remote-smol"
 
 

@@ -17,6 +17,8 @@ from servelm.engines.llamacpp import LlamaCppEngine
 from servelm.protocol import parse_chat_request
 from tests.conftest import LiveServer, provision
 
+pytestmark = pytest.mark.slow  # real engine processes or models: seconds each
+
 LLAMA = "llama-v3p1-8b-instruct"
 MIXTRAL_7 = "mixtral-8x7b-instruct"
 MIXTRAL_22 = "mixtral-8x22b-instruct"

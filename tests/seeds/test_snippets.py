@@ -20,6 +20,8 @@ import pytest
 from servelm.money import MICRO
 from tests.conftest import LiveServer, provision
 
+pytestmark = pytest.mark.slow  # real engine processes or models: seconds each
+
 HERE = Path(__file__).parent
 SNIPPETS = HERE / "snippets"
 JS = HERE.parent / "js"

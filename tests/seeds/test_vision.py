@@ -21,6 +21,8 @@ from servelm.money import MICRO
 from servelm.testing import ggufgen
 from tests.conftest import LiveServer, make_settings, provision, seed_models_file, start_server
 
+pytestmark = pytest.mark.slow  # real engine processes or models: seconds each
+
 SLUG = "mixtral-8x22b-instruct"
 SNIPPET = Path(__file__).parent / "snippets" / "requests_mixtral_8x22b_image.py"
 
