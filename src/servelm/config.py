@@ -37,6 +37,10 @@ class Settings(BaseModel):
     redis_url: str | None = None
     models_file: Path | None = None
     admin_token: str | None = None
+    # Signs the web console's session cookies. Unset: a random secret kept in the data
+    # dir; gateways behind one load balancer set the same value.
+    session_secret: str | None = None
+    session_ttl_seconds: int = 8 * 3600
 
     host: str = "127.0.0.1"
     port: int = 8000
@@ -104,6 +108,8 @@ class Settings(BaseModel):
             "SERVELM_REDIS_URL": "redis_url",
             "SERVELM_MODELS_FILE": "models_file",
             "SERVELM_ADMIN_TOKEN": "admin_token",
+            "SERVELM_SESSION_SECRET": "session_secret",
+            "SERVELM_SESSION_TTL_SECONDS": "session_ttl_seconds",
             "SERVELM_MAX_BODY_BYTES": "max_body_bytes",
             "SERVELM_QUEUE_SIZE": "queue_size",
             "SERVELM_THREADS": "threads",

@@ -21,10 +21,10 @@ from typing import Any
 from starlette.routing import Match, Route
 from starlette.types import Message, Receive, Scope, Send
 
-from servelm import keys
 from servelm.api.errors import NOT_MODELS, error_response
 from servelm.billing.service import Billing, Principal
 from servelm.catalog import ModelSpec, format_credits
+from servelm.console import session as console_session
 from servelm.engines.base import Engine
 from servelm.errors import InvalidRequest, PayloadTooLarge, ServelmError
 from servelm.protocol import ChatRequest
@@ -123,8 +123,10 @@ class _Exchange:
     async def run(self) -> None:
         service = self.service
         raw = await self._read_body()
-        self.principal = principal = await self.billing.authenticate(
-            keys.from_headers(self.headers.get("x-api-key"), self.headers.get("authorization"))
+        # Hook (console): the key from the headers, or else the playground's browser
+        # session with its CSRF header (servelm.console.session).
+        self.principal = principal = await console_session.authenticate_request(
+            self.billing, self.headers, console_session.app_secret(self.scope["app"])
         )
         req = service.parse(raw, self.dialect)
         slug = self.scope["path_params"].get("model") if self.dialect == "segmind" else None
@@ -342,6 +344,8 @@ _READ = {
     b"content-type",
     b"content-length",
     b"idempotency-key",
+    b"cookie",  # the console's session, with its CSRF header
+    b"x-csrf-token",
 }
 
 

@@ -118,6 +118,19 @@ class Billing:
 
     async def authenticate(self, raw_key: str) -> Principal:
         key_id, digest = keys.parse(raw_key)
+        stored_digest, principal = await self._lookup(key_id)
+        if not keys.matches(digest, stored_digest):
+            raise AuthenticationError(keys.INVALID_KEY)
+        return self._usable(principal)
+
+    async def authenticate_key_id(self, key_id: str) -> Principal:
+        """A key proven earlier (a console session, signed in with the key): the same
+        record, cache, revocation and expiry checks, without the secret."""
+        _, principal = await self._lookup(key_id)
+        return self._usable(principal)
+
+    async def _lookup(self, key_id: str) -> tuple[str, Principal | None]:
+        """(stored digest, principal or None when revoked); unknown key → 401."""
         now = time.monotonic()
         cached = self._keys.get(key_id)
         if cached is None or now - cached[2] > self.key_cache_seconds:
@@ -138,9 +151,10 @@ class Billing:
                 )
             cached = (record.digest, principal, now)
             self._keys[key_id] = cached
-        stored_digest, principal, _ = cached
-        if not keys.matches(digest, stored_digest):
-            raise AuthenticationError(keys.INVALID_KEY)
+        return cached[0], cached[1]
+
+    @staticmethod
+    def _usable(principal: Principal | None) -> Principal:
         if principal is None:
             raise AuthenticationError("This API key has been revoked.")
         if principal.expires_at is not None and principal.expires_at <= utcnow():
