@@ -139,6 +139,7 @@ def browser() -> Iterator[Any]:
         if os.environ.get("SERVELM_REQUIRE_BROWSER"):
             pytest.fail(f"browser tests required but cannot run: {reason}")
         pytest.skip(reason)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as pw:
         chromium = pw.chromium.launch(executable_path=CHROMIUM, headless=True)
         yield chromium

@@ -201,8 +201,12 @@ async def forget_new_key(request: Request, fields: dict[str, str] = Depends(web.
 async def live(request: Request) -> Response:
     """Counters for the page's live figures; the page turns them into rates."""
     metrics = request.app.state.metrics
+    # Chat requests only: the console's own polling is not traffic.
     requests = sum(
-        s.value for m in metrics.requests.collect() for s in m.samples if s.name.endswith("_total")
+        s.value
+        for m in metrics.requests.collect()
+        for s in m.samples
+        if s.name.endswith("_total") and s.labels.get("route", "").endswith("_chat")
     )
     tokens = sum(
         s.value for m in metrics.tokens.collect() for s in m.samples if s.name.endswith("_total")
