@@ -41,7 +41,15 @@ def paced_app() -> Any:
         body = json.loads(await read_body(receive))
         last = str(body["messages"][-1]["content"])
         n = int(body.get("max_tokens") or 16)
-        if "xss" in last:
+        content = body["messages"][-1]["content"]
+        images = (
+            [p for p in content if p.get("type") == "image_url"]
+            if isinstance(content, list)
+            else []
+        )
+        if images:
+            pieces = ["saw ", f"{len(images)} image"]
+        elif "xss" in last:
             pieces = [XSS_REPLY[i : i + 8] for i in range(0, len(XSS_REPLY), 8)]
         else:
             pieces = [f"word{i} " for i in range(1, n + 1)]
@@ -113,7 +121,7 @@ def console(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     models_file.write_text(
         f'[models.{PACED}]\nengine = "openai"\nbase_url = "http://127.0.0.1:{port}/v1"\n'
         "context_window = 4096\nmax_output_tokens = 1024\ninput_price = 1\noutput_price = 2\n"
-        'description = "Paced test model"\n'
+        'description = "Paced test model"\nvision = true\n'
     )
     settings = make_settings(
         tmp, models_dir, admin_token=ADMIN_TOKEN, key_cache_seconds=1.0, models_file=models_file

@@ -118,6 +118,13 @@ def test_playground_reply_shows_the_exact_cost_and_balance(page: Any, console: L
     assert after == Decimal(shown_balance)
     assert Decimal(shown_balance) == Decimal(5) - Decimal(shown_cost)
     page.screenshot(path=str(SCREENSHOTS / "playground.png"), full_page=False)
+    # "Copy as code": the exact request, with a placeholder where the key goes.
+    page.click("#copy-code")
+    code = page.inner_text("#code-out")
+    assert code.startswith(f"curl -X POST {console.base_url}/v1/chat/completions")
+    sent = json.loads(code.split("-d '", 1)[1].rstrip("'"))
+    assert sent["model"] == SMOL and sent["max_tokens"] == 16 and sent["stream"] is True
+    assert "YOUR_API_KEY" in code and key not in code
     page.goto(f"{console.base_url}/account")
     assert page.inner_text("#balance") == format_credits(
         5 * MICRO - sum(r["cost"] for r in settled(console, account_id, 2))
@@ -237,3 +244,22 @@ def test_hostile_text_stays_text(page: Any, browser: Any, console: LiveServer) -
     assert page.locator("#name-xss").count() == 0
     time.sleep(0.3)  # an onerror handler would have fired by now
     assert not watch.dialogs
+
+
+def test_an_image_attached_in_the_playground_reaches_a_vision_model(
+    page: Any, console: LiveServer, tmp_path: Any
+) -> None:
+    from PIL import Image
+
+    image = tmp_path / "cat.png"
+    Image.new("RGB", (32, 24), (200, 120, 40)).save(image)
+    key = provision(console.db, "seer", 1)
+    sign_in(page, console, key, then="/playground")
+    page.select_option("#model", SMOL)
+    assert not page.is_visible("#image")  # a text-only model takes no images
+    page.select_option("#model", PACED)
+    page.set_input_files("#image", str(image))
+    reply = send(page, PACED, "what is this?", 8)
+    page.wait_for_selector('.msg.assistant[data-state="done"]')
+    assert reply.locator(".text").inner_text() == "saw 1 image"
+    assert "[image: cat.png]" in page.locator(".msg.user").last.inner_text()

@@ -48,6 +48,9 @@ def test_model_page_documents_the_model(console: LiveServer) -> None:
         assert f"<code>{code}" in page, code
     for snippet in ("python-segmind", "js-segmind", "curl-segmind", "openai-openai"):
         assert f'data-snippet="{snippet}"' in page
+    assert "Image input" not in page
+    vision_page = httpx.get(f"{console.base_url}/models/{PACED}").text
+    assert "Image input" in vision_page and "data:image/png;base64" in vision_page
     # An alias leads to the slug's page; an unknown name is a 404 page.
     r = httpx.get(f"{console.base_url}/models/smollm2")
     assert r.status_code == 303 and r.headers["location"] == f"/models/{spec.slug}"
