@@ -19,6 +19,9 @@ import httpx
 import pytest
 import uvicorn
 
+from servelm.billing import accounts
+from servelm.catalog import MICRO
+from servelm.store.db import Database
 from servelm.testing.instant_upstream import lifespan, read_body
 from tests.conftest import ADMIN_TOKEN, LiveServer, free_port, make_settings, start_server
 
@@ -126,7 +129,14 @@ def console(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     settings = make_settings(
         tmp, models_dir, admin_token=ADMIN_TOKEN, key_cache_seconds=1.0, models_file=models_file
     )
+    # The first start's "default" account and key, as `servelm serve` makes them.
+    db = Database(settings.db_url)
+    db.upgrade()
+    first_start_key = accounts.bootstrap(db, 10 * MICRO)
+    db.dispose()
+    assert first_start_key is not None
     live = start_server(settings, load_catalog(models_dir, models_file))
+    live.api_key = first_start_key  # instead of start_server's own account's key
     yield live
     live.stop()
     upstream.should_exit = True

@@ -83,7 +83,7 @@ def settled(live: LiveServer, account_id: int, count: int) -> list[dict[str, Any
 
 
 def test_playground_reply_shows_the_exact_cost_and_balance(page: Any, console: LiveServer) -> None:
-    key = provision(console.db, "player", 5)
+    key = console.api_key  # the first-start key, 10 starter credits
     watch = Watch(page)
     page.goto(f"{console.base_url}/models/{SMOL}")
     page.screenshot(path=str(SCREENSHOTS / "model-page.png"), full_page=False)
@@ -116,7 +116,7 @@ def test_playground_reply_shows_the_exact_cost_and_balance(page: Any, console: L
     )
     after = Decimal(api.headers["x-remaining-credits"]) + Decimal(api.headers["x-cost"])
     assert after == Decimal(shown_balance)
-    assert Decimal(shown_balance) == Decimal(5) - Decimal(shown_cost)
+    assert Decimal(shown_balance) == Decimal(10) - Decimal(shown_cost)
     page.screenshot(path=str(SCREENSHOTS / "playground.png"), full_page=False)
     # "Copy as code": the exact request, with a placeholder where the key goes.
     page.click("#copy-code")
@@ -127,7 +127,7 @@ def test_playground_reply_shows_the_exact_cost_and_balance(page: Any, console: L
     assert "YOUR_API_KEY" in code and key not in code
     page.goto(f"{console.base_url}/account")
     assert page.inner_text("#balance") == format_credits(
-        5 * MICRO - sum(r["cost"] for r in settled(console, account_id, 2))
+        10 * MICRO - sum(r["cost"] for r in settled(console, account_id, 2))
     )
     assert page.locator("#recent tbody tr").count() == 2
     page.screenshot(path=str(SCREENSHOTS / "dashboard.png"), full_page=False)
