@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test test-fast lint typecheck fmt model clean
+.PHONY: serve test test-fast lint typecheck fmt model clean browser
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,17 @@ $(JS_DEPS): tests/js/package.json tests/js/package-lock.json
 	@if command -v npm >/dev/null; then npm ci --prefix tests/js --no-audit --no-fund --loglevel=error; \
 	else echo "npm not found: the Node client tests will be skipped"; fi
 
-test: model $(JS_DEPS) lint typecheck
+# The console's browser tests drive Debian's Chromium through Playwright; without it
+# (and no way to install it) they are skipped, with a reason.
+CHROMIUM ?= /usr/bin/chromium
+browser:
+	@if [ ! -x $(CHROMIUM) ]; then \
+	  echo "installing chromium for the console's browser tests"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+	    >/dev/null 2>&1 || echo "could not install chromium: the browser tests will be skipped"; \
+	fi
+
+test: model $(JS_DEPS) browser lint typecheck
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The walk's rules against the scripted engine: no model, no PostgreSQL, seconds.

@@ -181,14 +181,29 @@ class Authenticator:
 
     async def authenticate(self, raw_key: str) -> Principal:
         key_id, digest = parse(raw_key)
+        cached = await self._cached(key_id)
+        # The digest comparison runs for unknown ids too, so they take the same time.
+        if not matches(digest, cached.digest or "0" * 64) or cached.digest is None:
+            raise AuthenticationError(INVALID_KEY)
+        return self._usable(cached)
+
+    async def authenticate_key_id(self, key_id: str) -> Principal:
+        """A key proven earlier (a web console session signed in with it): the same
+        record, cache, revocation and expiry checks, without the secret."""
+        cached = await self._cached(key_id)
+        if cached.digest is None:
+            raise AuthenticationError(INVALID_KEY)
+        return self._usable(cached)
+
+    async def _cached(self, key_id: str) -> _Cached:
         now = self._clock()
         cached = self._cache.get(key_id)
         if cached is None or now - cached.fetched_at > self.cache_seconds:
             cached = _cache_entry(await self._lookup(key_id), now)
             self._cache[key_id] = cached
-        # The digest comparison runs for unknown ids too, so they take the same time.
-        if not matches(digest, cached.digest or "0" * 64) or cached.digest is None:
-            raise AuthenticationError(INVALID_KEY)
+        return cached
+
+    def _usable(self, cached: _Cached) -> Principal:
         principal = cached.principal
         if principal is None:
             raise AuthenticationError("This API key has been revoked.")

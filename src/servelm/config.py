@@ -51,6 +51,14 @@ class Settings(BaseSettings):
     admin_token: str | None = Field(
         default=None, description="enables `/admin/` with this bearer token"
     )
+    session_secret: str | None = Field(
+        default=None,
+        description="signs the web console's session cookies (default: a random secret "
+        "kept in the data dir; gateways behind one load balancer set the same value)",
+    )
+    session_ttl_seconds: int = Field(
+        default=8 * 3600, gt=0, description="how long a console sign-in lasts"
+    )
 
     host: str = Field(default="127.0.0.1", description="address to listen on")
     port: int = Field(default=8000, ge=0, le=65535, description="port to listen on")

@@ -57,6 +57,9 @@ class ChatExchange:
     api_key: str | None = None  # x-api-key
     authorization: str | None = None
     idempotency_key: str | None = None
+    # A web console session's key id (signature, expiry and CSRF token checked by the
+    # HTTP layer), used only when the request carries no key.
+    session_key_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,9 @@ class ChatService:
             raise
 
     async def authenticate(self, ex: ChatExchange) -> Principal:
+        """The key in the headers, or else the web console's session (the playground)."""
+        if ex.api_key is None and ex.authorization is None and ex.session_key_id is not None:
+            return await self.authenticator.authenticate_key_id(ex.session_key_id)
         return await self.authenticator.authenticate(key_from_headers(ex.api_key, ex.authorization))
 
     def parse(self, raw: bytes) -> ChatRequest:

@@ -23,6 +23,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from servelm.api.errors import INTERNAL, render
 from servelm.api.paths import Dialect
+from servelm.console import session as console_session
 from servelm.errors import InvalidRequest, PayloadTooLarge, ServelmError
 from servelm.protocol import sse
 from servelm.serving import ChatExchange, ChatService, JsonReply, StreamReply
@@ -38,7 +39,15 @@ _SSE_HEADERS = [
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 ]
-_READ = {b"x-api-key", b"authorization", b"content-type", b"content-length", b"idempotency-key"}
+_READ = {
+    b"x-api-key",
+    b"authorization",
+    b"content-type",
+    b"content-length",
+    b"idempotency-key",
+    b"cookie",  # the web console's session, with its CSRF header
+    b"x-csrf-token",
+}
 _DONE = b"data: [DONE]\n\n"
 
 
@@ -82,6 +91,7 @@ class _Connection:
             api_key=self.headers.get("x-api-key"),
             authorization=self.headers.get("authorization"),
             idempotency_key=self.headers.get("idempotency-key"),
+            session_key_id=self._session_key_id(),
         )
         try:
             async with self._cancel_on_disconnect():
@@ -100,6 +110,15 @@ class _Connection:
         except Exception:
             log.exception("unhandled error on %s %s", self.scope["method"], self.scope["path"])
             await self._write_error(ServelmError(INTERNAL))
+
+    def _session_key_id(self) -> str | None:
+        """The playground's session: looked at only when the request carries no key."""
+        headers = self.headers
+        if "cookie" not in headers or "x-api-key" in headers or "authorization" in headers:
+            return None
+        return console_session.session_key_id(
+            headers, console_session.app_secret(self.scope["app"])
+        )
 
     async def _read_body(self) -> bytes:
         ctype = self.headers.get("content-type", "").split(";")[0].strip().lower()

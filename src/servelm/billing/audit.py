@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy import case, func, select
 
+from servelm.billing.clock import as_utc
 from servelm.store.db import Database
 from servelm.store.tables import accounts, api_keys, holds, ledger, usage
 
@@ -107,3 +108,38 @@ def usage_summary(
             }
             for r in conn.execute(q)
         ]
+
+
+def recent_requests(db: Database, account_id: int, limit: int = 20) -> list[dict[str, Any]]:
+    """An account's latest requests, newest first: what the dashboard lists."""
+    q = (
+        select(
+            usage.c.request_id,
+            usage.c.created_at,
+            usage.c.model,
+            api_keys.c.key_id,
+            usage.c.prompt_tokens,
+            usage.c.completion_tokens,
+            usage.c.cost,
+            usage.c.status,
+            usage.c.latency_ms,
+        )
+        .select_from(usage.outerjoin(api_keys, usage.c.key_id == api_keys.c.id))
+        .where(usage.c.account_id == account_id)
+        .order_by(usage.c.id.desc())
+        .limit(limit)
+    )
+    with db.read() as conn:
+        return [dict(r._mapping) for r in conn.execute(q)]
+
+
+def keys_last_used(db: Database, account_id: int) -> dict[str, datetime]:
+    """Key id → when the key last made a request (keys never used are absent)."""
+    q = (
+        select(api_keys.c.key_id, func.max(usage.c.created_at))
+        .select_from(usage.join(api_keys, usage.c.key_id == api_keys.c.id))
+        .where(usage.c.account_id == account_id)
+        .group_by(api_keys.c.key_id)
+    )
+    with db.read() as conn:
+        return {key_id: as_utc(when) for key_id, when in conn.execute(q)}  # type: ignore[misc]

@@ -1,0 +1,221 @@
+"""The operator console at ``/operator``, signed in with the admin token: accounts,
+credits, keys, models, live figures and the ledger check.
+
+The same store functions as ``/admin/`` and the CLI do the work (``servelm.billing``);
+a user's session or key never opens these pages.
+"""
+
+from __future__ import annotations
+
+import hmac
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+
+from servelm.billing import accounts, audit
+from servelm.billing.service import Billing
+from servelm.console import session, web
+from servelm.console.routes import model_state
+from servelm.errors import AuthenticationError, InvalidRequest, ServelmError
+from servelm.money import format_credits, parse_credits
+
+router = APIRouter(prefix="/operator", include_in_schema=False)
+
+
+def require_operator(request: Request) -> None:
+    if web.operator_payload(request) is None:
+        raise AuthenticationError("Sign in to the operator console first.")
+
+
+def _billing(request: Request) -> Billing:
+    billing: Billing = request.app.state.billing
+    return billing
+
+
+def _enabled(request: Request) -> bool:
+    return bool(request.app.state.settings.admin_token)
+
+
+@router.get("")
+async def console(request: Request) -> Response:
+    if web.operator_payload(request) is None:
+        return web.render(request, "operator_signin.html", enabled=_enabled(request))
+    billing = _billing(request)
+    db = billing.db
+    rows = await billing.run(accounts.list_accounts, db)
+    key_rows = await billing.run(accounts.list_keys, db, None)
+    names = {a.id: a.name for a in rows}
+    ledger = None
+    if request.query_params.get("check") == "ledger":
+        ledger = await billing.run(audit.ledger_check, db)
+    chat = request.app.state.chat
+    models = []
+    for spec in chat.catalog:
+        available, state = model_state(request, spec)
+        engine = chat.engines.get(spec.slug)
+        models.append(
+            {
+                "spec": spec,
+                "available": available,
+                "state": state,
+                "running": engine.stats.running if engine else 0,
+                "waiting": engine.stats.waiting if engine else 0,
+                "slots": getattr(engine, "slots", None) or spec.slots or "",
+            }
+        )
+    return web.render(
+        request,
+        "operator.html",
+        accounts=rows,
+        keys=key_rows,
+        names=names,
+        models=models,
+        ledger=ledger,
+        message=request.query_params.get("msg", ""),
+        error=request.query_params.get("err", ""),
+        new_key=request.cookies.get("servelm_new_key", ""),
+    )
+
+
+@router.post("/signin")
+async def sign_in(request: Request, fields: dict[str, str] = Depends(web.form)) -> Response:
+    token: str | None = request.app.state.settings.admin_token
+    given = fields.get("admin_token", "")
+    if not token or not hmac.compare_digest(given.encode(), token.encode()):
+        return web.render(
+            request,
+            "operator_signin.html",
+            status_code=401,
+            enabled=_enabled(request),
+            error="Invalid admin token." if token else "",
+        )
+    nonce = session.new_nonce()
+    ttl = request.app.state.settings.session_ttl_seconds
+    response = web.redirect("/operator")
+    value = session.operator_session(web.secret(request), token, nonce, ttl)
+    web.set_cookie(request, response, session.OPERATOR_COOKIE, value, ttl)
+    web.set_cookie(request, response, session.CSRF_COOKIE, nonce, ttl)
+    return response
+
+
+@router.post("/signout")
+async def sign_out(request: Request, fields: dict[str, str] = Depends(web.form)) -> Response:
+    response = web.redirect("/operator")
+    response.delete_cookie(session.OPERATOR_COOKIE, path="/")
+    return response
+
+
+_guarded = [Depends(require_operator)]
+
+
+def _done(message: str, error: bool = False) -> Response:
+    """Back to the console, which says what happened (as text, like everything)."""
+    kind = "err" if error else "msg"
+    return web.redirect(f"/operator?{kind}={quote(message)}")
+
+
+@router.post("/accounts", dependencies=_guarded)
+async def create_account(request: Request, fields: dict[str, str] = Depends(web.form)) -> Response:
+    billing = _billing(request)
+    try:
+        acct = await billing.run(
+            accounts.create_account, billing.db, fields.get("name", "").strip()
+        )
+    except ServelmError as exc:
+        return _done(exc.message, error=True)
+    return _done(f"Created account {acct.name} (id {acct.id}).")
+
+
+@router.post("/accounts/{account_id}/credits", dependencies=_guarded)
+async def grant(
+    request: Request, account_id: int, fields: dict[str, str] = Depends(web.form)
+) -> Response:
+    billing = _billing(request)
+    note = fields.get("note", "").strip() or "granted in the operator console"
+    try:
+        micro = parse_credits(fields.get("credits", "").strip())
+        balance = await billing.run(accounts.grant, billing.db, account_id, micro, note)
+    except ServelmError as exc:
+        return _done(exc.message, error=True)
+    return _done(f"Granted; account {account_id} now has {format_credits(balance)} credits.")
+
+
+@router.post("/accounts/{account_id}/keys", dependencies=_guarded)
+async def create_key(
+    request: Request, account_id: int, fields: dict[str, str] = Depends(web.form)
+) -> Response:
+    billing = _billing(request)
+    models = [m.strip() for m in fields.get("models", "").split(",") if m.strip()] or None
+    name = fields.get("name", "").strip()
+    try:
+        expires = _date(fields.get("expires", "").strip())
+        record, plaintext = await billing.run(
+            accounts.create_key, billing.db, account_id, name, models, expires
+        )
+    except ServelmError as exc:
+        return _done(exc.message, error=True)
+    # The plaintext is shown once, on the page this redirect lands on, from a
+    # short-lived HttpOnly cookie rather than the URL (which logs and history keep).
+    response = _done(f"Created key {record.key_id}; copy it now, it is not shown again.")
+    response.set_cookie(
+        "servelm_new_key",
+        plaintext,
+        max_age=60,
+        httponly=True,
+        samesite="strict",
+        secure=web.secure_cookies(request),
+        path="/operator",
+    )
+    return response
+
+
+def _date(value: str) -> datetime | None:
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value).replace(tzinfo=UTC)
+    except ValueError:
+        raise InvalidRequest(f"'{value}' is not a date (YYYY-MM-DD).", param="expires") from None
+
+
+@router.post("/keys/{key_id}/revoke", dependencies=_guarded)
+async def revoke(
+    request: Request, key_id: str, fields: dict[str, str] = Depends(web.form)
+) -> Response:
+    billing = _billing(request)
+    await billing.run(accounts.revoke_key, billing.db, key_id)
+    return _done(f"Revoked key {key_id}.")
+
+
+@router.post("/new-key/seen", dependencies=_guarded)
+async def forget_new_key(request: Request, fields: dict[str, str] = Depends(web.form)) -> Response:
+    response = web.redirect("/operator")
+    response.delete_cookie("servelm_new_key", path="/operator")
+    return response
+
+
+@router.get("/live.json", dependencies=_guarded)
+async def live(request: Request) -> Response:
+    """Counters for the page's live figures; the page turns them into rates."""
+    metrics = request.app.state.metrics
+    # Chat requests only: the console's own polling is not traffic.
+    requests = sum(
+        s.value
+        for m in metrics.requests.collect()
+        for s in m.samples
+        if s.name.endswith("_total") and s.labels.get("route", "").endswith("_chat")
+    )
+    tokens = sum(
+        s.value for m in metrics.tokens.collect() for s in m.samples if s.name.endswith("_total")
+    )
+    engines = request.app.state.chat.engines.values()
+    body: dict[str, Any] = {
+        "requests": requests,
+        "tokens": tokens,
+        "busy": sum(e.stats.running for e in engines),
+        "queue": sum(e.stats.waiting for e in engines),
+    }
+    return JSONResponse(body, headers={"cache-control": "no-store"})

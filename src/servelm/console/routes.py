@@ -1,0 +1,244 @@
+"""The console's public pages: model pages and their index, the playground, the
+account dashboard (a user signed in with an API key), and the static assets.
+
+Everything about money and keys goes through the same functions as the API and the
+CLI (``servelm.billing``); this module only reads them and renders.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+
+from servelm.auth import Authenticator, Principal
+from servelm.billing import accounts, audit
+from servelm.billing.service import Billing
+from servelm.catalog import ModelSpec
+from servelm.console import docs, session, web
+from servelm.errors import AuthenticationError, NotFound
+from servelm.money import format_credits
+
+router = APIRouter(include_in_schema=False)
+
+_STATIC_TYPES = {".css": "text/css", ".js": "text/javascript", ".txt": "text/plain"}
+
+
+@router.get("/console/static/{name}")
+async def static(name: str) -> Response:
+    path = web.STATIC / name
+    # Only files that sit directly in static/: no "..", no subdirectories.
+    if "/" in name or name.startswith(".") or not path.is_file():
+        raise NotFound(f"No console asset {name!r}.")
+    return FileResponse(
+        path,
+        media_type=_STATIC_TYPES.get(path.suffix, "application/octet-stream"),
+        headers={"cache-control": "public, max-age=300", "x-content-type-options": "nosniff"},
+    )
+
+
+# -- models --------------------------------------------------------------------------
+
+
+def model_state(request: Request, spec: ModelSpec) -> tuple[bool, str]:
+    """(available, what to say about it)."""
+    chat = request.app.state.chat
+    if spec.slug in chat.engines:
+        return True, "Available"
+    return False, chat.unavailable.get(spec.slug, "Not loaded.")
+
+
+def _card(request: Request, spec: ModelSpec) -> dict[str, Any]:
+    available, state = model_state(request, spec)
+    return {"spec": spec, "available": available, "state": state}
+
+
+@router.get("/")
+async def index(request: Request) -> Response:
+    cards = [_card(request, s) for s in request.app.state.chat.catalog]
+    return web.render(request, "index.html", models=cards)
+
+
+@router.get("/models/{slug}")
+async def model_page(request: Request, slug: str) -> Response:
+    spec = request.app.state.chat.catalog.get(slug)
+    if spec is None:
+        return web.render(request, "notfound.html", status_code=404, what=f"model {slug!r}")
+    if spec.slug != slug:
+        return web.redirect(f"/models/{spec.slug}")
+    base = web.base_url(request)
+    return web.render(
+        request,
+        "model.html",
+        m=_card(request, spec),
+        snippets=docs.snippets(spec, base),
+        params=docs.parameters(),
+        errors=docs.ERRORS,
+        response_example=docs.response_example(spec),
+        image_example=docs.IMAGE_EXAMPLE,
+        placeholder=docs.KEY_PLACEHOLDER,
+    )
+
+
+# -- the signed-in user ----------------------------------------------------------------
+
+
+async def current_principal(request: Request) -> Principal | None:
+    """The session's key, checked like the key itself (revoked or expired: None)."""
+    payload = web.session_payload(request)
+    if payload is None:
+        return None
+    authenticator: Authenticator = request.app.state.chat.authenticator
+    try:
+        return await authenticator.authenticate_key_id(str(payload["kid"]))
+    except AuthenticationError:
+        return None
+
+
+def _sign_in_page(request: Request, status_code: int = 200, error: str = "") -> Response:
+    response = web.render(request, "signin.html", status_code=status_code, error=error)
+    if request.cookies.get(session.SESSION_COOKIE):
+        response.delete_cookie(session.SESSION_COOKIE, path="/")
+    return response
+
+
+@router.post("/account/signin")
+async def sign_in(request: Request, fields: dict[str, str] = Depends(web.form)) -> Response:
+    authenticator: Authenticator = request.app.state.chat.authenticator
+    try:
+        principal = await authenticator.authenticate(fields.get("api_key", "").strip())
+    except AuthenticationError as exc:
+        return _sign_in_page(request, 401, exc.message)
+    # A fresh CSRF nonce at sign-in: a nonce planted before cannot ride the session.
+    nonce = session.new_nonce()
+    ttl = request.app.state.settings.session_ttl_seconds
+    response = web.redirect(_safe_next(fields.get("next", "")) or "/account")
+    value = session.user_session(web.secret(request), principal.key_id, nonce, ttl)
+    web.set_cookie(request, response, session.SESSION_COOKIE, value, ttl)
+    web.set_cookie(request, response, session.CSRF_COOKIE, nonce, ttl)
+    return response
+
+
+def _safe_next(target: str) -> str:
+    return target if target in ("/playground", "/account") else ""
+
+
+@router.post("/account/signout")
+async def sign_out(request: Request, fields: dict[str, str] = Depends(web.form)) -> Response:
+    response = web.redirect("/account")
+    response.delete_cookie(session.SESSION_COOKIE, path="/")
+    return response
+
+
+@router.get("/account")
+async def account(request: Request) -> Response:
+    principal = await current_principal(request)
+    if principal is None:
+        return _sign_in_page(request)
+    billing: Billing = request.app.state.billing
+    db = billing.db
+    acct = await billing.run(accounts.get_account, db, principal.account_id)
+    rows = await billing.run(audit.usage_summary, db, principal.account_id)
+    recent = await billing.run(audit.recent_requests, db, principal.account_id, 20)
+    key_rows = await billing.run(accounts.list_keys, db, principal.account_id)
+    last_used = await billing.run(audit.keys_last_used, db, principal.account_id)
+    return web.render(
+        request,
+        "account.html",
+        account=acct,
+        principal=principal,
+        chart=usage_chart(rows),
+        by_model=usage_by_day_model(rows),
+        recent=recent,
+        keys=key_rows,
+        last_used=last_used,
+    )
+
+
+@router.get("/account/balance.json")
+async def balance(request: Request) -> Response:
+    """The signed-in account's balance, for the playground after a stopped reply."""
+    principal = await current_principal(request)
+    if principal is None:
+        raise AuthenticationError("Not signed in.")
+    micro = await request.app.state.billing.balance(principal.account_id)
+    return JSONResponse({"credits": format_credits(micro)}, headers={"cache-control": "no-store"})
+
+
+def usage_by_day_model(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Usage rows (per key, model and day) summed per day and model, newest first."""
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in rows:
+        acc = out.setdefault(
+            (r["day"], r["model"]),
+            {"day": r["day"], "model": r["model"], "requests": 0, "tokens": 0, "cost": 0},
+        )
+        acc["requests"] += r["requests"]
+        acc["tokens"] += r["prompt_tokens"] + r["completion_tokens"]
+        acc["cost"] += r["cost"]
+    return sorted(out.values(), key=lambda a: (a["day"], a["model"]), reverse=True)
+
+
+CHART_DAYS = 14
+CHART_H = 120
+
+
+def usage_chart(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Bar geometry for the last days with usage: tokens and credits per day, drawn
+    as server-side SVG (no script, no inline style)."""
+    tokens: dict[str, int] = defaultdict(int)
+    cost: dict[str, int] = defaultdict(int)
+    for r in rows:
+        tokens[r["day"]] += r["prompt_tokens"] + r["completion_tokens"]
+        cost[r["day"]] += r["cost"]
+    days = sorted(tokens)[-CHART_DAYS:]
+    max_t = max((tokens[d] for d in days), default=0) or 1
+    max_c = max((cost[d] for d in days), default=0) or 1
+    bars = []
+    for i, d in enumerate(days):
+        th = round(CHART_H * tokens[d] / max_t)
+        ch = round(CHART_H * cost[d] / max_c)
+        bars.append(
+            {
+                "day": d,
+                "label": d[5:],
+                "x": 40 + i * 44,
+                "tokens": tokens[d],
+                "cost": format_credits(cost[d]),
+                "th": th,
+                "ch": ch,
+            }
+        )
+    return {
+        "bars": bars,
+        "height": CHART_H,
+        "width": 40 + max(len(days), 1) * 44,
+        "max_tokens": max_t,
+        "max_cost": format_credits(max_c),
+    }
+
+
+# -- the playground ----------------------------------------------------------------------
+
+
+@router.get("/playground")
+async def playground(request: Request) -> Response:
+    principal = await current_principal(request)
+    if principal is None:
+        return _sign_in_page(request, error="Sign in with an API key to use the playground.")
+    chat = request.app.state.chat
+    models = [_card(request, s) for s in chat.catalog if s.slug in chat.engines]
+    if principal.allowed_models is not None:
+        models = [m for m in models if m["spec"].slug in principal.allowed_models]
+    micro = await request.app.state.billing.balance(principal.account_id)
+    chosen = request.query_params.get("model", "")
+    return web.render(
+        request,
+        "playground.html",
+        models=models,
+        chosen=chosen,
+        credits=format_credits(micro),
+        placeholder=docs.KEY_PLACEHOLDER,
+    )

@@ -1,0 +1,128 @@
+"""Rendering and request plumbing shared by the console's pages: templates, the
+security headers every page carries, form bodies and their CSRF check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+from fastapi import Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+from servelm.console import session
+from servelm.errors import InvalidRequest, PayloadTooLarge, PermissionDenied
+from servelm.money import format_credits
+
+HERE = Path(__file__).parent
+STATIC = HERE / "static"
+
+_env = Environment(
+    loader=FileSystemLoader(HERE / "templates"),
+    autoescape=select_autoescape(default=True, default_for_string=True),
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+_env.filters["credits"] = format_credits
+
+# Scripts and styles only from our own origin: no inline script can run, whatever
+# text a model or an account name smuggles into a page.
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+    "frame-ancestors 'none'"
+)
+SECURITY_HEADERS = {
+    "content-security-policy": CSP,
+    "x-content-type-options": "nosniff",
+    "x-frame-options": "DENY",
+    "referrer-policy": "same-origin",
+    "cache-control": "no-store",
+}
+
+
+def secret(request: Request) -> bytes:
+    return session.app_secret(request.app)
+
+
+def secure_cookies(request: Request) -> bool:
+    return request.url.scheme == "https"
+
+
+def csrf_nonce(request: Request) -> tuple[str, bool]:
+    """This browser's CSRF nonce, and whether it is new (to be set as a cookie)."""
+    nonce = request.cookies.get(session.CSRF_COOKIE)
+    if nonce and 16 <= len(nonce) <= 64:
+        return nonce, False
+    return session.new_nonce(), True
+
+
+def set_cookie(request: Request, response: Response, name: str, value: str, ttl: int) -> None:
+    response.set_cookie(
+        name,
+        value,
+        max_age=ttl,
+        httponly=True,
+        samesite="strict",
+        secure=secure_cookies(request),
+        path="/",
+    )
+
+
+def render(request: Request, template: str, status_code: int = 200, **context: Any) -> HTMLResponse:
+    nonce, fresh = csrf_nonce(request)
+    context.setdefault("signed_in", session_payload(request) is not None)
+    html = _env.get_template(template).render(
+        request=request,
+        csrf_token=session.csrf_token(secret(request), nonce),
+        base_url=base_url(request),
+        **context,
+    )
+    response = HTMLResponse(html, status_code=status_code, headers=SECURITY_HEADERS)
+    if fresh:
+        set_cookie(request, response, session.CSRF_COOKIE, nonce, 30 * 24 * 3600)
+    return response
+
+
+def redirect(url: str) -> RedirectResponse:
+    return RedirectResponse(url, status_code=303, headers=SECURITY_HEADERS)
+
+
+def base_url(request: Request) -> str:
+    return str(request.base_url).rstrip("/")
+
+
+async def form(request: Request) -> dict[str, str]:
+    """A urlencoded form body, once its CSRF token checks out (a dependency of every
+    form route: a post without the token does nothing and gets 403)."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/x-www-form-urlencoded":
+        raise InvalidRequest("Expected a form post (application/x-www-form-urlencoded).")
+    raw = await request.body()
+    if len(raw) > 64 * 1024:
+        raise PayloadTooLarge("The form is larger than 64 KiB.")
+    fields = {k: v[0] for k, v in parse_qs(raw.decode("utf-8", "replace")).items()}
+    nonce = request.cookies.get(session.CSRF_COOKIE)
+    if not session.csrf_ok(secret(request), nonce, fields.get(session.CSRF_FIELD)):
+        raise PermissionDenied("Missing or invalid CSRF token; reload the page and retry.")
+    return fields
+
+
+def session_payload(request: Request) -> dict[str, Any] | None:
+    payload = session.unsign(secret(request), request.cookies.get(session.SESSION_COOKIE))
+    if payload is None or payload.get("sub") != "key":
+        return None
+    return payload
+
+
+def operator_payload(request: Request) -> dict[str, Any] | None:
+    token: str | None = request.app.state.settings.admin_token
+    if not token:
+        return None
+    payload = session.unsign(secret(request), request.cookies.get(session.OPERATOR_COOKIE))
+    if payload is None or payload.get("sub") != "admin":
+        return None
+    if payload.get("tf") != session.admin_fingerprint(token):
+        return None
+    return payload
