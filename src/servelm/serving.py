@@ -18,7 +18,7 @@ import hashlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,18 +71,13 @@ class JsonReply:
 
 @dataclass
 class StreamReply:
-    """Headers to send now, then ``chunks()`` as SSE. The first chunk was already
-    produced, so errors the engine reports up front were still a proper status.
+    """Headers to send now, then ``first`` and ``rest`` as SSE. The first chunk was
+    already produced, so errors the engine reports up front were still a proper status.
     Whoever takes it must ``aclose()`` it, sent or not: that settles the request."""
 
     headers: dict[str, str]
     first: dict[str, Any]
     rest: AsyncGenerator[dict[str, Any]]
-
-    async def chunks(self) -> AsyncIterator[dict[str, Any]]:
-        yield self.first
-        async for chunk in self.rest:
-            yield chunk
 
     async def aclose(self) -> None:
         await self.rest.aclose()

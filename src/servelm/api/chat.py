@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 
 from starlette.types import Message, Receive, Scope, Send
 
@@ -94,7 +94,7 @@ class _Connection:
             session_key_id=self._session_key_id(),
         )
         try:
-            async with self._cancel_on_disconnect():
+            with self._cancel_on_disconnect():
                 reply = await service.handle(exchange)
                 if isinstance(reply, StreamReply):
                     await self._write_stream(reply)
@@ -167,7 +167,9 @@ class _Connection:
         try:
             headers = [*_SSE_HEADERS, *((k.encode(), v.encode()) for k, v in reply.headers.items())]
             await self._start(200, headers)
-            async for chunk in reply.chunks():
+            # No generator around first + rest: each layer costs a resumption per chunk.
+            await self._body(sse(reply.first))
+            async for chunk in reply.rest:
                 await self._body(sse(chunk))
             self.finished = True
             await self._body(_DONE, more=False)
@@ -193,8 +195,8 @@ class _Connection:
 
     # -- the client hanging up -------------------------------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def _cancel_on_disconnect(self) -> AsyncIterator[None]:
+    @contextlib.contextmanager
+    def _cancel_on_disconnect(self) -> Iterator[None]:
         """Inside, a client hang-up (noticed once the body is read) cancels this task,
         and so the generation; it leaves as ClientGone."""
         try:
