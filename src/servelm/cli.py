@@ -100,14 +100,20 @@ def serve(
     except bundled.FetchError as exc:
         err_console.print(f"[yellow]default model not available:[/] {exc}")
     _first_start(settings)
-    uvicorn.run(
+    config = uvicorn.Config(
         asgi,
         host=settings.host,
         port=settings.port,
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=10,
+        # Past this many open connections uvicorn answers 503 itself.
+        limit_concurrency=settings.max_connections,
     )
+    server = uvicorn.Server(config)
+    # SIGTERM drains first (servelm.lifecycle), then tells uvicorn to stop.
+    asgi.state.lifecycle.server = server
+    server.run()
 
 
 def _first_start(settings: Settings) -> None:

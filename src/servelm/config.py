@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -58,6 +59,23 @@ class Settings(BaseModel):
     hold_ttl_seconds: float = 120.0
     log_level: str = "info"
     log_json: bool = False
+
+    # Rate limits (servelm.ratelimit). Keys in Redis start with the prefix.
+    redis_prefix: str = "servelm"
+    # Redis unreachable: "open" decides in this process alone, "closed" answers 503.
+    ratelimit_fail: Literal["open", "closed"] = "open"
+    ratelimit_redis_timeout: float = 0.1
+    # A request in flight that never settles (its process died) leaves the
+    # concurrency count after this long.
+    ratelimit_lease_seconds: float = 900.0
+
+    # Overload and shutdown (servelm.lifecycle).
+    # Open connections uvicorn accepts before answering 503 (None: no cap).
+    max_connections: int | None = None
+    # Chat requests in flight in this process before a quick 503 (None: no cap).
+    max_inflight: int | None = None
+    # After SIGTERM, how long running requests may take to finish.
+    drain_seconds: float = 30.0
 
     # Images in chat content (servelm.media).
     image_max_bytes: int = 10 * 1024 * 1024
@@ -119,9 +137,18 @@ class Settings(BaseModel):
             "SERVELM_IMAGE_ALLOW_HOSTS": "image_allow_hosts",
             "SERVELM_LOG_LEVEL": "log_level",
             "SERVELM_LOG_JSON": "log_json",
+            "SERVELM_REDIS_PREFIX": "redis_prefix",
+            "SERVELM_RATELIMIT_FAIL": "ratelimit_fail",
+            "SERVELM_RATELIMIT_REDIS_TIMEOUT": "ratelimit_redis_timeout",
+            "SERVELM_RATELIMIT_LEASE_SECONDS": "ratelimit_lease_seconds",
+            "SERVELM_MAX_CONNECTIONS": "max_connections",
+            "SERVELM_MAX_INFLIGHT": "max_inflight",
+            "SERVELM_DRAIN_SECONDS": "drain_seconds",
         }
         for var, field in mapping.items():
             if var in os.environ:
                 env[field] = os.environ[var]
+        if os.environ.get("SERVELM_LOG_FORMAT", "").lower() == "json":
+            env["log_json"] = True
         env.update({k: v for k, v in overrides.items() if v is not None})
         return cls.model_validate(env)

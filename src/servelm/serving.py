@@ -36,6 +36,7 @@ from servelm.protocol import (
     parse_chat_request,
     usage_body,
 )
+from servelm.ratelimit import Limiter, Reservation
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,8 @@ class Call:
     # settlement once done.
     held_balance: int | None = None
     settlement: Settlement | None = None
+    # The request's place in its rate-limit windows, settled with the credits.
+    limit: Reservation | None = None
     status: str = "ok"
     completion_id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
@@ -97,8 +100,10 @@ class ChatService:
         metrics: Metrics | None = None,
         billing: Billing | None = None,
         media: ImageLoader | None = None,
+        limiter: Limiter | None = None,
     ) -> None:
         self.catalog = catalog
+        self.limiter = limiter
         self.media = media or ImageLoader(MediaLimits())
         self.engines = engines
         self.metrics = metrics
@@ -163,8 +168,17 @@ class ChatService:
             prompt_exact=exact,
             principal=principal,
         )
+        if principal is not None and self.limiter is not None:
+            # Hook (issue 13): step 5, the rate limit: after authentication and model
+            # rights, before the hold; a refused request holds and charges nothing.
+            call.limit = await self.limiter.acquire(principal, prompt_tokens + max_tokens)
         if principal is not None and self.billing is not None:
-            await self._hold(call, principal)
+            try:
+                await self._hold(call, principal)
+            except BaseException:
+                if call.limit is not None:
+                    await call.limit.release()  # Hook (issue 13): never ran, refund
+                raise
         body["max_tokens"] = call.max_tokens
         return call
 
@@ -344,18 +358,26 @@ class ChatService:
 
     async def _finish(self, call: Call) -> None:
         """Step 9, once per generation, however it ended: finished, failed or abandoned."""
-        if self.metrics is not None:
-            self.metrics.observe_tokens(call.spec.slug, call.prompt_tokens, call.completion_tokens)
-        if call.held_balance is None or self.billing is None:
-            return
-        call.settlement = await self.billing.settle(
-            call.request_id,
-            charge=self.charge(call),
-            prompt_tokens=call.prompt_tokens if call.prompt_exact or call.usage else 0,
-            completion_tokens=call.completion_tokens,
-            status=call.status,
-            latency_ms=int((time.perf_counter() - call.started) * 1000),
-        )
+        try:
+            if self.metrics is not None:
+                self.metrics.observe_tokens(
+                    call.spec.slug, call.prompt_tokens, call.completion_tokens
+                )
+            if call.held_balance is None or self.billing is None:
+                return
+            call.settlement = await self.billing.settle(
+                call.request_id,
+                charge=self.charge(call),
+                prompt_tokens=call.prompt_tokens if call.prompt_exact or call.usage else 0,
+                completion_tokens=call.completion_tokens,
+                status=call.status,
+                latency_ms=int((time.perf_counter() - call.started) * 1000),
+            )
+        finally:
+            if call.limit is not None:
+                # Hook (issue 13): the unused part of the token reservation is free
+                # again, and the request leaves the in-flight count, however it ended.
+                await call.limit.settle(call.prompt_tokens + call.completion_tokens)
 
     @staticmethod
     def charge(call: Call) -> int:

@@ -15,8 +15,8 @@ from fastapi import FastAPI
 from starlette.routing import Match
 from starlette.types import Receive, Scope, Send
 
-from servelm import __version__
-from servelm.api import account, admin, chat, errors, metrics, models
+from servelm import __version__, ratelimit
+from servelm.api import account, admin, chat, errors, health, metrics, models
 from servelm.api.middleware import RequestContextMiddleware
 from servelm.billing.service import Billing
 from servelm.catalog import Catalog, ModelSpec
@@ -25,6 +25,7 @@ from servelm.engines.base import Engine
 from servelm.engines.llamacpp import LlamaCppEngine
 from servelm.engines.upstream import OpenAIUpstreamEngine
 from servelm.errors import ModelUnavailable
+from servelm.lifecycle import Lifecycle
 from servelm.media import ImageLoader
 from servelm.metrics import Metrics
 from servelm.models_file import load_catalog
@@ -86,7 +87,9 @@ class ServelmApp(FastAPI):
         super().__init__(**kw)
         self.chat_routes = chat.routes()
         self._chat_fast = [
-            (route, RequestContextMiddleware(route.app)) for route in self.chat_routes
+            # health.Gate: sheds chat requests while draining or over capacity.
+            (route, RequestContextMiddleware(health.Gate(route.app)))
+            for route in self.chat_routes
         ]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -118,11 +121,28 @@ def create_app(settings: Settings, catalog: Catalog | None = None) -> FastAPI:
         )
         await billing.start()
         app.state.billing = billing
+        # Rate limits, and the channel that tells every gateway about revoked keys.
+        limiter, invalidation = ratelimit.build(
+            settings,
+            db,
+            app.state.metrics.registry,
+            billing.run,
+            forget=billing.forget,
+            forget_account=billing.forget_account,
+            forget_all=billing.forget_all,
+        )
+        invalidation.start()
+        app.state.limiter = limiter
+        app.state.invalidation = invalidation
         engines, unavailable = await start_engines(catalog, settings)
         media = ImageLoader(settings.media_limits())
         app.state.chat = ChatService(
-            catalog, engines, unavailable, app.state.metrics, billing, media
+            catalog, engines, unavailable, app.state.metrics, billing, media, limiter
         )
+        lifecycle: Lifecycle = app.state.lifecycle
+        # After the engines: llama.cpp installs signal handlers of its own; ours win.
+        lifecycle.install_signal_handlers()
+        lifecycle.ready = True
         # Engines belong to this loop; tools that reach in from other threads need it.
         app.state.loop = asyncio.get_running_loop()
         # Everything built so far (modules, the app, the engines) lives as long as the
@@ -133,6 +153,9 @@ def create_app(settings: Settings, catalog: Catalog | None = None) -> FastAPI:
         try:
             yield
         finally:
+            lifecycle.ready = False
+            await invalidation.close()
+            await limiter.close()
             await media.aclose()
             for engine in engines.values():
                 await engine.close()
@@ -151,8 +174,10 @@ def create_app(settings: Settings, catalog: Catalog | None = None) -> FastAPI:
         lambda: app.state.chat.engines if hasattr(app.state, "chat") else {}
     )
     app.state.started_at = int(time.time())
+    app.state.lifecycle = Lifecycle(settings.drain_seconds, settings.max_inflight)
     errors.install(app)
     app.include_router(metrics.router)
+    app.include_router(health.router)
     app.include_router(admin.router)
     app.include_router(account.router)
     app.include_router(models.router)
@@ -163,7 +188,7 @@ def create_app(settings: Settings, catalog: Catalog | None = None) -> FastAPI:
     app.add_middleware(RequestContextMiddleware)
 
     @app.get("/health", include_in_schema=False)
-    async def health() -> dict[str, object]:
+    async def health_models() -> dict[str, object]:
         engines = app.state.chat.engines
         return {"status": "ok", "models": {slug: e.describe() for slug, e in engines.items()}}
 

@@ -10,6 +10,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from servelm.logs import request_id_var
 from servelm.metrics import route_family
+from servelm.ratelimit import response_headers
 
 log = logging.getLogger("servelm.access")
 
@@ -44,7 +45,9 @@ class RequestContextMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", []), header]
+                # response_headers (issue 13): the request's x-ratelimit-* and
+                # RateLimit fields, once the limiter has counted it.
+                message["headers"] = [*message.get("headers", []), header, *response_headers()]
             await send(message)
 
         try:

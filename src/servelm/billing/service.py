@@ -147,6 +147,19 @@ class Billing:
             raise AuthenticationError("This API key has expired.")
         return principal
 
+    # Invalidation (servelm.ratelimit.invalidation): a key revoked or changed on any
+    # gateway is looked up afresh here at its next use.
+    def forget(self, key_id: str) -> None:
+        self._keys.pop(key_id, None)
+
+    def forget_account(self, account_id: int) -> None:
+        for key_id, (_, principal, _) in list(self._keys.items()):
+            if principal is not None and principal.account_id == account_id:
+                self._keys.pop(key_id, None)
+
+    def forget_all(self) -> None:
+        self._keys.clear()
+
     @staticmethod
     def check_model(principal: Principal, slug: str) -> None:
         if principal.allowed_models is not None and slug not in principal.allowed_models:

@@ -1,0 +1,73 @@
+"""Operator probes: ``/healthz`` (the process is alive and its loop turns) and
+``/readyz`` (database reachable, models loaded, not draining), plus the gate in front
+of the chat routes that sheds requests while draining or over capacity."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from servelm.api.errors import dialect_for_path, error_response
+from servelm.errors import ServelmError
+from servelm.lifecycle import Lifecycle
+
+router = APIRouter()
+
+
+@router.get("/healthz", include_in_schema=False)
+async def healthz() -> dict[str, str]:
+    # Nothing to wait on: answered by the loop alone, so it stays fast while engines
+    # and the database are busy.
+    return {"status": "alive"}
+
+
+def _ping(request: Request) -> None:
+    with request.app.state.billing.db.read() as conn:
+        conn.execute(text("SELECT 1"))
+
+
+@router.get("/readyz", include_in_schema=False)
+async def readyz(request: Request) -> JSONResponse:
+    life: Lifecycle = request.app.state.lifecycle
+    problems: list[str] = []
+    if life.draining:
+        problems.append("draining")
+    elif not life.ready:
+        problems.append("starting")
+    else:
+        chat = request.app.state.chat
+        if not chat.engines:
+            problems.append("no model loaded")
+        try:
+            await asyncio.wait_for(request.app.state.billing.run(_ping, request), 1.0)
+        except Exception as exc:
+            problems.append(f"database: {type(exc).__name__}")
+    if problems:
+        return JSONResponse({"status": "unavailable", "problems": problems}, status_code=503)
+    return JSONResponse({"status": "ready"})
+
+
+class Gate:
+    """Wraps a chat route: sheds a request quickly while draining or past
+    ``SERVELM_MAX_INFLIGHT``, and tracks the ones admitted for the drain."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        life: Lifecycle | None = getattr(scope["app"].state, "lifecycle", None)
+        if life is None:
+            await self.app(scope, receive, send)
+            return
+        try:
+            life.admit()
+        except ServelmError as exc:
+            response = error_response(exc, dialect_for_path(scope["path"]))
+            await response(scope, receive, send)
+            return
+        with life.track():
+            await self.app(scope, receive, send)
