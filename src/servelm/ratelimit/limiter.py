@@ -194,11 +194,11 @@ class Limiter:
                 raise Overloaded(
                     "The rate limiter is unavailable; try again shortly.", retry_after=1
                 )
-        return self.memory.acquire(rid, tokens, policy.scopes, self.lease_ms), "memory"
+        return await self.memory.acquire(rid, tokens, policy.scopes, self.lease_ms), "memory"
 
     async def _settle(self, res: Reservation, tokens: int) -> None:
         if res.store == "memory":
-            self.memory.settle(res.rid, tokens, res.policy.scopes)
+            await self.memory.settle(res.rid, tokens, res.policy.scopes)
             return
         assert self.redis is not None
         try:

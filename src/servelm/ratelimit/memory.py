@@ -42,7 +42,9 @@ class MemoryStore:
         for rid in [r for r, end in c.leases.items() if end <= now]:
             del c.leases[rid]
 
-    def acquire(self, rid: str, tokens: int, scopes: tuple[Scope, ...], lease_ms: int) -> Decision:
+    async def acquire(
+        self, rid: str, tokens: int, scopes: tuple[Scope, ...], lease_ms: int
+    ) -> Decision:
         now = self.now_ms()
         states: list[ScopeState] = []
         refusal: tuple[str, str, int] | None = None
@@ -93,7 +95,7 @@ class MemoryStore:
                 c.leases[rid] = now + lease_ms
         return Decision(True, states)
 
-    def settle(self, rid: str, tokens: int, scopes: tuple[Scope, ...]) -> None:
+    async def settle(self, rid: str, tokens: int, scopes: tuple[Scope, ...]) -> None:
         for s in scopes:
             c = self._scopes.get(s.name)
             if c is None:
