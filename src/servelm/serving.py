@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from servelm import logs
 from servelm.billing.holds import NotEnoughCredits, Settlement, affordable_max_tokens
 from servelm.billing.service import Billing, Principal
 from servelm.catalog import Catalog, ModelSpec, format_credits, price_micro
@@ -87,6 +88,7 @@ class Call:
     started: float = field(default_factory=time.perf_counter)
     # What actually happened, filled in while generating.
     completion_tokens: int = 0
+    last_token: float | None = None  # when the last token arrived (perf_counter)
     finish_reason: str | None = None
     usage: dict[str, Any] | None = None
 
@@ -338,8 +340,10 @@ class ChatService:
                     if choice.get("finish_reason"):
                         call.finish_reason = choice["finish_reason"]
                     delta = choice.get("delta") or {}
-                    if call.usage is None and (delta.get("content") or delta.get("tool_calls")):
-                        call.completion_tokens += 1
+                    if delta.get("content") or delta.get("tool_calls"):
+                        self._token_seen(call)  # hook (issue 13): TTFT and ITL
+                        if call.usage is None:
+                            call.completion_tokens += 1
                 yield raw
             call.status = "ok"
         except ServelmError:
@@ -355,6 +359,27 @@ class ChatService:
                 await stream.aclose()
             finally:
                 await self._finish(call)
+
+    def _token_seen(self, call: Call) -> None:
+        now = time.perf_counter()
+        if self.metrics is not None:
+            last = call.last_token
+            self.metrics.observe_token(call.spec.slug, now - (last or call.started), last is None)
+        call.last_token = now
+
+    def _observe_end(self, call: Call) -> None:
+        """Metrics and the access-log line of a generation that ended (issue 13)."""
+        charged = call.settlement.charged if call.settlement is not None else 0
+        if self.metrics is not None:
+            seconds = time.perf_counter() - call.started
+            self.metrics.observe_generation(call.spec.slug, call.status, seconds, charged)
+        logs.annotate(
+            model=call.spec.slug,
+            prompt_tokens=call.prompt_tokens,
+            completion_tokens=call.completion_tokens,
+            cost=format_credits(charged),
+            outcome=call.status,
+        )
 
     async def _finish(self, call: Call) -> None:
         """Step 9, once per generation, however it ended: finished, failed or abandoned."""
@@ -374,6 +399,7 @@ class ChatService:
                 latency_ms=int((time.perf_counter() - call.started) * 1000),
             )
         finally:
+            self._observe_end(call)  # hook (issue 13): histograms, access-log fields
             if call.limit is not None:
                 # Hook (issue 13): the unused part of the token reservation is free
                 # again, and the request leaves the in-flight count, however it ended.

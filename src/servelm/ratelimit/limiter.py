@@ -31,6 +31,7 @@ from typing import Any, Literal, Protocol
 
 from prometheus_client import CollectorRegistry, Counter
 
+from servelm import logs
 from servelm.errors import Overloaded, RateLimited
 from servelm.ratelimit.memory import MemoryStore
 from servelm.ratelimit.policy import Plan, Policy, build_policy, read_key_limits
@@ -163,6 +164,7 @@ class Limiter:
     async def acquire(self, principal: Caller, tokens: int) -> Reservation:
         """Admit a request that may use ``tokens`` (prompt + max output), or raise
         ``RateLimited`` (429) / ``Overloaded`` (503, fail-closed with Redis down)."""
+        logs.annotate(key_id=principal.key_id, account_id=principal.account_id)
         policy = await self.policy(principal)
         rid = uuid.uuid4().hex
         if policy.unlimited:
