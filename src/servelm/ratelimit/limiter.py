@@ -219,14 +219,16 @@ class Limiter:
 
 def _message(d: Decision) -> str:
     whose = "this API key" if d.scope.startswith("k:") else "this account"
+    window = next((s.scope.window_ms for s in d.states if s.scope.name == d.scope), 60_000)
+    per = "minute" if window == 60_000 else f"{window / 1000:g} s"
     if d.reason == "tokens_too_large":
         return (
-            f"Rate limit reached: the request may use more tokens than {whose} is allowed "
-            "per window in all; lower max_tokens or shorten the prompt."
+            f"Rate limit reached: the request may use more tokens than {whose} may use "
+            f"per {per} in all; lower max_tokens or shorten the prompt."
         )
     what = {
-        "requests": "requests per minute",
-        "tokens": "tokens per minute",
+        "requests": f"requests per {per}",
+        "tokens": f"tokens per {per}",
         "concurrency": "requests in flight",
     }.get(d.reason, d.reason)
     return f"Rate limit reached for {whose}: {what}. Try again in {d.retry_after} s."
