@@ -163,3 +163,28 @@ def _drain_and_check(gw: procs.Gateway, key: str, db: Database, env: dict[str, s
         assert {"account_id", "prompt_tokens", "completion_tokens", "cost", "ms"} <= set(entry)
     secret = key.split("_", 2)[2]
     assert key not in text and secret not in text
+
+
+@pytest.mark.timeout(300)
+def test_a_second_signal_exits_at_once(tmp_path: Path, models_dir: Path) -> None:
+    env = procs.gateway_env(
+        tmp_path / "data", models_dir, SERVELM_DRAIN_SECONDS="120", SERVELM_SLOTS="1"
+    )
+    (gw,) = procs.start(env, tmp_path / "logs")
+    try:
+        key = provision(Database(f"sqlite:///{tmp_path / 'data' / 'servelm.db'}"), "impatient", 100)
+        stream = Stream(f"{gw.base_url}/v1/chat/completions", key, 1500)
+        stream.start()
+        assert stream.started.wait(60) and stream.status == 200
+        gw.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{gw.base_url}/readyz", timeout=5).status_code == 200:
+            assert time.monotonic() < deadline, "never started draining"
+            time.sleep(0.05)
+        gw.proc.send_signal(signal.SIGTERM)
+        # Far sooner than the 120 s drain: the second signal does not wait.
+        assert gw.proc.wait(timeout=30) == 1
+        stream.join(timeout=30)
+        assert stream.events[-1] != "[DONE]"
+    finally:
+        gw.stop()
