@@ -37,11 +37,13 @@ for i = 0, n - 1 do
   redis.call('ZREMRANGEBYSCORE', rq, '-inf', now - win)
   local gone = redis.call('ZRANGEBYSCORE', tk, '-inf', now - win)
   if #gone > 0 then
-    local amounts = redis.call('HMGET', th, unpack(gone))
+    -- One id at a time: unpack() of a long list would overflow Lua's stack.
     local freed = 0
-    for _, a in ipairs(amounts) do freed = freed + (tonumber(a) or 0) end
+    for _, id in ipairs(gone) do
+      freed = freed + tonumber(redis.call('HGET', th, id) or '0')
+      redis.call('HDEL', th, id)
+    end
     redis.call('HINCRBY', th, '_sum', -freed)
-    redis.call('HDEL', th, unpack(gone))
     redis.call('ZREMRANGEBYSCORE', tk, '-inf', now - win)
   end
   redis.call('ZREMRANGEBYSCORE', cc, '-inf', now)
