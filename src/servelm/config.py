@@ -76,6 +76,10 @@ class Settings(BaseModel):
     max_inflight: int | None = None
     # After SIGTERM, how long running requests may take to finish.
     drain_seconds: float = 30.0
+    # One deadline per chat request (image fetches, queueing, generation); a client
+    # may ask for less. And how long one write may wait on a client that reads slowly.
+    request_timeout: float = 600.0
+    send_timeout: float = 30.0
 
     # Images in chat content (servelm.media).
     image_max_bytes: int = 10 * 1024 * 1024
@@ -144,6 +148,8 @@ class Settings(BaseModel):
             "SERVELM_MAX_CONNECTIONS": "max_connections",
             "SERVELM_MAX_INFLIGHT": "max_inflight",
             "SERVELM_DRAIN_SECONDS": "drain_seconds",
+            "SERVELM_REQUEST_TIMEOUT": "request_timeout",
+            "SERVELM_SEND_TIMEOUT": "send_timeout",
         }
         for var, field in mapping.items():
             if var in os.environ:

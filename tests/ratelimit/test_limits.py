@@ -9,6 +9,7 @@ Windows are a minute, except for the retry test, whose account is on a plan with
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -195,3 +196,25 @@ def test_concurrency_limit_refuses_a_second_request_in_flight(limited: LiveServe
         timeout=60,
     )
     assert after.status_code == 200, after.text
+
+
+def test_deadline_stops_a_request_the_client_asked_to_bound(limited: LiveServer) -> None:
+    key = new_key(limited, "deadline")
+    headers = {"x-api-key": key, "x-request-timeout": "1"}
+    long = {"model": SLUG, "messages": HI, "max_tokens": 1500, "ignore_eos": True}
+    with httpx.Client(base_url=limited.v1, headers=headers, timeout=60) as http:
+        plain = http.post("/chat/completions", json=long)
+        assert plain.status_code == 504, plain.text
+        assert plain.json()["error"]["code"] == "deadline_exceeded"
+        # Long enough for the first token on a busy machine, far too short for 1500.
+        streamed = {**long, "stream": True}
+        with http.stream(
+            "POST", "/chat/completions", json=streamed, headers={"x-request-timeout": "5"}
+        ) as r:
+            assert r.status_code == 200
+            events = [line for line in r.iter_lines() if line.startswith("data: ")]
+    last = json.loads(events[-1].removeprefix("data: "))
+    assert last["error"]["code"] == "deadline_exceeded"
+    assert "data: [DONE]" not in events
+    account = accounts.get_account(limited.db, "deadline")
+    assert account.held == 0

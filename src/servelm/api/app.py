@@ -154,6 +154,7 @@ def create_app(settings: Settings, catalog: Catalog | None = None) -> FastAPI:
             yield
         finally:
             lifecycle.ready = False
+            await lifecycle.close()
             await invalidation.close()
             await limiter.close()
             await media.aclose()
@@ -174,7 +175,12 @@ def create_app(settings: Settings, catalog: Catalog | None = None) -> FastAPI:
         lambda: app.state.chat.engines if hasattr(app.state, "chat") else {}
     )
     app.state.started_at = int(time.time())
-    app.state.lifecycle = Lifecycle(settings.drain_seconds, settings.max_inflight)
+    app.state.lifecycle = Lifecycle(
+        settings.drain_seconds,
+        settings.max_inflight,
+        settings.request_timeout,
+        settings.send_timeout,
+    )
     errors.install(app)
     app.include_router(metrics.router)
     app.include_router(health.router)

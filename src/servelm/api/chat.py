@@ -259,7 +259,8 @@ class _Exchange:
             yield
         except asyncio.CancelledError:
             if not self._cancelled_by_watcher():
-                # Hook (issue 13): stopped by the drain → an error (event), not a drop.
+                # Hook (issue 13): stopped by the drain or the deadline → an error
+                # (an event on a stream), not a dropped connection.
                 self.scope["app"].state.lifecycle.raise_if_stopped()
                 raise  # server shutdown
             raise ClientGone from None

@@ -9,11 +9,11 @@ import asyncio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from servelm.api.errors import dialect_for_path, error_response
 from servelm.errors import ServelmError
-from servelm.lifecycle import Lifecycle
+from servelm.lifecycle import SLOW_CLIENT, Lifecycle
 
 router = APIRouter()
 
@@ -53,7 +53,9 @@ async def readyz(request: Request) -> JSONResponse:
 
 class Gate:
     """Wraps a chat route: sheds a request quickly while draining or past
-    ``SERVELM_MAX_INFLIGHT``, and tracks the ones admitted for the drain."""
+    ``SERVELM_MAX_INFLIGHT``, tracks the ones admitted (for the drain, the deadline and
+    the send timeout), and answers for a request the lifecycle stopped before it
+    could answer for itself."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -66,8 +68,45 @@ class Gate:
         try:
             life.admit()
         except ServelmError as exc:
-            response = error_response(exc, dialect_for_path(scope["path"]))
-            await response(scope, receive, send)
+            await self._error(exc, scope, receive, send)
             return
-        with life.track():
-            await self.app(scope, receive, send)
+        loop = asyncio.get_running_loop()
+        started = False
+        with life.track(_asked_timeout(scope)) as flight:
+
+            async def watched(message: Message) -> None:
+                nonlocal started
+                started = started or message["type"] == "http.response.start"
+                flight.sending = loop.time()
+                try:
+                    await send(message)
+                finally:
+                    flight.sending = None
+
+            try:
+                await self.app(scope, receive, watched)
+            except asyncio.CancelledError:
+                reason = life.stopped_reason()
+                if reason is None:
+                    raise
+                if not started and reason != SLOW_CLIENT:
+                    await self._error(life.error_for(reason), scope, receive, send)
+
+    @staticmethod
+    async def _error(exc: ServelmError, scope: Scope, receive: Receive, send: Send) -> None:
+        response = error_response(exc, dialect_for_path(scope["path"]))
+        await response(scope, receive, send)
+
+
+def _asked_timeout(scope: Scope) -> float | None:
+    """A client may ask for a shorter deadline: ``x-request-timeout`` in seconds, or
+    the timeout the openai SDKs announce in ``x-stainless-timeout``."""
+    for name, value in scope["headers"]:
+        if name in (b"x-request-timeout", b"x-stainless-timeout"):
+            try:
+                seconds = float(value)
+            except ValueError:
+                continue
+            if seconds > 0:
+                return seconds
+    return None
