@@ -215,6 +215,12 @@ class Authenticator:
         """Drop a cached lookup (a key revoked here or, via pub/sub, elsewhere)."""
         self._cache.pop(key_id, None)
 
+    def forget_account(self, account_id: int) -> None:
+        """Drop every cached key of an account (its plan or keys changed elsewhere)."""
+        for key_id, cached in list(self._cache.items()):
+            if cached.principal is not None and cached.principal.account_id == account_id:
+                del self._cache[key_id]
+
     def forget_all(self) -> None:
         self._cache.clear()
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -89,6 +89,49 @@ class Settings(BaseSettings):
     )
     log_level: str = Field(default="info", description="debug, info, warning or error")
     log_json: bool = Field(default=False, description="one JSON object per log line")
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="`json` is the same as SERVELM_LOG_JSON=1"
+    )
+
+    # Rate limits (servelm.ratelimit).
+    redis_url: str | None = Field(
+        default=None,
+        description="`redis://…`: rate limits and key revocations shared by every gateway "
+        "(default: limits per process)",
+    )
+    redis_prefix: str = Field(default="servelm", description="prefix of servelm's Redis keys")
+    ratelimit_fail: Literal["open", "closed"] = Field(
+        default="open",
+        description="Redis unreachable: `open` limits per process, `closed` answers 503",
+    )
+    ratelimit_redis_timeout: float = Field(
+        default=0.1, gt=0, description="seconds a rate-limit check waits for Redis"
+    )
+    ratelimit_lease_seconds: float = Field(
+        default=900.0,
+        gt=0,
+        description="a request of a dead process leaves the concurrency count after this",
+    )
+
+    # Overload and shutdown (servelm.lifecycle).
+    max_connections: int | None = Field(
+        default=None, gt=0, description="open connections before 503 (default: no cap)"
+    )
+    max_inflight: int | None = Field(
+        default=None, gt=0, description="chat requests in flight before a quick 503 (no cap)"
+    )
+    drain_seconds: float = Field(
+        default=30.0, ge=0, description="after SIGTERM, how long running requests may finish"
+    )
+    request_timeout: float = Field(
+        default=600.0,
+        gt=0,
+        description="one deadline per chat request (images, queue, generation); a client "
+        "may ask for less with `x-request-timeout`",
+    )
+    send_timeout: float = Field(
+        default=30.0, gt=0, description="how long one write may wait on a slow reader"
+    )
 
     # Images in chat content (servelm.media).
     image_max_bytes: int = Field(
@@ -123,6 +166,10 @@ class Settings(BaseSettings):
             max_images=self.image_max_count,
             allow_hosts=self.image_allow_hosts,
         )
+
+    @property
+    def json_logs(self) -> bool:
+        return self.log_json or self.log_format == "json"
 
     @property
     def model_dir(self) -> Path:

@@ -9,6 +9,18 @@ import sys
 import time
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+# What the request's access-log line says besides method, path and status (key id,
+# account, model, tokens, cost), filled in by the walk as it learns them.
+request_fields: contextvars.ContextVar[dict[str, object] | None] = contextvars.ContextVar(
+    "request_fields", default=None
+)
+
+
+def annotate(**fields: object) -> None:
+    """Add fields to the current request's access-log line (never key material)."""
+    found = request_fields.get()
+    if found is not None:
+        found.update(fields)
 
 
 class _RequestIdFilter(logging.Filter):

@@ -38,11 +38,49 @@ class Metrics:
             ["model", "kind"],
             registry=self.registry,
         )
+        # Per generation (issue 13): time to first token, between tokens, end to end,
+        # and the credits charged. Queue depth is servelm_engine_waiting, read from the
+        # engines at scrape time.
+        self.ttft = Histogram(
+            "servelm_time_to_first_token_seconds",
+            "From the request's start to its first generated token.",
+            ["model"],
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=self.registry,
+        )
+        self.itl = Histogram(
+            "servelm_inter_token_seconds",
+            "Between consecutive generated tokens (chunks) of one generation.",
+            ["model"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=self.registry,
+        )
+        self.e2e = Histogram(
+            "servelm_generation_duration_seconds",
+            "From the request's start to its settlement, however it ended.",
+            ["model", "status"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+            registry=self.registry,
+        )
+        self.charged = Counter(
+            "servelm_credits_charged_micro",
+            "Micro-credits charged at settlement, by model.",
+            ["model"],
+            registry=self.registry,
+        )
         self.registry.register(_EngineCollector(engines))
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         self.requests.labels(route, str(status)).inc()
         self.latency.labels(route).observe(seconds)
+
+    def observe_token(self, model: str, since: float, first: bool) -> None:
+        (self.ttft if first else self.itl).labels(model).observe(since)
+
+    def observe_generation(self, model: str, status: str, seconds: float, charged: int) -> None:
+        self.e2e.labels(model, status).observe(seconds)
+        if charged:
+            self.charged.labels(model).inc(charged)
 
     def observe_tokens(self, model: str, prompt: int, completion: int) -> None:
         self.tokens.labels(model, "prompt").inc(prompt)

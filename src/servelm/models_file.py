@@ -134,7 +134,8 @@ def _read_file(path: Path, builtins: dict[str, ModelSpec], models_dir: Path) -> 
         raise ConfigError(f"{path}: no such models file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    unknown = set(data) - {"models"}
+    # [plans.*] belong to servelm.ratelimit.policy.
+    unknown = set(data) - {"models", "plans"}
     if unknown:
         raise ConfigError(f"{path}: unknown top-level key '{sorted(unknown)[0]}'")
     tables = data.get("models", {})

@@ -22,6 +22,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from servelm import logs
 from servelm.answers import assemble_completion, reorder_stream
 from servelm.api.paths import Dialect
 from servelm.auth import Authenticator, Principal, check_model_rights, key_from_headers
@@ -40,6 +41,7 @@ from servelm.media import ImageLoader, inline_images
 from servelm.metrics import Metrics
 from servelm.money import affordable_max_tokens, format_credits
 from servelm.protocol import ChatRequest, parse_chat_request, usage_body
+from servelm.ratelimit import Limiter, Reservation
 
 log = logging.getLogger(__name__)
 
@@ -100,12 +102,15 @@ class Call:
     # settlement once done.
     held_balance: int | None = None
     settlement: Settlement | None = None
+    # The request's place in its rate-limit windows, settled with the credits.
+    limit: Reservation | None = None
     status: str = "ok"
     completion_id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
     started: float = field(default_factory=time.perf_counter)
     # What actually happened, filled in while generating.
     completion_tokens: int = 0
+    last_token: float | None = None  # when the last token arrived (perf_counter)
     finish_reason: str | None = None
     usage: dict[str, Any] | None = None
 
@@ -121,6 +126,7 @@ class ChatService:
         media: ImageLoader,
         unavailable: dict[str, str] | None = None,
         metrics: Metrics | None = None,
+        limiter: Limiter | None = None,
     ) -> None:
         self.catalog = catalog
         self.engines = engines
@@ -128,6 +134,7 @@ class ChatService:
         self.authenticator = authenticator
         self.media = media
         self.metrics = metrics
+        self.limiter = limiter
         # slug → why it is not served (missing weights, failed load), said in the 503.
         self.unavailable = unavailable or {}
 
@@ -143,6 +150,7 @@ class ChatService:
             if ex.idempotency_key is not None:
                 return await self._idempotent(ex, raw, request, spec, engine, principal)
             call = await self.prepare(ex.request_id, request, spec, engine)
+            await self.check_rate_limit(call, principal)
             await self.hold_credits(call, principal)
             if request.stream:
                 return await self.stream_reply(call)
@@ -208,9 +216,24 @@ class ChatService:
             prompt_exact=exact,
         )
 
+    async def check_rate_limit(self, call: Call, principal: Principal) -> None:
+        """The key's and account's requests, tokens (prompt + max output, reserved now,
+        the unused part refunded at settlement) and concurrency: 429 past any of them.
+        Before the hold, so a refused request holds and charges nothing."""
+        if self.limiter is not None:
+            call.limit = await self.limiter.acquire(principal, call.prompt_tokens + call.max_tokens)
+
     async def hold_credits(self, call: Call, principal: Principal) -> None:
         """Reserve the worst case, or, when the client set no limit, as many output
-        tokens as the balance affords."""
+        tokens as the balance affords. A refused hold gives its rate reservation back."""
+        try:
+            await self._hold(call, principal)
+        except BaseException:
+            if call.limit is not None:
+                await call.limit.release()
+            raise
+
+    async def _hold(self, call: Call, principal: Principal) -> None:
         spec = call.spec
         try:
             amount = spec.cost_micro(call.prompt_tokens, call.max_tokens)
@@ -269,8 +292,10 @@ class ChatService:
                     if choice.get("finish_reason"):
                         call.finish_reason = choice["finish_reason"]
                     delta = choice.get("delta") or {}
-                    if call.usage is None and (delta.get("content") or delta.get("tool_calls")):
-                        call.completion_tokens += 1
+                    if delta.get("content") or delta.get("tool_calls"):
+                        self._token_seen(call)
+                        if call.usage is None:
+                            call.completion_tokens += 1
                 yield raw
             call.status = "ok"
         except ServelmError:
@@ -289,7 +314,8 @@ class ChatService:
 
     async def settle(self, call: Call) -> None:
         """Once per generation, however it ended: finished, failed or abandoned. The
-        money moves first; nothing after it (metrics) can keep a hold open."""
+        money moves first; nothing after it (metrics, the log line) can keep a hold
+        open, and the rate reservation is settled whatever else failed."""
         try:
             if call.held_balance is not None:
                 call.settlement = await self.billing.settle(
@@ -301,10 +327,35 @@ class ChatService:
                     latency_ms=int((time.perf_counter() - call.started) * 1000),
                 )
         finally:
-            if self.metrics is not None:
-                self.metrics.observe_tokens(
-                    call.spec.slug, call.prompt_tokens, call.completion_tokens
-                )
+            try:
+                self._observe_end(call)
+            finally:
+                if call.limit is not None:
+                    # The unused part of the token reservation is free again, and the
+                    # request leaves the in-flight count.
+                    await call.limit.settle(call.prompt_tokens + call.completion_tokens)
+
+    def _token_seen(self, call: Call) -> None:
+        now = time.perf_counter()
+        if self.metrics is not None:
+            last = call.last_token
+            self.metrics.observe_token(call.spec.slug, now - (last or call.started), last is None)
+        call.last_token = now
+
+    def _observe_end(self, call: Call) -> None:
+        """Metrics and the access-log fields of a generation that ended."""
+        charged = call.settlement.charged if call.settlement is not None else 0
+        if self.metrics is not None:
+            self.metrics.observe_tokens(call.spec.slug, call.prompt_tokens, call.completion_tokens)
+            seconds = time.perf_counter() - call.started
+            self.metrics.observe_generation(call.spec.slug, call.status, seconds, charged)
+        logs.annotate(
+            model=call.spec.slug,
+            prompt_tokens=call.prompt_tokens,
+            completion_tokens=call.completion_tokens,
+            cost=format_credits(charged),
+            outcome=call.status,
+        )
 
     def usage(self, call: Call) -> dict[str, Any]:
         extra: dict[str, Any] = {}
@@ -347,6 +398,7 @@ class ChatService:
             return JsonReply(replay.status_code, replay.body, headers)
         try:
             call = await self.prepare(ex.request_id, request, spec, engine)
+            await self.check_rate_limit(call, principal)
             await self.hold_credits(call, principal)
             reply = await self.json_reply(call)
         except BaseException:

@@ -16,6 +16,7 @@ from servelm.auth import check_admin_token
 from servelm.billing import accounts, audit
 from servelm.billing.accounts import Account, KeyRecord
 from servelm.money import format_credits, parse_credits
+from servelm.ratelimit import records as limits
 from servelm.store.db import Database
 
 
@@ -61,13 +62,27 @@ def key_out(k: KeyRecord) -> dict[str, Any]:
 class NewAccount(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=200)
+    plan: str | None = None  # rate-limit plan ([plans.<name>] of the models file)
 
 
-class NewKey(BaseModel):
+class KeyLimits(BaseModel):
+    """A key's own rate limits; a field left out stays, ``null`` removes it."""
+
     model_config = ConfigDict(extra="forbid")
+    rpm: int | None = Field(default=None, ge=0)
+    tpm: int | None = Field(default=None, ge=0)
+    concurrency: int | None = Field(default=None, ge=0)
+
+
+class NewKey(KeyLimits):
     name: str = ""
     allowed_models: list[str] | None = None
     expires_at: datetime | None = None
+
+
+class PlanChange(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    plan: str | None = None
 
 
 class Grant(BaseModel):
@@ -78,7 +93,17 @@ class Grant(BaseModel):
 
 @router.post("/accounts", status_code=201)
 async def create_account(request: Request, body: NewAccount) -> dict[str, Any]:
-    return account_out(await _run(request, accounts.create_account, _db(request), body.name))
+    account = await _run(request, accounts.create_account, _db(request), body.name)
+    if body.plan is not None:
+        await _run(request, limits.set_plan, _db(request), account.id, body.plan)
+    return {**account_out(account), "plan": body.plan}
+
+
+@router.put("/accounts/{account_id}/plan")
+async def set_plan(request: Request, account_id: int, body: PlanChange) -> dict[str, Any]:
+    await _run(request, limits.set_plan, _db(request), account_id, body.plan)
+    await request.app.state.invalidation.account_changed(account_id)
+    return {"account_id": account_id, "plan": body.plan}
 
 
 @router.get("/accounts")
@@ -110,8 +135,26 @@ async def create_key(request: Request, account_id: int, body: NewKey) -> dict[st
         body.allowed_models,
         body.expires_at,
     )
-    # The only time the plaintext exists outside the caller's hands.
-    return {**key_out(record), "key": plaintext}
+    out = {**key_out(record), "key": plaintext}  # the only time the plaintext is shown
+    given = body.model_dump(include=body.model_fields_set & {"rpm", "tpm", "concurrency"})
+    if given:
+        over = await _run(request, limits.set_key_limits, _db(request), record.key_id, **given)
+        out["limits"] = over.as_dict()
+    return out
+
+
+@router.get("/keys/{key_id}/limits")
+async def get_key_limits(request: Request, key_id: str) -> dict[str, Any]:
+    over = await _run(request, limits.get_key_limits, _db(request), key_id)
+    return {"key_id": key_id, **over.as_dict()}
+
+
+@router.put("/keys/{key_id}/limits")
+async def set_key_limits(request: Request, key_id: str, body: KeyLimits) -> dict[str, Any]:
+    given = body.model_dump(include=body.model_fields_set)
+    over = await _run(request, limits.set_key_limits, _db(request), key_id, **given)
+    await request.app.state.invalidation.key_changed(key_id)
+    return {"key_id": key_id, **over.as_dict()}
 
 
 @router.get("/keys")
@@ -122,7 +165,10 @@ async def list_keys(request: Request, account_id: int | None = None) -> dict[str
 
 @router.post("/keys/{key_id}/revoke")
 async def revoke_key(request: Request, key_id: str) -> dict[str, Any]:
-    return key_out(await _run(request, accounts.revoke_key, _db(request), key_id))
+    record = await _run(request, accounts.revoke_key, _db(request), key_id)
+    # Every gateway sharing Redis drops the key from its cache now, not in 5 s.
+    await request.app.state.invalidation.key_changed(key_id)
+    return key_out(record)
 
 
 @router.get("/usage")

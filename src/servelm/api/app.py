@@ -15,8 +15,8 @@ from fastapi import FastAPI
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from servelm import __version__
-from servelm.api import account, admin, errors, metrics, models, openapi
+from servelm import __version__, ratelimit
+from servelm.api import account, admin, errors, health, metrics, models, openapi
 from servelm.api.chat import ChatRoute
 from servelm.api.middleware import RequestContextMiddleware
 from servelm.api.paths import OPENAI_CHAT, is_reserved
@@ -30,6 +30,7 @@ from servelm.engines.base import Engine
 from servelm.engines.llamacpp import LlamaCppEngine
 from servelm.engines.upstream import OpenAIUpstreamEngine
 from servelm.errors import ModelUnavailable
+from servelm.lifecycle import Lifecycle
 from servelm.media import ImageLoader
 from servelm.metrics import Metrics
 from servelm.models_file import load_catalog
@@ -141,11 +142,12 @@ class _SegmindRoute(Route):
 
 def chat_routes() -> list[Route]:
     """The two chat routes (OpenAI's also with a trailing slash: never a redirect)."""
-    openai = ChatRoute("openai")
+    # health.Gate: sheds chat requests while draining or over capacity.
+    openai = health.Gate(ChatRoute("openai"))
     return [
         Route(OPENAI_CHAT, openai, methods=["POST"]),
         Route(OPENAI_CHAT + "/", openai, methods=["POST"]),
-        _SegmindRoute("/v1/{model}", ChatRoute("segmind"), methods=["POST"]),
+        _SegmindRoute("/v1/{model}", health.Gate(ChatRoute("segmind")), methods=["POST"]),
     ]
 
 
@@ -169,6 +171,19 @@ def create_app(
         await billing.start()
         app.state.billing = billing
         authenticator = Authenticator(billing.find_key, cache_seconds=settings.key_cache_seconds)
+        # Rate limits, and the channel that tells every gateway about revoked keys.
+        limiter, invalidation = ratelimit.build(
+            settings,
+            db,
+            app.state.metrics.registry,
+            billing.run,
+            forget=authenticator.forget,
+            forget_account=authenticator.forget_account,
+            forget_all=authenticator.forget_all,
+        )
+        invalidation.start()
+        app.state.limiter = limiter
+        app.state.invalidation = invalidation
         engines, unavailable = await start_engines(catalog, settings, engine_factory)
         media = ImageLoader(settings.media_limits())
         app.state.chat = ChatService(
@@ -179,7 +194,12 @@ def create_app(
             media=media,
             unavailable=unavailable,
             metrics=app.state.metrics,
+            limiter=limiter,
         )
+        lifecycle: Lifecycle = app.state.lifecycle
+        # After the engines: llama.cpp installs signal handlers of its own; ours win.
+        lifecycle.install_signal_handlers()
+        lifecycle.ready = True
         # Engines belong to this loop; tools that reach in from other threads need it.
         app.state.loop = asyncio.get_running_loop()
         # Everything built so far (modules, the app, the engines) lives as long as the
@@ -190,6 +210,10 @@ def create_app(
         try:
             yield
         finally:
+            lifecycle.ready = False
+            await lifecycle.close()
+            await invalidation.close()
+            await limiter.close()
             await media.aclose()
             for engine in engines.values():
                 await engine.close()
@@ -208,9 +232,16 @@ def create_app(
         lambda: app.state.chat.engines if hasattr(app.state, "chat") else {}
     )
     app.state.started_at = int(time.time())
+    app.state.lifecycle = Lifecycle(
+        settings.drain_seconds,
+        settings.max_inflight,
+        settings.request_timeout,
+        settings.send_timeout,
+    )
     app.router.redirect_slashes = False  # a redirect would turn a POST into a GET
     errors.install(app)
     app.include_router(metrics.router)
+    app.include_router(health.router)
     app.include_router(admin.router)
     app.include_router(account.router)
     app.include_router(models.router)
@@ -224,7 +255,7 @@ def create_app(
     app.add_middleware(RequestContextMiddleware)
 
     @app.get("/health", include_in_schema=False)
-    async def health() -> dict[str, object]:
+    async def health_models() -> dict[str, object]:
         engines = app.state.chat.engines
         return {"status": "ok", "models": {slug: e.describe() for slug, e in engines.items()}}
 

@@ -204,7 +204,10 @@ class _Connection:
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if not self._gone or task is None:
-                raise  # server shutdown
+                # Stopped by the drain or the request's deadline: an error (an event on
+                # a stream), not a dropped connection. Otherwise the server is exiting.
+                self.scope["app"].state.lifecycle.raise_if_stopped()
+                raise
             task.uncancel()
             raise ClientGone from None
         finally:

@@ -9,7 +9,8 @@ import time
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from servelm.api.paths import route_family
-from servelm.logs import request_id_var
+from servelm.logs import request_fields, request_id_var
+from servelm.ratelimit import response_headers
 
 log = logging.getLogger("servelm.access")
 
@@ -36,6 +37,8 @@ class RequestContextMiddleware:
         request_id = new_request_id()
         scope.setdefault("state", {})["request_id"] = request_id
         token = request_id_var.set(request_id)
+        fields: dict[str, object] = {}
+        fields_token = request_fields.set(fields)
         started = time.perf_counter()
         status = 0
         header = (b"x-request-id", request_id.encode())
@@ -44,7 +47,9 @@ class RequestContextMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", []), header]
+                # response_headers (issue 13): the request's x-ratelimit-* and
+                # RateLimit fields, once the limiter has counted it.
+                message["headers"] = [*message.get("headers", []), header, *response_headers()]
             await send(message)
 
         try:
@@ -59,6 +64,7 @@ class RequestContextMiddleware:
                 scope["method"],
                 scope["path"],
                 status,
-                extra={"fields": {"ms": round(elapsed * 1000, 2)}},
+                extra={"fields": {"status": status, "ms": round(elapsed * 1000, 2), **fields}},
             )
+            request_fields.reset(fields_token)
             request_id_var.reset(token)

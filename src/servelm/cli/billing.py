@@ -16,9 +16,11 @@ from rich.table import Table
 
 from servelm.billing import accounts as acct
 from servelm.billing import audit
+from servelm.cli import limits as cli_limits
 from servelm.config import Settings
 from servelm.errors import ServelmError
 from servelm.money import format_credits, parse_credits
+from servelm.ratelimit import announce
 from servelm.store.db import Database
 
 console = Console()
@@ -50,13 +52,22 @@ def _fail(exc: ServelmError) -> typer.Exit:
 
 
 @accounts_app.command("create")
-def accounts_create(name: str, data_dir: DataDir = None) -> None:
+def accounts_create(
+    name: str,
+    plan: Annotated[
+        str | None, typer.Option(help="Rate-limit plan ([plans.<name>] of the models file).")
+    ] = None,
+    data_dir: DataDir = None,
+) -> None:
     """Create an account (with no credits yet)."""
+    db = open_db(data_dir)
     try:
-        a = acct.create_account(open_db(data_dir), name)
+        a = acct.create_account(db, name)
+        if plan is not None:
+            cli_limits.apply_plan(db, a.id, plan)
     except ServelmError as exc:
         raise _fail(exc) from exc
-    console.print(f"account {a.id} '{a.name}' created")
+    console.print(f"account {a.id} '{a.name}' created" + (f", plan {plan}" if plan else ""))
 
 
 @accounts_app.command("list")
@@ -84,14 +95,20 @@ def keys_create(
     expires: Annotated[
         datetime | None, typer.Option(help="Expiry, e.g. 2027-01-31 or 2027-01-31T12:00.")
     ] = None,
+    rpm: cli_limits.Limit = None,
+    tpm: cli_limits.Limit = None,
+    concurrency: cli_limits.Limit = None,
     data_dir: DataDir = None,
 ) -> None:
-    """Create an API key. Its secret is printed once and never stored."""
+    """Create an API key. Its secret is printed once and never stored. --rpm, --tpm
+    and --concurrency give it rate limits of its own."""
     db = open_db(data_dir)
     try:
         record, plaintext = acct.create_key(
             db, _account_id(db, account), name, model or None, expires
         )
+        if (rpm, tpm, concurrency) != (None, None, None):
+            cli_limits.apply_key_limits(db, record.key_id, rpm, tpm, concurrency)
     except ServelmError as exc:
         raise _fail(exc) from exc
     console.print(f"key {record.key_id} for account {record.account_id}:")
@@ -130,6 +147,9 @@ def keys_revoke(
         acct.revoke_key(open_db(data_dir), key_id)
     except ServelmError as exc:
         raise _fail(exc) from exc
+    settings = Settings.from_env(data_dir=data_dir)
+    # Gateways sharing Redis drop the key from their caches at once.
+    announce(settings.redis_url, settings.redis_prefix, f"key:{key_id}")
     console.print(f"key {key_id} revoked")
 
 
@@ -192,6 +212,7 @@ def ledger_check(data_dir: DataDir = None) -> None:
 
 
 def register(app: typer.Typer) -> None:
+    cli_limits.register(keys_app, accounts_app)
     app.add_typer(accounts_app, name="accounts")
     app.add_typer(keys_app, name="keys")
     app.add_typer(credits_app, name="credits")

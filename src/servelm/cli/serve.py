@@ -49,7 +49,7 @@ def serve(
         log_json=log_json or None,
         models_file=models_file_option(models_file),
     )
-    logs.setup(settings.log_level, settings.log_json)
+    logs.setup(settings.log_level, settings.json_logs)
     try:
         asgi = create_app(settings)
     except ConfigError as exc:
@@ -61,14 +61,20 @@ def serve(
     except default_model.FetchError as exc:
         err_console.print(f"[yellow]default model not available:[/] {exc}")
     _first_start(settings)
-    uvicorn.run(
+    config = uvicorn.Config(
         asgi,
         host=settings.host,
         port=settings.port,
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=10,
+        # Past this many open connections uvicorn answers 503 itself.
+        limit_concurrency=settings.max_connections,
     )
+    server = uvicorn.Server(config)
+    # SIGTERM drains first (servelm.lifecycle), then tells uvicorn to stop.
+    asgi.state.lifecycle.server = server
+    server.run()
 
 
 def _first_start(settings: Settings) -> None:

@@ -34,6 +34,8 @@ accounts = Table(
     # Reserved by requests in flight; returns to balance (minus the charge) at settle.
     Column("held", BigInteger, nullable=False, default=0),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    # Rate-limit plan (servelm.ratelimit); null: the plan named "default", if any.
+    Column("plan", String(64), nullable=True),
     # The last line of defence: whatever the code does, no balance goes negative.
     CheckConstraint("balance >= 0", name="ck_accounts_balance_nonneg"),
     CheckConstraint("held >= 0", name="ck_accounts_held_nonneg"),
@@ -54,6 +56,10 @@ api_keys = Table(
     Column("expires_at", DateTime(timezone=True), nullable=True),
     Column("revoked_at", DateTime(timezone=True), nullable=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    # The key's own rate limits, on top of its account's plan; null: none.
+    Column("rpm", Integer, nullable=True),
+    Column("tpm", Integer, nullable=True),
+    Column("concurrency", Integer, nullable=True),
 )
 
 holds = Table(

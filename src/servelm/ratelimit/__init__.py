@@ -1,0 +1,70 @@
+"""Rate limits: requests, tokens and requests in flight per key and per account,
+counted in this process or, with Redis, across every gateway (``limiter.py``); plans
+from the models file (``policy.py``); cache invalidation across gateways
+(``invalidation.py``)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from servelm.config import Settings
+from servelm.ratelimit.invalidation import Invalidation, announce
+from servelm.ratelimit.limiter import Limiter, Reservation, response_headers
+from servelm.ratelimit.policy import Plan, load_plans
+from servelm.ratelimit.redis_store import RedisStore, connect
+from servelm.store.db import Database
+
+__all__ = [
+    "Invalidation",
+    "Limiter",
+    "Plan",
+    "Reservation",
+    "announce",
+    "build",
+    "load_plans",
+    "response_headers",
+]
+
+
+def build(
+    settings: Settings,
+    db: Database,
+    registry: CollectorRegistry,
+    run: Callable[..., Awaitable[Any]],
+    *,
+    forget: Callable[[str], None],
+    forget_account: Callable[[int], None],
+    forget_all: Callable[[], None],
+) -> tuple[Limiter, Invalidation]:
+    """The limiter and the invalidation channel for one gateway. ``forget*`` drop
+    entries of the key cache (authentication), which the limiter's policy cache
+    joins."""
+    store = None
+    listener = None
+    if settings.redis_url:
+        timeout = settings.ratelimit_redis_timeout
+        store = RedisStore(connect(settings.redis_url, timeout), settings.redis_prefix, timeout)
+        # Subscriptions wait for messages indefinitely: their own client, with no
+        # read timeout (a short connect timeout still).
+        listener = connect(settings.redis_url, timeout, subscriber=True)
+    limiter = Limiter(
+        db,
+        load_plans(settings.models_file),
+        redis=store,
+        fail=settings.ratelimit_fail,
+        lease_seconds=settings.ratelimit_lease_seconds,
+        cache_seconds=settings.key_cache_seconds,
+        registry=registry,
+        run=run,
+    )
+    invalidation = Invalidation(
+        listener,
+        settings.redis_prefix,
+        forget=[forget, limiter.forget],
+        forget_account=[forget_account, limiter.forget_account],
+        forget_all=[forget_all, limiter.forget_all],
+    )
+    return limiter, invalidation

@@ -1,0 +1,234 @@
+"""The limiter the request walk calls: ``acquire(principal, tokens)`` before the
+credit hold, ``Reservation.settle(actual_tokens)`` where the request is settled.
+
+Why our own window instead of the ``limits`` package: ``limits`` (moving window,
+sliding-window counter, Redis and async storages) checks one limit per call and can
+only add to a counter. A request here is checked against up to six limits at once
+(requests, tokens and requests in flight, for its key and for its account) and must
+be admitted by all of them or recorded in none, in one Redis round trip; its tokens
+are reserved at the worst case and the unused part is given back at settlement, and
+requests in flight leave their set when they end. Checking six limits one by one
+would take six round trips and charge a request refused by the fifth against the
+first four; ``limits`` has no refund and no lease. So both stores here keep the same
+exact sliding-window log (``memory.py``, and ``redis_store.py`` as one Lua script).
+
+With ``SERVELM_REDIS_URL`` the counts live in Redis and are shared by every gateway.
+When Redis does not answer within ``SERVELM_RATELIMIT_REDIS_TIMEOUT`` the limiter
+either falls back to this process's own counts (fail-open, the default; logged and
+counted in ``/metrics``) or refuses with 503 (fail-closed); for a second after a
+failure it does not try Redis again, so an outage costs one timeout, not one per
+request.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal, Protocol
+
+from prometheus_client import CollectorRegistry, Counter
+
+from servelm import logs
+from servelm.errors import Overloaded, RateLimited
+from servelm.ratelimit.memory import MemoryStore
+from servelm.ratelimit.policy import Plan, Policy, build_policy, read_key_limits
+from servelm.ratelimit.redis_store import RedisStore, StoreUnavailable
+from servelm.ratelimit.window import Decision
+from servelm.store.db import Database
+
+log = logging.getLogger(__name__)
+
+# The rate-limit headers of the request this task is serving; the request middleware
+# adds them to the response (success, error or stream alike).
+_headers: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+    "ratelimit_headers", default=None
+)
+
+FailMode = Literal["open", "closed"]
+_REDIS_PAUSE = 1.0  # seconds without trying Redis after it failed
+
+
+def response_headers() -> list[tuple[bytes, bytes]]:
+    """For the response being started: this request's rate-limit headers, if any."""
+    found = _headers.get()
+    if not found:
+        return []
+    return [(k.lower().encode(), v.encode()) for k, v in found.items()]
+
+
+class Caller(Protocol):
+    """Who is asking (``billing.service.Principal`` fits)."""
+
+    @property
+    def key_pk(self) -> int: ...
+    @property
+    def key_id(self) -> str: ...
+    @property
+    def account_id(self) -> int: ...
+
+
+class Reservation:
+    """One admitted request's place in its windows. ``settle`` or ``release`` it once;
+    later calls do nothing. Neither ever raises: they run in ``finally`` blocks."""
+
+    def __init__(self, limiter: Limiter, rid: str, policy: Policy, store: str, tokens: int):
+        self._limiter = limiter
+        self.rid = rid
+        self.policy = policy
+        self.store = store  # "redis" or "memory": where the counts were recorded
+        self.tokens = tokens
+        self.done = policy.unlimited
+
+    async def settle(self, actual_tokens: int) -> None:
+        """The request is over: it used ``actual_tokens``; the rest is free again."""
+        if self.done:
+            return
+        self.done = True
+        await self._limiter._settle(self, max(0, actual_tokens))
+
+    async def release(self) -> None:
+        """The request never ran (refused after admission): refund all its tokens."""
+        await self.settle(0)
+
+
+class Limiter:
+    def __init__(
+        self,
+        db: Database,
+        plans: dict[str, Plan],
+        *,
+        redis: RedisStore | None = None,
+        fail: FailMode = "open",
+        lease_seconds: float = 900.0,
+        cache_seconds: float = 5.0,
+        registry: CollectorRegistry | None = None,
+        run: Callable[..., Awaitable[Any]] | None = None,
+    ) -> None:
+        self.db = db
+        self.plans = plans
+        self.redis = redis
+        self.fail = fail
+        self.lease_ms = int(lease_seconds * 1000)
+        self.cache_seconds = cache_seconds
+        self.memory = MemoryStore()
+        self._run = run  # runs a blocking function off the loop (Billing.run)
+        self._policies: dict[str, tuple[Policy, int, float]] = {}  # key id → policy
+        self._redis_paused_until = 0.0
+        registry = registry or CollectorRegistry()
+        self.refusals = Counter(
+            "servelm_ratelimit_refusals",
+            "Requests refused by a rate limit, by scope kind and reason.",
+            ["scope", "reason"],
+            registry=registry,
+        )
+        self.fallbacks = Counter(
+            "servelm_ratelimit_fallbacks",
+            "Rate-limit checks or settlements Redis did not answer (fail-open: decided "
+            "by this process alone; fail-closed: refused with 503).",
+            ["op"],
+            registry=registry,
+        )
+
+    # -- policies ----------------------------------------------------------------------
+
+    async def policy(self, principal: Caller) -> Policy:
+        key_pk, key_id = principal.key_pk, principal.key_id
+        now = time.monotonic()
+        cached = self._policies.get(key_id)
+        if cached is not None and now - cached[2] <= self.cache_seconds:
+            return cached[0]
+        if self._run is not None:
+            limits = await self._run(read_key_limits, self.db, key_pk)
+        else:
+            limits = read_key_limits(self.db, key_pk)
+        policy = build_policy(key_pk, limits, self.plans)
+        account = limits.account_id if limits is not None else -1
+        self._policies[key_id] = (policy, account, now)
+        return policy
+
+    def forget(self, key_id: str) -> None:
+        self._policies.pop(key_id, None)
+
+    def forget_account(self, account_id: int) -> None:
+        for key_id in [k for k, v in self._policies.items() if v[1] == account_id]:
+            del self._policies[key_id]
+
+    def forget_all(self) -> None:
+        self._policies.clear()
+
+    # -- the check ---------------------------------------------------------------------
+
+    async def acquire(self, principal: Caller, tokens: int) -> Reservation:
+        """Admit a request that may use ``tokens`` (prompt + max output), or raise
+        ``RateLimited`` (429) / ``Overloaded`` (503, fail-closed with Redis down)."""
+        logs.annotate(key_id=principal.key_id, account_id=principal.account_id)
+        policy = await self.policy(principal)
+        rid = uuid.uuid4().hex
+        if policy.unlimited:
+            return Reservation(self, rid, policy, "memory", tokens)
+        decision, store = await self._decide(rid, tokens, policy)
+        headers = decision.headers()
+        _headers.set(headers)
+        if not decision.allowed:
+            scope = "key" if decision.scope.startswith("k:") else "account"
+            self.refusals.labels(scope, decision.reason).inc()
+            raise RateLimited(
+                _message(decision), headers={"Retry-After": str(decision.retry_after)}
+            )
+        return Reservation(self, rid, policy, store, tokens)
+
+    async def _decide(self, rid: str, tokens: int, policy: Policy) -> tuple[Decision, str]:
+        if self.redis is not None:
+            if time.monotonic() >= self._redis_paused_until:
+                try:
+                    return (
+                        await self.redis.acquire(rid, tokens, policy.scopes, self.lease_ms),
+                        "redis",
+                    )
+                except StoreUnavailable as exc:
+                    self._redis_paused_until = time.monotonic() + _REDIS_PAUSE
+                    log.warning("rate-limit store unavailable (%s); fail-%s", exc, self.fail)
+            self.fallbacks.labels("acquire").inc()
+            if self.fail == "closed":
+                raise Overloaded(
+                    "The rate limiter is unavailable; try again shortly.", retry_after=1
+                )
+        return await self.memory.acquire(rid, tokens, policy.scopes, self.lease_ms), "memory"
+
+    async def _settle(self, res: Reservation, tokens: int) -> None:
+        if res.store == "memory":
+            await self.memory.settle(res.rid, tokens, res.policy.scopes)
+            return
+        assert self.redis is not None
+        try:
+            await self.redis.settle(res.rid, tokens, res.policy.scopes)
+        except StoreUnavailable as exc:
+            # The lease ends and the reservation leaves the window on their own.
+            self.fallbacks.labels("settle").inc()
+            log.warning("rate-limit settlement not recorded (%s)", exc)
+        except Exception:
+            log.exception("rate-limit settlement failed")
+
+    async def close(self) -> None:
+        if self.redis is not None:
+            await self.redis.client.aclose()
+
+
+def _message(d: Decision) -> str:
+    whose = "this API key" if d.scope.startswith("k:") else "this account"
+    window = next((s.scope.window_ms for s in d.states if s.scope.name == d.scope), 60_000)
+    per = "minute" if window == 60_000 else f"{window / 1000:g} s"
+    if d.reason == "tokens_too_large":
+        return (
+            f"Rate limit reached: the request may use more tokens than {whose} may use "
+            f"per {per} in all; lower max_tokens or shorten the prompt."
+        )
+    what = {
+        "requests": f"requests per {per}",
+        "tokens": f"tokens per {per}",
+        "concurrency": "requests in flight",
+    }.get(d.reason, d.reason)
+    return f"Rate limit reached for {whose}: {what}. Try again in {d.retry_after} s."

@@ -1,0 +1,82 @@
+"""The operator's side of limits: the CLI and the admin API set plans and key limits,
+and a change made through the admin API applies at the next request."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+
+from servelm.ratelimit.records import get_key_limits, get_plan
+from servelm.store.db import Database
+from tests import procs
+from tests.conftest import ADMIN_TOKEN, LiveServer, provision
+
+ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def test_cli_plans_and_key_limits(tmp_path: Path, models_dir: Path) -> None:
+    env = procs.gateway_env(tmp_path, models_dir)
+    made = procs.cli(env, "accounts", "create", "acme", "--plan", "pro")
+    assert made.returncode == 0, made.stderr
+    assert "plan pro" in made.stdout
+    key = procs.cli(env, "keys", "create", "acme", "--rpm", "5", "--tpm", "20000",
+                    "--concurrency", "2")  # fmt: skip
+    assert key.returncode == 0, key.stderr
+    plaintext = next(line for line in key.stdout.splitlines() if line.startswith("slm_"))
+    key_id = plaintext.split("_")[1]
+
+    db = Database(f"sqlite:///{tmp_path / 'servelm.db'}")
+    assert get_plan(db, 1) == "pro"
+    assert get_key_limits(db, key_id).as_dict() == {"rpm": 5, "tpm": 20000, "concurrency": 2}
+
+    shown = procs.cli(env, "keys", "limits", plaintext)
+    assert shown.stdout.strip() == f"key {key_id}: rpm=5 tpm=20000 concurrency=2"
+    changed = procs.cli(env, "keys", "limits", key_id, "--rpm", "50")
+    assert changed.stdout.strip() == f"key {key_id}: rpm=50 tpm=20000 concurrency=2"
+    cleared = procs.cli(env, "keys", "limits", key_id, "--clear", "--tpm", "100")
+    assert cleared.stdout.strip() == f"key {key_id}: rpm=- tpm=100 concurrency=-"
+    replanned = procs.cli(env, "accounts", "plan", "acme", "free")
+    assert replanned.returncode == 0 and get_plan(db, 1) == "free"
+    bad = procs.cli(env, "keys", "limits", "nosuchkey", "--rpm", "1")
+    assert bad.returncode == 1 and "No API key" in bad.stderr
+    db.dispose()
+
+
+def test_admin_api_sets_limits_that_apply_at_once(live: LiveServer) -> None:
+    admin = httpx.Client(base_url=f"{live.base_url}/admin", headers=ADMIN, timeout=60)
+    account = admin.post("/accounts", json={"name": "admin-limits", "plan": "free"})
+    assert account.status_code == 201 and account.json()["plan"] == "free"
+    granted = admin.post(f"/accounts/{account.json()['id']}/credits", json={"credits": "5"})
+    assert granted.status_code == 200
+    key = admin.post(f"/accounts/{account.json()['id']}/keys", json={"rpm": 1, "tpm": 5000})
+    assert key.status_code == 201, key.text
+    assert key.json()["limits"] == {"rpm": 1, "tpm": 5000, "concurrency": None}
+    key_id, plaintext = key.json()["key_id"], key.json()["key"]
+    assert admin.get(f"/keys/{key_id}/limits").json()["rpm"] == 1
+
+    body = {"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 1}  # fmt: skip
+    user = httpx.Client(base_url=live.v1, headers={"x-api-key": plaintext}, timeout=60)
+    assert user.post("/chat/completions", json=body).status_code == 200
+    assert user.post("/chat/completions", json=body).status_code == 429
+    # Raised through the admin API: the cached policy is dropped, the next one passes.
+    raised = admin.put(f"/keys/{key_id}/limits", json={"rpm": 10})
+    assert raised.json() == {"key_id": key_id, "rpm": 10, "tpm": 5000, "concurrency": None}
+    assert user.post("/chat/completions", json=body).status_code == 200
+    assert admin.put(f"/keys/{key_id}/limits", json={"rpm": -1}).status_code == 400
+    plan = admin.put(f"/accounts/{account.json()['id']}/plan", json={"plan": "pro"})
+    assert plan.json()["plan"] == "pro"
+
+
+def test_keys_without_limits_get_no_rate_limit_headers(live: LiveServer) -> None:
+    key = provision(live.db, "unlimited", credits=10)
+    r = httpx.post(
+        f"{live.v1}/chat/completions",
+        json={"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "hi"}],
+              "max_tokens": 1},
+        headers={"x-api-key": key},
+        timeout=60,
+    )  # fmt: skip
+    assert r.status_code == 200
+    assert not any(h.startswith("x-ratelimit") for h in r.headers)
