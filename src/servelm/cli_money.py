@@ -6,7 +6,8 @@ the data directory), so they need no running server.
 
 from __future__ import annotations
 
-from datetime import datetime
+import os
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated
 
@@ -93,11 +94,19 @@ def keys_create(
     data_dir: DataDir = None,
 ) -> None:
     """Create an API key. Its secret is printed once and never stored."""
+    from servelm.models_file import load_catalog
+
+    local = Path("servelm.toml")  # as `servelm serve` finds its models file
+    settings = Settings.from_env(
+        data_dir=data_dir,
+        models_file=local if local.is_file() and "SERVELM_MODELS_FILE" not in os.environ else None,
+    )
     db = open_db(data_dir)
+    models = acct.canonical_models(
+        load_catalog(settings.model_dir, settings.models_file), model or None
+    )
     try:
-        record, plaintext = acct.create_key(
-            db, _account_id(db, account), name, model or None, expires
-        )
+        record, plaintext = acct.create_key(db, _account_id(db, account), name, models, expires)
     except ServelmError as exc:
         raise _fail(exc) from exc
     console.print(f"key {record.key_id} for account {record.account_id}:")
@@ -189,7 +198,10 @@ def usage(
 @ledger_app.command("check")
 def ledger_check(data_dir: DataDir = None) -> None:
     """Verify granted = balance + held + charged for every account; exit 1 if not."""
-    problems = audit.ledger_check(open_db(data_dir))
+    settings = Settings.from_env(data_dir=data_dir)
+    db = Database(settings.db_url)
+    db.upgrade()
+    problems = audit.ledger_check(db, timedelta(seconds=settings.hold_ttl_seconds))
     if problems:
         for p in problems:
             err_console.print(f"[red]account {p.account_id} '{p.name}':[/] {p.problem}")

@@ -43,6 +43,8 @@ class Settings(BaseModel):
 
     # Request limits.
     max_body_bytes: int = 20 * 1024 * 1024
+    # How long a client may take to send its whole body (issue 17; read by the walk).
+    body_read_timeout_seconds: float = 30.0
     # How many requests may wait for a slot, per model, before 503 + Retry-After.
     queue_size: int = 64
 
@@ -64,6 +66,9 @@ class Settings(BaseModel):
     image_max_pixels: int = 40_000_000
     image_max_side: int = 2048
     image_max_count: int = 8
+    # A whole image fetch (redirects and body included), and the threads decoding images.
+    image_fetch_deadline_seconds: float = 30.0
+    image_decode_workers: int = 2
     # Hosts, addresses or CIDR networks that image URLs may point at although private
     # (an internal image store, a test server); everything else must be public.
     image_allow_hosts: tuple[str, ...] = ()
@@ -81,6 +86,8 @@ class Settings(BaseModel):
             max_pixels=self.image_max_pixels,
             max_side=self.image_max_side,
             max_images=self.image_max_count,
+            fetch_deadline=self.image_fetch_deadline_seconds,
+            decode_workers=self.image_decode_workers,
             allow_hosts=self.image_allow_hosts,
         )
 
@@ -117,6 +124,9 @@ class Settings(BaseModel):
             "SERVELM_IMAGE_MAX_SIDE": "image_max_side",
             "SERVELM_IMAGE_MAX_COUNT": "image_max_count",
             "SERVELM_IMAGE_ALLOW_HOSTS": "image_allow_hosts",
+            "SERVELM_IMAGE_FETCH_DEADLINE_SECONDS": "image_fetch_deadline_seconds",
+            "SERVELM_IMAGE_DECODE_WORKERS": "image_decode_workers",
+            "SERVELM_BODY_READ_TIMEOUT_SECONDS": "body_read_timeout_seconds",
             "SERVELM_LOG_LEVEL": "log_level",
             "SERVELM_LOG_JSON": "log_json",
         }

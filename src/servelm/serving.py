@@ -27,6 +27,7 @@ from servelm.errors import (
     ModelUnavailable,
     ServelmError,
 )
+from servelm.input_limits import check_prompt_size
 from servelm.media import ImageLoader, MediaLimits, inline_images
 from servelm.metrics import Metrics
 from servelm.protocol import (
@@ -139,6 +140,9 @@ class ChatService:
             )
         if request.tools and not spec.tools:
             raise InvalidRequest(f"Model '{spec.slug}' does not support tools.", param="tools")
+        # Hook (issue 17): a prompt too big for the window by its bytes alone is refused
+        # before seconds of CPU go into tokenizing it.
+        check_prompt_size(request, spec)
         body = engine_body(request)
         if request.has_images():
             # Every image is fetched or decoded and checked here; the engine only ever
@@ -344,18 +348,24 @@ class ChatService:
 
     async def _finish(self, call: Call) -> None:
         """Step 9, once per generation, however it ended: finished, failed or abandoned."""
-        if self.metrics is not None:
-            self.metrics.observe_tokens(call.spec.slug, call.prompt_tokens, call.completion_tokens)
-        if call.held_balance is None or self.billing is None:
-            return
-        call.settlement = await self.billing.settle(
-            call.request_id,
-            charge=self.charge(call),
-            prompt_tokens=call.prompt_tokens if call.prompt_exact or call.usage else 0,
-            completion_tokens=call.completion_tokens,
-            status=call.status,
-            latency_ms=int((time.perf_counter() - call.started) * 1000),
-        )
+        # Hook (issue 17): settlement first, and metrics in a finally: nothing else that
+        # fails here may leave the hold open (it was kept alive until a restart).
+        try:
+            if call.held_balance is None or self.billing is None:
+                return
+            call.settlement = await self.billing.settle(
+                call.request_id,
+                charge=self.charge(call),
+                prompt_tokens=call.prompt_tokens if call.prompt_exact or call.usage else 0,
+                completion_tokens=call.completion_tokens,
+                status=call.status,
+                latency_ms=int((time.perf_counter() - call.started) * 1000),
+            )
+        finally:
+            if self.metrics is not None:
+                self.metrics.observe_tokens(
+                    call.spec.slug, call.prompt_tokens, call.completion_tokens
+                )
 
     @staticmethod
     def charge(call: Call) -> int:

@@ -7,7 +7,7 @@ Without a token configured the admin API is off.
 from __future__ import annotations
 
 import hmac
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from servelm.billing import accounts, audit
-from servelm.billing.accounts import Account, KeyRecord
+from servelm.billing.accounts import MAX_GRANT_MICRO, Account, KeyRecord
 from servelm.catalog import MICRO, format_credits
 from servelm.errors import AuthenticationError, InvalidRequest, PermissionDenied
 from servelm.store.db import Database
@@ -29,7 +29,9 @@ async def require_admin(request: Request) -> None:
         )
     given = request.headers.get("authorization", "")
     scheme, _, value = given.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip(), token):
+    # Bytes, not str: compare_digest refuses non-ASCII str (a 500 before, issue 17).
+    presented = value.strip().encode("utf-8", "surrogateescape")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(presented, token.encode()):
         raise AuthenticationError("Invalid or missing admin token.")
 
 
@@ -45,11 +47,21 @@ async def _run(request: Request, fn: Any, *args: Any, **kw: Any) -> Any:
 
 
 def credits_to_micro(value: str) -> int:
-    """'12.5' credits → 12500000 micro-credits; exact, refusing sub-micro amounts."""
+    """'12.5' credits → 12500000 micro-credits; exact, refusing sub-micro amounts,
+    and (issue 17) anything that is not a finite amount within a grant's bound."""
+    shown = value if len(value) <= 40 else value[:40] + "..."
     try:
+        if len(value) > 64:
+            raise InvalidOperation
         amount = Decimal(value) * MICRO
     except InvalidOperation:
-        raise InvalidRequest(f"'{value}' is not a number of credits.", param="credits") from None
+        raise InvalidRequest(f"'{shown}' is not a number of credits.", param="credits") from None
+    if not amount.is_finite():
+        raise InvalidRequest(f"'{shown}' is not a number of credits.", param="credits")
+    if abs(amount) > MAX_GRANT_MICRO:
+        raise InvalidRequest(
+            f"A grant may be at most {MAX_GRANT_MICRO // MICRO} credits.", param="credits"
+        )
     if amount != amount.to_integral_value():
         raise InvalidRequest("Credits have at most 6 decimal places.", param="credits")
     return int(amount)
@@ -127,7 +139,7 @@ async def create_key(request: Request, account_id: int, body: NewKey) -> dict[st
         _db(request),
         account_id,
         body.name,
-        body.allowed_models,
+        accounts.canonical_models(request.app.state.chat.catalog, body.allowed_models),
         body.expires_at,
     )
     # The only time the plaintext exists outside the caller's hands.
@@ -153,5 +165,6 @@ async def usage(request: Request, account_id: int | None = None) -> dict[str, An
 
 @router.get("/ledger/check")
 async def ledger_check(request: Request) -> dict[str, Any]:
-    problems = await _run(request, audit.ledger_check, _db(request))
+    ttl = timedelta(seconds=request.app.state.settings.hold_ttl_seconds)
+    problems = await _run(request, audit.ledger_check, _db(request), ttl)
     return {"ok": not problems, "problems": [p.__dict__ for p in problems]}

@@ -28,6 +28,8 @@ from servelm.store.groupcommit import GroupCommit
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# Bounds the key cache's memory against a flood of made-up key ids.
+_MAX_CACHED_KEYS = 100_000
 
 
 def _log_failure(done: asyncio.Future[Any]) -> None:
@@ -123,6 +125,12 @@ class Billing:
         if cached is None or now - cached[2] > self.key_cache_seconds:
             record = await self.run(accounts.find_key, self.db, key_id)
             if record is None:
+                # Hook (issue 17): unknown ids are cached too (no digest matches ""), so
+                # a flood of made-up ids costs one lookup each per cache period, not per
+                # request, and answers as fast as a known id.
+                if len(self._keys) >= _MAX_CACHED_KEYS:
+                    self._keys.clear()
+                self._keys[key_id] = ("", None, now)
                 raise AuthenticationError(keys.INVALID_KEY)
             principal = None
             if record.revoked_at is None:
