@@ -75,15 +75,15 @@ def check_request(req: ChatRequest) -> None:
     if req.tools:
         if len(req.tools) > MAX_TOOLS:
             raise InvalidRequest(f"At most {MAX_TOOLS} tools are allowed.", param="tools")
+        for i, tool in enumerate(req.tools):
+            if tool.function.parameters is not None:
+                check_schema(tool.function.parameters, f"tools[{i}].function.parameters")
         size = len(json.dumps([t.model_dump() for t in req.tools]))
         if size > MAX_TOOLS_BYTES:
             raise InvalidRequest(
                 f"The tools are {size} bytes of JSON, above the limit of {MAX_TOOLS_BYTES}.",
                 param="tools",
             )
-        for i, tool in enumerate(req.tools):
-            if tool.function.parameters is not None:
-                check_schema(tool.function.parameters, f"tools[{i}].function.parameters")
     if req.logit_bias is not None:
         _check_logit_bias(req.logit_bias)
     if req.stop is not None:
