@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hmac
 from datetime import datetime, timedelta
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal, DecimalException, InvalidOperation
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -54,7 +54,7 @@ def credits_to_micro(value: str) -> int:
         if len(value) > 64:
             raise InvalidOperation
         amount = Decimal(value) * MICRO
-    except InvalidOperation:
+    except DecimalException:  # InvalidOperation, and Overflow for 1e999999
         raise InvalidRequest(f"'{shown}' is not a number of credits.", param="credits") from None
     if not amount.is_finite():
         raise InvalidRequest(f"'{shown}' is not a number of credits.", param="credits")
