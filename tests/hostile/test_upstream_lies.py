@@ -192,3 +192,27 @@ def test_token_counts_past_int4_never_fail_settlement_on_postgresql(pg_liar: Liv
     ok = plain(pg_liar, key, "hello")
     assert ok.status_code == 200
     assert_money_sound(pg_liar)
+
+
+@pytest.fixture
+def deadline_gateway(liar_port: int, models_dir: Path, tmp_path: Path) -> Iterator[LiveServer]:
+    # A read timeout of 2 s that a byte a second never trips; a 3 s deadline that does.
+    live = start_liar_gateway(tmp_path, models_dir, liar_port, timeout="2", deadline="3")
+    yield live
+    live.stop()
+
+
+def test_a_trickling_upstream_hits_the_calls_deadline(deadline_gateway: LiveServer) -> None:
+    """Point 4: the upstream timeout was per read, so a 1 byte/s upstream never
+    tripped it. Plain: 504 at no charge. Stream: an error event after what was sent."""
+    live = deadline_gateway
+    key = new_key(live)
+    r = plain(live, key, "lie:trickle")
+    assert r.status_code == 504, r.text
+    assert balance(live, key) == 1
+    status, events = stream(live, key, "lie:trickle")
+    assert status == 200
+    assert json.loads(events[-1])["error"]["code"] == "upstream_timeout"
+    assert relayed_text(events) == "abc"
+    assert balance(live, key) == 1 - output_cost(live, 0, 3)
+    assert_money_sound(live)

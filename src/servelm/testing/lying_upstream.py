@@ -111,6 +111,12 @@ def make_app() -> Any:
         mode = _mode(body)
         usage = USAGE_LIES.get(mode, HONEST)
         if not body.get("stream"):
+            if mode == "trickle":
+                # Headers, then a byte of JSON whitespace a second, forever.
+                await send({"type": "http.response.start", "status": 200, "headers": _JSON})
+                while True:
+                    await asyncio.sleep(1.0)
+                    await send({"type": "http.response.body", "body": b" ", "more_body": True})
             if mode in PLAIN_LIES:
                 answer: Any = PLAIN_LIES[mode]
             else:
