@@ -36,6 +36,7 @@ MISSING_KEY = (
     "Missing API key: send it in the x-api-key header or as 'Authorization: Bearer <key>'."
 )
 INVALID_KEY = "Invalid API key."
+MAX_CACHED_KEYS = 100_000
 
 
 # -- the key format ----------------------------------------------------------------
@@ -200,6 +201,8 @@ class Authenticator:
         cached = self._cache.get(key_id)
         if cached is None or now - cached.fetched_at > self.cache_seconds:
             cached = _cache_entry(await self._lookup(key_id), now)
+            if len(self._cache) >= MAX_CACHED_KEYS:
+                self._cache.clear()  # a flood of made-up ids must not grow memory
             self._cache[key_id] = cached
         return cached
 

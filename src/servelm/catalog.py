@@ -38,6 +38,9 @@ class ModelSpec(BaseModel):
     upstream_model: str | None = None
     # Seconds to wait for an upstream's next byte before answering 504.
     timeout: float = Field(default=300.0, gt=0)
+    # Seconds a whole upstream call may take (issue 17: a trickle never trips the
+    # per-read timeout).
+    deadline: float = Field(default=1800.0, gt=0)
 
     context_window: int = Field(default=2048, gt=0)
     default_max_tokens: int = Field(default=512, gt=0)

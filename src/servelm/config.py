@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         default=20 * 1024 * 1024, gt=0, description="request body limit (413 above)"
     )
+    body_read_timeout_seconds: float = Field(
+        default=30.0, gt=0, description="how long a client may take to send its whole body"
+    )
     queue_size: int = Field(
         default=64, ge=0, description="requests waiting per model before 503 + Retry-After"
     )
@@ -144,6 +147,12 @@ class Settings(BaseSettings):
         default=2048, gt=0, description="longer images are scaled down to this"
     )
     image_max_count: int = Field(default=8, ge=0, description="images per request")
+    image_fetch_deadline_seconds: float = Field(
+        default=30.0, gt=0, description="one image URL fetch, redirects and body included"
+    )
+    image_decode_workers: int = Field(
+        default=2, gt=0, description="threads decoding images off the event loop"
+    )
     # Everything else must be public: see servelm.media.
     image_allow_hosts: Annotated[tuple[str, ...], NoDecode] = Field(
         default=(),
@@ -164,6 +173,8 @@ class Settings(BaseSettings):
             max_pixels=self.image_max_pixels,
             max_side=self.image_max_side,
             max_images=self.image_max_count,
+            fetch_deadline=self.image_fetch_deadline_seconds,
+            decode_workers=self.image_decode_workers,
             allow_hosts=self.image_allow_hosts,
         )
 

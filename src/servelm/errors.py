@@ -7,6 +7,7 @@ Each error knows its HTTP status and the OpenAI ``type``/``code``/``param`` it m
     ServelmError
     ├── InvalidRequest          400  (param names the offending field)
     │   └── ContextWindowExceeded
+    ├── RequestTimeout          408  (the body did not arrive in time)
     ├── PayloadTooLarge         413
     ├── AuthenticationError     401
     ├── PermissionDenied        403
@@ -74,6 +75,12 @@ class InvalidRequest(ServelmError):
 
 class ContextWindowExceeded(InvalidRequest):
     code = "context_length_exceeded"
+
+
+class RequestTimeout(ServelmError):
+    status_code = 408
+    error_type = "invalid_request_error"
+    code = "request_timeout"
 
 
 class PayloadTooLarge(ServelmError):

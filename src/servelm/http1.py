@@ -170,6 +170,13 @@ class _Connection(asyncio.Protocol):
         self.closed = True
 
 
+def _limit(read_timeout: float, deadline: float | None) -> float:
+    """The longest the next read may wait: the read timeout, or less near a deadline."""
+    if deadline is None:
+        return read_timeout
+    return max(0.0, min(read_timeout, deadline - asyncio.get_running_loop().time()))
+
+
 def _expire(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_exception(Timeout("no answer within the read timeout"))
@@ -178,9 +185,10 @@ def _expire(waiter: asyncio.Future[None]) -> None:
 class Response:
     """Status and headers are in; the body streams through ``iter_bytes``/``read``."""
 
-    def __init__(self, pool: Pool, conn: _Connection) -> None:
+    def __init__(self, pool: Pool, conn: _Connection, deadline: float | None = None) -> None:
         self._pool = pool
         self._conn = conn
+        self._deadline = deadline
         self.status_code = conn.status
         self.headers = dict((k.decode("latin-1"), v.decode("latin-1")) for k, v in conn.headers)
         self._done = False
@@ -195,7 +203,7 @@ class Response:
             elif conn.error is not None:
                 raise conn.error
             else:
-                await conn.wait(self._pool.read_timeout)
+                await conn.wait(_limit(self._pool.read_timeout, self._deadline))
         await self.aclose()
 
     async def read(self) -> bytes:
@@ -258,8 +266,13 @@ class Pool:
         *,
         headers: dict[str, str] | None = None,
         content_type: str = "application/json",
+        deadline: float | None = None,
     ) -> Response:
-        """Send one request; return once the response's status and headers are in."""
+        """Send one request; return once the response's status and headers are in.
+
+        ``deadline`` (event-loop time) bounds the whole exchange, body included: the
+        read timeout alone is per read, and an answer trickling one byte a second
+        would never trip it."""
         extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
         head = (
             f"{method} {self.prefix}{path} HTTP/1.1\r\n".encode("latin-1")
@@ -271,7 +284,7 @@ class Pool:
         message = head + body
         conn = await self._acquire()
         try:
-            return await self._exchange(conn, message)
+            return await self._exchange(conn, message, deadline)
         except ProtocolError:
             # A kept-alive connection that fails before any byte of an answer was, in
             # all likelihood, closed by the server while it sat idle: the request is
@@ -279,7 +292,7 @@ class Pool:
             # an engine generates twice; the gateway charges for the answer it relays.
             if not (conn.reused and not conn.received_any):
                 raise
-        return await self._exchange(await self._connect(), message)
+        return await self._exchange(await self._connect(), message, deadline)
 
     async def post_json(self, path: str, payload: Any) -> tuple[int, Any]:
         """POST ``payload`` as JSON; the status and the parsed JSON answer (None when
@@ -292,18 +305,20 @@ class Pool:
         except ValueError:
             return resp.status_code, None
 
-    async def _exchange(self, conn: _Connection, message: bytes) -> Response:
+    async def _exchange(
+        self, conn: _Connection, message: bytes, deadline: float | None = None
+    ) -> Response:
         assert conn.transport is not None
         try:
             conn.transport.write(message)
             while not conn.headers_done:
                 if conn.error is not None:
                     raise conn.error
-                await conn.wait(self.read_timeout)
+                await conn.wait(_limit(self.read_timeout, deadline))
         except BaseException:
             conn._close()
             raise
-        return Response(self, conn)
+        return Response(self, conn, deadline)
 
     async def _acquire(self) -> _Connection:
         while self._idle:

@@ -14,12 +14,14 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import functools
 import io
 import ipaddress
 import re
 import socket
 import warnings
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -50,7 +52,13 @@ class MediaLimits:
     connect_timeout: float = 5.0
     read_timeout: float = 10.0
     max_redirects: int = 3
-    # Host names, addresses or networks (CIDR) that may be fetched although private.
+    # The whole fetch, redirects and body included: a read timeout alone is per read,
+    # and a server dripping a byte every few seconds never trips it (issue 17).
+    fetch_deadline: float = 30.0
+    # Threads decoding images (Pillow), off the event loop; more requests wait for one.
+    decode_workers: int = 2
+    # Host names, addresses or networks (CIDR) that may be fetched although private;
+    # ``entry:port`` (``[v6]:port``) allows that port only.
     allow_hosts: tuple[str, ...] = ()
 
 
@@ -171,16 +179,38 @@ class ImageLoader:
     limits: MediaLimits
     resolver: Resolver = _system_resolver
     _client: httpx.AsyncClient | None = field(default=None, init=False, repr=False)
+    _pool: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
 
     async def load(self, url: str) -> Image:
         if url[:5].lower() == "data:":
-            return decode_data_uri(url, self.limits)
-        return await self.fetch(url)
+            return await self._off_loop(decode_data_uri, url, self.limits)
+        try:
+            async with asyncio.timeout(self.limits.fetch_deadline):
+                return await self.fetch(url)
+        except TimeoutError:
+            host = urlsplit(url).hostname or "its host"
+            raise InvalidRequest(
+                f"Fetching the image from {host} took longer than {self.limits.fetch_deadline:g} s."
+            ) from None
+
+    async def _off_loop(self, fn: Callable[..., Image], *args: Any) -> Image:
+        """Base64 and Pillow work on a bounded pool: 8 large JPEGs decoded on the loop
+        stalled every other request for seconds (issue 17)."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(
+                max_workers=self.limits.decode_workers, thread_name_prefix="images"
+            )
+        return await asyncio.get_running_loop().run_in_executor(
+            self._pool, functools.partial(fn, *args)
+        )
 
     async def aclose(self) -> None:
         if self._client is not None:
             await self._client.aclose()
             self._client = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
     # -- fetching --------------------------------------------------------------------
 
@@ -221,7 +251,7 @@ class ImageLoader:
             declared = ctype if ctype.startswith("image/") else None
             if declared == "image/jpg":
                 declared = "image/jpeg"
-            return check_image_bytes(raw, declared, self.limits, host)
+            return await self._off_loop(check_image_bytes, raw, declared, self.limits, host)
         raise InvalidRequest(
             f"The image URL redirected more than {self.limits.max_redirects} times."
         )
@@ -284,38 +314,85 @@ class ImageLoader:
         if not addresses:
             raise InvalidRequest(f"The image host {host} could not be resolved.")
         for address in addresses:
-            reason = self._refusal(host, ipaddress.ip_address(address))
+            reason = self._refusal(host, port, ipaddress.ip_address(address))
             if reason:
                 raise InvalidRequest(f"Image URL refused: host {host} resolves to {reason}.")
         return addresses[0]
 
-    def _refusal(self, host: str, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
-        if self._allowed(host, ip):
+    def _refusal(
+        self, host: str, port: int, ip: ipaddress.IPv4Address | ipaddress.IPv6Address
+    ) -> str:
+        if self._allowed(host, port, ip):
             return ""
-        mapped = getattr(ip, "ipv4_mapped", None)
-        if mapped is not None:
-            ip = mapped
-        for test, what in (
-            (ip.is_loopback, "a loopback address"),
-            (ip.is_link_local, "a link-local address"),
-            (ip.is_multicast, "a multicast address"),
-            (ip.is_unspecified, "an unspecified address"),
-            (ip.version == 4 and (ip in _SHARED or ip in _THIS_NET), "a reserved address"),
-            (ip.is_private, "a private address"),
-            (ip.is_reserved, "a reserved address"),
-        ):
-            if test:
-                return f"{what} ({ip})"
-        return ""
+        return non_global_reason(ip)
 
-    def _allowed(self, host: str, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    def _allowed(
+        self, host: str, port: int, ip: ipaddress.IPv4Address | ipaddress.IPv6Address
+    ) -> bool:
         for entry in self.limits.allow_hosts:
-            if entry.lower() == host.lower():
+            name, entry_port = _split_port(entry)
+            if entry_port is not None and entry_port != port:
+                continue
+            if name.lower() == host.lower():
                 return True
             with contextlib.suppress(ValueError):
-                if ip in ipaddress.ip_network(entry, strict=False):
+                if ip in ipaddress.ip_network(name, strict=False):
                     return True
         return False
+
+
+def _split_port(entry: str) -> tuple[str, int | None]:
+    """``host:port``, ``[v6]:port`` or ``cidr:port`` → (host, port); else (entry, None)."""
+    if entry.startswith("[") and "]:" in entry:
+        name, _, port = entry[1:].partition("]:")
+        return name, int(port) if port.isdigit() else None
+    if entry.count(":") == 1:
+        name, _, port = entry.partition(":")
+        if port.isdigit():
+            return name, int(port)
+    return entry.strip("[]"), None
+
+
+# IPv6 forms that carry an IPv4 address a gateway may route to: NAT64's well-known
+# prefixes (RFC 6052, 8215).
+_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+
+
+def non_global_reason(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """Why ``ip`` is no place for an image fetch, or "" for a public address.
+
+    ``is_global`` is the whole test (issue 17: a list of special cases missed 6to4
+    and site-local); the cases before it only make the message precise, and addresses
+    that embed an IPv4 one (mapped, 6to4, Teredo, NAT64) are judged by that too."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded: list[ipaddress.IPv4Address] = []
+        if ip.ipv4_mapped is not None:
+            embedded.append(ip.ipv4_mapped)
+        if ip.sixtofour is not None:
+            embedded.append(ip.sixtofour)
+        if ip.teredo is not None:
+            embedded.extend(ip.teredo)
+        if any(ip in net for net in _NAT64):
+            embedded.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+        for inner in embedded:
+            reason = non_global_reason(inner)
+            if reason:
+                return f"{reason}, inside {ip}"
+        if ip.is_site_local:
+            return f"a site-local address ({ip})"
+    for test, what in (
+        (ip.is_loopback, "a loopback address"),
+        (ip.is_link_local, "a link-local address"),
+        (ip.is_multicast, "a multicast address"),
+        (ip.is_unspecified, "an unspecified address"),
+        (ip.version == 4 and (ip in _SHARED or ip in _THIS_NET), "a reserved address"),
+        (ip.is_private, "a private address"),
+        (ip.is_reserved, "a reserved address"),
+        (not ip.is_global, "a non-global address"),
+    ):
+        if test:
+            return f"{what} ({ip})"
+    return ""
 
 
 async def inline_images(body: dict[str, Any], loader: ImageLoader) -> int:
@@ -333,7 +410,15 @@ async def inline_images(body: dict[str, Any], loader: ImageLoader) -> int:
             f"The request has {len(parts)} images; the limit is {loader.limits.max_images}.",
             param="messages",
         )
-    images = await asyncio.gather(*(loader.load(p["image_url"]["url"]) for p in parts))
+    tasks = [asyncio.ensure_future(loader.load(p["image_url"]["url"])) for p in parts]
+    try:
+        images = await asyncio.gather(*tasks)
+    finally:
+        # One image failing (or the caller leaving) stops the others' fetches and
+        # decodes too, instead of leaving them running unobserved (issue 17).
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
     for part, image in zip(parts, images, strict=True):
         part["image_url"] = {**part["image_url"], "url": image.data_uri()}
     return len(parts)

@@ -7,6 +7,7 @@ from the engines themselves instead of being updated on the hot path.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -14,6 +15,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from servelm.engines.base import Engine
+
+log = logging.getLogger(__name__)
 
 
 class Metrics:
@@ -83,8 +86,13 @@ class Metrics:
             self.charged.labels(model).inc(charged)
 
     def observe_tokens(self, model: str, prompt: int, completion: int) -> None:
-        self.tokens.labels(model, "prompt").inc(prompt)
-        self.tokens.labels(model, "completion").inc(completion)
+        """Never raises: it runs while a request settles, and a count no counter can
+        take (negative, not a number) must not stop that; it is left out instead."""
+        for kind, count in (("prompt", prompt), ("completion", completion)):
+            if isinstance(count, int) and not isinstance(count, bool) and 0 <= count < 2**53:
+                self.tokens.labels(model, kind).inc(count)
+            else:
+                log.warning("token count %r for %s (%s) not counted", count, model, kind)
 
 
 class _EngineCollector(Collector):

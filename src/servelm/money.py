@@ -11,11 +11,16 @@ do their arithmetic through this module and nowhere else.
 
 from __future__ import annotations
 
-from decimal import ROUND_CEILING, Decimal, InvalidOperation
+from decimal import ROUND_CEILING, Decimal, DecimalException, InvalidOperation
 
 from servelm.errors import InvalidRequest
 
 MICRO = 1_000_000  # micro-credits per credit
+
+# Bounds on money, far inside BIGINT (2^63 - 1 ≈ 9.2e18): a grant of at most a billion
+# credits, an account of at most a trillion, so no sum of grants can leave the column.
+MAX_GRANT_MICRO = 10**9 * MICRO
+MAX_ACCOUNT_MICRO = 10**12 * MICRO
 
 
 def price_per_million_micro(price: Decimal) -> int:
@@ -63,14 +68,24 @@ def format_credits(micro: int) -> str:
     return f"{sign}{q}.{r:06d}"
 
 
-def parse_credits(value: str, *, param: str = "credits") -> int:
-    """'12.5' credits → 12500000 micro-credits; exact, refusing sub-micro amounts."""
+def parse_credits(value: str | int | float, *, param: str = "credits") -> int:
+    """'12.5' credits → 12500000 micro-credits; exact, refusing sub-micro amounts and
+    anything that is not a finite amount within a grant's bound. A JSON number is
+    taken by its decimal text (0.1 stays exactly 0.1)."""
+    text = str(value).strip()
+    shown = text if len(text) <= 40 else text[:40] + "..."
     try:
-        amount = Decimal(value.strip()) * MICRO
-    except InvalidOperation:
-        raise InvalidRequest(f"'{value}' is not a number of credits.", param=param) from None
+        if len(text) > 64:  # Decimal would parse a million digits; nobody means that
+            raise InvalidOperation
+        amount = Decimal(text) * MICRO
+    except DecimalException:  # InvalidOperation, and Overflow for 1e999999
+        raise InvalidRequest(f"'{shown}' is not a number of credits.", param=param) from None
     if not amount.is_finite():
-        raise InvalidRequest(f"'{value}' is not a number of credits.", param=param)
+        raise InvalidRequest(f"'{shown}' is not a number of credits.", param=param)
+    if abs(amount) > MAX_GRANT_MICRO:
+        raise InvalidRequest(
+            f"A grant may be at most {MAX_GRANT_MICRO // MICRO} credits.", param=param
+        )
     if amount != amount.to_integral_value():
         raise InvalidRequest("Credits have at most 6 decimal places.", param=param)
     return int(amount)

@@ -21,6 +21,7 @@ from pydantic import (
     model_validator,
 )
 
+from servelm import input_limits
 from servelm.errors import InvalidRequest
 
 # Unknown fields are ignored: the OpenAI SDKs and other clients send many
@@ -223,9 +224,12 @@ class _FieldError(ValueError):
 def parse_chat_request(body: bytes) -> ChatRequest:
     """Validate a raw body; every failure is an InvalidRequest naming the field."""
     try:
-        return ChatRequest.model_validate_json(body)
+        request = ChatRequest.model_validate_json(body)
     except ValidationError as exc:
         raise _to_invalid_request(exc) from None
+    # Hook (issue 17): bound what the options may cost the engine before it sees them.
+    input_limits.check_request(request)
+    return request
 
 
 def _to_invalid_request(exc: ValidationError) -> InvalidRequest:

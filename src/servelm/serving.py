@@ -37,6 +37,7 @@ from servelm.errors import (
     ModelUnavailable,
     ServelmError,
 )
+from servelm.input_limits import check_prompt_size
 from servelm.media import ImageLoader, inline_images
 from servelm.metrics import Metrics
 from servelm.money import affordable_max_tokens, format_credits
@@ -44,6 +45,9 @@ from servelm.protocol import ChatRequest, parse_chat_request, usage_body
 from servelm.ratelimit import Limiter, Reservation
 
 log = logging.getLogger(__name__)
+
+# A body this large costs real CPU to tokenize: check the balance first.
+COSTLY_BODY_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -147,6 +151,7 @@ class ChatService:
             request = self.parse(raw)
             spec, engine = self.resolve(request, ex.slug)
             check_model_rights(principal, spec.slug)
+            await self.precheck_credits(request, spec, principal, len(raw))
             if ex.idempotency_key is not None:
                 return await self._idempotent(ex, raw, request, spec, engine, principal)
             call = await self.prepare(ex.request_id, request, spec, engine)
@@ -180,6 +185,20 @@ class ChatService:
             raise ModelUnavailable(f"Model '{spec.slug}' is unavailable: {reason}", retry_after=60)
         return spec, engine
 
+    async def precheck_credits(
+        self, request: ChatRequest, spec: ModelSpec, principal: Principal, body_bytes: int
+    ) -> None:
+        """Before costly preparation (image fetches, tokenizing a large prompt), refuse
+        a balance that cannot pay even a lower bound: one token per message and one
+        output token. Small text requests skip it: a balance read would cost them more
+        than counting their prompt, and the hold refuses them exactly anyway."""
+        if body_bytes < COSTLY_BODY_BYTES and not request.has_images():
+            return
+        least = spec.cost_micro(len(request.messages), 1)
+        balance = await self.billing.balance(principal.account_id)
+        if balance < least:
+            raise NotEnoughCredits(balance, least, at_least=True)
+
     async def prepare(
         self, request_id: str, request: ChatRequest, spec: ModelSpec, engine: Engine
     ) -> Call:
@@ -192,6 +211,9 @@ class ChatService:
             )
         if request.tools and not spec.tools:
             raise InvalidRequest(f"Model '{spec.slug}' does not support tools.", param="tools")
+        # A prompt too big for the window by its bytes alone is refused
+        # before seconds of CPU go into tokenizing it.
+        check_prompt_size(request, spec)
         body = engine_body(request)
         if request.has_images():
             # Every image is fetched or decoded and checked here; the engine only ever

@@ -5,18 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from servelm.billing import audit
+from servelm.catalog import Catalog
 from servelm.errors import EngineError, UpstreamError
 from servelm.money import MICRO
-from servelm.testing.scripted_engine import PER_MESSAGE, Script, ScriptedEngine
-from tests.conftest import LiveServer
+from servelm.testing.scripted_engine import PER_MESSAGE, Script, ScriptedEngine, scripted_factory
+from tests.conftest import LiveServer, make_settings, start_server
 from tests.fast.conftest import SLUG, SPEC, balance, hold_row, new_key, usage_row
 
 USER = [{"role": "user", "content": "hi there"}]
@@ -325,3 +328,50 @@ async def test_past_slots_and_queue_the_answer_is_503_with_retry_after(
     wait_for(lambda: balance(fast.db, account)[1] == 0)
     assert balance(fast.db, account) == (10_000, 0)  # nothing was generated
     ledger_ok(fast)
+
+
+# -- slow readers -------------------------------------------------------------------------
+
+
+def test_clients_that_stop_reading_lose_their_slots(tmp_path: Path) -> None:
+    """Two clients that never read fill both slots with streams far larger than the
+    sockets' buffers; once a write has waited past the send timeout they are stopped,
+    and an ordinary request is served."""
+    settings = make_settings(tmp_path, tmp_path / "models", slots=2, send_timeout=1.0)
+    srv = start_server(settings, Catalog([SPEC]), engine_factory=scripted_factory)
+    try:
+        engine: ScriptedEngine = srv.app.state.chat.engines[SLUG]
+        # 512 KiB a token, 32 tokens: 16 MiB per stream, past any loopback buffer.
+        huge = Script(tokens=("x" * 524288,) * 32)
+        engine.push(huge, huge)
+        body = json.dumps(
+            {"model": SLUG, "messages": USER, "stream": True, "max_tokens": 32}
+        ).encode()
+        head = (
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nx-api-key: {srv.api_key}\r\n"
+            f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+        ).encode()
+        readers = []
+        port = int(srv.base_url.rsplit(":", 1)[1])
+        for _ in range(2):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", port))
+            sock.sendall(head + body)
+            readers.append(sock)
+        try:
+            wait_for(lambda: engine.stats.running == 2)
+            r = httpx.post(
+                f"{srv.v1}/chat/completions",
+                json={"model": SLUG, "messages": USER, "max_tokens": 2},
+                headers=srv.headers(),
+                timeout=60,
+            )
+            assert r.status_code == 200
+            assert engine.stats.cancelled_total >= 2  # both readers were stopped
+        finally:
+            for sock in readers:
+                sock.close()
+        wait_for(lambda: audit.ledger_check(srv.db) == [] and engine.stats.running == 0)
+    finally:
+        srv.stop()

@@ -6,7 +6,7 @@ Without a token configured the admin API is off.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -132,7 +132,7 @@ async def create_key(request: Request, account_id: int, body: NewKey) -> dict[st
         _db(request),
         account_id,
         body.name,
-        body.allowed_models,
+        accounts.canonical_models(request.app.state.chat.catalog, body.allowed_models),
         body.expires_at,
     )
     out = {**key_out(record), "key": plaintext}  # the only time the plaintext is shown
@@ -179,5 +179,6 @@ async def usage(request: Request, account_id: int | None = None) -> dict[str, An
 
 @router.get("/ledger/check")
 async def ledger_check(request: Request) -> dict[str, Any]:
-    problems = await _run(request, audit.ledger_check, _db(request))
+    ttl = timedelta(seconds=request.app.state.settings.hold_ttl_seconds)
+    problems = await _run(request, audit.ledger_check, _db(request), ttl)
     return {"ok": not problems, "problems": [p.__dict__ for p in problems]}

@@ -24,7 +24,7 @@ from starlette.types import Message, Receive, Scope, Send
 from servelm.api.errors import INTERNAL, render
 from servelm.api.paths import Dialect
 from servelm.console import session as console_session
-from servelm.errors import InvalidRequest, PayloadTooLarge, ServelmError
+from servelm.errors import InvalidRequest, PayloadTooLarge, RequestTimeout, ServelmError
 from servelm.protocol import sse
 from servelm.serving import ChatExchange, ChatService, JsonReply, StreamReply
 
@@ -131,17 +131,25 @@ class _Connection:
             raise PayloadTooLarge(too_large)
         chunks: list[bytes] = []
         size = 0
-        while True:
-            message = await self.receive()
-            if message["type"] == "http.disconnect":
-                raise ClientGone
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(too_large)
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
+        seconds = self.scope["app"].state.settings.body_read_timeout_seconds
+        try:
+            # A client trickling its body must not hold memory and a task forever.
+            async with asyncio.timeout(seconds):
+                while True:
+                    message = await self.receive()
+                    if message["type"] == "http.disconnect":
+                        raise ClientGone
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > limit:
+                        raise PayloadTooLarge(too_large)
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            raise RequestTimeout(
+                f"The request body did not arrive within {seconds:g} seconds."
+            ) from None
         if not size:
             raise InvalidRequest("The request body is empty; send a JSON object with 'messages'.")
         # The body is in, so the next ASGI message can only be the disconnect.

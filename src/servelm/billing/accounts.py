@@ -10,7 +10,9 @@ from sqlalchemy.exc import IntegrityError
 
 from servelm import auth
 from servelm.billing.clock import as_utc, utcnow
+from servelm.catalog import Catalog
 from servelm.errors import Conflict, InvalidRequest, NotFound
+from servelm.money import MAX_ACCOUNT_MICRO, MAX_GRANT_MICRO, MICRO
 from servelm.store.db import Database
 from servelm.store.tables import accounts, api_keys, ledger
 
@@ -91,26 +93,62 @@ def list_accounts(db: Database) -> list[Account]:
         return [_account(r) for r in conn.execute(select(accounts).order_by(accounts.c.id))]
 
 
+def check_grant_amount(amount: int) -> None:
+    """Issue 17: one grant is bounded, so no sum of a few can leave BIGINT (SQLite
+    silently turned such a balance into a REAL, and the audit crashed on it)."""
+    if amount <= 0:
+        raise InvalidRequest("A grant must be a positive amount.", param="amount")
+    if amount > MAX_GRANT_MICRO:
+        raise InvalidRequest(
+            f"A grant may be at most {MAX_GRANT_MICRO // MICRO} credits.", param="amount"
+        )
+
+
 def grant(db: Database, account_id: int, amount: int, note: str = "") -> int:
     """Add ``amount`` micro-credits; returns the new balance. Ledger row in the same
     transaction, so the audit always adds up."""
-    if amount <= 0:
-        raise InvalidRequest("A grant must be a positive amount.", param="amount")
+    check_grant_amount(amount)
     with db.write() as conn:
+        # The cap is in the statement itself: concurrent grants cannot pass it together.
         row = conn.execute(
             update(accounts)
-            .where(accounts.c.id == account_id)
+            .where(
+                accounts.c.id == account_id,
+                accounts.c.balance + accounts.c.held <= MAX_ACCOUNT_MICRO - amount,
+            )
             .values(balance=accounts.c.balance + amount)
             .returning(accounts.c.balance)
         ).first()
         if row is None:
-            raise NotFound(f"No account {account_id}.")
+            exists = conn.execute(select(accounts.c.id).where(accounts.c.id == account_id))
+            if exists.first() is None:
+                raise NotFound(f"No account {account_id}.")
+            raise InvalidRequest(
+                f"This grant would take the account above {MAX_ACCOUNT_MICRO // MICRO} "
+                "credits, the most one account may hold.",
+                param="amount",
+            )
         conn.execute(
             insert(ledger).values(
                 account_id=account_id, kind="grant", amount=amount, note=note, created_at=utcnow()
             )
         )
     return int(row[0])
+
+
+def canonical_models(catalog: Catalog, names: list[str] | None) -> list[str] | None:
+    """A key's model list with aliases resolved to slugs (issue 17: a key made with
+    ``--model smollm2`` was refused on that very model, matched by slug). Names the
+    catalog does not know are kept as given."""
+    if names is None:
+        return None
+    out: list[str] = []
+    for name in names:
+        spec = catalog.get(name)
+        slug = spec.slug if spec is not None else name
+        if slug not in out:
+            out.append(slug)
+    return out
 
 
 def create_key(

@@ -11,13 +11,14 @@ flight, or was charged. ``servelm ledger check`` runs this.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, func, select
+from sqlalchemy import Row, case, func, select
 
-from servelm.billing.clock import as_utc
+from servelm.billing.clock import as_utc, utcnow
 from servelm.store.db import Database
 from servelm.store.tables import accounts, api_keys, holds, ledger, usage
 
@@ -29,7 +30,10 @@ class Discrepancy:
     problem: str
 
 
-def ledger_check(db: Database) -> list[Discrepancy]:
+def ledger_check(db: Database, hold_ttl: timedelta | None = None) -> list[Discrepancy]:
+    """Every account whose credits do not add up; with ``hold_ttl``, also every open
+    hold older than that (issue 17: a hold whose settlement failed was kept alive by
+    its process's keep-alive, and the sums alone cannot see it)."""
     signed = case((ledger.c.kind == "charge", -ledger.c.amount), else_=ledger.c.amount)
     with db.read() as conn:
         net = dict(
@@ -49,7 +53,24 @@ def ledger_check(db: Database) -> list[Discrepancy]:
         rows = conn.execute(
             select(accounts.c.id, accounts.c.name, accounts.c.balance, accounts.c.held)
         ).all()
-    problems: list[Discrepancy] = []
+        stale: Sequence[Row[Any, Any, Any, Any]] = []
+        if hold_ttl is not None:
+            stale = conn.execute(
+                select(holds.c.account_id, accounts.c.name, holds.c.request_id, holds.c.amount)
+                .join(accounts, accounts.c.id == holds.c.account_id)
+                .where(holds.c.settled_at.is_(None), holds.c.created_at < utcnow() - hold_ttl)
+                .order_by(holds.c.created_at)
+            ).all()
+    problems: list[Discrepancy] = [
+        Discrepancy(
+            account_id,
+            name,
+            f"hold {request_id} ({amount}) has been open longer than the hold TTL "
+            f"({hold_ttl.total_seconds():g} s)",
+        )
+        for account_id, name, request_id, amount in stale
+        if hold_ttl is not None
+    ]
     for account_id, name, balance, held in rows:
         ledger_net = int(net.get(account_id, 0))
         if ledger_net != balance + held:

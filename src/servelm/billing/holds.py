@@ -29,9 +29,10 @@ from servelm.store.tables import accounts, holds, ledger, usage
 class NotEnoughCredits(InsufficientCredits):
     """InsufficientCredits that also carries the balance, for ``x-remaining-credits``."""
 
-    def __init__(self, balance: int, needed: int) -> None:
+    def __init__(self, balance: int, needed: int, *, at_least: bool = False) -> None:
+        bound = "at least" if at_least else "up to"
         super().__init__(
-            f"Not enough credits: this request needs up to {format_credits(needed)} "
+            f"Not enough credits: this request needs {bound} {format_credits(needed)} "
             f"credits and the balance is {format_credits(balance)}."
         )
         self.balance = balance
@@ -194,15 +195,21 @@ def settle_in(
             "account_id": account_id,
             "key_id": key_id,
             "model": model,
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
+            # Clamped to the INTEGER columns (int4 on PostgreSQL): an overflow here
+            # once failed the whole settlement after the answer was delivered.
+            "prompt_tokens": _int4(prompt_tokens),
+            "completion_tokens": _int4(completion_tokens),
             "cost": charged,
             "status": status,
-            "latency_ms": latency_ms,
+            "latency_ms": _int4(latency_ms),
             "now": now,
         },
     )
     return Settlement(int(charged), int(row[0]), already=False)
+
+
+def _int4(n: int) -> int:
+    return max(0, min(int(n), 2**31 - 1))
 
 
 def refresh(db: Database, request_ids: list[str], ttl: timedelta) -> int:

@@ -23,6 +23,8 @@ from servelm.store.groupcommit import GroupCommit
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# Bounds the key cache's memory against a flood of made-up key ids.
+_MAX_CACHED_KEYS = 100_000
 
 
 def _log_failure(done: asyncio.Future[Any]) -> None:

@@ -6,7 +6,7 @@ the data directory), so they need no running server.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated
 
@@ -17,6 +17,7 @@ from rich.table import Table
 from servelm.billing import accounts as acct
 from servelm.billing import audit
 from servelm.cli import limits as cli_limits
+from servelm.cli.common import load_catalog_or_exit, models_file_option
 from servelm.config import Settings
 from servelm.errors import ServelmError
 from servelm.money import format_credits, parse_credits
@@ -101,12 +102,13 @@ def keys_create(
     data_dir: DataDir = None,
 ) -> None:
     """Create an API key. Its secret is printed once and never stored. --rpm, --tpm
-    and --concurrency give it rate limits of its own."""
+    and --concurrency give it rate limits of its own; --model takes slugs or aliases."""
+    # The catalog `servelm serve` would load, to resolve the names the key may use.
+    settings = Settings.from_env(data_dir=data_dir, models_file=models_file_option(None))
     db = open_db(data_dir)
+    models = acct.canonical_models(load_catalog_or_exit(settings), model or None)
     try:
-        record, plaintext = acct.create_key(
-            db, _account_id(db, account), name, model or None, expires
-        )
+        record, plaintext = acct.create_key(db, _account_id(db, account), name, models, expires)
         if (rpm, tpm, concurrency) != (None, None, None):
             cli_limits.apply_key_limits(db, record.key_id, rpm, tpm, concurrency)
     except ServelmError as exc:
@@ -203,7 +205,10 @@ def usage(
 @ledger_app.command("check")
 def ledger_check(data_dir: DataDir = None) -> None:
     """Verify granted = balance + held + charged for every account; exit 1 if not."""
-    problems = audit.ledger_check(open_db(data_dir))
+    settings = Settings.from_env(data_dir=data_dir)
+    db = Database(settings.db_url)
+    db.upgrade()
+    problems = audit.ledger_check(db, timedelta(seconds=settings.hold_ttl_seconds))
     if problems:
         for p in problems:
             err_console.print(f"[red]account {p.account_id} '{p.name}':[/] {p.problem}")

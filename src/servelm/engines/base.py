@@ -112,11 +112,27 @@ class Engine(abc.ABC):
         return {"running": self.stats.running, "waiting": self.stats.waiting}
 
 
+# What llama.cpp says when it refuses the request itself (a schema or grammar it cannot
+# compile, a number it cannot parse): the client's input, so a 400, never a 500.
+_INPUT_REFUSALS = (
+    "Unable to generate parser",
+    "JSON schema error",
+    "JSON schema conversion failed",
+    "failed to parse grammar",
+    "Failed to parse grammar",
+    "json.exception.out_of_range",
+    "json.exception.type_error",
+    "json.exception.parse_error",
+)
+
+
 def map_engine_error(err: Any) -> ServelmError:
     """An OpenAI/llama.cpp-style error object from an engine, as our exception."""
     if not isinstance(err, dict):
-        return EngineError(f"engine error: {err}")
+        err = {"message": str(err)}
     message = str(err.get("message", "engine error"))
+    if any(marker in message for marker in _INPUT_REFUSALS):
+        return InvalidRequest(f"The model's engine refused the request: {message[:500]}")
     code = err.get("code")
     if err.get("type") == "exceed_context_size_error":
         return ContextWindowExceeded(

@@ -261,7 +261,9 @@ class LlamaCppEngine(Engine):
                         return
                     if isinstance(item, _Failed):
                         finished = True
-                        raise EngineError(f"engine failed: {item.exc}") from item.exc
+                        # The binding raises when it refuses the input (a schema it
+                        # cannot compile): mapped like the error dicts it also sends.
+                        raise map_engine_error(f"engine failed: {item.exc}") from item.exc
                     if "error" in item:
                         raise map_engine_error(item["error"])
                     self.stats.chunks_total += 1
@@ -292,7 +294,8 @@ class LlamaCppEngine(Engine):
             **super().describe(),
             "slots": self.slots,
             "loaded": self._server is not None,
-            "weights": str(self.spec.path),
+            # No weight paths: /health shows this to anyone (issue 17); the operator
+            # has them in `servelm models list`.
             "memory_bytes": self._memory_bytes,
         }
 

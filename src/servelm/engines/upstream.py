@@ -19,6 +19,7 @@ One keep-alive pool (``servelm.http1``) per upstream. Unreachable → 502, timeo
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -26,6 +27,7 @@ from typing import Any
 
 from servelm import http1
 from servelm.catalog import ModelSpec
+from servelm.engines import wire
 from servelm.engines.base import Admission, Engine, map_engine_error
 from servelm.errors import (
     InvalidRequest,
@@ -86,15 +88,19 @@ class OpenAIUpstreamEngine(Engine):
         async with self._admission:
             self.stats.requests_total += 1
             finished = False
+            # issue 17: the whole call, not just each read, has a time limit.
+            deadline = asyncio.get_running_loop().time() + self.spec.deadline
             try:
                 resp = await self._pool.request(
-                    "POST", "/chat/completions", json.dumps(payload).encode()
+                    "POST", "/chat/completions", json.dumps(payload).encode(), deadline=deadline
                 )
                 async with resp:
                     if resp.status_code != 200:
                         raise await self._status_error(resp)
                     chunks = self._reshape(await resp.read()) if plain else _sse_json(resp)
-                    async for chunk in chunks:
+                    async for data in chunks:
+                        # issue 17: nothing an upstream sends is trusted unchecked.
+                        chunk = data if plain else wire.chunk(self.spec.slug, data)
                         if "error" in chunk:
                             raise _upstream_error_body(self.spec.slug, chunk["error"])
                         self.stats.chunks_total += 1
@@ -117,15 +123,16 @@ class OpenAIUpstreamEngine(Engine):
         whole message as one delta, then the finish reason with the usage."""
         try:
             data = json.loads(raw)
-            if "error" in data:
-                raise _upstream_error_body(self.spec.slug, data["error"])
-            choice = data["choices"][0]
-            message = choice.get("message") or {}
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+        except ValueError as exc:
             raise UpstreamError(
                 f"The engine for '{self.spec.slug}' sent a malformed answer: {raw[:200]!r}"
             ) from exc
-        usage = data.get("usage")
+        if isinstance(data, dict) and "error" in data:
+            raise _upstream_error_body(self.spec.slug, data["error"])
+        # issue 17: checked before anything is yielded (and so before anything is
+        # settled); a malformed answer is a 502 and never switches to streamed calls.
+        choice, message = wire.plain_answer(self.spec.slug, data)
+        usage = wire.usage(self.spec.slug, data.get("usage"))
         if not usage and self._plain_calls:
             self._plain_calls = False
             log.warning(

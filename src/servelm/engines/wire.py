@@ -1,0 +1,158 @@
+"""What a remote engine sends, checked before anything downstream trusts it (issue 17,
+points 6 to 9).
+
+An upstream is another server: it can be buggy, misconfigured or hostile. Its token
+counts decide what a user pays, and its answers end up in our responses, so every
+chunk, plain answer and ``usage`` object is validated here and normalised into the
+shapes the rest of servelm assumes (``dict`` chunks, ``str`` content, ``int`` token
+counts in range). Anything else is an ``UpstreamError`` (502, or an SSE error event
+once a stream has started), never a traceback, and the charge is then computed from
+what was relayed.
+
+Rules for ``usage`` (the README's promise that an upper bound is never billed):
+
+- counts must be integers, ``0 <= n <= MAX_TOKENS``; anything else (negative, 10^400,
+  ``"abc"``, NaN, a float) is a lying upstream: 502;
+- ``prompt_tokens`` missing: 0 is billed for the prompt (the gateway's own figure is
+  only an upper bound);
+- ``completion_tokens`` missing: the usage is ignored and the tokens relayed are
+  counted instead.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from servelm.errors import UpstreamError
+
+# Also what the usage table's INTEGER columns hold (PostgreSQL int4).
+MAX_TOKENS = 2**31 - 1
+
+
+def _bad(slug: str, what: str) -> UpstreamError:
+    return UpstreamError(f"The engine for '{slug}' sent a malformed answer: {what}.")
+
+
+def _count(slug: str, usage: dict[str, Any], name: str) -> int | None:
+    value = usage.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        shown = "NaN" if isinstance(value, float) and math.isnan(value) else repr(value)[:40]
+        raise _bad(slug, f"usage.{name} is {shown}, not an integer")
+    if not 0 <= value <= MAX_TOKENS:
+        raise _bad(slug, f"usage.{name} is out of range ({str(value)[:40]})")
+    return value
+
+
+def usage(slug: str, raw: Any) -> dict[str, int] | None:
+    """A checked ``usage``: both counts as ints, or None when it cannot be used."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise _bad(slug, f"usage is a {type(raw).__name__}, not an object")
+    prompt = _count(slug, raw, "prompt_tokens")
+    completion = _count(slug, raw, "completion_tokens")
+    if completion is None:
+        return None
+    prompt = prompt or 0
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+def _optional_str(slug: str, value: Any, where: str) -> None:
+    if value is not None and not isinstance(value, str):
+        raise _bad(slug, f"{where} is a {type(value).__name__}, not a string")
+
+
+def _tool_calls(slug: str, calls: Any, where: str, *, streamed: bool) -> None:
+    if calls is None:
+        return
+    if not isinstance(calls, list):
+        raise _bad(slug, f"{where}.tool_calls is not an array")
+    for i, call in enumerate(calls):
+        at = f"{where}.tool_calls[{i}]"
+        if not isinstance(call, dict):
+            raise _bad(slug, f"{at} is not an object")
+        if (
+            streamed
+            and "index" in call
+            and (isinstance(call["index"], bool) or not isinstance(call["index"], int))
+        ):
+            raise _bad(slug, f"{at}.index is not an integer")
+        _optional_str(slug, call.get("id"), f"{at}.id")
+        fn = call.get("function")
+        if fn is None and streamed:
+            continue
+        if not isinstance(fn, dict):
+            raise _bad(slug, f"{at}.function is not an object")
+        _optional_str(slug, fn.get("name"), f"{at}.function.name")
+        _optional_str(slug, fn.get("arguments"), f"{at}.function.arguments")
+
+
+def _choice_common(slug: str, choice: Any, where: str) -> dict[str, Any]:
+    if not isinstance(choice, dict):
+        raise _bad(slug, f"{where} is not an object")
+    _optional_str(slug, choice.get("finish_reason"), f"{where}.finish_reason")
+    lp = choice.get("logprobs")
+    if lp is not None and not isinstance(lp, dict):
+        raise _bad(slug, f"{where}.logprobs is not an object")
+    if (
+        isinstance(lp, dict)
+        and lp.get("content") is not None
+        and not isinstance(lp["content"], list)
+    ):
+        raise _bad(slug, f"{where}.logprobs.content is not an array")
+    return choice
+
+
+def chunk(slug: str, data: Any) -> dict[str, Any]:
+    """A checked streamed ``chat.completion.chunk`` (or an error event, passed on as is
+    for the caller to map). ``usage`` is replaced by its checked form."""
+    if not isinstance(data, dict):
+        raise _bad(slug, f"an event is a {type(data).__name__}, not an object")
+    if "error" in data:
+        return data
+    choices = data.get("choices", [])
+    if not isinstance(choices, list):
+        raise _bad(slug, "choices is not an array")
+    for i, choice in enumerate(choices):
+        _choice_common(slug, choice, f"choices[{i}]")
+        delta = choice.get("delta")
+        if delta is None:
+            continue
+        if not isinstance(delta, dict):
+            raise _bad(slug, f"choices[{i}].delta is not an object")
+        _optional_str(slug, delta.get("content"), f"choices[{i}].delta.content")
+        _optional_str(slug, delta.get("role"), f"choices[{i}].delta.role")
+        _tool_calls(slug, delta.get("tool_calls"), f"choices[{i}].delta", streamed=True)
+    if "usage" in data:
+        checked = usage(slug, data["usage"])
+        data = {**data, "usage": checked}
+        if checked is None:
+            del data["usage"]
+    out: dict[str, Any] = data
+    return out
+
+
+def plain_answer(slug: str, data: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A checked plain ``chat.completion``: (its first choice, its message). Its
+    ``usage`` is checked separately (``usage``)."""
+    if not isinstance(data, dict):
+        raise _bad(slug, f"the answer is a {type(data).__name__}, not an object")
+    choices = data.get("choices")
+    if not isinstance(choices, list) or not choices:
+        raise _bad(slug, "choices is not a non-empty array")
+    choice = _choice_common(slug, choices[0], "choices[0]")
+    message = choice.get("message")
+    if message is None:
+        message = {}
+    if not isinstance(message, dict):
+        raise _bad(slug, "choices[0].message is not an object")
+    _optional_str(slug, message.get("content"), "choices[0].message.content")
+    _tool_calls(slug, message.get("tool_calls"), "choices[0].message", streamed=False)
+    return choice, message

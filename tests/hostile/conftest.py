@@ -1,0 +1,112 @@
+"""Hostile servers and the money checks every hostile test ends with (issue 17)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from servelm.store.db import Database
+from servelm.store.tables import holds
+from tests.conftest import LiveServer, free_port, make_settings, start_server
+from tests.procs import cli
+
+LIAR = "liar"
+
+
+def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port} after {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def liar_port() -> Iterator[int]:
+    """``servelm.testing.lying_upstream`` as its own process."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "servelm.testing.lying_upstream", "--port", str(port)]
+    )
+    try:
+        wait_listening(port, proc)
+        yield port
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def liar_models_file(directory: Path, port: int, **fields: str) -> Path:
+    extra = "".join(f"{k} = {v}\n" for k, v in fields.items())
+    path = directory / "servelm.toml"
+    path.write_text(
+        f'[models.{LIAR}]\nengine = "openai"\nbase_url = "http://127.0.0.1:{port}/v1"\n'
+        "context_window = 4096\nmax_output_tokens = 512\ninput_price = 1000\n"
+        f"output_price = 2000\ntools = true\n{extra}"
+        "[models.smollm2-135m-instruct]\nenabled = false\n"
+    )
+    return path
+
+
+def start_liar_gateway(
+    tmp: Path, models_dir: Path, port: int, database_url: str | None = None, **fields: str
+) -> LiveServer:
+    settings = make_settings(
+        tmp,
+        models_dir,
+        models_file=liar_models_file(tmp, port, **fields),
+        database_url=database_url,
+    )
+    return start_server(settings)
+
+
+@pytest.fixture(scope="module")
+def liar_gateway(
+    liar_port: int, models_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveServer]:
+    """A gateway (SQLite) whose one model is the lying upstream."""
+    live = start_liar_gateway(tmp_path_factory.mktemp("liar"), models_dir, liar_port)
+    yield live
+    live.stop()
+
+
+def open_holds(db: Database) -> int:
+    with db.read() as conn:
+        return int(
+            conn.execute(
+                select(func.count()).select_from(holds).where(holds.c.settled_at.is_(None))
+            ).scalar_one()
+        )
+
+
+def wait_no_open_holds(db: Database, timeout: float = 30) -> None:
+    """Settlement may commit a moment after the response (a hang-up, group commit)."""
+    deadline = time.monotonic() + timeout
+    while open_holds(db) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert open_holds(db) == 0, "a hold is still open"
+
+
+def assert_money_sound(live: LiveServer) -> None:
+    """`servelm ledger check` passes on the server's database, with no hold open."""
+    wait_no_open_holds(live.db)
+    env = {**os.environ, "SERVELM_DATA_DIR": str(live.settings.data_dir)}
+    env.pop("SERVELM_DATABASE_URL", None)
+    if live.settings.database_url:
+        env["SERVELM_DATABASE_URL"] = live.settings.database_url
+    done = cli(env, "ledger", "check")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "ledger ok" in done.stdout
