@@ -256,6 +256,9 @@ class ChatService:
         """The engine's raw chunks, counted as they pass; settles however it ends."""
         stream = call.engine.stream(call.body, client_streams=call.request.stream)
         call.status = "cancelled"  # until the engine says it finished
+        sent: list[str] = []  # the content text the client receives
+        content_chunks = 0
+        tool_calls = False
         try:
             async for raw in stream:
                 usage = raw.get("usage")
@@ -268,9 +271,15 @@ class ChatService:
                     if choice.get("finish_reason"):
                         call.finish_reason = choice["finish_reason"]
                     delta = choice.get("delta") or {}
+                    if delta.get("content"):
+                        sent.append(delta["content"])
+                        content_chunks += 1
+                    tool_calls = tool_calls or bool(delta.get("tool_calls"))
                     if call.usage is None and (delta.get("content") or delta.get("tool_calls")):
                         call.completion_tokens += 1
                 yield raw
+            if call.usage is not None and not tool_calls and content_chunks < call.completion_tokens:
+                await self._bill_what_was_sent(call, "".join(sent))
             call.status = "ok"
         except ServelmError:
             call.status = "error"
@@ -285,6 +294,23 @@ class ChatService:
                 await stream.aclose()  # type: ignore[attr-defined]
             finally:
                 await self.settle(call)
+
+    async def _bill_what_was_sent(self, call: Call, text: str) -> None:
+        """llama.cpp streams one chunk per token, except where it keeps text back: a
+        stop string's start, trailing whitespace its output parser trims at the end
+        (a json_object answer cut by max_tokens), bytes of an unfinished character.
+        Fewer chunks than tokens is the sign; the client is then billed for the
+        tokens of the text it received, never more than the engine generated."""
+        counted = await call.engine.count_text_tokens(text)
+        if counted is not None and counted < call.completion_tokens:
+            log.info(
+                "request %s: engine generated %d tokens, sent text of %d; billing %d",
+                call.request_id,
+                call.completion_tokens,
+                counted,
+                counted,
+            )
+            call.completion_tokens = counted
 
     async def settle(self, call: Call) -> None:
         """Once per generation, however it ended: finished, failed or abandoned. The
@@ -311,7 +337,18 @@ class ChatService:
             # Credits as decimal strings: exact, unlike JSON numbers in most clients.
             extra["cost"] = format_credits(call.settlement.charged)
             extra["remaining_credits"] = format_credits(call.settlement.balance)
-        return usage_body(call.prompt_tokens, call.completion_tokens, **extra)
+        return usage_body(
+            call.prompt_tokens,
+            call.completion_tokens,
+            prompt_tokens_details={"cached_tokens": cached_tokens(call.usage)},
+            completion_tokens_details={
+                "reasoning_tokens": 0,
+                "audio_tokens": 0,
+                "accepted_prediction_tokens": 0,
+                "rejected_prediction_tokens": 0,
+            },
+            **extra,
+        )
 
     # -- idempotency and the balance on errors ----------------------------------------
 
@@ -415,6 +452,14 @@ def charge(call: Call) -> int:
         return 0
     prompt = call.prompt_tokens if (call.prompt_exact or call.usage) else 0
     return call.spec.cost_micro(prompt, call.completion_tokens)
+
+
+def cached_tokens(usage: dict[str, Any] | None) -> int:
+    """Prompt tokens the engine took from its prompt cache (llama.cpp and vLLM report
+    them as OpenAI does), 0 when it does not say."""
+    details = (usage or {}).get("prompt_tokens_details") or {}
+    value = details.get("cached_tokens") if isinstance(details, dict) else None
+    return value if isinstance(value, int) and value >= 0 else 0
 
 
 def money_headers(call: Call) -> dict[str, str]:
