@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
 
-from servelm.errors import AuthenticationError, PermissionDenied
+from servelm.errors import AuthenticationError, InvalidRequest, PermissionDenied
 
 PREFIX = "slm_"
 KEY_ID_LEN = 12
@@ -107,6 +107,40 @@ def check_admin_token(authorization: str | None, token: str | None) -> None:
     given = value.strip().encode("utf-8", "surrogateescape")
     if scheme.lower() != "bearer" or not hmac.compare_digest(given, token.encode()):
         raise AuthenticationError("Invalid or missing admin token.")
+
+
+def key_grants(
+    models: list[str] | None,
+    expires_at: datetime | None,
+    resolve: Callable[[str], str | None],
+    known: list[str],
+    now: datetime,
+) -> tuple[list[str] | None, datetime | None]:
+    """What a new key may do, checked when it is made: every model named must be in
+    the catalog (stored as its canonical slug, since rights are checked against
+    slugs: a key made for an alias would otherwise never work), and the expiry must
+    be ahead. A date without a zone is UTC. ``resolve`` maps a name or alias to its
+    slug, None when unknown."""
+    slugs: list[str] | None = None
+    if models is not None:
+        slugs = []
+        for name in models:
+            slug = resolve(name)
+            if slug is None:
+                raise InvalidRequest(
+                    f"No model '{name}' on this server; known models: {', '.join(known)}.",
+                    param="allowed_models",
+                )
+            if slug not in slugs:
+                slugs.append(slug)
+    if expires_at is not None:
+        if expires_at.tzinfo is None:
+            expires_at = expires_at.replace(tzinfo=UTC)
+        if expires_at <= now:
+            raise InvalidRequest(
+                f"The expiry {expires_at.isoformat()} is in the past.", param="expires_at"
+            )
+    return slugs, expires_at
 
 
 @dataclass(frozen=True)

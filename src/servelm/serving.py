@@ -167,8 +167,13 @@ class ChatService:
         spec = self.catalog.resolve(slug)
         engine = self.engines.get(spec.slug)
         if engine is None:
-            reason = self.unavailable.get(spec.slug, "it is not loaded on this server")
-            raise ModelUnavailable(f"Model '{spec.slug}' is unavailable: {reason}", retry_after=60)
+            # The reason (a file path, a load error) is the operator's: it went to the
+            # log at start-up and is in `servelm models list` and GET /admin/models.
+            missing = spec.engine == "llama.cpp" and not (spec.path and spec.path.is_file())
+            state = "is not installed" if missing else "could not be loaded"
+            raise ModelUnavailable(
+                f"Model '{spec.slug}' {state} on this server; ask its operator.", retry_after=60
+            )
         return spec, engine
 
     async def prepare(

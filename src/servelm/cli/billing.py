@@ -6,7 +6,7 @@ the data directory), so they need no running server.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -14,7 +14,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from servelm.auth import key_grants
 from servelm.billing import accounts as acct
+from servelm.cli.common import ModelsFileOpt, load_catalog_or_exit, models_file_option
 from servelm.billing import audit
 from servelm.config import Settings
 from servelm.errors import ServelmError
@@ -85,12 +87,22 @@ def keys_create(
         datetime | None, typer.Option(help="Expiry, e.g. 2027-01-31 or 2027-01-31T12:00.")
     ] = None,
     data_dir: DataDir = None,
+    models_file: ModelsFileOpt = None,
 ) -> None:
     """Create an API key. Its secret is printed once and never stored."""
+    settings = Settings.from_env(data_dir=data_dir, models_file=models_file_option(models_file))
+    catalog = load_catalog_or_exit(settings)
     db = open_db(data_dir)
     try:
+        models, expires_at = key_grants(
+            model or None,
+            expires,
+            lambda n: (spec.slug if (spec := catalog.get(n)) else None),
+            [s.slug for s in catalog],
+            datetime.now(UTC),
+        )
         record, plaintext = acct.create_key(
-            db, _account_id(db, account), name, model or None, expires
+            db, _account_id(db, account), name, models, expires_at
         )
     except ServelmError as exc:
         raise _fail(exc) from exc
