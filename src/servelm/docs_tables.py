@@ -23,12 +23,12 @@ def render(readme: str) -> str:
     """``readme`` with every generated table brought up to date."""
     for name, make in TABLES.items():
         pattern = re.compile(
-            rf"(<!-- table:{name} -->\n).*?(\n<!-- /table:{name} -->)", re.DOTALL
+            rf"(<!-- table:{name} -->\n)(?:.*?\n)?(<!-- /table:{name} -->)", re.DOTALL
         )
         if not pattern.search(readme):
             raise ValueError(f"README has no <!-- table:{name} --> markers")
         table = make()
-        readme = pattern.sub(lambda m: m.group(1) + table + m.group(2), readme)
+        readme = pattern.sub(lambda m: m.group(1) + table + "\n" + m.group(2), readme)
     return readme
 
 

@@ -182,10 +182,7 @@ class ChatService:
         """Images inlined and checked, the conversation fitted to the model, the prompt
         counted (exactly where the engine can) and the output limit decided."""
         if request.has_images() and not spec.vision:
-            raise InvalidRequest(
-                f"Model '{spec.slug}' does not accept images; send text content only.",
-                param="messages",
-            )
+            raise InvalidRequest(no_images_message(spec), param="messages")
         if request.tools and not spec.tools:
             raise InvalidRequest(f"Model '{spec.slug}' does not support tools.", param="tools")
         body = engine_body(request)
@@ -445,6 +442,20 @@ def output_limit(
             param=param,
         )
     return asked
+
+
+def no_images_message(spec: ModelSpec) -> str:
+    """The 400 for images sent to a text-only entry says what would make it see."""
+    if spec.engine == "openai":
+        how = "if its upstream model sees images, its operator sets `vision = true` on its entry"
+    else:
+        how = (
+            "a llama.cpp model sees through a multimodal projector made for its weights: "
+            f'its operator adds `mmproj = "/path/to/mmproj.gguf"` to [models."{spec.slug}"] '
+            "in servelm.toml (Mixtral has no published projector; serve a vision model "
+            "for images)"
+        )
+    return f"Model '{spec.slug}' does not accept images; send text only, or {how}."
 
 
 def charge(call: Call) -> int:
