@@ -27,9 +27,15 @@ def render(readme: str) -> str:
         )
         if not pattern.search(readme):
             raise ValueError(f"README has no <!-- table:{name} --> markers")
-        table = make()
-        readme = pattern.sub(lambda m: m.group(1) + table + "\n" + m.group(2), readme)
+        readme = pattern.sub(_filler(make()), readme)
     return readme
+
+
+def _filler(table: str) -> Callable[[re.Match[str]], str]:
+    def fill(m: re.Match[str]) -> str:
+        return m.group(1) + table + "\n" + m.group(2)
+
+    return fill
 
 
 def main(argv: list[str]) -> int:

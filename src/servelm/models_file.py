@@ -148,7 +148,7 @@ def _read_file(path: Path, builtins: dict[str, ModelSpec], models_dir: Path) -> 
         dotted = _dotted_slug(slug, entry)
         if dotted is not None:
             raise ConfigError(
-                f'{path}: models.{dotted}: TOML reads the dots as nested tables; quote the '
+                f"{path}: models.{dotted}: TOML reads the dots as nested tables; quote the "
                 f'model name: [models."{dotted}"]'
             )
         if "slug" in entry:
@@ -179,7 +179,7 @@ def _dotted_slug(slug: str, entry: dict[str, Any]) -> str | None:
         return None
     if len(entry) != 1 or not all(isinstance(v, dict) for v in entry.values()):
         return None
-    (inner, value), = entry.items()
+    ((inner, value),) = entry.items()
     deeper = _dotted_slug(inner, value)
     return f"{slug}.{deeper or inner}"
 

@@ -248,7 +248,11 @@ def _to_invalid_request(exc: ValidationError) -> InvalidRequest:
     err = max(errors, key=lambda e: (len(e["loc"]), not e["type"].endswith("_type")))
     ctx = err.get("ctx") or {}
     origin = ctx.get("error")
-    param = origin.param if isinstance(origin, _FieldError | FieldRefused) else _param_from_loc(err["loc"])
+    param = (
+        origin.param
+        if isinstance(origin, _FieldError | FieldRefused)
+        else _param_from_loc(err["loc"])
+    )
     msg = str(origin) if isinstance(origin, ValueError) else err["msg"]
     msg = msg.removeprefix("Value error, ")
     siblings = [e for e in errors if _param_from_loc(e["loc"]) == param]

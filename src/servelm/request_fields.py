@@ -62,7 +62,7 @@ IGNORED: dict[str, str] = {
 # something else.
 REFUSED: dict[str, str] = {
     "audio": "no audio output",
-    "modalities": "text output only (modalities other than [\"text\"])",
+    "modalities": 'text output only (modalities other than ["text"])',
     "prediction": "no predicted outputs",
     "web_search_options": "no web search",
     "reasoning_effort": "the models served here do not reason in OpenAI's sense",

@@ -280,7 +280,11 @@ class ChatService:
                     if call.usage is None and (delta.get("content") or delta.get("tool_calls")):
                         call.completion_tokens += 1
                 yield raw
-            if call.usage is not None and not tool_calls and content_chunks < call.completion_tokens:
+            if (
+                call.usage is not None
+                and not tool_calls
+                and content_chunks < call.completion_tokens
+            ):
                 await self._bill_what_was_sent(call, "".join(sent))
             call.status = "ok"
         except ServelmError:

@@ -117,7 +117,7 @@ async def create_key(request: Request, account: str, body: NewKey) -> dict[str, 
     models, expires = key_grants(
         body.allowed_models,
         body.expires_at,
-        lambda name: (spec.slug if (spec := catalog.get(name)) else None),
+        lambda name: spec.slug if (spec := catalog.get(name)) else None,
         [s.slug for s in catalog],
         datetime.now(UTC),
     )

@@ -16,8 +16,8 @@ from rich.table import Table
 
 from servelm.auth import key_grants
 from servelm.billing import accounts as acct
-from servelm.cli.common import ModelsFileOpt, load_catalog_or_exit, models_file_option
 from servelm.billing import audit
+from servelm.cli.common import ModelsFileOpt, load_catalog_or_exit, models_file_option
 from servelm.config import Settings
 from servelm.errors import ServelmError
 from servelm.money import format_credits, parse_credits
@@ -97,13 +97,11 @@ def keys_create(
         models, expires_at = key_grants(
             model or None,
             expires,
-            lambda n: (spec.slug if (spec := catalog.get(n)) else None),
+            lambda n: spec.slug if (spec := catalog.get(n)) else None,
             [s.slug for s in catalog],
             datetime.now(UTC),
         )
-        record, plaintext = acct.create_key(
-            db, _account_id(db, account), name, models, expires_at
-        )
+        record, plaintext = acct.create_key(db, _account_id(db, account), name, models, expires_at)
     except ServelmError as exc:
         raise _fail(exc) from exc
     console.print(f"key {record.key_id} for account {record.account_id}:")

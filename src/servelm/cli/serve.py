@@ -37,11 +37,12 @@ def settings_flags() -> list[inspect.Parameter]:
         flag = "--" + name.replace("_", "-")
         decls = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag]
         text = field.description or ""
+        default = default_text(name)
         option = typer.Option(
             *decls,
             # Parentheses, not brackets: rich would read [env: ...] as markup.
             help=f"{text[:1].upper()}{text[1:]} (env: SERVELM_{name.upper()}"
-            f"{'' if default_text(name) is None else '; default: ' + default_text(name)})",
+            f"{'' if default is None else '; default: ' + default})",
             show_default=False,
         )
         params.append(
