@@ -280,12 +280,15 @@ class ChatService:
                     if call.usage is None and (delta.get("content") or delta.get("tool_calls")):
                         call.completion_tokens += 1
                 yield raw
+            # The token that ended the answer (end of turn, a stop string) has no
+            # text but was generated: it is billed, as llama.cpp and vLLM count it.
+            ending = 1 if call.finish_reason == "stop" else 0
             if (
                 call.usage is not None
                 and not tool_calls
-                and content_chunks < call.completion_tokens
+                and content_chunks + ending < call.completion_tokens
             ):
-                await self._bill_what_was_sent(call, "".join(sent))
+                await self._bill_what_was_sent(call, "".join(sent), ending)
             call.status = "ok"
         except ServelmError:
             call.status = "error"
@@ -301,13 +304,16 @@ class ChatService:
             finally:
                 await self.settle(call)
 
-    async def _bill_what_was_sent(self, call: Call, text: str) -> None:
+    async def _bill_what_was_sent(self, call: Call, text: str, ending: int) -> None:
         """llama.cpp streams one chunk per token, except where it keeps text back: a
         stop string's start, trailing whitespace its output parser trims at the end
         (a json_object answer cut by max_tokens), bytes of an unfinished character.
         Fewer chunks than tokens is the sign; the client is then billed for the
-        tokens of the text it received, never more than the engine generated."""
+        tokens of the text it received (and the ending token), never more than the
+        engine generated."""
         counted = await call.engine.count_text_tokens(text)
+        if counted is not None:
+            counted += ending
         if counted is not None and counted < call.completion_tokens:
             log.info(
                 "request %s: engine generated %d tokens, sent text of %d; billing %d",

@@ -16,7 +16,7 @@ JOKE = [{"role": "user", "content": "tell me a joke on cats"}]
 
 
 def chat(http: httpx.Client, **body: Any) -> dict[str, Any]:
-    r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": JOKE, **body})
+    r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": JOKE} | body)
     assert r.status_code == 200, r.text
     data: dict[str, Any] = r.json()
     return data
@@ -74,10 +74,21 @@ def test_an_empty_stop_string_is_no_stop_and_is_not_charged_for_nothing(
     data = chat(http, max_tokens=4, stop="", temperature=0)
     text = data["choices"][0]["message"]["content"]
     assert text != ""
-    assert data["usage"]["completion_tokens"] == tokens_of(live, text)
+    ending = 1 if data["choices"][0]["finish_reason"] == "stop" else 0
+    assert data["usage"]["completion_tokens"] == tokens_of(live, text) + ending
 
 
-@pytest.mark.parametrize("max_tokens", [1, 2, 3, 4, 8])
+def test_a_natural_end_bills_the_text_and_the_end_token(
+    live: LiveServer, http: httpx.Client
+) -> None:
+    messages = [{"role": "user", "content": "What is 2+2? Answer with one number."}]
+    data = chat(http, messages=messages, max_tokens=100, temperature=0)
+    assert data["choices"][0]["finish_reason"] == "stop"
+    text = data["choices"][0]["message"]["content"]
+    assert data["usage"]["completion_tokens"] == tokens_of(live, text) + 1
+
+
+@pytest.mark.parametrize("max_tokens", [1, 2, 3, 4, 8, 64])
 def test_json_object_cut_short_charges_the_text_received(
     live: LiveServer, http: httpx.Client, max_tokens: int
 ) -> None:
@@ -89,8 +100,10 @@ def test_json_object_cut_short_charges_the_text_received(
         temperature=0,
     )
     text = data["choices"][0]["message"]["content"]
-    # The charge follows the text received: never tokens whose text never came.
-    assert data["usage"]["completion_tokens"] == tokens_of(live, text)
+    # The charge follows the text received: never tokens whose text never came (the
+    # token that ends an answer, which has no text, is the one exception).
+    ending = 1 if data["choices"][0]["finish_reason"] == "stop" else 0
+    assert data["usage"]["completion_tokens"] == tokens_of(live, text) + ending
     assert data["usage"]["completion_tokens"] <= max_tokens
 
 
