@@ -203,7 +203,11 @@ class ChatRequest(BaseModel):
                 "max_tokens and max_completion_tokens disagree; send one of them",
             )
         # Hook (request_fields): tool_choice needs tools and names one of them.
-        check_tool_choice(self.tool_choice, [t.function.name for t in self.tools or ()])
+        check_tool_choice(
+            self.tool_choice,
+            [t.function.name for t in self.tools or ()],
+            self.parallel_tool_calls,
+        )
         return self
 
     @property

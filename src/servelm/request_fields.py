@@ -40,7 +40,7 @@ HONOURED: dict[str, str] = {
     "tools": "models with a tool template (others: 400)",
     "tool_choice": "none, auto, required or a named function; 400 without tools or "
     "for a function not in tools",
-    "parallel_tool_calls": "passed to the engine",
+    "parallel_tool_calls": "passed to the engine; 400 without tools",
     "functions": "legacy: translated to tools (400 together with tools)",
     "function_call": "legacy: translated to tool_choice",
     "stream": "SSE on both routes",
@@ -110,9 +110,15 @@ def _translate_functions(data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def check_tool_choice(tool_choice: Any, tool_names: list[str] | None) -> None:
-    """OpenAI's rules: a tool_choice other than "none" needs tools, and a named
-    function must be one of them."""
+def check_tool_choice(
+    tool_choice: Any, tool_names: list[str] | None, parallel_tool_calls: bool | None = None
+) -> None:
+    """OpenAI's rules: a tool_choice other than "none" (and parallel_tool_calls) needs
+    tools, and a named function must be one of them."""
+    if parallel_tool_calls is not None and not tool_names:
+        raise FieldRefused(
+            "parallel_tool_calls", "parallel_tool_calls is only allowed when tools are given"
+        )
     if tool_choice is None:
         return
     if not tool_names:

@@ -44,6 +44,7 @@ def post(srv: LiveServer, body: dict[str, Any], route: str = "openai") -> httpx.
     [
         ({"tool_choice": "auto"}, "tool_choice"),
         ({"tool_choice": "required"}, "tool_choice"),
+        ({"parallel_tool_calls": False}, "parallel_tool_calls"),
         (
             {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
             "tool_choice",
