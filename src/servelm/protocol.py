@@ -24,8 +24,9 @@ from pydantic import (
 from servelm.errors import InvalidRequest
 from servelm.request_fields import FieldRefused, check_and_translate, check_tool_choice
 
-# Unknown fields are ignored: the OpenAI SDKs and other clients send many
-# (metadata, store, user, service_tier, ...) that a local server can safely ignore.
+# Fields nobody lists are ignored: clients send extensions of their own. OpenAI's
+# fields servelm cannot honour are refused and the harmless ones listed, in
+# servelm.request_fields (the README's conformance table).
 _WIRE = ConfigDict(extra="ignore", strict=True, frozen=True)
 
 
