@@ -4,6 +4,7 @@ agreeing with the settings (the engine-level points are in tests/conformance).""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -291,3 +292,26 @@ def test_the_readme_documents_health_metrics_and_docs() -> None:
     for path in ("GET /health", "GET /metrics", "GET /docs"):
         assert path in text
     assert ".venv/bin/servelm" in text and "source .venv/bin/activate" in text
+
+
+# -- 5: usage details and the fingerprint, streamed too --------------------------------------
+
+
+def test_stream_chunks_carry_the_fingerprint_and_usage_its_details(fast: LiveServer) -> None:
+    body = {
+        "model": SLUG,
+        "messages": MSGS,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    chunks = []
+    with httpx.stream(
+        "POST", f"{fast.v1}/chat/completions", json=body, headers=fast.headers()
+    ) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                chunks.append(json.loads(line[6:]))
+    assert {c["system_fingerprint"] for c in chunks} == {chunks[0]["system_fingerprint"]}
+    usage = chunks[-1]["usage"]
+    assert usage["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert usage["completion_tokens_details"]["reasoning_tokens"] == 0
