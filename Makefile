@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test test-fast lint typecheck fmt model clean browser
+.PHONY: serve test test-fast lint typecheck fmt model clean browser readme
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,3 +57,7 @@ fmt: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info tests/js/node_modules
+
+# The README's generated tables (settings, request conformance).
+readme: $(STAMP)
+	$(BIN)/python -m servelm.docs_tables README.md

@@ -4,12 +4,16 @@ stream. Both routes answer in these OpenAI shapes; only errors differ by dialect
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from collections.abc import AsyncGenerator, Callable
 from typing import TYPE_CHECKING, Any
 
+from servelm import __version__
 from servelm.protocol import chunk_body, completion_body
 
 if TYPE_CHECKING:
+    from servelm.catalog import ModelSpec
     from servelm.serving import Call
 
 UsageOf = Callable[["Call"], dict[str, Any]]
@@ -31,7 +35,7 @@ async def assemble_completion(
                     content.append(delta["content"])
                 for tc in delta.get("tool_calls") or ():
                     _merge_tool_call(tool_calls, tc)
-                lp = choice.get("logprobs")
+                lp = shape_logprobs(call, choice.get("logprobs"))
                 if lp and lp.get("content"):
                     logprobs.extend(lp["content"])
     finally:
@@ -44,7 +48,7 @@ async def assemble_completion(
     }
     if tool_calls:
         message["tool_calls"] = [tool_calls[i] for i in sorted(tool_calls)]
-    return completion_body(
+    body = completion_body(
         completion_id=call.completion_id,
         model=call.spec.slug,
         created=call.created,
@@ -53,6 +57,8 @@ async def assemble_completion(
         usage=usage(call),
         logprobs={"content": logprobs, "refusal": None} if call.request.logprobs else None,
     )
+    body["system_fingerprint"] = system_fingerprint(call.spec)
+    return body
 
 
 async def reorder_stream(
@@ -66,6 +72,7 @@ async def reorder_stream(
     remaining credits either way.
     """
     include_usage = call.request.include_usage
+    fingerprint = system_fingerprint(call.spec)
 
     def chunk(**kw: Any) -> dict[str, Any]:
         body = chunk_body(
@@ -73,6 +80,7 @@ async def reorder_stream(
         )
         if not include_usage:
             body.pop("usage")
+        body["system_fingerprint"] = fingerprint
         return body
 
     sent_role = False
@@ -90,10 +98,10 @@ async def reorder_stream(
                     continue
                 reason = choice.get("finish_reason")
                 if reason is not None:
-                    lp = choice.get("logprobs")
+                    lp = shape_logprobs(call, choice.get("logprobs"))
                     finish = chunk(delta=delta, finish_reason=reason, logprobs=lp)
                 elif delta:
-                    yield chunk(delta=delta, logprobs=choice.get("logprobs"))
+                    yield chunk(delta=delta, logprobs=shape_logprobs(call, choice.get("logprobs")))
     finally:
         # Settlement runs in the generator's own finally: close it now, not at GC.
         await chunks.aclose()
@@ -104,6 +112,26 @@ async def reorder_stream(
         yield {**chunk(usage_only=True), "usage": usage(call)}
     else:
         yield {**finish, "usage": usage(call)}
+
+
+def shape_logprobs(call: Call, lp: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The engine was asked for at least one alternative per token (see
+    ``conversation.engine_body``); the client gets as many as it asked for, none
+    without ``top_logprobs``."""
+    if not lp or not lp.get("content"):
+        return lp
+    keep = call.request.top_logprobs or 0
+    content = [{**e, "top_logprobs": (e.get("top_logprobs") or [])[:keep]} for e in lp["content"]]
+    return {**lp, "content": content}
+
+
+@functools.lru_cache(maxsize=256)
+def system_fingerprint(spec: ModelSpec) -> str:
+    """OpenAI's backend-configuration fingerprint: it changes when servelm's version or
+    anything in the model's entry (weights, template, window) changes, so a client
+    can tell that the same seed may no longer give the same answer."""
+    config = spec.model_dump_json(exclude={"api_key", "description"})
+    return "fp_" + hashlib.sha256(f"{__version__}|{config}".encode()).hexdigest()[:10]
 
 
 def _merge_tool_call(acc: dict[int, dict[str, Any]], delta: dict[str, Any]) -> None:

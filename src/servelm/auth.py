@@ -23,9 +23,12 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from servelm.errors import AuthenticationError, PermissionDenied
+from servelm.errors import AuthenticationError, InvalidRequest, PermissionDenied
+
+if TYPE_CHECKING:
+    from servelm.catalog import Catalog
 
 PREFIX = "slm_"
 KEY_ID_LEN = 12
@@ -108,6 +111,40 @@ def check_admin_token(authorization: str | None, token: str | None) -> None:
     given = value.strip().encode("utf-8", "surrogateescape")
     if scheme.lower() != "bearer" or not hmac.compare_digest(given, token.encode()):
         raise AuthenticationError("Invalid or missing admin token.")
+
+
+def key_grants(
+    models: list[str] | None,
+    expires_at: datetime | None,
+    catalog: Catalog,
+    now: datetime,
+) -> tuple[list[str] | None, datetime | None]:
+    """What a new key may do, checked when it is made: every model named must be in
+    the catalog (stored as its canonical slug, since rights are checked against
+    slugs: a key made for an alias would otherwise never work), and the expiry must
+    be ahead. A date without a zone is UTC."""
+    slugs: list[str] | None = None
+    if models is not None:
+        slugs = []
+        for name in models:
+            spec = catalog.get(name)
+            if spec is None:
+                known = ", ".join(s.slug for s in catalog)
+                raise InvalidRequest(
+                    f"No model '{name}' on this server; known models: {known}.",
+                    param="allowed_models",
+                )
+            slug = spec.slug
+            if slug not in slugs:
+                slugs.append(slug)
+    if expires_at is not None:
+        if expires_at.tzinfo is None:
+            expires_at = expires_at.replace(tzinfo=UTC)
+        if expires_at <= now:
+            raise InvalidRequest(
+                f"The expiry {expires_at.isoformat()} is in the past.", param="expires_at"
+            )
+    return slugs, expires_at
 
 
 @dataclass(frozen=True)

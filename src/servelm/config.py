@@ -35,7 +35,11 @@ class Settings(BaseSettings):
         env_prefix="SERVELM_", frozen=True, extra="forbid", env_ignore_empty=True
     )
 
-    data_dir: Path = Field(default_factory=default_data_dir, description="database and models")
+    data_dir: Path = Field(
+        default_factory=default_data_dir,
+        description="database and models (default: `$XDG_DATA_HOME/servelm`, "
+        "i.e. `~/.local/share/servelm`)",
+    )
     # Tests point data_dir at a temp directory but keep sharing one models directory.
     models_dir: Path | None = Field(
         default=None, description="where model weights live (default: DATA_DIR/models)"
@@ -49,7 +53,7 @@ class Settings(BaseSettings):
         default=None, description="the models file (default: ./servelm.toml if present)"
     )
     admin_token: str | None = Field(
-        default=None, description="enables `/admin/` with this bearer token"
+        default=None, description="enables `/admin/` with this bearer token (default: off)"
     )
     session_secret: str | None = Field(
         default=None,
@@ -196,3 +200,32 @@ class Settings(BaseSettings):
     def from_env(cls, **overrides: object) -> Settings:
         """The environment, with explicit values (CLI flags) winning; None means unset."""
         return cls(**{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]
+
+
+def default_text(name: str) -> str | None:
+    """A field's default as the README and ``--help`` show it; None where the
+    description says what happens by default (computed or unset)."""
+    field = Settings.model_fields[name]
+    if field.default_factory is not None or field.default is None:
+        return None
+    if isinstance(field.default, tuple):
+        return ",".join(field.default) or None
+    if isinstance(field.default, bool):
+        return str(field.default).lower()
+    return str(field.default)
+
+
+def settings_table() -> str:
+    """The README's configuration table: every field, its environment variable and
+    its ``servelm serve`` flag, from this class (a test keeps the README in sync)."""
+    rows = [
+        "| variable | `servelm serve` flag | meaning | default |",
+        "|---|---|---|---|",
+    ]
+    for name, field in Settings.model_fields.items():
+        default = default_text(name)
+        rows.append(
+            f"| `SERVELM_{name.upper()}` | `--{name.replace('_', '-')}` | "
+            f"{field.description or ''} | {'' if default is None else f'`{default}`'} |"
+        )
+    return "\n".join(rows)

@@ -25,13 +25,10 @@ Message = dict[str, Any]
 _PASSTHROUGH = (
     "temperature",
     "top_p",
-    "stop",
     "seed",
     "presence_penalty",
     "frequency_penalty",
     "logit_bias",
-    "logprobs",
-    "top_logprobs",
     "tool_choice",
     "parallel_tool_calls",
     "ignore_eos",
@@ -46,6 +43,16 @@ def engine_body(request: ChatRequest) -> dict[str, Any]:
         value = getattr(request, name)
         if value is not None:
             body[name] = value
+    stop = _stop_words(request.stop)
+    if stop:
+        body["stop"] = stop
+    if request.logprobs:
+        # llama.cpp reads logprobs alone as 20 alternatives per token and
+        # top_logprobs 0 as no entries at all; OpenAI means one entry per token with
+        # top_logprobs alternatives (none by default). Ask for at least one and let
+        # the answer shaping cut the alternatives to what was asked.
+        body["logprobs"] = True
+        body["top_logprobs"] = max(request.top_logprobs or 0, 1)
     if request.response_format is not None and request.response_format.type != "text":
         body["response_format"] = request.response_format.model_dump(
             by_alias=True, exclude_none=True
@@ -53,6 +60,16 @@ def engine_body(request: ChatRequest) -> dict[str, Any]:
     if request.tools:
         body["tools"] = [t.model_dump(exclude_none=True) for t in request.tools]
     return body
+
+
+def _stop_words(stop: str | list[str] | None) -> list[str]:
+    """Stop strings without empty ones: llama.cpp finds "" at the start of the first
+    token, ends there and returns nothing while charging that token; OpenAI's
+    answer to "" is the text as if no stop were given."""
+    if stop is None:
+        return []
+    words = [stop] if isinstance(stop, str) else stop
+    return [w for w in words if w]
 
 
 # Byte-level BPE never spends less than one byte of text per token, so bytes bound the

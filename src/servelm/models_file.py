@@ -146,12 +146,19 @@ def _read_file(path: Path, builtins: dict[str, ModelSpec], models_dir: Path) -> 
         where = f"{path}: models.{slug}"
         if not isinstance(entry, dict):
             raise ConfigError(f"{where}: must be a table")
+        dotted = _dotted_slug(slug, entry)
+        if dotted is not None:
+            raise ConfigError(
+                f"{path}: models.{dotted}: TOML reads the dots as nested tables; quote the "
+                f'model name: [models."{dotted}"]'
+            )
         if "slug" in entry:
             raise ConfigError(f"{where}.slug: the slug is the table name; remove this key")
         base = builtins[slug].model_dump(exclude_unset=True) if slug in builtins else {}
         if slug in builtins and {"path", "engine", "hf_files"} & set(entry):
             # A new location replaces the built-in download source.
             base.pop("path", None)
+        _derive_limits(base, entry)
         fields = {**base, **entry, "slug": slug}
         try:
             spec = ModelSpec.model_validate(fields)
@@ -164,6 +171,32 @@ def _read_file(path: Path, builtins: dict[str, ModelSpec], models_dir: Path) -> 
             _check_engine_fields(where, spec)
         out.append(spec)
     return out
+
+
+def _dotted_slug(slug: str, entry: dict[str, Any]) -> str | None:
+    """``[models.qwen2.5-7b]`` is the table ``models.qwen2`` holding ``5-7b``: an entry
+    with no field of its own and only tables inside is such a name; return it whole."""
+    if not entry or set(entry) & set(ModelSpec.model_fields):
+        return None
+    if len(entry) != 1 or not all(isinstance(v, dict) for v in entry.values()):
+        return None
+    ((inner, value),) = entry.items()
+    deeper = _dotted_slug(inner, value)
+    return f"{slug}.{deeper or inner}"
+
+
+def _derive_limits(base: dict[str, Any], entry: dict[str, Any]) -> None:
+    """A built-in's output limits follow an override of the window (or of the output
+    limit) unless the entry sets them too: ``context_window = 4096`` alone must not
+    fail on a max_output_tokens of 8192 the user never wrote."""
+    if "context_window" in entry and "max_output_tokens" not in entry:
+        window = entry["context_window"]
+        if isinstance(window, int) and "max_output_tokens" in base:
+            base["max_output_tokens"] = min(base["max_output_tokens"], window)
+    if "default_max_tokens" not in entry and "default_max_tokens" in base:
+        limit = entry.get("max_output_tokens", base.get("max_output_tokens"))
+        if isinstance(limit, int):
+            base["default_max_tokens"] = min(base["default_max_tokens"], limit)
 
 
 def _check_unique_names(specs: list[ModelSpec], models_file: Path | None) -> None:

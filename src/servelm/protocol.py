@@ -23,9 +23,11 @@ from pydantic import (
 
 from servelm import input_limits
 from servelm.errors import InvalidRequest
+from servelm.request_fields import FieldRefused, check_and_translate, check_tool_choice
 
-# Unknown fields are ignored: the OpenAI SDKs and other clients send many
-# (metadata, store, user, service_tier, ...) that a local server can safely ignore.
+# Fields nobody lists are ignored: clients send extensions of their own. OpenAI's
+# fields servelm cannot honour are refused and the harmless ones listed, in
+# servelm.request_fields (the README's conformance table).
 _WIRE = ConfigDict(extra="ignore", strict=True, frozen=True)
 
 
@@ -175,6 +177,9 @@ class ChatRequest(BaseModel):
     ignore_eos: bool | None = None
     min_tokens: Annotated[int, Field(ge=0)] | None = None
 
+    # Hook (request_fields): refused fields are a 400, legacy functions become tools.
+    _fields_rules = model_validator(mode="before")(staticmethod(check_and_translate))
+
     @field_validator("n")
     @classmethod
     def _only_one_choice(cls, v: int | None) -> int | None:
@@ -199,6 +204,12 @@ class ChatRequest(BaseModel):
                 "max_completion_tokens",
                 "max_tokens and max_completion_tokens disagree; send one of them",
             )
+        # Hook (request_fields): tool_choice needs tools and names one of them.
+        check_tool_choice(
+            self.tool_choice,
+            [t.function.name for t in self.tools or ()],
+            self.parallel_tool_calls,
+        )
         return self
 
     @property
@@ -246,7 +257,11 @@ def _to_invalid_request(exc: ValidationError) -> InvalidRequest:
     err = max(errors, key=lambda e: (len(e["loc"]), not e["type"].endswith("_type")))
     ctx = err.get("ctx") or {}
     origin = ctx.get("error")
-    param = origin.param if isinstance(origin, _FieldError) else _param_from_loc(err["loc"])
+    param = (
+        origin.param
+        if isinstance(origin, _FieldError | FieldRefused)
+        else _param_from_loc(err["loc"])
+    )
     msg = str(origin) if isinstance(origin, ValueError) else err["msg"]
     msg = msg.removeprefix("Value error, ")
     siblings = [e for e in errors if _param_from_loc(e["loc"]) == param]

@@ -181,8 +181,13 @@ class ChatService:
         spec = self.catalog.resolve(slug)
         engine = self.engines.get(spec.slug)
         if engine is None:
-            reason = self.unavailable.get(spec.slug, "it is not loaded on this server")
-            raise ModelUnavailable(f"Model '{spec.slug}' is unavailable: {reason}", retry_after=60)
+            # The reason (a file path, a load error) is the operator's: it went to the
+            # log at start-up and is in `servelm models list` and GET /admin/models.
+            missing = spec.engine == "llama.cpp" and not (spec.path and spec.path.is_file())
+            state = "is not installed" if missing else "could not be loaded"
+            raise ModelUnavailable(
+                f"Model '{spec.slug}' {state} on this server; ask its operator.", retry_after=60
+            )
         return spec, engine
 
     async def precheck_credits(
@@ -205,10 +210,7 @@ class ChatService:
         """Images inlined and checked, the conversation fitted to the model, the prompt
         counted (exactly where the engine can) and the output limit decided."""
         if request.has_images() and not spec.vision:
-            raise InvalidRequest(
-                f"Model '{spec.slug}' does not accept images; send text content only.",
-                param="messages",
-            )
+            raise InvalidRequest(no_images_message(spec), param="messages")
         if request.tools and not spec.tools:
             raise InvalidRequest(f"Model '{spec.slug}' does not support tools.", param="tools")
         # A prompt too big for the window by its bytes alone is refused
@@ -302,6 +304,9 @@ class ChatService:
         """The engine's raw chunks, counted as they pass; settles however it ends."""
         stream = call.engine.stream(call.body, client_streams=call.request.stream)
         call.status = "cancelled"  # until the engine says it finished
+        sent: list[str] = []  # the content text the client receives
+        content_chunks = 0
+        tool_calls = False
         try:
             async for raw in stream:
                 usage = raw.get("usage")
@@ -314,11 +319,27 @@ class ChatService:
                     if choice.get("finish_reason"):
                         call.finish_reason = choice["finish_reason"]
                     delta = choice.get("delta") or {}
-                    if delta.get("content") or delta.get("tool_calls"):
-                        self._token_seen(call)
-                        if call.usage is None:
-                            call.completion_tokens += 1
+                    content = delta.get("content")
+                    if content:
+                        sent.append(content)
+                        content_chunks += 1
+                    elif delta.get("tool_calls"):
+                        tool_calls = True
+                    else:
+                        continue
+                    self._token_seen(call)
+                    if call.usage is None:
+                        call.completion_tokens += 1
                 yield raw
+            # The token that ended the answer (end of turn, a stop string) has no
+            # text but was generated: it is billed, as llama.cpp and vLLM count it.
+            ending = 1 if call.finish_reason == "stop" else 0
+            if (
+                call.usage is not None
+                and not tool_calls
+                and content_chunks + ending < call.completion_tokens
+            ):
+                await self._bill_what_was_sent(call, "".join(sent), ending)
             call.status = "ok"
         except ServelmError:
             call.status = "error"
@@ -333,6 +354,26 @@ class ChatService:
                 await stream.aclose()  # type: ignore[attr-defined]
             finally:
                 await self.settle(call)
+
+    async def _bill_what_was_sent(self, call: Call, text: str, ending: int) -> None:
+        """llama.cpp streams one chunk per token, except where it keeps text back: a
+        stop string's start, trailing whitespace its output parser trims at the end
+        (a json_object answer cut by max_tokens), bytes of an unfinished character.
+        Fewer chunks than tokens is the sign; the client is then billed for the
+        tokens of the text it received (and the ending token), never more than the
+        engine generated."""
+        counted = await call.engine.count_text_tokens(text)
+        if counted is not None:
+            counted += ending
+        if counted is not None and counted < call.completion_tokens:
+            log.info(
+                "request %s: engine generated %d tokens, sent text of %d; billing %d",
+                call.request_id,
+                call.completion_tokens,
+                counted,
+                counted,
+            )
+            call.completion_tokens = counted
 
     async def settle(self, call: Call) -> None:
         """Once per generation, however it ended: finished, failed or abandoned. The
@@ -385,7 +426,18 @@ class ChatService:
             # Credits as decimal strings: exact, unlike JSON numbers in most clients.
             extra["cost"] = format_credits(call.settlement.charged)
             extra["remaining_credits"] = format_credits(call.settlement.balance)
-        return usage_body(call.prompt_tokens, call.completion_tokens, **extra)
+        return usage_body(
+            call.prompt_tokens,
+            call.completion_tokens,
+            prompt_tokens_details={"cached_tokens": cached_tokens(call.usage)},
+            completion_tokens_details={
+                "reasoning_tokens": 0,
+                "audio_tokens": 0,
+                "accepted_prediction_tokens": 0,
+                "rejected_prediction_tokens": 0,
+            },
+            **extra,
+        )
 
     # -- idempotency and the balance on errors ----------------------------------------
 
@@ -480,6 +532,20 @@ def output_limit(
     return asked
 
 
+def no_images_message(spec: ModelSpec) -> str:
+    """The 400 for images sent to a text-only entry says what would make it see."""
+    if spec.engine == "openai":
+        how = "if its upstream model sees images, its operator sets `vision = true` on its entry"
+    else:
+        how = (
+            "a llama.cpp model sees through a multimodal projector made for its weights: "
+            f'its operator adds `mmproj = "/path/to/mmproj.gguf"` to [models."{spec.slug}"] '
+            "in servelm.toml (Mixtral has no published projector; serve a vision model "
+            "for images)"
+        )
+    return f"Model '{spec.slug}' does not accept images; send text only, or {how}."
+
+
 def charge(call: Call) -> int:
     """What the user pays: the tokens generated and delivered. A request that failed
     or was abandoned before any output costs nothing, and so does a non-streaming one
@@ -490,6 +556,14 @@ def charge(call: Call) -> int:
         return 0
     prompt = call.prompt_tokens if (call.prompt_exact or call.usage) else 0
     return call.spec.cost_micro(prompt, call.completion_tokens)
+
+
+def cached_tokens(usage: dict[str, Any] | None) -> int:
+    """Prompt tokens the engine took from its prompt cache (llama.cpp and vLLM report
+    them as OpenAI does), 0 when it does not say."""
+    details = (usage or {}).get("prompt_tokens_details") or {}
+    value = details.get("cached_tokens") if isinstance(details, dict) else None
+    return value if isinstance(value, int) and value >= 0 else 0
 
 
 def money_headers(call: Call) -> dict[str, str]:

@@ -6,13 +6,14 @@ Without a token configured the admin API is off.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from servelm.auth import check_admin_token
+from servelm.auth import check_admin_token, key_grants
 from servelm.billing import accounts, audit
 from servelm.billing.accounts import Account, KeyRecord
 from servelm.money import format_credits, parse_credits
@@ -87,7 +88,8 @@ class PlanChange(BaseModel):
 
 class Grant(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    credits: str = Field(description="Decimal string, e.g. '10' or '0.25'.")
+    # A JSON number is read as a decimal from its text (0.1 stays exactly 0.1).
+    credits: Decimal | str = Field(description="A number or decimal string, e.g. 10 or '0.25'.")
     note: str = ""
 
 
@@ -112,28 +114,34 @@ async def list_accounts(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": [account_out(a) for a in rows]}
 
 
-@router.get("/accounts/{account_id}")
-async def get_account(request: Request, account_id: int) -> dict[str, Any]:
+async def _account_id(request: Request, ref: str) -> int:
+    """An account path names it by id or by name, as the CLI does."""
+    key: int | str = int(ref) if ref.isdigit() else ref
+    account: Account = await _run(request, accounts.get_account, _db(request), key)
+    return account.id
+
+
+@router.get("/accounts/{account}")
+async def get_account(request: Request, account: str) -> dict[str, Any]:
+    account_id = await _account_id(request, account)
     return account_out(await _run(request, accounts.get_account, _db(request), account_id))
 
 
-@router.post("/accounts/{account_id}/credits")
-async def grant(request: Request, account_id: int, body: Grant) -> dict[str, Any]:
-    micro = parse_credits(body.credits)
+@router.post("/accounts/{account}/credits")
+async def grant(request: Request, account: str, body: Grant) -> dict[str, Any]:
+    account_id = await _account_id(request, account)
+    micro = parse_credits(str(body.credits))
     balance = await _run(request, accounts.grant, _db(request), account_id, micro, body.note)
     return {"account_id": account_id, "credits": format_credits(balance)}
 
 
-@router.post("/accounts/{account_id}/keys", status_code=201)
-async def create_key(request: Request, account_id: int, body: NewKey) -> dict[str, Any]:
+@router.post("/accounts/{account}/keys", status_code=201)
+async def create_key(request: Request, account: str, body: NewKey) -> dict[str, Any]:
+    account_id = await _account_id(request, account)
+    catalog = request.app.state.chat.catalog
+    models, expires = key_grants(body.allowed_models, body.expires_at, catalog, datetime.now(UTC))
     record, plaintext = await _run(
-        request,
-        accounts.create_key,
-        _db(request),
-        account_id,
-        body.name,
-        accounts.canonical_models(request.app.state.chat.catalog, body.allowed_models),
-        body.expires_at,
+        request, accounts.create_key, _db(request), account_id, body.name, models, expires
     )
     out = {**key_out(record), "key": plaintext}  # the only time the plaintext is shown
     given = body.model_dump(include=body.model_fields_set & {"rpm", "tpm", "concurrency"})
@@ -165,10 +173,35 @@ async def list_keys(request: Request, account_id: int | None = None) -> dict[str
 
 @router.post("/keys/{key_id}/revoke")
 async def revoke_key(request: Request, key_id: str) -> dict[str, Any]:
+    # The id as the CLI prints it (slm_<id>_***) or bare.
+    key_id = key_id.removeprefix("slm_").split("_")[0]
     record = await _run(request, accounts.revoke_key, _db(request), key_id)
     # Every gateway sharing Redis drops the key from its cache now, not in 5 s.
     await request.app.state.invalidation.key_changed(key_id)
     return key_out(record)
+
+
+@router.get("/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    """Every catalog entry, loaded or not, and for the others why: what API users are
+    not told (file paths, load errors, upstream addresses)."""
+    chat = request.app.state.chat
+    data = []
+    for spec in chat.catalog:
+        engine = chat.engines.get(spec.slug)
+        data.append(
+            {
+                "id": spec.slug,
+                "engine": spec.engine,
+                "state": "loaded" if engine is not None else "unavailable",
+                "reason": chat.unavailable.get(spec.slug),
+                "weights": str(spec.path) if spec.path is not None else None,
+                "mmproj": str(spec.mmproj) if spec.mmproj is not None else None,
+                "upstream": spec.base_url,
+                **({"engine_state": engine.describe()} if engine is not None else {}),
+            }
+        )
+    return {"object": "list", "data": data}
 
 
 @router.get("/usage")

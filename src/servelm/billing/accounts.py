@@ -10,7 +10,6 @@ from sqlalchemy.exc import IntegrityError
 
 from servelm import auth
 from servelm.billing.clock import as_utc, utcnow
-from servelm.catalog import Catalog
 from servelm.errors import Conflict, InvalidRequest, NotFound
 from servelm.money import MAX_ACCOUNT_MICRO, MAX_GRANT_MICRO, MICRO
 from servelm.store.db import Database
@@ -134,21 +133,6 @@ def grant(db: Database, account_id: int, amount: int, note: str = "") -> int:
             )
         )
     return int(row[0])
-
-
-def canonical_models(catalog: Catalog, names: list[str] | None) -> list[str] | None:
-    """A key's model list with aliases resolved to slugs (issue 17: a key made with
-    ``--model smollm2`` was refused on that very model, matched by slug). Names the
-    catalog does not know are kept as given."""
-    if names is None:
-        return None
-    out: list[str] = []
-    for name in names:
-        spec = catalog.get(name)
-        slug = spec.slug if spec is not None else name
-        if slug not in out:
-            out.append(slug)
-    return out
 
 
 def create_key(

@@ -6,7 +6,7 @@ the data directory), so they need no running server.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated
 
@@ -14,10 +14,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from servelm.auth import key_grants
 from servelm.billing import accounts as acct
 from servelm.billing import audit
 from servelm.cli import limits as cli_limits
-from servelm.cli.common import load_catalog_or_exit, models_file_option
+from servelm.cli.common import ModelsFileOpt, load_catalog_or_exit, models_file_option
 from servelm.config import Settings
 from servelm.errors import ServelmError
 from servelm.money import format_credits, parse_credits
@@ -100,15 +101,17 @@ def keys_create(
     tpm: cli_limits.Limit = None,
     concurrency: cli_limits.Limit = None,
     data_dir: DataDir = None,
+    models_file: ModelsFileOpt = None,
 ) -> None:
-    """Create an API key. Its secret is printed once and never stored. --rpm, --tpm
-    and --concurrency give it rate limits of its own; --model takes slugs or aliases."""
-    # The catalog `servelm serve` would load, to resolve the names the key may use.
-    settings = Settings.from_env(data_dir=data_dir, models_file=models_file_option(None))
+    """Create an API key. Its secret is printed once and never stored. --model takes
+    slugs or aliases; --rpm, --tpm and --concurrency give it rate limits of its own."""
+    # The catalog `servelm serve` would load, to check the models the key may use.
+    settings = Settings.from_env(data_dir=data_dir, models_file=models_file_option(models_file))
+    catalog = load_catalog_or_exit(settings)
     db = open_db(data_dir)
-    models = acct.canonical_models(load_catalog_or_exit(settings), model or None)
     try:
-        record, plaintext = acct.create_key(db, _account_id(db, account), name, models, expires)
+        models, expires_at = key_grants(model or None, expires, catalog, datetime.now(UTC))
+        record, plaintext = acct.create_key(db, _account_id(db, account), name, models, expires_at)
         if (rpm, tpm, concurrency) != (None, None, None):
             cli_limits.apply_key_limits(db, record.key_id, rpm, tpm, concurrency)
     except ServelmError as exc:

@@ -40,18 +40,33 @@ def models_list(
     data_dir: Annotated[Path | None, typer.Option(help="[env: SERVELM_DATA_DIR]")] = None,
     models_file: ModelsFileOpt = None,
     url: Annotated[
-        str, typer.Option(help="A running server to ask which models are loaded.")
-    ] = "http://127.0.0.1:8000",
+        str | None,
+        typer.Option(
+            help="A running server to ask which models are loaded "
+            "[default: the server's own settings, SERVELM_HOST and SERVELM_PORT]."
+        ),
+    ] = None,
 ) -> None:
     """Every catalog entry: its state, where its weights are, and (from a running
-    server) whether it is loaded and the memory it takes."""
+    server) whether it is loaded, the memory it takes and, with SERVELM_ADMIN_TOKEN
+    set, why a model is not."""
     import httpx
     from rich.table import Table
 
     settings = Settings.from_env(data_dir=data_dir, models_file=models_file_option(models_file))
     catalog = load_catalog_or_exit(settings)
+    url = (url or server_url(settings)).rstrip("/")
+    reasons: dict[str, str] = {}
     try:
         live = httpx.get(f"{url}/health", timeout=1.0).json().get("models", {})
+        if settings.admin_token:
+            admin = httpx.get(
+                f"{url}/admin/models",
+                timeout=1.0,
+                headers={"authorization": f"Bearer {settings.admin_token}"},
+            )
+            if admin.status_code == 200:
+                reasons = {m["id"]: m["reason"] for m in admin.json()["data"] if m["reason"]}
     except (httpx.HTTPError, ValueError):
         live = None
     table = Table(title="servelm models")
@@ -82,10 +97,25 @@ def models_list(
             memory,
         )
     console.print(table)
+    for slug, reason in reasons.items():
+        console.print(f"{slug}: {reason}", highlight=False, soft_wrap=True)
     if hints:
         console.print("To install missing weights: " + "; ".join(hints))
     if live is None:
-        console.print(f"[dim]no server answered at {url}; load state not shown[/]")
+        console.print(f"no server answered at {url}; load state not shown", highlight=False)
+    else:
+        console.print(f"load state from the server at {url}", highlight=False)
+
+
+def server_url(settings: Settings) -> str:
+    """Where the server that reads these settings listens (a wildcard address is
+    reached on loopback)."""
+    host = settings.host
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{settings.port}"
 
 
 @app.command("pull")

@@ -2,35 +2,61 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated
+import inspect
+import types
+import typing
+from typing import Any
 
 import typer
 
-from servelm.cli.common import ModelsFileOpt, console, err_console, models_file_option
-from servelm.config import Settings
+from servelm.cli.common import console, err_console, models_file_option
+from servelm.config import Settings, default_text
 from servelm.models_file import ConfigError
 
 
-def serve(
-    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-    data_dir: Annotated[
-        Path | None, typer.Option(help="Database and models directory [env: SERVELM_DATA_DIR].")
-    ] = None,
-    slots: Annotated[
-        int | None, typer.Option(help="Parallel generation slots per model (continuous batching).")
-    ] = None,
-    threads: Annotated[int | None, typer.Option(help="CPU threads for the engine.")] = None,
-    queue_size: Annotated[
-        int | None, typer.Option(help="Requests that may wait per model before 503.")
-    ] = None,
-    log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
-    log_json: Annotated[
-        bool, typer.Option("--log-json", help="One JSON object per log line.")
-    ] = False,
-    models_file: ModelsFileOpt = None,
-) -> None:
+def _flag_type(annotation: Any) -> Any:
+    """The flag's type for a settings field: None dropped (an unset flag is None),
+    lists of hosts as the same comma-separated text the environment variable takes."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is typing.Annotated:
+        return _flag_type(args[0])
+    if args and typing.get_origin(annotation) in (types.UnionType, typing.Union):
+        return _flag_type(args[0])
+    if typing.get_origin(annotation) is tuple:
+        return str
+    return annotation
+
+
+def settings_flags() -> list[inspect.Parameter]:
+    """One ``servelm serve`` flag per ``Settings`` field, named after it, with the
+    field's description and its environment variable: flags and variables cannot
+    drift apart because both come from the one class."""
+    params = []
+    for name, field in Settings.model_fields.items():
+        kind = _flag_type(field.annotation)
+        flag = "--" + name.replace("_", "-")
+        decls = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag]
+        text = field.description or ""
+        default = default_text(name)
+        option = typer.Option(
+            *decls,
+            # Parentheses, not brackets: rich would read [env: ...] as markup.
+            help=f"{text[:1].upper()}{text[1:]} (env: SERVELM_{name.upper()}"
+            f"{'' if default is None else '; default: ' + default})",
+            show_default=False,
+        )
+        params.append(
+            inspect.Parameter(
+                name,
+                inspect.Parameter.KEYWORD_ONLY,
+                annotation=typing.Annotated[kind | None, option],
+                default=None,
+            )
+        )
+    return params
+
+
+def serve(**flags: Any) -> None:
     """Serve the chat API (Segmind: POST /v1/{model}; OpenAI: POST /v1/chat/completions)."""
     import uvicorn
 
@@ -38,17 +64,9 @@ def serve(
     from servelm.api.app import create_app
     from servelm.weights import default_model
 
-    settings = Settings.from_env(
-        host=host,
-        port=port,
-        data_dir=data_dir,
-        slots=slots,
-        threads=threads,
-        queue_size=queue_size,
-        log_level=log_level,
-        log_json=log_json or None,
-        models_file=models_file_option(models_file),
-    )
+    if flags.get("models_file") is None:
+        flags["models_file"] = models_file_option(None)
+    settings = Settings.from_env(**flags)
     logs.setup(settings.log_level, settings.json_logs)
     try:
         asgi = create_app(settings)
@@ -107,3 +125,6 @@ def _first_start(settings: Settings) -> None:
         """  -d '{"messages":[{"role":"user","content":"tell me a joke on cats"}]}'\n""",
         flush=True,
     )
+
+
+serve.__signature__ = inspect.Signature(settings_flags())  # type: ignore[attr-defined]

@@ -107,6 +107,12 @@ class Engine(abc.ABC):
         once and free the engine's slot.
         """
 
+    async def count_text_tokens(self, text: str) -> int | None:
+        """Tokens of ``text`` as the model tokenizes output, or None when the engine
+        cannot say; used to bill what a client received when the engine generated
+        tokens whose text it did not send (see ``serving.ChatService.generate``)."""
+        return None
+
     def describe(self) -> dict[str, Any]:
         """Facts for ``servelm models list`` and the metrics endpoint."""
         return {"running": self.stats.running, "waiting": self.stats.waiting}

@@ -212,6 +212,9 @@ class LlamaCppEngine(Engine):
         per_image = self.image_tokens if self.image_tokens is not None else IMAGE_TOKENS_BOUND
         return len(await self.tokenize(text)) + images * per_image
 
+    async def count_text_tokens(self, text: str) -> int:
+        return len(await self.tokenize(text, add_special=False)) if text else 0
+
     def prompt_count_exact(self, body: dict[str, Any]) -> bool:
         return self.image_tokens is not None or not _has_images(body)
 

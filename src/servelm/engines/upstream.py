@@ -111,8 +111,10 @@ class OpenAIUpstreamEngine(Engine):
                     f"The engine for '{self.spec.slug}' did not answer in time."
                 ) from exc
             except http1.HTTPError as exc:
+                # The upstream's address is the operator's business, not the caller's.
+                log.warning("model %s: upstream %s: %s", self.spec.slug, self.spec.base_url, exc)
                 raise UpstreamError(
-                    f"The engine for '{self.spec.slug}' is unreachable: {exc}."
+                    f"The engine for model '{self.spec.slug}' is unreachable; retry later."
                 ) from exc
             finally:
                 if not finished:

@@ -1,0 +1,317 @@
+"""Issue 16 in the fast lane: parameters that were silently ignored, internals in API
+errors, the admin API and key grants, the models file, and the CLI and README
+agreeing with the settings (the engine-level points are in tests/conformance)."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from servelm.api.app import build_engine
+from servelm.catalog import Catalog, ModelSpec
+from servelm.cli import app as cli_app
+from servelm.config import Settings, settings_table
+from servelm.docs_tables import render
+from servelm.models_file import ConfigError, load_catalog
+from servelm.request_fields import HONOURED, IGNORED, REFUSED
+from servelm.testing.scripted_engine import ScriptedEngine, scripted_factory
+from tests.conftest import ADMIN_TOKEN, LiveServer, free_port, make_settings, start_server
+from tests.fast.conftest import SLUG, SPEC, new_key
+
+README = Path(__file__).parents[2] / "README.md"
+MSGS = [{"role": "user", "content": "hi"}]
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {}}}
+runner = CliRunner()
+
+
+def post(srv: LiveServer, body: dict[str, Any], route: str = "openai") -> httpx.Response:
+    url = f"{srv.v1}/chat/completions" if route == "openai" else f"{srv.v1}/{SLUG}"
+    payload = {"model": SLUG, **body} if route == "openai" else body
+    return httpx.post(url, json=payload, headers=srv.headers(), timeout=30)
+
+
+# -- 3: parameters are honoured, translated, listed as ignored, or refused -----------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"tool_choice": "auto"}, "tool_choice"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"parallel_tool_calls": False}, "parallel_tool_calls"),
+        (
+            {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+            "tool_choice",
+        ),
+        ({"functions": [TOOL["function"]], "tools": [TOOL]}, "functions"),
+        ({"audio": {"voice": "alloy", "format": "mp3"}}, "audio"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
+        ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
+        ({"reasoning_effort": "high"}, "reasoning_effort"),
+    ],
+)
+def test_parameters_that_would_change_the_answer_are_refused_not_dropped(
+    fast: LiveServer, extra: dict[str, Any], param: str
+) -> None:
+    r = post(fast, {"messages": MSGS, **extra})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_legacy_functions_become_tools_and_reach_the_400_for_a_model_without_tools(
+    fast: LiveServer,
+) -> None:
+    r = post(fast, {"messages": MSGS, "functions": [TOOL["function"]]})
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "tools"
+
+
+def test_legacy_function_call_becomes_tool_choice(fast: LiveServer) -> None:
+    r = post(
+        fast,
+        {"messages": MSGS, "functions": [TOOL["function"]], "function_call": {"name": "nope"}},
+    )
+    assert r.status_code == 400
+    assert "nope" in r.json()["error"]["message"]
+
+
+def test_bookkeeping_fields_are_accepted(fast: LiveServer, engine: ScriptedEngine) -> None:
+    extra = {
+        "user": "u-1",
+        "metadata": {"k": "v"},
+        "store": False,
+        "service_tier": "auto",
+        "prompt_cache_key": "p",
+        "modalities": ["text"],
+        "tool_choice": "none",
+    }
+    assert post(fast, {"messages": MSGS, **extra}).status_code == 200
+    assert not set(extra) & set(engine.bodies[-1]) - {"tool_choice"}
+
+
+def test_every_field_of_the_request_model_is_in_the_conformance_table() -> None:
+    from servelm.protocol import ChatRequest
+
+    listed = set(HONOURED) | set(IGNORED) | set(REFUSED)
+    extensions = {"ignore_eos", "min_tokens"}  # llama.cpp/vLLM's, for benchmarks
+    assert set(ChatRequest.model_fields) - extensions <= listed
+    assert not set(HONOURED) & set(IGNORED) and not set(IGNORED) & set(REFUSED)
+
+
+def test_the_readme_tables_are_what_the_code_generates() -> None:
+    text = README.read_text()
+    assert render(text) == text, "run `make readme`"
+    assert settings_table() in text
+
+
+# -- 7: internals stay with the operator --------------------------------------------------
+
+
+@pytest.fixture
+def broken(tmp_path: Path) -> Iterator[LiveServer]:
+    missing = ModelSpec(slug="missing", path=tmp_path / "secret-dir" / "weights.gguf")
+    remote = ModelSpec(
+        slug="remote",
+        engine="openai",
+        base_url=f"http://127.0.0.1:{free_port()}/secret-upstream/v1",
+        timeout=5,
+    )
+
+    def factory(spec: ModelSpec, settings: Settings) -> Any:
+        return (
+            scripted_factory(spec, settings) if spec.slug == SLUG else build_engine(spec, settings)
+        )
+
+    srv = start_server(
+        make_settings(tmp_path, tmp_path / "models", admin_token=ADMIN_TOKEN),
+        Catalog([SPEC, missing, remote]),
+        engine_factory=factory,
+    )
+    yield srv
+    srv.stop()
+
+
+def test_errors_name_no_paths_or_addresses_and_the_admin_sees_them(broken: LiveServer) -> None:
+    r = httpx.post(f"{broken.v1}/missing", json={"messages": MSGS}, headers=broken.headers())
+    assert r.status_code == 503
+    assert r.json()["error"] == "Model 'missing' is not installed on this server; ask its operator."
+    r = httpx.post(
+        f"{broken.v1}/chat/completions",
+        json={"model": "remote", "messages": MSGS},
+        headers=broken.headers(),
+        timeout=30,
+    )
+    assert r.status_code == 502
+    message = r.json()["error"]["message"]
+    assert "127.0.0.1" not in message and "secret" not in message and "unreachable" in message
+    admin = httpx.get(
+        f"{broken.base_url}/admin/models", headers={"authorization": f"Bearer {ADMIN_TOKEN}"}
+    ).json()["data"]
+    by_id = {m["id"]: m for m in admin}
+    assert "secret-dir" in by_id["missing"]["reason"]
+    assert by_id["missing"]["state"] == "unavailable"
+    assert by_id[SLUG]["state"] == "loaded"
+    assert "secret-upstream" in by_id["remote"]["upstream"]
+
+
+# -- 8: the images 400 says what to configure ----------------------------------------------
+
+
+def test_images_on_a_text_model_say_what_would_make_it_see(fast: LiveServer) -> None:
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}, image]}]}
+    r = post(fast, body, route="segmind")
+    assert r.status_code == 400
+    assert "vision = true" in r.json()["error"]
+
+
+# -- 9 and 15: the models file -------------------------------------------------------------
+
+
+def test_an_unquoted_dotted_model_name_gets_told_to_quote_it(tmp_path: Path) -> None:
+    f = tmp_path / "servelm.toml"
+    f.write_text('[models.qwen2.5-7b]\npath = "/x.gguf"\n')
+    with pytest.raises(ConfigError, match=re.escape('quote the model name: [models."qwen2.5-7b"]')):
+        load_catalog(tmp_path, f)
+
+
+def test_a_smaller_window_alone_brings_the_output_limits_with_it(tmp_path: Path) -> None:
+    f = tmp_path / "servelm.toml"
+    f.write_text('[models."llama-v3p1-8b-instruct"]\ncontext_window = 4096\n')
+    spec = load_catalog(tmp_path, f).resolve("llama-v3p1-8b-instruct")
+    assert (spec.context_window, spec.max_output_tokens, spec.default_max_tokens) == (
+        4096,
+        4096,
+        1024,
+    )
+    f.write_text(
+        '[models."llama-v3p1-8b-instruct"]\ncontext_window = 4096\nmax_output_tokens = 8192\n'
+    )
+    with pytest.raises(ConfigError, match="max_output_tokens: above context_window"):
+        load_catalog(tmp_path, f)
+
+
+# -- 13 and 14: the admin API and key grants -----------------------------------------------
+
+
+def admin(srv: LiveServer) -> httpx.Client:
+    return httpx.Client(
+        base_url=f"{srv.base_url}/admin", headers={"authorization": f"Bearer {ADMIN_TOKEN}"}
+    )
+
+
+def test_admin_takes_numbers_names_and_printed_key_ids(fast: LiveServer) -> None:
+    with admin(fast) as a:
+        name = f"acme-{free_port()}"
+        assert a.post("/accounts", json={"name": name}).status_code == 201
+        r = a.post(f"/accounts/{name}/credits", json={"credits": 2.5})
+        assert r.status_code == 200 and r.json()["credits"] == "2.500000"
+        r = a.post(f"/accounts/{name}/credits", json={"credits": "0.1"})
+        assert r.json()["credits"] == "2.600000"
+        assert a.get(f"/accounts/{name}").json()["credits"] == "2.600000"
+        key = a.post(f"/accounts/{name}/keys", json={"allowed_models": ["s"]}).json()
+        assert key["allowed_models"] == [SLUG]  # the alias, stored as its slug
+        printed = f"slm_{key['key_id']}_***"
+        assert a.post(f"/keys/{printed}/revoke").json()["revoked"] is True
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"allowed_models": ["nosuch-model"]}, "allowed_models"),
+        ({"expires_at": "2020-01-01T00:00:00Z"}, "expires_at"),
+    ],
+)
+def test_admin_refuses_unknown_models_and_past_expiry(
+    fast: LiveServer, body: dict[str, Any], param: str
+) -> None:
+    _, account_id = new_key(fast.db, 0)
+    with admin(fast) as a:
+        r = a.post(f"/accounts/{account_id}/keys", json=body)
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == param
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--model", "nosuch-model"], "No model 'nosuch-model'"),
+        (["--expires", "2020-01-01"], "in the past"),
+    ],
+)
+def test_cli_refuses_unknown_models_and_past_expiry(
+    tmp_path: Path, args: list[str], says: str
+) -> None:
+    env = {"SERVELM_DATA_DIR": str(tmp_path), "COLUMNS": "200"}
+    assert runner.invoke(cli_app, ["accounts", "create", "acme"], env=env).exit_code == 0
+    result = runner.invoke(cli_app, ["keys", "create", "acme", *args], env=env)
+    assert result.exit_code == 1
+    assert says in result.output
+    ok = runner.invoke(
+        cli_app,
+        ["keys", "create", "acme", "--model", "smollm2", "--expires", "2099-01-01"],
+        env=env,
+    )
+    assert ok.exit_code == 0, ok.output
+    listed = runner.invoke(cli_app, ["keys", "list", "acme"], env=env).output
+    assert "smollm2-135m-instruct" in listed
+
+
+# -- 11, 12: the CLI reads the server's settings --------------------------------------------
+
+
+def test_models_list_asks_the_server_its_settings_name(fast: LiveServer, tmp_path: Path) -> None:
+    port = fast.base_url.rsplit(":", 1)[1]
+    env = {
+        "SERVELM_DATA_DIR": str(tmp_path),
+        "SERVELM_PORT": port,
+        "SERVELM_ADMIN_TOKEN": ADMIN_TOKEN,
+        "COLUMNS": "250",
+    }
+    result = runner.invoke(cli_app, ["models", "list"], env=env)
+    assert result.exit_code == 0, result.output
+    assert f"load state from the server at http://127.0.0.1:{port}" in result.output
+
+
+def test_every_setting_is_a_serve_flag_and_an_env_var() -> None:
+    text = runner.invoke(cli_app, ["serve", "--help"], env={"COLUMNS": "300"}).output
+    for name in Settings.model_fields:
+        assert f"--{name.replace('_', '-')}" in text
+        assert f"SERVELM_{name.upper()}" in text
+
+
+def test_the_readme_documents_health_metrics_and_docs() -> None:
+    text = README.read_text()
+    for path in ("GET /health", "GET /metrics", "GET /docs"):
+        assert path in text
+    assert ".venv/bin/servelm" in text and "source .venv/bin/activate" in text
+
+
+# -- 5: usage details and the fingerprint, streamed too --------------------------------------
+
+
+def test_stream_chunks_carry_the_fingerprint_and_usage_its_details(fast: LiveServer) -> None:
+    body = {
+        "model": SLUG,
+        "messages": MSGS,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    chunks = []
+    with httpx.stream(
+        "POST", f"{fast.v1}/chat/completions", json=body, headers=fast.headers()
+    ) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                chunks.append(json.loads(line[6:]))
+    assert {c["system_fingerprint"] for c in chunks} == {chunks[0]["system_fingerprint"]}
+    usage = chunks[-1]["usage"]
+    assert usage["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert usage["completion_tokens_details"]["reasoning_tokens"] == 0
