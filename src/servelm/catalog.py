@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from servelm.errors import ModelNotFound
+from servelm.fleet.spec import ReplicaSpec, Routing, coerce_replicas
 
 MICRO = 1_000_000  # micro-credits per credit
 
@@ -39,6 +40,11 @@ class ModelSpec(BaseModel):
     upstream_model: str | None = None
     # Seconds to wait for an upstream's next byte before answering 504.
     timeout: float = Field(default=300.0, gt=0)
+    # Several replicas of the same remote engine (servelm.fleet): how requests are
+    # spread over them, and how often each is probed.
+    replicas: tuple[ReplicaSpec, ...] = ()
+    routing: Routing = "prefix"
+    health_interval: float = Field(default=5.0, gt=0)
 
     context_window: int = Field(default=2048, gt=0)
     default_max_tokens: int = Field(default=512, gt=0)
@@ -61,6 +67,11 @@ class ModelSpec(BaseModel):
     # False leaves the entry out altogether: e.g. a gateway node that only fronts GPU
     # servers and should not load the built-in default model.
     enabled: bool = True
+
+    @field_validator("replicas", mode="before")
+    @classmethod
+    def _replica_urls(cls, v: object) -> object:
+        return coerce_replicas(v)
 
     @field_validator("input_price", "output_price", mode="before")
     @classmethod
