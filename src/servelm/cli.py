@@ -256,7 +256,8 @@ def models_list(
     hints: list[str] = []
     for spec in catalog:
         if spec.engine == "openai":
-            state, where = "remote", spec.base_url or ""
+            state = "remote"
+            where = "\n".join(r.url for r in spec.replicas) or spec.base_url or ""
         elif spec.path is not None and spec.path.is_file():
             state, where = "ready", str(spec.path)
         else:
@@ -266,6 +267,11 @@ def models_list(
         if live is not None:
             info = live.get(spec.slug)
             state = "[green]loaded[/]" if info else f"{state}, not loaded"
+            if info and info.get("replicas"):
+                # A fleet: each replica's state and the requests this gateway has there.
+                where = "\n".join(
+                    f"{r['url']} {r['state']}, {r['in_flight']} in flight" for r in info["replicas"]
+                )
             if info and info.get("memory_bytes"):
                 memory = f"{info['memory_bytes'] / 2**20:,.0f} MiB"
         table.add_row(

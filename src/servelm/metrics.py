@@ -14,6 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from servelm.engines.base import Engine
+from servelm.fleet.metrics import replica_families
 
 
 class Metrics:
@@ -68,6 +69,8 @@ class _EngineCollector(Collector):
             waiting.add_metric([slug], engine.stats.waiting)
             cancelled.add_metric([slug], engine.stats.cancelled_total)
         yield from (running, waiting, cancelled)
+        # Fleet hook: each remote model's replicas (state, in flight, queue, calls).
+        yield from replica_families(self._engines())
 
 
 def route_family(path: str) -> str:

@@ -155,3 +155,11 @@ async def usage(request: Request, account_id: int | None = None) -> dict[str, An
 async def ledger_check(request: Request) -> dict[str, Any]:
     problems = await _run(request, audit.ledger_check, _db(request))
     return {"ok": not problems, "problems": [p.__dict__ for p in problems]}
+
+
+@router.get("/models")
+async def models_state(request: Request) -> dict[str, Any]:
+    """Every loaded model's engine state; remote ones with each replica's health,
+    requests in flight and reported queue (servelm.fleet)."""
+    engines = request.app.state.chat.engines
+    return {"models": {slug: engine.describe() for slug, engine in engines.items()}}
