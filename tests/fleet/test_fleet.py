@@ -135,7 +135,7 @@ def test_a_worker_killed_under_load(fleet: Fleet) -> None:
                 # A stream that counts its chunks as they come, so the kill can wait
                 # until every one of them is generating somewhere.
                 result = StreamResult(0, "", [], False)
-                req = {**body(100 + i, 150), "model": MODEL}
+                req = {**body(100 + i, 80), "model": MODEL}
                 headers = {"x-api-key": fleet.key}
                 url = f"{base}/v1/chat/completions"
                 async with client.stream("POST", url, json=req, headers=headers) as r:
@@ -167,7 +167,7 @@ def test_a_worker_killed_under_load(fleet: Fleet) -> None:
             )
             victim.kill()
             # Requests not yet started when the worker died: all must succeed.
-            fresh = await chats(fleet, 200, 16, 8)
+            fresh = await chats(fleet, 200, 10, 4)
             first_error_state = ""
             long = []
             for task in asyncio.as_completed(tasks):
@@ -215,7 +215,7 @@ def test_a_worker_killed_under_load(fleet: Fleet) -> None:
     )
     print(f"readmitted {took:.2f}s after the restarted worker answered /health")
     before = requests_per_replica(fleet)
-    assert all(r.done for r in asyncio.run(chats(fleet, 300, 20, 4)))
+    assert all(r.done for r in asyncio.run(chats(fleet, 300, 10, 4)))
     after = requests_per_replica(fleet)
     assert min(a - b for a, b in zip(after, before, strict=True)) > 0
     ledger_check(fleet)
