@@ -1,0 +1,203 @@
+"""Routing policies over two ``servelm worker``s (SmolLM2) behind one gateway.
+
+    .venv/bin/python bench/fleet_routing.py [--conversations 8 --turns 6 --repeats 2]
+
+One gateway serves three models that differ only in ``routing`` (prefix,
+round_robin, least_load), all three over the same two workers, so every policy is
+measured in the same run against the same processes, interleaved. Each run is the
+multi-turn benchmark (``servelm bench --conversations``): ~1,000-word system
+prompts, follow-up turns carrying the whole history. Two traffic shapes:
+
+- ``per-conversation``: each conversation has its own system prompt (a per-user
+  document or persona): the history a replica has cached is the conversation's own.
+- ``shared``: every conversation opens with the same system prompt.
+
+Then the skew case: a second pair of workers where one has a quarter of the other's
+slots, prefix against least-load.
+
+Writes bench/results/fleet_routing.json and bench/results/fleet_routing.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gateway_overhead import BIN, RESULTS, Proc, free_port, machine, wait_http
+
+from servelm import bench_turns
+from servelm.config import default_data_dir
+
+POLICIES = ("prefix", "round_robin", "least_load")
+
+
+def start_worker(slots: int) -> tuple[Proc, str]:
+    port = free_port()
+    argv = [str(BIN / "servelm"), "worker", "--model", "smollm2", "--port", str(port),
+            "--threads", "1", "--slots", str(slots)]  # fmt: skip
+    proc = Proc(argv)
+    wait_http(f"http://127.0.0.1:{port}/health")
+    return proc, f"http://127.0.0.1:{port}/v1"
+
+
+def start_gateway(workers: list[str], policies: tuple[str, ...]) -> tuple[Proc, str, str]:
+    data = Path(tempfile.mkdtemp(prefix="servelm-fleet-bench-"))
+    models = data / "servelm.toml"
+    replicas = ", ".join(f'"{w}"' for w in workers)
+    models.write_text(
+        "".join(
+            f'[models.fleet-{p}]\nengine = "openai"\nreplicas = [{replicas}]\n'
+            f'routing = "{p}"\nupstream_model = "smollm2-135m-instruct"\n'
+            "health_interval = 1\ncontext_window = 8192\nmax_output_tokens = 1024\n\n"
+            for p in policies
+        )
+        + "[models.smollm2-135m-instruct]\nenabled = false\n"
+    )
+    env = {
+        **os.environ,
+        "SERVELM_MODELS_DIR": str(default_data_dir() / "models"),
+        "SERVELM_DATA_DIR": str(data),
+        "SERVELM_MODELS_FILE": str(models),
+        "SERVELM_STARTER_CREDITS": "1000000000",
+        "SERVELM_LOG_LEVEL": "warning",
+    }
+    port = free_port()
+    proc = Proc([str(BIN / "servelm"), "serve", "--port", str(port)], env)
+    wait_http(f"http://127.0.0.1:{port}/health")
+    match = re.search(r"slm_[a-z0-9]{12}_[A-Za-z0-9_-]{43}", proc.log.read_text())
+    assert match, "no first-start key printed"
+    return proc, f"http://127.0.0.1:{port}/v1", match.group(0)
+
+
+def run_once(url: str, key: str, policy: str, args: argparse.Namespace, *, seed: int,
+             system_prompts: int) -> dict[str, Any]:  # fmt: skip
+    return asyncio.run(
+        bench_turns.run(
+            f"{url}/chat/completions",
+            model=f"fleet-{policy}",
+            conversations=args.conversations,
+            turns=args.turns,
+            system_tokens=args.system_tokens,
+            system_prompts=system_prompts,
+            input_len=args.input_len,
+            output_len=args.output_len,
+            concurrency=args.conversations,
+            api_key=key,
+            seed=seed,
+        )
+    )
+
+
+def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    def med(f: Any) -> float:
+        return statistics.median(f(r) for r in runs)
+
+    return {
+        "ttft_later_p50_ms": med(lambda r: r["ttft_later_turns_ms"]["p50"]),
+        "ttft_later_p99_ms": med(lambda r: r["ttft_later_turns_ms"]["p99"]),
+        "ttft_first_p50_ms": med(lambda r: r["ttft_first_turn_ms"]["p50"]),
+        "e2e_p50_ms": med(lambda r: r["e2e_ms"]["p50"]),
+        "e2e_p99_ms": med(lambda r: r["e2e_ms"]["p99"]),
+        "request_throughput": med(lambda r: r["request_throughput"]),
+        "failed": sum(r["failed"] for r in runs),
+        "replica_share": [r["replica_share"] for r in runs],
+    }
+
+
+def scenario(url: str, key: str, policies: tuple[str, ...], args: argparse.Namespace,
+             system_prompts: int, seed0: int) -> dict[str, Any]:  # fmt: skip
+    runs: dict[str, list[dict[str, Any]]] = {p: [] for p in policies}
+    for rep in range(args.repeats):
+        for i, policy in enumerate(policies):
+            # A fresh seed per run: no run finds another's prompts in a cache.
+            seed = seed0 + rep * 10 + i
+            r = run_once(url, key, policy, args, seed=seed, system_prompts=system_prompts)
+            runs[policy].append(r)
+            print(f"  {policy:12s} rep {rep}: turn>=2 TTFT p50 "
+                  f"{r['ttft_later_turns_ms']['p50']:.0f} ms, e2e p99 {r['e2e_ms']['p99']:.0f} "
+                  f"ms, {r['request_throughput']:.2f} req/s, failed {r['failed']}, "
+                  f"share {r['replica_share']}", flush=True)  # fmt: skip
+    return {p: {"summary": summary(rs), "runs": rs} for p, rs in runs.items()}
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = [("per_conversation", "own system prompt"), ("shared", "shared system prompt")]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    for ax, (case, title) in zip(axes[:2], cases, strict=True):
+        data = results[case]
+        names = list(data)
+        ax.bar(names, [data[n]["summary"]["ttft_later_p50_ms"] for n in names],
+               color=["#2a7", "#888", "#48c"])  # fmt: skip
+        ax.set_title(f"turn ≥ 2 TTFT p50, {title}")
+        ax.set_ylabel("ms")
+    skew = results["skew"]
+    names = list(skew)
+    axes[2].bar(names, [skew[n]["summary"]["e2e_p99_ms"] for n in names], color=["#2a7", "#48c"])
+    axes[2].set_title("skew (one replica 1 slot): e2e p99")
+    axes[2].set_ylabel("ms")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--conversations", type=int, default=8)
+    ap.add_argument("--turns", type=int, default=6)
+    ap.add_argument("--system-tokens", type=int, default=1000)
+    ap.add_argument("--input-len", type=int, default=24)
+    ap.add_argument("--output-len", type=int, default=24)
+    ap.add_argument("--slots", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=RESULTS / "fleet_routing.json")
+    args = ap.parse_args()
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "args": {k: str(v) for k, v in vars(args).items()},
+    }
+
+    procs = []
+    try:
+        workers = [start_worker(args.slots) for _ in range(2)]
+        procs += [p for p, _ in workers]
+        gw, url, key = start_gateway([w for _, w in workers], POLICIES)
+        procs.append(gw)
+        print("per-conversation system prompts", flush=True)
+        results["per_conversation"] = scenario(url, key, POLICIES, args, args.conversations, 100)
+        print("one shared system prompt", flush=True)
+        results["shared"] = scenario(url, key, POLICIES, args, 1, 200)
+        for p in procs:
+            p.stop()
+        procs = []
+        # Skew: the second replica has a quarter of the slots, so it queues.
+        workers = [start_worker(args.slots), start_worker(max(1, args.slots // 4))]
+        procs += [p for p, _ in workers]
+        gw, url, key = start_gateway([w for _, w in workers], ("prefix", "least_load"))
+        procs.append(gw)
+        print("skew", flush=True)
+        results["skew"] = scenario(
+            url, key, ("prefix", "least_load"), args, args.conversations, 300
+        )
+    finally:
+        for p in procs:
+            p.stop()
+    args.out.write_text(json.dumps(results, indent=2))
+    plot(results, args.out.with_suffix(".png"))
+    print(f"written {args.out}")
+
+
+if __name__ == "__main__":
+    main()
