@@ -1,19 +1,17 @@
 """Routing policies over two ``servelm worker``s (SmolLM2) behind one gateway.
 
-    .venv/bin/python bench/fleet_routing.py [--conversations 8 --turns 6 --repeats 2]
+    .venv/bin/python bench/fleet_routing.py [--conversations 8 --turns 4 --repeats 1]
 
-One gateway serves three models that differ only in ``routing`` (prefix,
-round_robin, least_load), all three over the same two workers, so every policy is
-measured in the same run against the same processes, interleaved. Each run is the
-multi-turn benchmark (``servelm bench --conversations``): ~1,000-word system
-prompts, follow-up turns carrying the whole history. Two traffic shapes:
-
-- ``per-conversation``: each conversation has its own system prompt (a per-user
-  document or persona): the history a replica has cached is the conversation's own.
-- ``shared``: every conversation opens with the same system prompt.
-
-Then the skew case: a second pair of workers where one has a quarter of the other's
-slots, prefix against least-load.
+Per scenario (SCENARIOS below), two fresh workers and one gateway serving one model
+per routing policy (they differ only in ``routing``), all over the same two workers,
+so the policies are measured against the same processes, one after the other. Each
+run is the multi-turn benchmark (``servelm bench --conversations``): ~1,000-word
+system prompts, follow-up turns carrying the whole history, a fresh seed per run so
+no run finds another's prompts cached. Scenarios: each conversation with its own
+system prompt (a per-user document or persona) or one shared by all; llama.cpp's
+host-memory prompt cache off (the regime where a replica's caches hold less than the
+working set, as on a busy GPU) or at its 8 GiB default; and skew, where the second
+replica has a quarter of the slots.
 
 Writes bench/results/fleet_routing.json and bench/results/fleet_routing.png.
 """
@@ -40,11 +38,14 @@ from servelm.config import default_data_dir
 POLICIES = ("prefix", "round_robin", "least_load")
 
 
-def start_worker(slots: int) -> tuple[Proc, str]:
+def start_worker(slots: int, prompt_cache_mib: int | None) -> tuple[Proc, str]:
     port = free_port()
     argv = [str(BIN / "servelm"), "worker", "--model", "smollm2", "--port", str(port),
             "--threads", "1", "--slots", str(slots)]  # fmt: skip
-    proc = Proc(argv)
+    env = dict(os.environ)
+    if prompt_cache_mib is not None:
+        env["SERVELM_PROMPT_CACHE_MIB"] = str(prompt_cache_mib)
+    proc = Proc(argv, env)
     wait_http(f"http://127.0.0.1:{port}/health")
     return proc, f"http://127.0.0.1:{port}/v1"
 
@@ -129,26 +130,37 @@ def scenario(url: str, key: str, policies: tuple[str, ...], args: argparse.Names
     return {p: {"summary": summary(rs), "runs": rs} for p, rs in runs.items()}
 
 
+# (name, what it shows, worker slots, llama.cpp prompt cache MiB, system prompts
+#  per conversation or shared, policies)
+SCENARIOS = [
+    ("own_prompt_no_ram_cache", "own system prompt, prompt cache off", (4, 4), 0, "own",
+     POLICIES),
+    ("shared_prompt_no_ram_cache", "one shared system prompt, prompt cache off", (4, 4), 0,
+     "shared", ("prefix", "round_robin")),
+    ("own_prompt_default_cache", "own system prompt, llama.cpp's 8 GiB prompt cache", (4, 4),
+     None, "own", ("prefix", "round_robin")),
+    ("skew", "skew: second replica 1 slot, prompt cache off", (4, 1), 0, "own",
+     ("prefix", "least_load")),
+]  # fmt: skip
+
+
 def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cases = [("per_conversation", "own system prompt"), ("shared", "shared system prompt")]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    for ax, (case, title) in zip(axes[:2], cases, strict=True):
-        data = results[case]
+    colours = {"prefix": "#2a7", "round_robin": "#888", "least_load": "#48c"}
+    fig, axes = plt.subplots(1, len(SCENARIOS), figsize=(4.2 * len(SCENARIOS), 4))
+    for ax, (name, title, *_rest) in zip(axes, SCENARIOS, strict=True):
+        data = results[name]["policies"]
+        metric = "e2e_p99_ms" if name == "skew" else "ttft_later_p50_ms"
         names = list(data)
-        ax.bar(names, [data[n]["summary"]["ttft_later_p50_ms"] for n in names],
-               color=["#2a7", "#888", "#48c"])  # fmt: skip
-        ax.set_title(f"turn ≥ 2 TTFT p50, {title}")
+        ax.bar(names, [data[n]["summary"][metric] for n in names],
+               color=[colours[n] for n in names])  # fmt: skip
+        ax.set_title(("e2e p99\n" if name == "skew" else "turn ≥ 2 TTFT p50\n") + title,
+                     fontsize=9)  # fmt: skip
         ax.set_ylabel("ms")
-    skew = results["skew"]
-    names = list(skew)
-    axes[2].bar(names, [skew[n]["summary"]["e2e_p99_ms"] for n in names], color=["#2a7", "#48c"])
-    axes[2].set_title("skew (one replica 1 slot): e2e p99")
-    axes[2].set_ylabel("ms")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -156,45 +168,32 @@ def plot(results: dict[str, Any], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--conversations", type=int, default=8)
-    ap.add_argument("--turns", type=int, default=6)
+    ap.add_argument("--turns", type=int, default=4)
     ap.add_argument("--system-tokens", type=int, default=1000)
     ap.add_argument("--input-len", type=int, default=24)
-    ap.add_argument("--output-len", type=int, default=24)
-    ap.add_argument("--slots", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--output-len", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--out", type=Path, default=RESULTS / "fleet_routing.json")
     args = ap.parse_args()
     results: dict[str, Any] = {
         "machine": machine(),
         "args": {k: str(v) for k, v in vars(args).items()},
     }
-
-    procs = []
-    try:
-        workers = [start_worker(args.slots) for _ in range(2)]
-        procs += [p for p, _ in workers]
-        gw, url, key = start_gateway([w for _, w in workers], POLICIES)
-        procs.append(gw)
-        print("per-conversation system prompts", flush=True)
-        results["per_conversation"] = scenario(url, key, POLICIES, args, args.conversations, 100)
-        print("one shared system prompt", flush=True)
-        results["shared"] = scenario(url, key, POLICIES, args, 1, 200)
-        for p in procs:
-            p.stop()
-        procs = []
-        # Skew: the second replica has a quarter of the slots, so it queues.
-        workers = [start_worker(args.slots), start_worker(max(1, args.slots // 4))]
-        procs += [p for p, _ in workers]
-        gw, url, key = start_gateway([w for _, w in workers], ("prefix", "least_load"))
-        procs.append(gw)
-        print("skew", flush=True)
-        results["skew"] = scenario(
-            url, key, ("prefix", "least_load"), args, args.conversations, 300
-        )
-    finally:
-        for p in procs:
-            p.stop()
-    args.out.write_text(json.dumps(results, indent=2))
+    for i, (name, title, slots, cache, prompts, policies) in enumerate(SCENARIOS):
+        print(title, flush=True)
+        procs: list[Proc] = []
+        try:
+            workers = [start_worker(n, cache) for n in slots]
+            procs += [p for p, _ in workers]
+            gw, url, key = start_gateway([w for _, w in workers], policies)
+            procs.append(gw)
+            system_prompts = args.conversations if prompts == "own" else 1
+            runs = scenario(url, key, policies, args, system_prompts, 100 * (i + 1))
+            results[name] = {"title": title, "policies": runs}
+        finally:
+            for p in procs:
+                p.stop()
+        args.out.write_text(json.dumps(results, indent=2))
     plot(results, args.out.with_suffix(".png"))
     print(f"written {args.out}")
 

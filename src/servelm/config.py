@@ -50,6 +50,9 @@ class Settings(BaseModel):
     threads: int = Field(default_factory=lambda: max(1, min(os.cpu_count() or 1, 8)))
     slots: int = 4
     ctx_per_slot: int = 2048
+    # Host memory for llama.cpp's cache of finished prompts (prefix reuse across
+    # requests); None keeps llama.cpp's default (8 GiB), 0 turns it off.
+    prompt_cache_mib: int | None = Field(default=None, ge=0)
 
     starter_credits: int = 10  # credits granted to the default account on first start
     # How long a key lookup is trusted; a revoked key stops working within this.
@@ -109,6 +112,7 @@ class Settings(BaseModel):
             "SERVELM_THREADS": "threads",
             "SERVELM_SLOTS": "slots",
             "SERVELM_CTX_PER_SLOT": "ctx_per_slot",
+            "SERVELM_PROMPT_CACHE_MIB": "prompt_cache_mib",
             "SERVELM_STARTER_CREDITS": "starter_credits",
             "SERVELM_KEY_CACHE_SECONDS": "key_cache_seconds",
             "SERVELM_HOLD_TTL_SECONDS": "hold_ttl_seconds",

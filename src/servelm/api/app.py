@@ -43,6 +43,7 @@ def build_engine(spec: ModelSpec, settings: Settings) -> Engine:
         slots=settings.slots,
         queue_size=settings.queue_size,
         verbose=settings.log_level == "debug",
+        prompt_cache_mib=settings.prompt_cache_mib,
     )
 
 
