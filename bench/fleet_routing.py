@@ -165,6 +165,30 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def markdown(results: dict[str, Any]) -> str:
+    """The results as the table docs/benchmarks.md carries."""
+    lines = [
+        "| scenario | routing | turn ≥ 2 TTFT p50 / p99 ms | turn 1 TTFT p50 ms | "
+        "e2e p50 / p99 ms | req/s | failed | calls per replica |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, *_ in SCENARIOS:
+        if name not in results:
+            continue
+        for policy, data in results[name]["policies"].items():
+            s = data["summary"]
+            share = " / ".join(
+                "+".join(f"{n:.0f}" for n in run.values()) for run in s["replica_share"]
+            )
+            lines.append(
+                f"| {results[name]['title']} | {policy} | {s['ttft_later_p50_ms']:.0f} / "
+                f"{s['ttft_later_p99_ms']:.0f} | {s['ttft_first_p50_ms']:.0f} | "
+                f"{s['e2e_p50_ms']:.0f} / {s['e2e_p99_ms']:.0f} | "
+                f"{s['request_throughput']:.2f} | {s['failed']} | {share} |"
+            )
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--conversations", type=int, default=8)
@@ -174,7 +198,11 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--out", type=Path, default=RESULTS / "fleet_routing.json")
+    ap.add_argument("--report", action="store_true", help="Print --out as Markdown; run nothing.")
     args = ap.parse_args()
+    if args.report:
+        print(markdown(json.loads(args.out.read_text())))
+        return
     results: dict[str, Any] = {
         "machine": machine(),
         "args": {k: str(v) for k, v in vars(args).items()},

@@ -71,10 +71,10 @@ class Proc:
                 self.kill()
 
 
-def worker(tmp: Path, models_dir: Path, *extra: str) -> Proc:
+def worker(tmp: Path, models_dir: Path, *extra: str, **env_extra: str) -> Proc:
     """``servelm worker`` for the default model on a free port (not started)."""
     port = free_port()
-    env = procs.gateway_env(tmp / "worker-data", models_dir)
+    env = procs.gateway_env(tmp / "worker-data", models_dir, **env_extra)
     env.pop("SERVELM_MODELS_FILE", None)
     args = [procs.SERVELM, "worker", "--model", SLUG, "--port", str(port), "--threads", "1"]
     return Proc([*args, *extra], port, tmp / f"worker-{port}.log", env)

@@ -22,6 +22,7 @@ from tests.fleet.fleetprocs import Proc, StreamResult, stream_chat
 
 MODEL = "fleet-smol"
 INTERVAL = 0.5  # seconds between health probes
+WORKER_KEY = "worker-key-for-tests"
 
 
 @dataclass
@@ -35,7 +36,12 @@ class Fleet:
 @pytest.fixture(scope="module")
 def fleet(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     tmp = tmp_path_factory.mktemp("fleet")
-    workers = [fleetprocs.worker(tmp, models_dir, "--slots", "8").start() for _ in range(2)]
+    # The workers demand a key (one from the option, one from the environment), so
+    # everything below also shows the gateway sending it.
+    workers = [
+        fleetprocs.worker(tmp, models_dir, "--slots", "8", "--api-key", WORKER_KEY).start(),
+        fleetprocs.worker(tmp, models_dir, "--slots", "8", SERVELM_WORKER_KEY=WORKER_KEY).start(),
+    ]
     try:
         for w in workers:
             w.wait_ready()
@@ -47,6 +53,7 @@ def fleet(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 [models.{MODEL}]
 engine = "openai"
 replicas = [{replicas}]
+api_key = "{WORKER_KEY}"
 upstream_model = "{fleetprocs.SLUG}"
 health_interval = {INTERVAL}
 timeout = 60
@@ -219,3 +226,23 @@ def test_a_worker_killed_under_load(fleet: Fleet) -> None:
     after = requests_per_replica(fleet)
     assert min(a - b for a, b in zip(after, before, strict=True)) > 0
     ledger_check(fleet)
+
+
+def test_a_worker_wants_its_key_but_probes_need_none(fleet: Fleet) -> None:
+    for w in fleet.workers:
+        assert httpx.get(f"{w.url}/v1/models", timeout=10).status_code == 401
+        ok = httpx.get(
+            f"{w.url}/v1/models", headers={"authorization": f"Bearer {WORKER_KEY}"}, timeout=10
+        )
+        assert ok.status_code == 200 and ok.json()["data"][0]["id"] == fleetprocs.SLUG
+        health = httpx.get(f"{w.url}/health", timeout=10).json()
+        assert health["slots"] == 8 and health["slots_busy"] == 0 and health["queue_depth"] == 0
+        metrics = httpx.get(f"{w.url}/metrics", timeout=10).text
+        assert f'servelm_worker_queue_depth{{model="{fleetprocs.SLUG}"}} 0' in metrics
+
+
+def test_a_worker_refuses_a_public_address_without_a_key(fleet: Fleet) -> None:
+    env = {k: v for k, v in fleet.gw.env.items() if k != "SERVELM_WORKER_KEY"}
+    refused = procs.cli(env, "worker", "--model", fleetprocs.SLUG, "--host", "0.0.0.0")
+    assert refused.returncode == 2
+    assert "refusing to listen on 0.0.0.0 without an API key" in refused.stderr
