@@ -199,15 +199,25 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--out", type=Path, default=RESULTS / "fleet_routing.json")
     ap.add_argument("--report", action="store_true", help="Print --out as Markdown; run nothing.")
+    ap.add_argument(
+        "--scenarios",
+        default=",".join(name for name, *_ in SCENARIOS),
+        help="Which to run; results of others already in --out are kept.",
+    )
     args = ap.parse_args()
     if args.report:
-        print(markdown(json.loads(args.out.read_text())))
+        done = json.loads(args.out.read_text())
+        print(markdown(done))
+        if all(name in done for name, *_ in SCENARIOS):
+            plot(done, args.out.with_suffix(".png"))
         return
-    results: dict[str, Any] = {
-        "machine": machine(),
-        "args": {k: str(v) for k, v in vars(args).items()},
-    }
+    results: dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() else {}
+    results["machine"] = machine()
+    results.setdefault("args", {}).update({k: str(v) for k, v in vars(args).items()})
+    chosen = args.scenarios.split(",")
     for i, (name, title, slots, cache, prompts, policies) in enumerate(SCENARIOS):
+        if name not in chosen:
+            continue
         print(title, flush=True)
         procs: list[Proc] = []
         try:
@@ -222,7 +232,8 @@ def main() -> None:
             for p in procs:
                 p.stop()
         args.out.write_text(json.dumps(results, indent=2))
-    plot(results, args.out.with_suffix(".png"))
+    if all(name in results for name, *_ in SCENARIOS):
+        plot(results, args.out.with_suffix(".png"))
     print(f"written {args.out}")
 
 

@@ -97,8 +97,21 @@ def test_the_load_guard_sends_work_elsewhere_when_the_owner_is_swamped() -> None
     assert router.order(fleet, body)[0] is favourite
     favourite.in_flight = int(GUARD_ABS) + 1
     assert router.order(fleet, body)[0] is other
-    other.in_flight = 3  # 5 is not above 3 * 2 + 4: back to the owner
+    other.in_flight = 3  # 3 is within 3 * 1.5 + 2: back to the owner
     assert router.order(fleet, body)[0] is favourite
+
+
+def test_a_conversation_pushed_off_its_first_choice_always_lands_on_the_same_second() -> None:
+    router, fleet = PrefixAffinity(), replicas(4)
+    body = conversation(3)
+    first, second = router.order(fleet, body)[:2]
+    first.in_flight = 10  # far above everyone else
+    for _ in range(5):
+        assert router.order(fleet, body)[0] is second
+    # ... and another gateway, knowing only the same loads, agrees.
+    other = replicas(4)
+    next(r for r in other if r.url == first.url).in_flight = 10
+    assert PrefixAffinity().order(other, body)[0].url == second.url
 
 
 def test_least_load_counts_in_flight_and_reported_queue_per_weight() -> None:

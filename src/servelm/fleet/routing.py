@@ -12,10 +12,11 @@ same ordering is both the routing decision and the failover path.
   the same way, goes where that prefix is most likely still in the KV cache. The
   hash depends only on the prompt and the replica URLs: every gateway, on every host,
   picks the same replica without talking to the others. When a replica joins or
-  leaves, only the prefixes it wins (or won) move; the rest stay put. A load guard
-  keeps affinity from piling work on one replica: when the chosen one carries more
-  than ``GUARD_REL`` times the least-loaded one's load plus ``GUARD_ABS``, the request
-  goes least-load instead (as Ray Serve's and SGLang's routers do).
+  leaves, only the prefixes it wins (or won) move; the rest stay put. A load bound
+  keeps affinity from piling work on one replica: a replica carrying more than
+  ``GUARD_REL`` times the least-loaded one's load plus ``GUARD_ABS`` is passed over
+  for the next one in the prompt's ranking (rendezvous hashing with bounded loads;
+  Ray Serve's and SGLang's routers likewise give up affinity under imbalance).
 """
 
 from __future__ import annotations
@@ -32,9 +33,11 @@ from servelm.fleet.spec import Routing
 # Hashing the first this-many bytes of the leading block is plenty to tell prompts
 # apart, and bounds the cost for a huge system prompt.
 PREFIX_BYTES = 64 * 1024
-# The chosen replica is skipped when its load exceeds min_load * GUARD_REL + GUARD_ABS.
-GUARD_REL = 2.0
-GUARD_ABS = 4.0
+# A replica is passed over while its load exceeds min_load * GUARD_REL + GUARD_ABS.
+# Measured on two 4-slot workers (docs/benchmarks.md): a looser bound (2x + 4) let
+# four conversations that hashed to one replica all stay there while the other idled.
+GUARD_REL = 1.5
+GUARD_ABS = 2.0
 
 
 class Router(Protocol):
@@ -66,17 +69,19 @@ class PrefixAffinity:
     def __init__(self, guard_rel: float = GUARD_REL, guard_abs: float = GUARD_ABS) -> None:
         self.guard_rel = guard_rel
         self.guard_abs = guard_abs
-        self._least = LeastLoad()
 
     def order(self, replicas: list[Replica], body: dict[str, Any]) -> list[Replica]:
         if len(replicas) < 2:
             return list(replicas)
         key = prefix_key(body)
         ranked = sorted(replicas, key=lambda r: hrw_score(key, r.url, r.weight), reverse=True)
-        least = min(r.load for r in replicas)
-        if ranked[0].load > least * self.guard_rel + self.guard_abs:
-            return self._least.order(replicas, body)
-        return ranked
+        # Bounded load: the first replica in the prompt's own ranking whose load is
+        # within the bound. The least-loaded one always is, so one is found, and a
+        # conversation pushed off its first choice lands on the same second choice
+        # every time (from every gateway), where its prefix is cached too.
+        bound = min(r.load for r in replicas) * self.guard_rel + self.guard_abs
+        first = next(i for i, r in enumerate(ranked) if r.load <= bound)
+        return [ranked[first], *ranked[:first], *ranked[first + 1 :]]
 
 
 def make_router(kind: Routing) -> Router:
