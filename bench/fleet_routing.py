@@ -131,16 +131,18 @@ def scenario(url: str, key: str, policies: tuple[str, ...], args: argparse.Names
 
 
 # (name, what it shows, worker slots, llama.cpp prompt cache MiB, system prompts
-#  per conversation or shared, policies)
+#  per conversation or shared, policies, conversations (None: --conversations))
 SCENARIOS = [
     ("own_prompt_no_ram_cache", "own system prompt, prompt cache off", (4, 4), 0, "own",
-     POLICIES),
+     POLICIES, None),
+    ("own_prompt_twice_the_slots", "8 conversations on 2 x 4 slots, own system prompt, "
+     "prompt cache off", (4, 4), 0, "own", POLICIES, 8),
     ("shared_prompt_no_ram_cache", "one shared system prompt, prompt cache off", (4, 4), 0,
-     "shared", ("prefix", "round_robin")),
+     "shared", ("prefix", "round_robin"), None),
     ("own_prompt_default_cache", "own system prompt, llama.cpp's 8 GiB prompt cache", (4, 4),
-     None, "own", ("prefix", "round_robin")),
+     None, "own", ("prefix", "round_robin"), None),
     ("skew", "skew: second replica 1 slot, prompt cache off", (4, 1), 0, "own",
-     ("prefix", "least_load")),
+     ("prefix", "least_load"), None),
 ]  # fmt: skip
 
 
@@ -151,8 +153,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     colours = {"prefix": "#2a7", "round_robin": "#888", "least_load": "#48c"}
-    fig, axes = plt.subplots(1, len(SCENARIOS), figsize=(4.2 * len(SCENARIOS), 4))
-    for ax, (name, title, *_rest) in zip(axes, SCENARIOS, strict=True):
+    shown = [sc for sc in SCENARIOS if sc[0] in results]
+    fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 4))
+    for ax, (name, title, *_rest) in zip(axes, shown, strict=True):
         data = results[name]["policies"]
         metric = "e2e_p99_ms" if name == "skew" else "ttft_later_p50_ms"
         names = list(data)
@@ -181,7 +184,8 @@ def markdown(results: dict[str, Any]) -> str:
                 "+".join(f"{n:.0f}" for n in run.values()) for run in s["replica_share"]
             )
             lines.append(
-                f"| {results[name]['title']} | {policy} | {s['ttft_later_p50_ms']:.0f} / "
+                f"| {results[name]['title']} ({results[name].get('conversations', '?')} conv.) "
+                f"| {policy} | {s['ttft_later_p50_ms']:.0f} / "
                 f"{s['ttft_later_p99_ms']:.0f} | {s['ttft_first_p50_ms']:.0f} | "
                 f"{s['e2e_p50_ms']:.0f} / {s['e2e_p99_ms']:.0f} | "
                 f"{s['request_throughput']:.2f} | {s['failed']} | {share} |"
@@ -208,16 +212,17 @@ def main() -> None:
     if args.report:
         done = json.loads(args.out.read_text())
         print(markdown(done))
-        if all(name in done for name, *_ in SCENARIOS):
-            plot(done, args.out.with_suffix(".png"))
+        plot(done, args.out.with_suffix(".png"))
         return
     results: dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() else {}
     results["machine"] = machine()
     results.setdefault("args", {}).update({k: str(v) for k, v in vars(args).items()})
     chosen = args.scenarios.split(",")
-    for i, (name, title, slots, cache, prompts, policies) in enumerate(SCENARIOS):
+    conversations = args.conversations
+    for i, (name, title, slots, cache, prompts, policies, count) in enumerate(SCENARIOS):
         if name not in chosen:
             continue
+        args.conversations = count or conversations
         print(title, flush=True)
         procs: list[Proc] = []
         try:
@@ -227,13 +232,13 @@ def main() -> None:
             procs.append(gw)
             system_prompts = args.conversations if prompts == "own" else 1
             runs = scenario(url, key, policies, args, system_prompts, 100 * (i + 1))
-            results[name] = {"title": title, "policies": runs}
+            results[name] = {"title": title, "conversations": args.conversations,
+                             "turns": args.turns, "policies": runs}  # fmt: skip
         finally:
             for p in procs:
                 p.stop()
         args.out.write_text(json.dumps(results, indent=2))
-    if all(name in results for name, *_ in SCENARIOS):
-        plot(results, args.out.with_suffix(".png"))
+    plot(results, args.out.with_suffix(".png"))
     print(f"written {args.out}")
 
 
