@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from servelm.errors import ModelNotFound
+from servelm.fleet.spec import ReplicaSpec, Routing, coerce_replicas
 from servelm.money import cost_micro, price_per_million_micro
 
 DEFAULT_MODEL_SLUG = "smollm2-135m-instruct"
@@ -41,6 +42,11 @@ class ModelSpec(BaseModel):
     # Seconds a whole upstream call may take (issue 17: a trickle never trips the
     # per-read timeout).
     deadline: float = Field(default=1800.0, gt=0)
+    # Several replicas of the same remote engine (servelm.fleet): how requests are
+    # spread over them, and how often each is probed.
+    replicas: tuple[ReplicaSpec, ...] = ()
+    routing: Routing = "prefix"
+    health_interval: float = Field(default=5.0, gt=0)
 
     context_window: int = Field(default=2048, gt=0)
     default_max_tokens: int = Field(default=512, gt=0)
@@ -63,6 +69,11 @@ class ModelSpec(BaseModel):
     # False leaves the entry out altogether: e.g. a gateway node that only fronts GPU
     # servers and should not load the built-in default model.
     enabled: bool = True
+
+    @field_validator("replicas", mode="before")
+    @classmethod
+    def _replica_urls(cls, v: object) -> object:
+        return coerce_replicas(v)
 
     @field_validator("input_price", "output_price", mode="before")
     @classmethod

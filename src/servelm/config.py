@@ -84,6 +84,12 @@ class Settings(BaseSettings):
         description="CPU threads for llama.cpp (default: cores, at most 8)",
     )
     slots: int = Field(default=4, gt=0, description="parallel generations per model")
+    prompt_cache_mib: int | None = Field(
+        default=None,
+        ge=0,
+        description="host memory for llama.cpp's cache of finished prompts, for prefix "
+        "reuse across requests (default: llama.cpp's, 8 GiB; 0 turns it off)",
+    )
 
     starter_credits: int = Field(
         default=10, ge=0, description="credits of the account made on first start"

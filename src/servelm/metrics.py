@@ -15,6 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from servelm.engines.base import Engine
+from servelm.fleet.metrics import replica_families
 
 log = logging.getLogger(__name__)
 
@@ -114,3 +115,5 @@ class _EngineCollector(Collector):
             waiting.add_metric([slug], engine.stats.waiting)
             cancelled.add_metric([slug], engine.stats.cancelled_total)
         yield from (running, waiting, cancelled)
+        # Each remote model's replicas (state, in flight, queue, calls).
+        yield from replica_families(self._engines())

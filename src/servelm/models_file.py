@@ -104,8 +104,8 @@ def _resolve_paths(spec: ModelSpec, models_dir: Path, base: Path) -> ModelSpec:
 
 
 def _check_engine_fields(where: str, spec: ModelSpec) -> None:
-    if spec.engine == "openai" and not spec.base_url:
-        raise ConfigError(f'{where}.base_url: required when engine = "openai"')
+    if spec.engine == "openai" and not (spec.base_url or spec.replicas):
+        raise ConfigError(f'{where}.base_url: required when engine = "openai" (or replicas)')
     if spec.engine == "llama.cpp" and spec.path is None:
         raise ConfigError(f"{where}.path: a llama.cpp model needs path or hf_repo + hf_files")
     if spec.engine == "llama.cpp" and spec.vision and spec.mmproj is None:

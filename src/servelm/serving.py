@@ -38,7 +38,7 @@ from servelm.errors import (
     ServelmError,
 )
 from servelm.input_limits import check_prompt_size
-from servelm.media import ImageLoader, inline_images
+from servelm.media import ImageLoader, MediaLimits, inline_images
 from servelm.metrics import Metrics
 from servelm.money import affordable_max_tokens, format_credits
 from servelm.protocol import ChatRequest, parse_chat_request, usage_body
@@ -125,22 +125,36 @@ class ChatService:
         catalog: Catalog,
         engines: dict[str, Engine],
         *,
-        billing: Billing,
-        authenticator: Authenticator,
-        media: ImageLoader,
+        billing: Billing | None = None,
+        authenticator: Authenticator | None = None,
+        media: ImageLoader | None = None,
         unavailable: dict[str, str] | None = None,
         metrics: Metrics | None = None,
         limiter: Limiter | None = None,
     ) -> None:
         self.catalog = catalog
         self.engines = engines
-        self.billing = billing
-        self.authenticator = authenticator
-        self.media = media
+        # A gateway has both; a bare worker (servelm.worker) runs the walk's later
+        # steps without money, and never calls handle().
+        self._billing = billing
+        self._authenticator = authenticator
+        self.media = media or ImageLoader(MediaLimits())
         self.metrics = metrics
         self.limiter = limiter
         # slug → why it is not served (missing weights, failed load), said in the 503.
         self.unavailable = unavailable or {}
+
+    @property
+    def billing(self) -> Billing:
+        if self._billing is None:
+            raise RuntimeError("this service has no billing (a bare worker)")
+        return self._billing
+
+    @property
+    def authenticator(self) -> Authenticator:
+        if self._authenticator is None:
+            raise RuntimeError("this service has no authenticator (a bare worker)")
+        return self._authenticator
 
     # -- the walk ----------------------------------------------------------------------
 

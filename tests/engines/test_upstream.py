@@ -189,15 +189,19 @@ def test_upstream_rejection_is_a_400_with_its_numbers(gateway: LiveServer) -> No
     assert "8192" in r.json()["error"]["message"]
 
 
-def test_upstream_timeout_is_504(gateway: LiveServer) -> None:
+def test_silent_upstream_is_503_with_retry_after(gateway: LiveServer) -> None:
+    # Its health probe timed out at start-up, so it is out of rotation: with no
+    # replica left the answer is 503 at once (tests/fleet/test_faults.py has the 504
+    # of an upstream that answers probes but hangs on a chat).
     r = httpx.post(
         f"{gateway.base_url}/v1/remote-silent",
         json={"messages": MSGS},
         timeout=30,
         headers=gateway.headers(),
     )
-    assert r.status_code == 504
-    assert "did not answer in time" in r.json()["error"]
+    assert r.status_code == 503
+    assert "down" in r.json()["error"]
+    assert int(r.headers["retry-after"]) >= 1
     before = Decimal(r.headers["x-remaining-credits"])
     again = httpx.post(
         f"{gateway.base_url}/v1/remote-silent",
@@ -225,7 +229,8 @@ def test_stopped_upstream_is_502_not_500(
     assert "unreachable" in r.json()["error"]
     balance = httpx.get(f"{gateway.v1}/credits", headers=gateway.headers()).json()["credits"]
     assert r.headers["x-remaining-credits"] == balance  # the hold came back whole
+    # That failure ejected the only replica: from now on 503 until a probe readmits it.
     client = openai.OpenAI(base_url=gateway.v1, api_key=gateway.api_key, max_retries=0)
     with pytest.raises(openai.InternalServerError) as exc:
         client.chat.completions.create(model=REMOTE, messages=MSGS, stream=True)
-    assert exc.value.status_code == 502
+    assert exc.value.status_code == 503

@@ -45,6 +45,10 @@ def scripted_app(script: Script) -> Any:
         if scope["type"] == "lifespan":
             await lifespan(receive, send)
             return
+        if scope["method"] == "GET":  # health probes: none here, which the gateway takes
+            await send({"type": "http.response.start", "status": 404, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+            return
         body = json.loads(await read_body(receive))
         script.seen.append(body)
         usage = {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14}

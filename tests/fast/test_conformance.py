@@ -148,9 +148,10 @@ def test_errors_name_no_paths_or_addresses_and_the_admin_sees_them(broken: LiveS
         headers=broken.headers(),
         timeout=30,
     )
-    assert r.status_code == 502
+    # Its only replica failed the start-up probe: every replica down is a 503 (issue 12).
+    assert r.status_code == 503
     message = r.json()["error"]["message"]
-    assert "127.0.0.1" not in message and "secret" not in message and "unreachable" in message
+    assert "127.0.0.1" not in message and "secret" not in message and "down" in message
     admin = httpx.get(
         f"{broken.base_url}/admin/models", headers={"authorization": f"Bearer {ADMIN_TOKEN}"}
     ).json()["data"]

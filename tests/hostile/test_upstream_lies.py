@@ -8,6 +8,7 @@ the balance down by exactly what was delivered.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from decimal import Decimal
@@ -197,7 +198,11 @@ def test_token_counts_past_int4_never_fail_settlement_on_postgresql(pg_liar: Liv
 @pytest.fixture
 def deadline_gateway(liar_port: int, models_dir: Path, tmp_path: Path) -> Iterator[LiveServer]:
     # A read timeout of 2 s that a byte a second never trips; a 3 s deadline that does.
-    live = start_liar_gateway(tmp_path, models_dir, liar_port, timeout="2", deadline="3")
+    # Probed every 0.2 s: the timeout ejects the only replica (servelm.fleet), and the
+    # probe readmits it for the second half of the test.
+    live = start_liar_gateway(
+        tmp_path, models_dir, liar_port, timeout="2", deadline="3", health_interval="0.2"
+    )
     yield live
     live.stop()
 
@@ -210,6 +215,11 @@ def test_a_trickling_upstream_hits_the_calls_deadline(deadline_gateway: LiveServ
     r = plain(live, key, "lie:trickle")
     assert r.status_code == 504, r.text
     assert balance(live, key) == 1
+    replica = live.app.state.chat.engines[LIAR].replicas.all[0]
+    deadline = time.monotonic() + 30
+    while not replica.healthy:
+        assert time.monotonic() < deadline, "the probe never readmitted the replica"
+        time.sleep(0.05)
     status, events = stream(live, key, "lie:trickle")
     assert status == 200
     assert json.loads(events[-1])["error"]["code"] == "upstream_timeout"

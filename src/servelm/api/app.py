@@ -57,6 +57,7 @@ def build_engine(spec: ModelSpec, settings: Settings) -> Engine:
         slots=settings.slots,
         queue_size=settings.queue_size,
         verbose=settings.log_level == "debug",
+        prompt_cache_mib=settings.prompt_cache_mib,
     )
 
 
@@ -149,6 +150,16 @@ def chat_routes() -> list[Route]:
         Route(OPENAI_CHAT + "/", openai, methods=["POST"]),
         _SegmindRoute("/v1/{model}", health.Gate(ChatRoute("segmind")), methods=["POST"]),
     ]
+
+
+def _public(facts: dict[str, Any]) -> dict[str, Any]:
+    """What /health, open to anyone, may say of an engine: load, not addresses (the
+    operator has those in GET /admin/models and `servelm models list`)."""
+    out = {k: v for k, v in facts.items() if k != "upstream"}
+    if "replicas" in out:
+        hidden = ("url", "last_error")
+        out["replicas"] = [{k: v for k, v in r.items() if k not in hidden} for r in out["replicas"]]
+    return out
 
 
 def create_app(
@@ -257,6 +268,6 @@ def create_app(
     @app.get("/health", include_in_schema=False)
     async def health_models() -> dict[str, object]:
         engines = app.state.chat.engines
-        return {"status": "ok", "models": {slug: e.describe() for slug, e in engines.items()}}
+        return {"status": "ok", "models": {s: _public(e.describe()) for s, e in engines.items()}}
 
     return app

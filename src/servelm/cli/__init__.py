@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from servelm.cli import bench, billing, models, serve
+from servelm.cli import bench, billing, models, serve, worker
 
 app = typer.Typer(
     name="servelm",
@@ -14,6 +14,7 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 app.command()(serve.serve)
+app.command()(worker.worker)
 app.command()(bench.bench)
 app.add_typer(models.app, name="models")
 billing.register(app)

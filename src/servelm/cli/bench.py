@@ -35,11 +35,31 @@ def bench(
     stream: Annotated[bool, typer.Option(help="Stream the responses (TTFT and ITL).")] = True,
     warmup: Annotated[int, typer.Option(help="Unmeasured requests before each point.")] = 2,
     out: Annotated[Path | None, typer.Option(help="Write all results to this JSON file.")] = None,
+    conversations: Annotated[
+        int | None,
+        typer.Option(help="Multi-turn mode: this many conversations (see --turns)."),
+    ] = None,
+    turns: Annotated[int, typer.Option(help="Multi-turn mode: turns per conversation.")] = 4,
+    system_tokens: Annotated[
+        int, typer.Option(help="Multi-turn mode: words of system prompt.")
+    ] = 1000,
+    system_prompts: Annotated[
+        int, typer.Option(help="Multi-turn mode: distinct system prompts, shared in turn.")
+    ] = 1,
 ) -> None:
     """Load-test an OpenAI-compatible chat endpoint: request and token throughput,
-    TTFT, TPOT, ITL and end-to-end latency (mean, p50, p90, p99), vLLM's definitions."""
+    TTFT, TPOT, ITL and end-to-end latency (mean, p50, p90, p99), vLLM's definitions.
+    With --conversations: multi-turn conversations, TTFT of later turns apart, and
+    each replica's share when the endpoint is a servelm gateway."""
     import asyncio
     import json
+
+    if conversations is not None:
+        _bench_turns(
+            base_url, model, api_key, conversations, turns, system_tokens, system_prompts,
+            _numbers(concurrency, int)[:1] or [8], input_len, output_len, out,
+        )  # fmt: skip
+        return
 
     from rich.progress import Progress
     from rich.table import Table
@@ -90,4 +110,58 @@ def bench(
             err_console.print(f"[yellow]error seen:[/] {error}", highlight=False)
     if out is not None:
         out.write_text(json.dumps(results, indent=2))
+        console.print(f"results written to {out}")
+
+
+def _bench_turns(
+    base_url: str,
+    model: str,
+    api_key: str | None,
+    conversations: int,
+    turns: int,
+    system_tokens: int,
+    system_prompts: int,
+    concurrency: list[int],
+    input_len: int,
+    output_len: int,
+    out: Path | None,
+) -> None:
+    import asyncio
+    import json
+
+    from rich.table import Table
+
+    from servelm import bench_turns
+
+    r = asyncio.run(
+        bench_turns.run(
+            base_url.rstrip("/") + "/chat/completions",
+            model=model,
+            conversations=conversations,
+            turns=turns,
+            system_tokens=system_tokens,
+            system_prompts=system_prompts,
+            input_len=input_len,
+            output_len=output_len,
+            concurrency=concurrency[0],
+            api_key=api_key,
+        )
+    )
+    table = Table("ok", "fail", "req/s", "TTFT turn 1 p50 ms", "TTFT turn ≥2 p50/p99 ms",
+                  "E2E p50/p99 ms", "replica share")  # fmt: skip
+    total = sum(r["replica_share"].values()) or 1
+    table.add_row(
+        str(r["completed"]),
+        str(r["failed"]),
+        f"{r['request_throughput']:.2f}",
+        f"{r['ttft_first_turn_ms']['p50']:.0f}",
+        f"{r['ttft_later_turns_ms']['p50']:.0f} / {r['ttft_later_turns_ms']['p99']:.0f}",
+        f"{r['e2e_ms']['p50']:.0f} / {r['e2e_ms']['p99']:.0f}",
+        ", ".join(f"{url}: {n / total:.0%}" for url, n in r["replica_share"].items()) or "-",
+    )
+    console.print(table)
+    for error in r["errors"]:
+        err_console.print(f"[yellow]error seen:[/] {error}", highlight=False)
+    if out is not None:
+        out.write_text(json.dumps(r, indent=2))
         console.print(f"results written to {out}")

@@ -75,7 +75,8 @@ def models_list(
     hints: list[str] = []
     for spec in catalog:
         if spec.engine == "openai":
-            state, where = "remote", spec.base_url or ""
+            state = "remote"
+            where = "\n".join(r.url for r in spec.replicas) or spec.base_url or ""
         elif spec.path is not None and spec.path.is_file():
             state, where = "ready", str(spec.path)
         else:
@@ -85,6 +86,14 @@ def models_list(
         if live is not None:
             info = live.get(spec.slug)
             state = "[green]loaded[/]" if info else f"{state}, not loaded"
+            if info and info.get("replicas"):
+                # A fleet: each replica's state and the requests this gateway has there
+                # (/health lists them in the models file's order, without addresses).
+                urls = [r.url for r in spec.replicas] or [spec.base_url or "?"]
+                where = "\n".join(
+                    f"{u} {r['state']}, {r['in_flight']} in flight"
+                    for u, r in zip(urls, info["replicas"], strict=False)
+                )
             if info and info.get("memory_bytes"):
                 memory = f"{info['memory_bytes'] / 2**20:,.0f} MiB"
         table.add_row(

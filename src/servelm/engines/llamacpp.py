@@ -86,11 +86,13 @@ class LlamaCppEngine(Engine):
         slots: int,
         queue_size: int,
         verbose: bool = False,
+        prompt_cache_mib: int | None = None,
     ) -> None:
         super().__init__(spec)
         self.slots = spec.slots or slots
         self._threads = threads
         self._verbose = verbose
+        self._prompt_cache_mib = prompt_cache_mib
         self._admission = Admission(self.slots, queue_size, self.stats)
         # One thread per running generation; admission keeps the rest waiting in asyncio.
         self._executor = ThreadPoolExecutor(
@@ -117,6 +119,10 @@ class LlamaCppEngine(Engine):
         p.cpuparams_batch.n_threads = self._threads
         p.warmup = False
         p.endpoint_metrics = True
+        if self._prompt_cache_mib is not None:
+            # llama.cpp keeps finished prompts' KV in host memory (8 GiB by default) to
+            # reuse their prefixes; 0 leaves only what the slots still hold.
+            p.cache_ram_mib = self._prompt_cache_mib
         p.verbosity = 3 if self._verbose else -1
         if self.spec.chat_template:
             p.chat_template = self.spec.chat_template

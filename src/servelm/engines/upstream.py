@@ -13,16 +13,21 @@ was a third of the gateway's time per request (docs/benchmarks.md). An upstream 
 answers a plain call without ``usage`` has its answers streamed from then on, where
 tokens can at least be counted.
 
-One keep-alive pool (``servelm.http1``) per upstream. Unreachable → 502, timeout →
-504, both before anything is charged.
+Several replicas of one engine (``servelm.fleet``): the router orders the healthy
+ones, a request fails over along that order until one sends its first chunk, and a
+replica that fails is ejected until a health probe readmits it. One keep-alive pool
+(``servelm.http1``) per replica. Unreachable → 502, timeout → 504, every replica down
+→ 503 with Retry-After, all before anything is charged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+import math
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from servelm import http1
@@ -31,14 +36,21 @@ from servelm.engines import wire
 from servelm.engines.base import Admission, Engine, map_engine_error
 from servelm.errors import (
     InvalidRequest,
+    ModelUnavailable,
     ServelmError,
     UpstreamError,
     UpstreamTimeout,
 )
+from servelm.fleet.health import HealthChecker
+from servelm.fleet.replicas import Replica, ReplicaSet
+from servelm.fleet.routing import make_router
+from servelm.fleet.spec import replica_specs
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CONCURRENCY = 256
+# Replicas one request may try before its failure is the client's.
+MAX_TRIES = 3
 
 
 class OpenAIUpstreamEngine(Engine):
@@ -50,27 +62,40 @@ class OpenAIUpstreamEngine(Engine):
         connect_timeout: float = 5.0,
     ) -> None:
         super().__init__(spec)
-        assert spec.base_url, "an openai engine needs base_url"
         self.slots = spec.slots or DEFAULT_CONCURRENCY
         self._admission = Admission(self.slots, queue_size, self.stats)
-        headers = {"authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
         # Cleared (once, for good) by an upstream that leaves usage out of plain answers.
         self._plain_calls = True
-        self._pool = http1.Pool(
-            spec.base_url,
-            headers=headers,
-            connect_timeout=connect_timeout,
-            read_timeout=spec.timeout,
-            max_idle=min(self.slots, 64),
+        self.replicas = ReplicaSet(
+            [
+                Replica(
+                    r,
+                    model=spec.slug,
+                    connect_timeout=connect_timeout,
+                    read_timeout=spec.timeout,
+                    max_idle=min(self.slots, 64),
+                )
+                for r in replica_specs(spec)
+            ]
         )
+        self._router = make_router(spec.routing)
+        self._health = HealthChecker(self.replicas, interval=spec.health_interval)
 
     async def start(self) -> None:
-        # Nothing to load; an upstream that is down now may be up by the first request,
-        # and each request reports its own 502.
-        log.info("model %s relays to %s", self.spec.slug, self.spec.base_url)
+        # One probe round first, so a replica already down takes no traffic; none being
+        # up is not fatal either: each request answers 503 until one is.
+        await self._health.probe_all()
+        self._health.start()
+        log.info(
+            "model %s relays to %s (%s routing)",
+            self.spec.slug,
+            ", ".join(r.url for r in self.replicas.all),
+            self.spec.routing,
+        )
 
     async def close(self) -> None:
-        await self._pool.aclose()
+        await self._health.close()
+        await self.replicas.aclose()
 
     async def count_prompt_tokens(self, body: dict[str, Any]) -> int | None:
         return None  # only the upstream knows its tokenizer; its usage settles the bill
@@ -85,40 +110,103 @@ class OpenAIUpstreamEngine(Engine):
         else:
             payload["stream"] = True
             payload["stream_options"] = {"include_usage": True}
+        encoded = json.dumps(payload).encode()
         async with self._admission:
             self.stats.requests_total += 1
             finished = False
-            # issue 17: the whole call, not just each read, has a time limit.
-            deadline = asyncio.get_running_loop().time() + self.spec.deadline
             try:
-                resp = await self._pool.request(
-                    "POST", "/chat/completions", json.dumps(payload).encode(), deadline=deadline
-                )
-                async with resp:
-                    if resp.status_code != 200:
-                        raise await self._status_error(resp)
-                    chunks = self._reshape(await resp.read()) if plain else _sse_json(resp)
-                    async for data in chunks:
-                        # issue 17: nothing an upstream sends is trusted unchecked.
-                        chunk = data if plain else wire.chunk(self.spec.slug, data)
-                        if "error" in chunk:
-                            raise _upstream_error_body(self.spec.slug, chunk["error"])
-                        self.stats.chunks_total += 1
+                # aclosing: a client hanging up must close the upstream call now, not
+                # whenever the collector gets to the abandoned generator.
+                async with contextlib.aclosing(self._failover(body, encoded, plain)) as chunks:
+                    async for chunk in chunks:
                         yield chunk
                 finished = True
-            except http1.Timeout as exc:
-                raise UpstreamTimeout(
-                    f"The engine for '{self.spec.slug}' did not answer in time."
-                ) from exc
-            except http1.HTTPError as exc:
-                # The upstream's address is the operator's business, not the caller's.
-                log.warning("model %s: upstream %s: %s", self.spec.slug, self.spec.base_url, exc)
-                raise UpstreamError(
-                    f"The engine for model '{self.spec.slug}' is unreachable; retry later."
-                ) from exc
             finally:
                 if not finished:
                     self.stats.cancelled_total += 1
+
+    async def _failover(
+        self, body: dict[str, Any], encoded: bytes, plain: bool
+    ) -> AsyncGenerator[dict[str, Any]]:
+        """Try the replicas in the router's order until one delivers a first chunk.
+
+        A failure before anything was yielded (refused connection, timeout, 5xx, a
+        broken or malformed answer) ejects that replica and moves on: nothing reached
+        the client, so nothing is lost and the credit hold stays as it is. After the
+        first chunk the failure is the client's to see (an SSE error event; it pays
+        for what it received).
+        """
+        order = self._router.order(self.replicas.healthy(), body)[:MAX_TRIES]
+        if not order:
+            raise ModelUnavailable(
+                f"Every replica of '{self.spec.slug}' is down; retry shortly.",
+                retry_after=max(1, math.ceil(self.spec.health_interval)),
+            )
+        failure: ServelmError | None = None
+        for replica in order:
+            sent = False
+            replica.in_flight += 1
+            replica.requests_total += 1
+            try:
+                async with contextlib.aclosing(self._relay(replica, encoded, plain)) as chunks:
+                    async for chunk in chunks:
+                        sent = True
+                        yield chunk
+                return
+            except _Retryable as exc:
+                if exc.eject:
+                    replica.eject(exc.error.message)
+                if sent:
+                    raise exc.error from exc.__cause__
+                failure = exc.error
+                log.info("%s failed over from %s: %s", self.spec.slug, replica.url, failure)
+            finally:
+                replica.in_flight -= 1
+        assert failure is not None
+        raise failure
+
+    async def _relay(
+        self, replica: Replica, encoded: bytes, plain: bool
+    ) -> AsyncGenerator[dict[str, Any]]:
+        """One upstream call. Failures another replica could fix raise ``_Retryable``;
+        the request's own faults (a 4xx) raise as they are."""
+        # The whole call, not just each read, has a time limit: a trickle never trips
+        # the per-read timeout.
+        deadline = asyncio.get_running_loop().time() + self.spec.deadline
+        try:
+            resp = await replica.pool.request(
+                "POST", "/chat/completions", encoded, deadline=deadline
+            )
+            async with resp:
+                if resp.status_code != 200:
+                    error = await self._status_error(resp)
+                    if resp.status_code >= 500:
+                        raise _Retryable(error)
+                    raise error
+                chunks = self._reshape(await resp.read()) if plain else _sse_json(resp)
+                async for data in chunks:
+                    # Nothing an upstream sends is trusted unchecked (engines/wire.py).
+                    chunk = data if plain else wire.chunk(self.spec.slug, data)
+                    if "error" in chunk:
+                        raise _upstream_error_body(self.spec.slug, chunk["error"])
+                    self.stats.chunks_total += 1
+                    yield chunk
+        except http1.Timeout as exc:
+            raise _Retryable(
+                UpstreamTimeout(f"The engine for '{self.spec.slug}' did not answer in time.")
+            ) from exc
+        except http1.HTTPError as exc:
+            # The upstream's address is the operator's business, not the caller's.
+            log.warning("model %s: replica %s: %s", self.spec.slug, replica.url, exc)
+            raise _Retryable(
+                UpstreamError(
+                    f"The engine for model '{self.spec.slug}' is unreachable; retry later."
+                )
+            ) from exc
+        except UpstreamError as exc:
+            # A malformed answer: worth another replica's try, but the server is up
+            # (passive ejection is for what says it is not: refusals, timeouts, 5xx).
+            raise _Retryable(exc, eject=False) from exc
 
     async def _reshape(self, raw: bytes) -> AsyncIterator[dict[str, Any]]:
         """A plain ``chat.completion`` as the two chunks a stream would end with: the
@@ -131,8 +219,8 @@ class OpenAIUpstreamEngine(Engine):
             ) from exc
         if isinstance(data, dict) and "error" in data:
             raise _upstream_error_body(self.spec.slug, data["error"])
-        # issue 17: checked before anything is yielded (and so before anything is
-        # settled); a malformed answer is a 502 and never switches to streamed calls.
+        # Checked before anything is yielded (and so before anything is settled); a
+        # malformed answer is a 502 and never switches this engine to streamed calls.
         choice, message = wire.plain_answer(self.spec.slug, data)
         usage = wire.usage(self.spec.slug, data.get("usage"))
         if not usage and self._plain_calls:
@@ -150,11 +238,8 @@ class OpenAIUpstreamEngine(Engine):
         if choice.get("logprobs"):
             head["logprobs"] = choice["logprobs"]
         yield {"choices": [head]}
-        tail: dict[str, Any] = {
-            "index": 0,
-            "delta": {},
-            "finish_reason": choice.get("finish_reason") or "stop",
-        }
+        reason = choice.get("finish_reason") or "stop"
+        tail: dict[str, Any] = {"index": 0, "delta": {}, "finish_reason": reason}
         yield {"choices": [tail], "usage": usage} if usage else {"choices": [tail]}
 
     async def _status_error(self, resp: http1.Response) -> ServelmError:
@@ -174,7 +259,22 @@ class OpenAIUpstreamEngine(Engine):
         )
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "upstream": self.spec.base_url, "loaded": True}
+        return {
+            **super().describe(),
+            "upstream": self.replicas.all[0].url,
+            "loaded": True,
+            "routing": self.spec.routing,
+            "replicas": self.replicas.describe(),
+        }
+
+
+class _Retryable(Exception):
+    """A failure of one replica that another might not have."""
+
+    def __init__(self, error: ServelmError, *, eject: bool = True) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.eject = eject
 
 
 async def _sse_json(resp: http1.Response) -> AsyncIterator[dict[str, Any]]:

@@ -106,6 +106,9 @@ def make_app() -> Any:
         if scope["path"] == "/seen":
             await _send(send, 200, _JSON, json.dumps(seen).encode())
             return
+        if scope["path"] == "/health":  # what a gateway's health probe asks
+            await _send(send, 200, _JSON, b'{"status":"ok"}')
+            return
         body = json.loads(await read_body(receive))
         seen.append(bool(body.get("stream")))
         mode = _mode(body)

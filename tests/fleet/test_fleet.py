@@ -1,0 +1,248 @@
+"""Two real ``servelm worker`` processes behind a real gateway process: both get
+used, one is SIGKILLed under load, and the money adds up afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import select
+
+from servelm.money import MICRO
+from servelm.store.db import Database
+from servelm.store.tables import usage
+from tests import procs
+from tests.conftest import provision
+from tests.fleet import fleetprocs
+from tests.fleet.fleetprocs import Proc, StreamResult, stream_chat
+
+MODEL = "fleet-smol"
+INTERVAL = 0.5  # seconds between health probes
+WORKER_KEY = "worker-key-for-tests"
+
+
+@dataclass
+class Fleet:
+    workers: list[Proc]
+    gw: procs.Gateway
+    db: Database
+    key: str
+
+
+@pytest.fixture(scope="module")
+def fleet(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    tmp = tmp_path_factory.mktemp("fleet")
+    # The workers demand a key (one from the option, one from the environment), so
+    # everything below also shows the gateway sending it.
+    workers = [
+        fleetprocs.worker(tmp, models_dir, "--slots", "8", "--api-key", WORKER_KEY).start(),
+        fleetprocs.worker(tmp, models_dir, "--slots", "8", SERVELM_WORKER_KEY=WORKER_KEY).start(),
+    ]
+    try:
+        for w in workers:
+            w.wait_ready()
+        replicas = ", ".join(f'"{w.url}/v1"' for w in workers)
+        gw = fleetprocs.gateway(
+            tmp,
+            models_dir,
+            f"""
+[models.{MODEL}]
+engine = "openai"
+replicas = [{replicas}]
+api_key = "{WORKER_KEY}"
+upstream_model = "{fleetprocs.SLUG}"
+health_interval = {INTERVAL}
+timeout = 60
+context_window = 8192
+max_output_tokens = 1024
+input_price = 1000
+output_price = 1000000
+""",
+        )
+        db = Database(f"sqlite:///{tmp / 'gateway-data' / 'servelm.db'}")
+        yield Fleet(workers, gw, db, provision(db, "fleet", 100_000))
+        db.dispose()
+        gw.stop()
+    finally:
+        for w in workers:
+            w.stop()
+
+
+def body(i: int, max_tokens: int) -> dict[str, object]:
+    return {
+        "messages": [
+            {"role": "system", "content": "You are a terse assistant."},
+            {"role": "user", "content": f"Conversation {i}: name a colour."},
+        ],
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "stream": True,
+    }
+
+
+async def chats(fleet: Fleet, start: int, count: int, max_tokens: int) -> list[StreamResult]:
+    """``count`` streaming chats at once, alternating the OpenAI and Segmind routes."""
+    base = fleet.gw.base_url
+    async with httpx.AsyncClient(timeout=120) as client:
+        return await asyncio.gather(
+            *(
+                stream_chat(
+                    client,
+                    f"{base}/v1/chat/completions" if i % 2 else f"{base}/v1/{MODEL}",
+                    {**body(i, max_tokens), "model": MODEL} if i % 2 else body(i, max_tokens),
+                    fleet.key,
+                )
+                for i in range(start, start + count)
+            )
+        )
+
+
+def requests_per_replica(fleet: Fleet) -> list[int]:
+    return [r["requests"] for r in fleetprocs.replicas_state(fleet.gw, MODEL)]
+
+
+def ledger_check(fleet: Fleet) -> None:
+    check = procs.cli(fleet.gw.env, "ledger", "check")
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+@pytest.mark.timeout(300)
+def test_fifty_concurrent_streams_use_both_workers(fleet: Fleet) -> None:
+    before = requests_per_replica(fleet)
+    results = asyncio.run(chats(fleet, 0, 50, 8))
+    failed = [r for r in results if r.status != 200 or not r.done]
+    assert not failed, failed[:3]
+    assert all(r.content for r in results)
+    spread = [a - b for a, b in zip(requests_per_replica(fleet), before, strict=True)]
+    assert sum(spread) == 50
+    assert min(spread) > 0, spread  # both workers served some
+    # And the workers say so themselves.
+    for w in fleet.workers:
+        metrics = httpx.get(f"{w.url}/metrics", timeout=10).text
+        served = [ln for ln in metrics.splitlines() if ln.startswith("servelm_worker_requests")]
+        assert served and float(served[0].split()[-1]) > 0, metrics
+    ledger_check(fleet)
+
+
+@pytest.mark.timeout(300)
+def test_a_worker_killed_under_load(fleet: Fleet) -> None:
+    victim = fleet.workers[0]
+    victim_url = f"{victim.url}/v1"
+
+    async def scenario() -> tuple[list[StreamResult], list[StreamResult], int, str]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            base = fleet.gw.base_url
+            progress: list[int] = [0] * 8
+
+            async def long_stream(i: int) -> StreamResult:
+                # A stream that counts its chunks as they come, so the kill can wait
+                # until every one of them is generating somewhere.
+                result = StreamResult(0, "", [], False)
+                req = {**body(100 + i, 80), "model": MODEL}
+                headers = {"x-api-key": fleet.key}
+                url = f"{base}/v1/chat/completions"
+                async with client.stream("POST", url, json=req, headers=headers) as r:
+                    result.status, result.request_id = r.status_code, r.headers["x-request-id"]
+                    async for line in r.aiter_lines():
+                        data = line.removeprefix("data: ")
+                        if not line.startswith("data: "):
+                            continue
+                        if data == "[DONE]":
+                            result.done = True
+                            break
+                        event = httpx.Response(200, content=data).json()
+                        if "error" in event:
+                            result.error = event["error"]
+                            break
+                        for c in event["choices"]:
+                            if c["delta"].get("content"):
+                                result.content.append(c["delta"]["content"])
+                                progress[i] += 1
+                return result
+
+            tasks = [asyncio.create_task(long_stream(i)) for i in range(8)]
+            while min(progress) == 0:
+                await asyncio.sleep(0.02)
+            on_victim = next(
+                r["in_flight"]
+                for r in fleetprocs.replicas_state(fleet.gw, MODEL)
+                if r["url"] == victim_url
+            )
+            victim.kill()
+            # Requests not yet started when the worker died: all must succeed.
+            fresh = await chats(fleet, 200, 10, 4)
+            first_error_state = ""
+            long = []
+            for task in asyncio.as_completed(tasks):
+                result = await task
+                if result.error and not first_error_state:
+                    first_error_state = next(
+                        r["state"]
+                        for r in fleetprocs.replicas_state(fleet.gw, MODEL)
+                        if r["url"] == victim_url
+                    )
+                long.append(result)
+            return long, fresh, on_victim, first_error_state
+
+    long, fresh, on_victim, state_after_error = asyncio.run(scenario())
+    assert [r for r in fresh if r.status != 200 or not r.done] == []
+    broken = [r for r in long if r.error]
+    finished = [r for r in long if r.done]
+    assert on_victim > 0 and len(broken) == on_victim, (on_victim, broken)
+    assert len(broken) + len(finished) == 8
+    # Out of rotation as soon as its streams broke, not a probe interval later.
+    assert state_after_error == "ejected"
+
+    # Each broken stream paid for exactly the tokens it received, nothing for the prompt
+    # (no usage ever arrived to count it by).
+    with fleet.db.read() as conn:
+        rows = {
+            row.request_id: row
+            for row in conn.execute(
+                select(usage).where(usage.c.request_id.in_([r.request_id for r in broken]))
+            )
+        }
+    for r in broken:
+        row = rows[r.request_id]
+        assert row.status == "error"
+        assert row.completion_tokens == len(r.content) > 0
+        assert row.cost == len(r.content) * MICRO
+    ledger_check(fleet)
+
+    # Back in rotation within one probe interval of answering again.
+    victim.start().wait_ready()
+    took = fleetprocs.wait_until(
+        lambda: all(r["state"] == "healthy" for r in fleetprocs.replicas_state(fleet.gw, MODEL)),
+        10 * INTERVAL,
+        "the restarted worker to be readmitted",
+    )
+    print(f"readmitted {took:.2f}s after the restarted worker answered /health")
+    before = requests_per_replica(fleet)
+    assert all(r.done for r in asyncio.run(chats(fleet, 300, 10, 4)))
+    after = requests_per_replica(fleet)
+    assert min(a - b for a, b in zip(after, before, strict=True)) > 0
+    ledger_check(fleet)
+
+
+def test_a_worker_wants_its_key_but_probes_need_none(fleet: Fleet) -> None:
+    for w in fleet.workers:
+        assert httpx.get(f"{w.url}/v1/models", timeout=10).status_code == 401
+        ok = httpx.get(
+            f"{w.url}/v1/models", headers={"authorization": f"Bearer {WORKER_KEY}"}, timeout=10
+        )
+        assert ok.status_code == 200 and ok.json()["data"][0]["id"] == fleetprocs.SLUG
+        health = httpx.get(f"{w.url}/health", timeout=10).json()
+        assert health["slots"] == 8 and health["slots_busy"] == 0 and health["queue_depth"] == 0
+        metrics = httpx.get(f"{w.url}/metrics", timeout=10).text
+        assert f'servelm_worker_queue_depth{{model="{fleetprocs.SLUG}"}} 0' in metrics
+
+
+def test_a_worker_refuses_a_public_address_without_a_key(fleet: Fleet) -> None:
+    env = {k: v for k, v in fleet.gw.env.items() if k != "SERVELM_WORKER_KEY"}
+    refused = procs.cli(env, "worker", "--model", fleetprocs.SLUG, "--host", "0.0.0.0")
+    assert refused.returncode == 2
+    assert "refusing to listen on 0.0.0.0 without an API key" in refused.stderr
