@@ -69,6 +69,9 @@ class Settings(BaseSettings):
         description="CPU threads for llama.cpp (default: cores, at most 8)",
     )
     slots: int = Field(default=4, gt=0, description="parallel generations per model")
+    workers: int = Field(
+        default=1, gt=0, description="gateway processes on one port (servelm.multiproc)"
+    )
 
     starter_credits: int = Field(
         default=10, ge=0, description="credits of the account made on first start"

@@ -25,6 +25,10 @@ def serve(
     queue_size: Annotated[
         int | None, typer.Option(help="Requests that may wait per model before 503.")
     ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="Gateway processes sharing the port; local models load once."),
+    ] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
     log_json: Annotated[
         bool, typer.Option("--log-json", help="One JSON object per log line.")
@@ -45,6 +49,7 @@ def serve(
         slots=slots,
         threads=threads,
         queue_size=queue_size,
+        workers=workers,
         log_level=log_level,
         log_json=log_json or None,
         models_file=models_file_option(models_file),
@@ -61,6 +66,13 @@ def serve(
     except default_model.FetchError as exc:
         err_console.print(f"[yellow]default model not available:[/] {exc}")
     _first_start(settings)
+    if settings.workers > 1:
+        # Hook (issue 15): several processes on one socket, local models in one of
+        # their own (servelm.multiproc).
+        from servelm import multiproc
+
+        multiproc.serve(settings, settings.workers)
+        return
     uvicorn.run(
         asgi,
         host=settings.host,
