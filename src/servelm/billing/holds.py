@@ -173,6 +173,10 @@ def reserve_in(
 ) -> int | Later:
     now = utcnow()
     if tx.postgresql:
+        # A hold need not wait for the disk (``Tx.submit``): if the server crashes
+        # before its next flush, the hold and its balance change vanish together, and
+        # the request's settlement, which waits for the disk, finds no hold and
+        # charges nothing. Its settlement's flush carries it to disk in any case.
         answer = tx.submit(
             _PG_RESERVE,
             {
@@ -184,6 +188,7 @@ def reserve_in(
                 "now": now,
                 "expires_at": now + ttl,
             },
+            durable=False,
         )
         return Later(lambda: _reserved(tx, answer(), account_id, amount))
     row = tx.first(_RESERVE, {"account_id": account_id, "amount": amount})

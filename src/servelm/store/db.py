@@ -102,23 +102,40 @@ Row = tuple[Any, ...] | None
 class Tx:
     """One write transaction on a raw DBAPI connection, running prepared statements."""
 
-    def __init__(self, cursor: Any, db: Database, *, pipelined: bool = False) -> None:
+    def __init__(self, cursor: Any, db: Database, *, batch_size: int | None = None) -> None:
         self._cursor = cursor
         self._db = db
-        self._pipelined = pipelined
+        # A pipelined batch (``WriterConnection.batch``): BEGIN goes out before the
+        # first statement that needs a transaction, COMMIT at ``end``.
+        self._pipelined = batch_size is not None
+        self._batch_size = batch_size or 0
+        self._began = False
+        self._durable = False  # a statement in this batch must be on disk at COMMIT
 
     @property
     def postgresql(self) -> bool:
         return not self._db.is_sqlite
 
-    def submit(self, sql: str, values: Mapping[str, Any]) -> Callable[[], Row]:
+    def submit(
+        self, sql: str, values: Mapping[str, Any], *, durable: bool = True
+    ) -> Callable[[], Row]:
         """Send a PostgreSQL statement (psycopg ``%(name)s`` parameters); the function
         returned gives its first row. In a pipeline the statement only joins the batch
-        here, and its row is read once the batch's answers are in."""
+        here, and its row is read once the batch's answers are in.
+
+        ``durable=False``: the statement's commit need not wait for the WAL flush,
+        if nothing else in its batch needs it (``synchronous_commit = off`` for that
+        transaction alone: visible to everyone at once, lost only if the PostgreSQL
+        server itself crashes before its next flush, a fraction of a second later).
+        """
         if not self._pipelined:
             self._cursor.execute(sql, values)
             row = self._cursor.fetchone()
             return lambda: tuple(row) if row is not None else None
+        if not self._began and (self._batch_size > 1 or not durable):
+            self._cursor.execute("BEGIN")
+            self._began = True
+        self._durable = self._durable or durable
         # Its own cursor: each statement's answer stays there until it is read.
         cur = self._cursor.connection.cursor()
         cur.execute(sql, values)
@@ -129,6 +146,14 @@ class Tx:
             return tuple(row) if row is not None else None
 
         return first
+
+    def end(self) -> None:
+        """A pipelined batch's COMMIT, if it opened a transaction (a lone durable
+        statement commits by itself)."""
+        if self._began:
+            if not self._durable:
+                self._cursor.execute("SET LOCAL synchronous_commit TO off")
+            self._cursor.execute("COMMIT")
 
     def first(self, stmt: Executable, values: Mapping[str, Any]) -> tuple[Any, ...] | None:
         prepared = self._db.prepare(stmt)
@@ -197,17 +222,16 @@ class WriterConnection:
     @contextlib.contextmanager
     def batch(self, size: int) -> Iterator[Tx]:
         """PostgreSQL: a batch of ``size`` writes in one pipeline, one round trip. A
-        lone write is one autocommitted statement; several run between BEGIN and
-        COMMIT, so they share one commit (and one WAL flush). Read the ``Later``
+        lone durable write is one autocommitted statement; several run between BEGIN
+        and COMMIT, so they share one commit (and one WAL flush); see ``Tx.submit``
+        for writes that need no flush. Read the ``Later``
         results after this block: the answers are in once it ends."""
         conn = self._raw.dbapi_connection
         try:
             with conn.pipeline():
-                if size > 1:
-                    self._cursor.execute("BEGIN")
-                yield Tx(self._cursor, self._db, pipelined=True)
-                if size > 1:
-                    self._cursor.execute("COMMIT")
+                tx = Tx(self._cursor, self._db, batch_size=size)
+                yield tx
+                tx.end()
         except BaseException:
             # A failed statement aborts the rest of the pipeline (COMMIT included)
             # and leaves the transaction failed: roll it back, or give up on a
