@@ -120,7 +120,9 @@ def start_servelm(
             c.execute(f'CREATE DATABASE "{name}"')
         env["SERVELM_DATABASE_URL"] = f"postgresql://postgres@127.0.0.1/{name}"
     port = free_port()
-    argv = [str(BIN / "servelm"), "serve", "--port", str(port), "--workers", str(workers)]
+    argv = [str(BIN / "servelm"), "serve", "--port", str(port)]
+    if workers != 1:
+        argv += ["--workers", str(workers)]
     proc = Proc(pinned(cpu, argv) if cpu is not None else argv, env)
     wait_http(f"http://127.0.0.1:{port}/health")
     match = re.search(r"slm_[a-z0-9]{12}_[A-Za-z0-9_-]{43}", proc.log.read_text())

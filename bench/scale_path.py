@@ -63,9 +63,16 @@ def postgres(args: argparse.Namespace) -> dict[str, Any]:
         for db in ("sqlite", "postgresql"):
             proc, url, key = go.start_servelm(upstream, db, cpu=go.GATEWAY_CPU)
             gateways[db] = (proc, url, key)
+        if args.baseline:
+            # The same gateway from another checkout's sources (e.g. before a change).
+            os.environ["PYTHONPATH"] = str(args.baseline)
+            try:
+                gateways["baseline"] = go.start_servelm(upstream, "postgresql", cpu=go.GATEWAY_CPU)
+            finally:
+                del os.environ["PYTHONPATH"]
         rounds: list[dict[str, Any]] = []
         for i in range(args.rounds):
-            order = ["direct", "sqlite", "postgresql"]
+            order = ["direct", "sqlite", "postgresql"] + (["baseline"] if args.baseline else [])
             if i % 2:
                 order = order[::-1]  # A B C, C B A: drift cancels
             row: dict[str, Any] = {}
@@ -74,8 +81,9 @@ def postgres(args: argparse.Namespace) -> dict[str, Any]:
                     proc, url, key = gateways[name]
                     row[f"{name}@{c}"] = one(url, key, args, c, proc.p.pid if proc else None)
                 direct = row[f"direct@{c}"]["p50"]
-                for name in ("sqlite", "postgresql"):
-                    row[f"{name}@{c}"]["added_p50"] = row[f"{name}@{c}"]["p50"] - direct
+                for name in order:
+                    if name != "direct":
+                        row[f"{name}@{c}"]["added_p50"] = row[f"{name}@{c}"]["p50"] - direct
                 sq, pg = row[f"sqlite@{c}"], row[f"postgresql@{c}"]
                 row[f"ratio@{c}"] = {
                     "cpu": pg["cpu_ms"] / sq["cpu_ms"],
@@ -90,6 +98,13 @@ def postgres(args: argparse.Namespace) -> dict[str, Any]:
                     f"{pg['req_s']:.0f}",
                     flush=True,
                 )
+                if args.baseline:
+                    base = row[f"baseline@{c}"]
+                    print(
+                        f"         baseline PostgreSQL: cpu ms/req {base['cpu_ms']:.3f}"
+                        f"  added p50 {base['added_p50']:.3f} ms  req/s {base['req_s']:.0f}",
+                        flush=True,
+                    )
             rounds.append(row)
     finally:
         for proc, _, _ in gateways.values():
@@ -101,7 +116,7 @@ def postgres(args: argparse.Namespace) -> dict[str, Any]:
         for c in args.concurrency
         for metric in ("cpu", "added_p50", "req_s")
     }
-    for name in ("sqlite", "postgresql"):
+    for name in ("sqlite", "postgresql") + (("baseline",) if args.baseline else ()):
         for c in args.concurrency:
             for metric in ("cpu_ms", "added_p50", "req_s"):
                 summary[f"{name}.{metric}@{c}"] = spread([r[f"{name}@{c}"][metric] for r in rounds])
@@ -156,14 +171,19 @@ def main() -> None:
     parser.add_argument("--workers-concurrency", type=int, default=32)
     parser.add_argument("--databases", default="sqlite,postgresql")
     parser.add_argument("--stream", action="store_true")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="postgres mode: also a PostgreSQL gateway run from these sources (a src/ dir)",
+    )
     parser.add_argument("--input-len", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=16)
     args = parser.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c]
     args.databases = [d for d in args.databases.split(",") if d]
     result = postgres(args) if args.mode == "postgres" else workers(args)
-    out = go.RESULTS / f"scale_{args.mode}.json"
-    settings = {k: v for k, v in vars(args).items()}
+    out = go.RESULTS / f"scale_{args.mode}{'_baseline' if args.baseline else ''}.json"
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     out.write_text(json.dumps({"machine": go.machine(), "settings": settings, **result}, indent=2))
     print(json.dumps(result["summary"], indent=1))
     print(f"wrote {out}")

@@ -127,6 +127,11 @@ WITH r AS (
 )
 SELECT balance FROM r
 """
+# The same, as a transaction of its own that commits without waiting for the disk.
+_PG_RESERVE_RELAXED = _PG_RESERVE.replace(
+    "SELECT balance FROM r\n",
+    "SELECT balance FROM r, (SELECT set_config('synchronous_commit', 'off', true)) AS s\n",
+)
 _PG_SETTLE = """
 WITH c AS (
     UPDATE holds SET settled_at = %(now)s, charged = LEAST(amount, %(charge)s)
@@ -188,7 +193,7 @@ def reserve_in(
                 "now": now,
                 "expires_at": now + ttl,
             },
-            durable=False,
+            relaxed=_PG_RESERVE_RELAXED,
         )
         return Later(lambda: _reserved(tx, answer(), account_id, amount))
     row = tx.first(_RESERVE, {"account_id": account_id, "amount": amount})

@@ -117,25 +117,29 @@ class Tx:
         return not self._db.is_sqlite
 
     def submit(
-        self, sql: str, values: Mapping[str, Any], *, durable: bool = True
+        self, sql: str, values: Mapping[str, Any], *, relaxed: str | None = None
     ) -> Callable[[], Row]:
         """Send a PostgreSQL statement (psycopg ``%(name)s`` parameters); the function
         returned gives its first row. In a pipeline the statement only joins the batch
         here, and its row is read once the batch's answers are in.
 
-        ``durable=False``: the statement's commit need not wait for the WAL flush,
-        if nothing else in its batch needs it (``synchronous_commit = off`` for that
-        transaction alone: visible to everyone at once, lost only if the PostgreSQL
-        server itself crashes before its next flush, a fraction of a second later).
+        ``relaxed``: the same statement, made to commit without waiting for the WAL
+        flush (``set_config('synchronous_commit', 'off', true)`` inside it), for when
+        it is a batch of its own; in a batch whose every statement is relaxed, the
+        batch's transaction commits that way. Visible to everyone at once; lost only
+        if the PostgreSQL server itself crashes before its next flush.
         """
         if not self._pipelined:
             self._cursor.execute(sql, values)
             row = self._cursor.fetchone()
             return lambda: tuple(row) if row is not None else None
-        if not self._began and (self._batch_size > 1 or not durable):
-            self._cursor.execute("BEGIN")
-            self._began = True
-        self._durable = self._durable or durable
+        if self._batch_size == 1 and relaxed is not None:
+            sql = relaxed  # one statement, its own transaction: no BEGIN, no COMMIT
+        else:
+            if not self._began and self._batch_size > 1:
+                self._cursor.execute("BEGIN")
+                self._began = True
+            self._durable = self._durable or relaxed is None
         # Its own cursor: each statement's answer stays there until it is read.
         cur = self._cursor.connection.cursor()
         cur.execute(sql, values)
@@ -148,8 +152,8 @@ class Tx:
         return first
 
     def end(self) -> None:
-        """A pipelined batch's COMMIT, if it opened a transaction (a lone durable
-        statement commits by itself)."""
+        """A pipelined batch's COMMIT, if it opened a transaction (a lone statement
+        commits by itself)."""
         if self._began:
             if not self._durable:
                 self._cursor.execute("SET LOCAL synchronous_commit TO off")
