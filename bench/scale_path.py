@@ -78,8 +78,8 @@ def postgres(args: argparse.Namespace) -> dict[str, Any]:
             row: dict[str, Any] = {}
             for c in args.concurrency:
                 for name in order:
-                    proc, url, key = gateways[name]
-                    row[f"{name}@{c}"] = one(url, key, args, c, proc.p.pid if proc else None)
+                    gw, gw_url, gw_key = gateways[name]
+                    row[f"{name}@{c}"] = one(gw_url, gw_key, args, c, gw.p.pid if gw else None)
                 direct = row[f"direct@{c}"]["p50"]
                 for name in order:
                     if name != "direct":
@@ -107,9 +107,9 @@ def postgres(args: argparse.Namespace) -> dict[str, Any]:
                     )
             rounds.append(row)
     finally:
-        for proc, _, _ in gateways.values():
-            if proc is not None:
-                proc.stop()
+        for gw, _, _ in gateways.values():
+            if gw is not None:
+                gw.stop()
         up_proc.stop()
     summary = {
         f"{metric}@{c}": spread([r[f"ratio@{c}"][metric] for r in rounds])

@@ -32,7 +32,7 @@ async def commit(db: Database) -> AsyncIterator[GroupCommit]:
 def session_setting(gc: GroupCommit) -> str:
     writer = gc._writer
     assert writer is not None
-    cur = writer._raw.dbapi_connection.cursor()
+    cur = writer._pg.cursor()
     cur.execute("SHOW synchronous_commit")
     return str(cur.fetchone()[0])
 
@@ -55,6 +55,7 @@ async def test_lone_and_batched_writes_keep_the_session_durable(
         return_exceptions=True,
     )
     assert results[0] == 9_840
+    assert isinstance(results[1], holds.Settlement)
     assert results[1].already and results[1].charged == 60
     assert isinstance(results[2], holds.NotEnoughCredits) and results[2].balance == 9_840
     assert session_setting(commit) == "on"

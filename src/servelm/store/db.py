@@ -198,7 +198,9 @@ class WriterConnection:
         else:
             # Transactions are ours to open (``batch``): a lone write is one
             # statement, committed by itself, with no BEGIN before it.
-            raw.dbapi_connection.autocommit = True
+            pg: Any = raw.dbapi_connection  # a psycopg.Connection
+            pg.autocommit = True
+            self._pg = pg
         self._cursor = cur
         self.broken = False
 
@@ -230,7 +232,7 @@ class WriterConnection:
         and COMMIT, so they share one commit (and one WAL flush); see ``Tx.submit``
         for writes that need no flush. Read the ``Later``
         results after this block: the answers are in once it ends."""
-        conn = self._raw.dbapi_connection
+        conn = self._pg
         try:
             with conn.pipeline():
                 tx = Tx(self._cursor, self._db, batch_size=size)
