@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import statistics
 import sys
@@ -59,14 +60,18 @@ async def _streams(engine: LlamaCppEngine, i: int, ttfts: list[float], stop: asy
         i += 1000
 
 
+async def _first_tokens(ttfts: list[float], streams: int) -> None:
+    while len(ttfts) < streams:  # noqa: ASYNC110 (a list the stream tasks append to)
+        await asyncio.sleep(0.05)
+
+
 async def point(engine: LlamaCppEngine, streams: int, counts: int) -> dict[str, Any]:
     stop = asyncio.Event()
     ttfts: list[float] = []
     tasks = [asyncio.create_task(stream_forever(engine, i, ttfts, stop)) for i in range(streams)]
     # Every slot busy: wait until each stream has produced its first token.
-    deadline = time.perf_counter() + 30
-    while len(ttfts) < streams and time.perf_counter() < deadline:
-        await asyncio.sleep(0.05)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(_first_tokens(ttfts, streams), timeout=30)
     took = []
     for i in range(counts):
         start = time.perf_counter()
