@@ -87,7 +87,12 @@ def start_upstream(chunk_delay: float = 0.0) -> tuple[Proc, str]:
 
 
 def start_servelm(
-    upstream: str, database: str = "sqlite", *, slots: int | None = None, cpu: int | None = None
+    upstream: str,
+    database: str = "sqlite",
+    *,
+    slots: int | None = None,
+    cpu: int | None = None,
+    workers: int = 1,
 ) -> tuple[Proc, str, str]:
     """servelm as a gateway node in front of ``upstream`` (the built-in local model
     disabled), keys and credits on; returns the process, its /v1 URL and a key."""
@@ -116,6 +121,8 @@ def start_servelm(
         env["SERVELM_DATABASE_URL"] = f"postgresql://postgres@127.0.0.1/{name}"
     port = free_port()
     argv = [str(BIN / "servelm"), "serve", "--port", str(port)]
+    if workers != 1:
+        argv += ["--workers", str(workers)]
     proc = Proc(pinned(cpu, argv) if cpu is not None else argv, env)
     wait_http(f"http://127.0.0.1:{port}/health")
     match = re.search(r"slm_[a-z0-9]{12}_[A-Za-z0-9_-]{43}", proc.log.read_text())

@@ -90,6 +90,9 @@ class Settings(BaseSettings):
         description="host memory for llama.cpp's cache of finished prompts, for prefix "
         "reuse across requests (default: llama.cpp's, 8 GiB; 0 turns it off)",
     )
+    workers: int = Field(
+        default=1, gt=0, description="gateway processes on one port (servelm.multiproc)"
+    )
 
     starter_credits: int = Field(
         default=10, ge=0, description="credits of the account made on first start"

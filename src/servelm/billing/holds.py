@@ -9,20 +9,26 @@ read-then-write check.
 settle: exactly once per request id. The hold row is marked settled by a conditional
 UPDATE (``WHERE settled_at IS NULL``); only the caller that wins that update moves the
 money, so a retry, a sweeper and a late ``finally`` can all call it safely.
+
+On PostgreSQL each is ONE statement (data-modifying CTEs: the same conditional
+UPDATEs, then the inserts that select from what they returned), so a hold and a
+settlement cost one round trip each, or one per group-commit batch (``Tx.submit``).
+They return a ``Later``: the answer is read once the batch has gone out. Only the rare
+paths (a refusal, a hold settled before) read again, after it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 from sqlalchemy import bindparam, case, func, insert, select, update
 
 from servelm.billing.clock import utcnow
 from servelm.errors import InsufficientCredits, NotFound
 from servelm.money import format_credits
-from servelm.store.db import Database, Tx
+from servelm.store.db import Database, Later, Row, Tx, outcome
 from servelm.store.tables import accounts, holds, ledger, usage
 
 
@@ -103,13 +109,57 @@ _USAGE = insert(usage).values(
     | {"created_at": _P("now")}
 )
 
+# PostgreSQL's single statements. In a WITH, every data-modifying part runs exactly
+# once, in full, whether or not the final SELECT reads it; the UPDATEs keep their
+# row locks and re-check their WHERE against a row a concurrent writer just changed
+# (READ COMMITTED), so the conditional updates keep the same guarantees as above.
+# Parameters in SELECT lists carry casts: PostgreSQL cannot infer their types there.
+_PG_RESERVE = """
+WITH r AS (
+    UPDATE accounts SET balance = balance - %(amount)s, held = held + %(amount)s
+    WHERE id = %(account_id)s AND balance >= %(amount)s
+    RETURNING balance
+), h AS (
+    INSERT INTO holds (request_id, account_id, key_id, model, amount, created_at, expires_at)
+    SELECT %(request_id)s::varchar, %(account_id)s::integer, %(key_id)s::integer,
+           %(model)s::varchar, %(amount)s::bigint, %(now)s::timestamptz,
+           %(expires_at)s::timestamptz
+    FROM r
+)
+SELECT balance FROM r
+"""
+_PG_SETTLE = """
+WITH c AS (
+    UPDATE holds SET settled_at = %(now)s, charged = LEAST(amount, %(charge)s)
+    WHERE request_id = %(rid)s AND settled_at IS NULL
+    RETURNING account_id, key_id, model, amount, charged
+), a AS (
+    UPDATE accounts SET held = accounts.held - c.amount,
+                        balance = accounts.balance + (c.amount - c.charged)
+    FROM c WHERE accounts.id = c.account_id
+    RETURNING accounts.balance
+), l AS (
+    INSERT INTO ledger (account_id, kind, amount, request_id, note, created_at)
+    SELECT account_id, 'charge', charged, %(rid)s::varchar, model, %(now)s::timestamptz
+    FROM c WHERE charged > 0
+), u AS (
+    INSERT INTO usage (request_id, account_id, key_id, model, prompt_tokens,
+                       completion_tokens, cost, status, latency_ms, created_at)
+    SELECT %(rid)s::varchar, account_id, key_id, model, %(prompt_tokens)s::integer,
+           %(completion_tokens)s::integer, charged, %(status)s::varchar,
+           %(latency_ms)s::integer, %(now)s::timestamptz
+    FROM c
+)
+SELECT c.charged, a.balance FROM c, a
+"""
+
 
 def reserve(db: Database, **kw: Any) -> int:
     """Hold ``amount``; returns the balance left. Raises NotEnoughCredits.
 
     Keywords as ``reserve_in``; this opens its own transaction."""
     with db.transaction() as tx:
-        return reserve_in(tx, **kw)
+        return int(outcome(reserve_in(tx, **kw)))
 
 
 def reserve_in(
@@ -121,14 +171,25 @@ def reserve_in(
     model: str,
     amount: int,
     ttl: timedelta,
-) -> int:
+) -> int | Later:
     now = utcnow()
+    if tx.postgresql:
+        answer = tx.submit(
+            _PG_RESERVE,
+            {
+                "request_id": request_id,
+                "account_id": account_id,
+                "key_id": key_id,
+                "model": model,
+                "amount": amount,
+                "now": now,
+                "expires_at": now + ttl,
+            },
+        )
+        return Later(lambda: _reserved(tx, answer(), account_id, amount))
     row = tx.first(_RESERVE, {"account_id": account_id, "amount": amount})
     if row is None:
-        current = tx.first(_BALANCE, {"account_id": account_id})
-        if current is None:
-            raise NotFound(f"No account {account_id}.")
-        raise NotEnoughCredits(int(current[0]), amount)
+        _refuse(tx, account_id, amount)
     tx.execute(
         _NEW_HOLD,
         {
@@ -144,12 +205,26 @@ def reserve_in(
     return int(row[0])
 
 
+def _reserved(tx: Tx, row: Row, account_id: int, amount: int) -> int:
+    if row is None:
+        _refuse(tx, account_id, amount)
+    return int(row[0])
+
+
+def _refuse(tx: Tx, account_id: int, amount: int) -> NoReturn:
+    current = tx.first(_BALANCE, {"account_id": account_id})
+    if current is None:
+        raise NotFound(f"No account {account_id}.")
+    raise NotEnoughCredits(int(current[0]), amount)
+
+
 def settle(db: Database, request_id: str, **kw: Any) -> Settlement:
     """Charge ``min(charge, hold)``, release the rest, record ledger and usage rows.
 
     Keywords as ``settle_in``; this opens its own transaction."""
     with db.transaction() as tx:
-        return settle_in(tx, request_id, **kw)
+        result: Settlement = outcome(settle_in(tx, request_id, **kw))
+        return result
 
 
 def settle_in(
@@ -161,18 +236,27 @@ def settle_in(
     completion_tokens: int = 0,
     status: str = "ok",
     latency_ms: int = 0,
-) -> Settlement:
+) -> Settlement | Later:
     now = utcnow()
     charge = max(0, charge)
+    if tx.postgresql:
+        answer = tx.submit(
+            _PG_SETTLE,
+            {
+                "rid": request_id,
+                "now": now,
+                "charge": charge,
+                # Clamped to the INTEGER columns, as below.
+                "prompt_tokens": _int4(prompt_tokens),
+                "completion_tokens": _int4(completion_tokens),
+                "status": status,
+                "latency_ms": _int4(latency_ms),
+            },
+        )
+        return Later(lambda: _settled(tx, request_id, answer()))
     won = tx.first(_CLAIM, {"rid": request_id, "now": now, "charge": charge})
     if won is None:
-        hold = tx.first(_SETTLED, {"rid": request_id})
-        if hold is None:
-            raise NotFound(f"No hold for request {request_id}.")
-        held_by, charged_before = hold
-        balance = tx.first(_BALANCE, {"account_id": held_by})
-        assert balance is not None  # the hold's account exists (foreign key)
-        return Settlement(int(charged_before or 0), int(balance[0]), already=True)
+        return _settled_before(tx, request_id)
     account_id, key_id, model, amount, charged = won
     row = tx.first(_RELEASE, {"account_id": account_id, "amount": amount, "charged": charged})
     assert row is not None
@@ -210,6 +294,23 @@ def settle_in(
 
 def _int4(n: int) -> int:
     return max(0, min(int(n), 2**31 - 1))
+
+
+def _settled(tx: Tx, request_id: str, row: Row) -> Settlement:
+    if row is None:
+        return _settled_before(tx, request_id)
+    return Settlement(int(row[0]), int(row[1]), already=False)
+
+
+def _settled_before(tx: Tx, request_id: str) -> Settlement:
+    """The claim matched nothing: an earlier call settled this hold, or there is none."""
+    hold = tx.first(_SETTLED, {"rid": request_id})
+    if hold is None:
+        raise NotFound(f"No hold for request {request_id}.")
+    held_by, charged_before = hold
+    balance = tx.first(_BALANCE, {"account_id": held_by})
+    assert balance is not None  # the hold's account exists (foreign key)
+    return Settlement(int(charged_before or 0), int(balance[0]), already=True)
 
 
 def refresh(db: Database, request_ids: list[str], ttl: timedelta) -> int:

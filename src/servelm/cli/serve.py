@@ -79,6 +79,13 @@ def serve(**flags: Any) -> None:
     except default_model.FetchError as exc:
         err_console.print(f"[yellow]default model not available:[/] {exc}")
     _first_start(settings)
+    if settings.workers > 1:
+        # Several processes on one socket, local models in one of their own
+        # (servelm.multiproc).
+        from servelm import multiproc
+
+        multiproc.serve(settings, settings.workers)
+        return
     config = uvicorn.Config(
         asgi,
         host=settings.host,

@@ -11,13 +11,18 @@ chat request) run through ``transaction()`` instead: the same Core statements,
 compiled once for this database's dialect (``Prepared``) and executed on the raw
 DBAPI cursor. SQLAlchemy's per-execution work cost five times what SQLite spent
 running them (1.1 ms against 0.2 ms of CPU per hold + settlement; docs/benchmarks.md).
+
+On PostgreSQL every statement is a network round trip, so a hold and a settlement are
+each ONE statement there (data-modifying CTEs, ``billing/holds.py``), and the writer
+connection sends a whole group-commit batch in one psycopg pipeline (``Tx.submit``,
+``WriterConnection.batch``): one round trip per batch, however many writes it holds.
 """
 
 from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -72,12 +77,76 @@ class Prepared:
         return tuple(values[name] for name in self._order)
 
 
+class Later:
+    """A write's result that needs its statement's answer, which in a pipeline arrives
+    only once the whole batch has been sent (``GroupCommit`` calls it then; ``outcome``
+    where there is no batch). It may read the database again on a rare path."""
+
+    __slots__ = ("_finish",)
+
+    def __init__(self, finish: Callable[[], Any]) -> None:
+        self._finish = finish
+
+    def __call__(self) -> Any:
+        return self._finish()
+
+
+def outcome(result: Any) -> Any:
+    """A write function's result, its ``Later`` answered."""
+    return result() if isinstance(result, Later) else result
+
+
+Row = tuple[Any, ...] | None
+
+
 class Tx:
     """One write transaction on a raw DBAPI connection, running prepared statements."""
 
-    def __init__(self, cursor: Any, db: Database) -> None:
+    def __init__(self, cursor: Any, db: Database, *, batch_size: int | None = None) -> None:
         self._cursor = cursor
         self._db = db
+        # A pipelined batch (``WriterConnection.batch``): BEGIN goes out before the
+        # first statement that needs a transaction, COMMIT at ``end``.
+        self._pipelined = batch_size is not None
+        self._batch_size = batch_size or 0
+        self._began = False
+
+    @property
+    def postgresql(self) -> bool:
+        return not self._db.is_sqlite
+
+    def submit(self, sql: str, values: Mapping[str, Any]) -> Callable[[], Row]:
+        """Send a PostgreSQL statement (psycopg ``%(name)s`` parameters); the function
+        returned gives its first row. In a pipeline the statement only joins the batch
+        here, and its row is read once the batch's answers are in.
+
+        Every commit waits for the WAL flush: a hold that a server crash could lose
+        would leave its request served and never charged.
+        """
+        if not self._pipelined:
+            self._cursor.execute(sql, values)
+            row = self._cursor.fetchone()
+            return lambda: tuple(row) if row is not None else None
+        if not self._began and self._batch_size > 1:
+            # A lone statement commits by itself; several share one transaction.
+            self._cursor.execute("BEGIN")
+            self._began = True
+        # Its own cursor: each statement's answer stays there until it is read.
+        cur = self._cursor.connection.cursor()
+        cur.execute(sql, values)
+
+        def first() -> Row:
+            row = cur.fetchone()
+            cur.close()
+            return tuple(row) if row is not None else None
+
+        return first
+
+    def end(self) -> None:
+        """A pipelined batch's COMMIT, if it opened a transaction (a lone statement
+        commits by itself)."""
+        if self._began:
+            self._cursor.execute("COMMIT")
 
     def first(self, stmt: Executable, values: Mapping[str, Any]) -> tuple[Any, ...] | None:
         prepared = self._db.prepare(stmt)
@@ -115,6 +184,12 @@ class WriterConnection:
         if db.is_sqlite:
             cur.execute("PRAGMA busy_timeout=0")
             cur.execute("PRAGMA wal_autocheckpoint=0")
+        else:
+            # Transactions are ours to open (``batch``): a lone write is one
+            # statement, committed by itself, with no BEGIN before it.
+            pg: Any = raw.dbapi_connection  # a psycopg.Connection
+            pg.autocommit = True
+            self._pg = pg
         self._cursor = cur
         self.broken = False
 
@@ -136,6 +211,32 @@ class WriterConnection:
             except Exception:
                 # The connection itself is gone (server restart, network): the next
                 # batch gets a new one.
+                self.broken = True
+            raise
+
+    @contextlib.contextmanager
+    def batch(self, size: int) -> Iterator[Tx]:
+        """PostgreSQL: a batch of ``size`` writes in one pipeline, one round trip. A
+        lone durable write is one autocommitted statement; several run between BEGIN
+        and COMMIT, so they share one commit (and one WAL flush); see ``Tx.submit``
+        for writes that need no flush. Read the ``Later``
+        results after this block: the answers are in once it ends."""
+        conn = self._pg
+        try:
+            with conn.pipeline():
+                tx = Tx(self._cursor, self._db, batch_size=size)
+                yield tx
+                tx.end()
+        except BaseException:
+            # A failed statement aborts the rest of the pipeline (COMMIT included)
+            # and leaves the transaction failed: roll it back, or give up on a
+            # connection that is gone.
+            try:
+                if conn.broken or conn.closed:
+                    self.broken = True
+                else:
+                    conn.rollback()
+            except Exception:
                 self.broken = True
             raise
 

@@ -15,7 +15,9 @@ Where a batch runs, on one dedicated connection (``WriterConnection``):
   connection holds the write lock (``Busy``), on the thread pool instead.
 - PostgreSQL: on the thread pool (every statement is a network round trip), one
   batch at a time: writes that arrive meanwhile form the next batch, so batches grow
-  with the load, one thread hop and one commit each.
+  with the load, one thread hop and one commit each. The batch goes out in one psycopg
+  pipeline (``WriterConnection.batch``), each write ONE statement: one round trip per
+  batch. Such a write returns a ``Later``, answered once the pipeline has ended.
 
 A write is a function ``fn(tx, ...)`` that raises ``ServelmError`` only before it has
 written anything (``NotEnoughCredits``: the conditional UPDATE matched no row). Such an
@@ -32,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from servelm.errors import ServelmError
-from servelm.store.db import Busy, Database, Tx, WriterConnection
+from servelm.store.db import Busy, Database, Later, Tx, WriterConnection
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +48,7 @@ class _Write:
     kw: dict[str, Any]
     future: asyncio.Future[Any]
     result: Any = None
-    error: ServelmError | None = None
+    error: BaseException | None = None
 
 
 class GroupCommit:
@@ -89,6 +91,7 @@ class GroupCommit:
             try:
                 with self._writer.transaction() as tx:
                     _apply(tx, batch)
+                    _answer(batch)
             except Busy:
                 # Another process is writing: wait for the lock off the loop, on a
                 # pooled connection (the writer is the loop's).
@@ -114,8 +117,11 @@ class GroupCommit:
             self._writer = None
         if self._writer is None:
             self._writer = self._db.writer_connection()
-        with self._writer.transaction() as tx:
+        with self._writer.batch(len(batch)) as tx:
             _apply(tx, batch)
+        # Committed. Answers are read now; one that fails (its rare second read) is
+        # that write's error alone: the batch is in and must not run again.
+        _answer(batch, committed=True)
 
     def _spawn(self, work: Awaitable[None]) -> None:
         task = asyncio.ensure_future(work)
@@ -136,6 +142,7 @@ class GroupCommit:
     def _apply_pooled(self, batch: list[_Write]) -> None:
         with self._db.transaction() as tx:
             _apply(tx, batch)
+            _answer(batch)
 
     def _failed(self, batch: list[_Write], exc: Exception) -> None:
         """The batch was rolled back: a lone write fails; each of several runs again
@@ -155,6 +162,21 @@ def _apply(tx: Tx, batch: list[_Write]) -> None:
             write.result = write.fn(tx, *write.args, **write.kw)
         except ServelmError as exc:
             write.error = exc  # raised before anything was written: the batch goes on
+
+
+def _answer(batch: list[_Write], *, committed: bool = False) -> None:
+    """Turn each ``Later`` result into the write's result or error."""
+    for write in batch:
+        if isinstance(write.result, Later):
+            later, write.result = write.result, None
+            try:
+                write.result = later()
+            except ServelmError as exc:
+                write.error = exc
+            except Exception as exc:
+                if not committed:
+                    raise  # the transaction rolls back; ``_failed`` takes over
+                write.error = exc
 
 
 def _resolve(batch: list[_Write]) -> None:

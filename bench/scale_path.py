@@ -1,0 +1,193 @@
+"""The scale path, measured as ratios inside one run (issue 15): contenders started
+together and measured interleaved (A, B, A, B, ...), so a noisy shared machine slows
+them alike and the ratio holds where absolute times do not.
+
+    .venv/bin/python bench/scale_path.py postgres   # PostgreSQL against SQLite
+    .venv/bin/python bench/scale_path.py workers    # serve --workers 2 against 1
+
+``postgres``: the instant upstream, servelm on SQLite and servelm on PostgreSQL, all
+three measured each round at each concurrency (the gateway pinned to CPU 0, the
+upstream and this load generator on CPU 1, as bench/gateway_overhead.py does).
+Reports gateway CPU per request and the latency servelm adds to the upstream alone
+(e2e p50 minus the direct p50 of the same round), and their ratios PostgreSQL/SQLite
+per round: median, min and max.
+
+``workers``: closed-loop capacity of one gateway process against two, on SQLite and
+on PostgreSQL, nothing pinned (two workers need both cores, which the upstream and
+the load generator share with them).
+
+Results go to bench/results/scale_<mode>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gateway_overhead as go
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "runs": len(values),
+    }
+
+
+def one(
+    url: str, key: str | None, args: argparse.Namespace, c: int, pid: int | None
+) -> dict[str, Any]:
+    r = go.one_run(url, key, args, stream=args.stream, c=c, pid=pid, requests=args.requests)
+    return {
+        "req_s": r["request_throughput"],
+        "p50": r["e2e_ms"]["p50"],
+        "p99": r["e2e_ms"]["p99"],
+        "failed": r["failed"],
+        **({"cpu_ms": r["gateway_cpu_ms"]} if pid else {}),
+    }
+
+
+def postgres(args: argparse.Namespace) -> dict[str, Any]:
+    os.sched_setaffinity(0, {go.CLIENT_CPU})
+    up_proc, upstream = go.start_upstream()
+    gateways: dict[str, tuple[go.Proc | None, str, str | None]] = {"direct": (None, upstream, None)}
+    try:
+        for db in ("sqlite", "postgresql"):
+            proc, url, key = go.start_servelm(upstream, db, cpu=go.GATEWAY_CPU)
+            gateways[db] = (proc, url, key)
+        if args.baseline:
+            # The same gateway from another checkout's sources (e.g. before a change).
+            os.environ["PYTHONPATH"] = str(args.baseline)
+            try:
+                gateways["baseline"] = go.start_servelm(upstream, "postgresql", cpu=go.GATEWAY_CPU)
+            finally:
+                del os.environ["PYTHONPATH"]
+        rounds: list[dict[str, Any]] = []
+        for i in range(args.rounds):
+            order = ["direct", "sqlite", "postgresql"] + (["baseline"] if args.baseline else [])
+            if i % 2:
+                order = order[::-1]  # A B C, C B A: drift cancels
+            row: dict[str, Any] = {}
+            for c in args.concurrency:
+                for name in order:
+                    gw, gw_url, gw_key = gateways[name]
+                    row[f"{name}@{c}"] = one(gw_url, gw_key, args, c, gw.p.pid if gw else None)
+                direct = row[f"direct@{c}"]["p50"]
+                for name in order:
+                    if name != "direct":
+                        row[f"{name}@{c}"]["added_p50"] = row[f"{name}@{c}"]["p50"] - direct
+                sq, pg = row[f"sqlite@{c}"], row[f"postgresql@{c}"]
+                row[f"ratio@{c}"] = {
+                    "cpu": pg["cpu_ms"] / sq["cpu_ms"],
+                    "added_p50": pg["added_p50"] / sq["added_p50"],
+                    "req_s": pg["req_s"] / sq["req_s"],
+                }
+                print(
+                    f"round {i + 1} c={c:<3} cpu ms/req sqlite {sq['cpu_ms']:.3f} "
+                    f"pg {pg['cpu_ms']:.3f} ({row[f'ratio@{c}']['cpu']:.2f}x)  added p50 "
+                    f"sqlite {sq['added_p50']:.3f} pg {pg['added_p50']:.3f} ms "
+                    f"({row[f'ratio@{c}']['added_p50']:.2f}x)  req/s {sq['req_s']:.0f} / "
+                    f"{pg['req_s']:.0f}",
+                    flush=True,
+                )
+                if args.baseline:
+                    base = row[f"baseline@{c}"]
+                    print(
+                        f"         baseline PostgreSQL: cpu ms/req {base['cpu_ms']:.3f}"
+                        f"  added p50 {base['added_p50']:.3f} ms  req/s {base['req_s']:.0f}",
+                        flush=True,
+                    )
+            rounds.append(row)
+    finally:
+        for gw, _, _ in gateways.values():
+            if gw is not None:
+                gw.stop()
+        up_proc.stop()
+    summary = {
+        f"{metric}@{c}": spread([r[f"ratio@{c}"][metric] for r in rounds])
+        for c in args.concurrency
+        for metric in ("cpu", "added_p50", "req_s")
+    }
+    for name in ("sqlite", "postgresql") + (("baseline",) if args.baseline else ()):
+        for c in args.concurrency:
+            for metric in ("cpu_ms", "added_p50", "req_s"):
+                summary[f"{name}.{metric}@{c}"] = spread([r[f"{name}@{c}"][metric] for r in rounds])
+    return {"rounds": rounds, "summary": summary}
+
+
+def workers(args: argparse.Namespace) -> dict[str, Any]:
+    up_proc, upstream = go.start_upstream()
+    counts = (1, 2)
+    gateways: dict[str, tuple[go.Proc, str, str]] = {}
+    try:
+        for db in args.databases:
+            for n in counts:
+                gateways[f"{db}/{n}"] = go.start_servelm(upstream, db, workers=n)
+        rounds: list[dict[str, Any]] = []
+        for i in range(args.rounds):
+            row: dict[str, Any] = {}
+            for db in args.databases:
+                order = counts if i % 2 == 0 else counts[::-1]
+                for n in order:
+                    proc, url, key = gateways[f"{db}/{n}"]
+                    row[f"{db}/{n}"] = one(url, key, args, args.workers_concurrency, proc.p.pid)
+                ratio = row[f"{db}/2"]["req_s"] / row[f"{db}/1"]["req_s"]
+                row[f"{db}/ratio"] = ratio
+                print(
+                    f"round {i + 1} {db:<10} 1 worker {row[f'{db}/1']['req_s']:7.0f} req/s"
+                    f"  2 workers {row[f'{db}/2']['req_s']:7.0f} req/s  ({ratio:.2f}x)"
+                    f"  cpu ms/req {row[f'{db}/1']['cpu_ms']:.3f} / {row[f'{db}/2']['cpu_ms']:.3f}",
+                    flush=True,
+                )
+            rounds.append(row)
+    finally:
+        for proc, _, _ in gateways.values():
+            proc.stop()
+        up_proc.stop()
+    summary = {
+        f"{db}/{what}": spread(
+            [r[f"{db}/{what}"] if what == "ratio" else r[f"{db}/{what}"]["req_s"] for r in rounds]
+        )
+        for db in args.databases
+        for what in ("1", "2", "ratio")
+    }
+    return {"rounds": rounds, "summary": summary}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("mode", choices=("postgres", "workers"))
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--concurrency", default="1,16")
+    parser.add_argument("--workers-concurrency", type=int, default=32)
+    parser.add_argument("--databases", default="sqlite,postgresql")
+    parser.add_argument("--stream", action="store_true")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="postgres mode: also a PostgreSQL gateway run from these sources (a src/ dir)",
+    )
+    parser.add_argument("--input-len", type=int, default=64)
+    parser.add_argument("--output-len", type=int, default=16)
+    args = parser.parse_args()
+    args.concurrency = [int(c) for c in args.concurrency.split(",") if c]
+    args.databases = [d for d in args.databases.split(",") if d]
+    result = postgres(args) if args.mode == "postgres" else workers(args)
+    out = go.RESULTS / f"scale_{args.mode}{'_baseline' if args.baseline else ''}.json"
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    out.write_text(json.dumps({"machine": go.machine(), "settings": settings, **result}, indent=2))
+    print(json.dumps(result["summary"], indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,367 @@
+"""``servelm serve --workers N``: one listening socket, N gateway processes, one model copy.
+
+A gateway process is one event loop on one core. Several share a node like this:
+
+- The supervisor (``serve``) runs the first start (migrations, the first key) once,
+  then hands the port to uvicorn's own worker supervisor: uvicorn binds the socket in
+  the parent and passes it to N spawned children, each of which builds its own app
+  (``worker_app``) with its own loop, billing and connection pools. The kernel spreads
+  accepted connections over them; uvicorn restarts a child that dies.
+- Local llama.cpp models are NOT loaded N times. They run in one engine process
+  (``python -m servelm.multiproc host``, started before the workers), which serves
+  them over loopback to the workers only: a bearer token made for this run, the
+  engine seam's two operations (count a prompt, stream a completion) and nothing
+  else. In each worker the model's engine is a ``HostedEngine``: the OpenAI upstream
+  engine pointed at that process, plus the exact prompt count, so holds stay exact.
+- Keys, credits and limits stay in the workers, in the shared database: holds are
+  conditional updates there, so N processes can no more overspend than N threads
+  (tests/billing/test_workers.py).
+
+Models behind ``engine = "openai"`` need nothing of this: each worker relays to them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp
+
+from servelm import http1
+from servelm.catalog import Catalog, ModelSpec
+from servelm.config import Settings
+from servelm.engines.base import Engine
+from servelm.engines.upstream import OpenAIUpstreamEngine
+from servelm.errors import EngineError, ModelUnavailable, Overloaded, ServelmError
+
+log = logging.getLogger(__name__)
+
+# Supervisor → engine process and workers. Private plumbing, not settings.
+_SETTINGS = "_SERVELM_MP_SETTINGS"  # the supervisor's Settings, as JSON
+_HOST = "_SERVELM_MP_HOST"  # the engine process's /v1 URL
+_TOKEN = "_SERVELM_MP_TOKEN"  # its bearer token
+_HOSTED = "_SERVELM_MP_HOSTED"  # {"loaded": [slug...], "unavailable": {slug: reason}}
+_FD = "_SERVELM_MP_FD"  # the engine process's listening socket
+
+
+def _local(catalog: Catalog) -> list[ModelSpec]:
+    return [spec for spec in catalog if spec.engine == "llama.cpp"]
+
+
+# -- the supervisor -----------------------------------------------------------------
+
+
+def serve(settings: Settings, workers: int) -> None:
+    """Run ``workers`` gateway processes on ``settings.host:port`` until stopped."""
+    import uvicorn
+
+    from servelm.models_file import load_catalog
+
+    env = {_SETTINGS: settings.model_dump_json()}
+    host: subprocess.Popen[bytes] | None = None
+    if _local(load_catalog(settings.model_dir, settings.models_file)):
+        token = secrets.token_urlsafe(32)
+        host, url, hosted = _start_host(settings, token)
+        env |= {_HOST: url, _TOKEN: token, _HOSTED: json.dumps(hosted)}
+    # Spawned children inherit the environment: that is how they get all of this.
+    os.environ.update(env)
+    try:
+        uvicorn.run(
+            "servelm.multiproc:worker_app",
+            factory=True,
+            workers=workers,
+            host=settings.host,
+            port=settings.port,
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=10,
+        )
+    finally:
+        if host is not None:
+            host.terminate()
+            try:
+                host.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                host.kill()
+
+
+def _start_host(
+    settings: Settings, token: str, timeout: float = 600
+) -> tuple[subprocess.Popen[bytes], str, dict[str, Any]]:
+    """Start the engine process on a loopback socket bound here (no port race) and
+    wait until its models are loaded; returns it, its URL and what it loaded."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    port = sock.getsockname()[1]
+    env = {**os.environ, _SETTINGS: settings.model_dump_json(), _TOKEN: token}
+    env[_FD] = str(sock.fileno())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "servelm.multiproc", "host"],
+        env=env,
+        pass_fds=(sock.fileno(),),
+        preexec_fn=_die_with_parent,
+    )
+    sock.close()  # the engine process has its own copy
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the engine process exited with {proc.returncode}")
+        try:
+            hosted = _get_json(port, "/v1/hosted", token)
+        except OSError:
+            time.sleep(0.1)  # still loading the models: it listens once they are in
+            continue
+        log.info("engine process %d serves %s", proc.pid, ", ".join(hosted["loaded"]) or "none")
+        return proc, url, hosted
+    proc.kill()
+    raise RuntimeError(f"the engine process was not ready in {timeout:.0f} s")
+
+
+def _get_json(port: int, path: str, token: str) -> dict[str, Any]:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", path, headers={"authorization": f"Bearer {token}"})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            raise ConnectionError(f"{path}: HTTP {resp.status}")
+        data: dict[str, Any] = json.loads(resp.read())
+        return data
+    finally:
+        conn.close()
+
+
+def _die_with_parent() -> None:
+    """In the engine process, before exec: a SIGTERM when the supervisor dies, even by
+    SIGKILL, so no orphan keeps the model's memory."""
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+# -- a worker -----------------------------------------------------------------------
+
+
+def worker_app() -> ASGIApp:
+    """uvicorn's factory in each worker process: the usual app, local models reached
+    through the engine process."""
+    from servelm import logs
+    from servelm.api.app import build_engine, create_app
+
+    settings = Settings.model_validate_json(os.environ[_SETTINGS])
+    logs.setup(settings.log_level, settings.log_json)
+    hosted = json.loads(os.environ.get(_HOSTED, '{"loaded": [], "unavailable": {}}'))
+
+    def engines(spec: ModelSpec, s: Settings) -> Engine:
+        if spec.engine != "llama.cpp":
+            return build_engine(spec, s)
+        if spec.slug in hosted["loaded"]:
+            return HostedEngine(
+                spec, os.environ[_HOST], os.environ[_TOKEN], queue_size=s.queue_size
+            )
+        raise ModelUnavailable(
+            hosted["unavailable"].get(spec.slug, "the engine process did not load it")
+        )
+
+    return create_app(settings, engine_factory=engines)
+
+
+def _has_images(body: dict[str, Any]) -> bool:
+    return any(
+        isinstance(m.get("content"), list)
+        and any(p.get("type") == "image_url" for p in m["content"] if isinstance(p, dict))
+        for m in body.get("messages", ())
+    )
+
+
+class HostedEngine(OpenAIUpstreamEngine):
+    """A local model that the engine process runs: relayed like an upstream, with the
+    prompt counted there exactly as the in-process engine counts it."""
+
+    def __init__(self, spec: ModelSpec, url: str, token: str, *, queue_size: int) -> None:
+        # The engine process admits and queues (its slots); each worker only relays.
+        relay = spec.model_copy(
+            update={"engine": "openai", "base_url": url, "api_key": token, "slots": None}
+        )
+        super().__init__(relay, queue_size=queue_size)
+        # Always a stream from the engine process: it is cancellable, and a local
+        # model's tokens come far slower than a relay wakes up for them.
+        self._plain_calls = False
+        self._images_exact = True
+
+    async def count_prompt_tokens(self, body: dict[str, Any]) -> int:
+        payload = json.dumps({**body, "model": self.spec.slug}).encode()
+        try:
+            resp = await self.replicas.all[0].pool.request("POST", "/count", payload)
+            async with resp:
+                raw = await resp.read()
+                if resp.status_code != 200:
+                    raise await self._status_error_from(resp.status_code, raw)
+        except http1.HTTPError as exc:
+            raise EngineError(f"the engine process did not count the prompt: {exc}") from exc
+        data = json.loads(raw)
+        self._images_exact = bool(data["images_exact"])
+        return int(data["tokens"])
+
+    def prompt_count_exact(self, body: dict[str, Any]) -> bool:
+        return self._images_exact or not _has_images(body)
+
+    async def _status_error(self, resp: http1.Response) -> ServelmError:
+        return await self._status_error_from(resp.status_code, await resp.read())
+
+    async def _status_error_from(self, status: int, raw: bytes) -> ServelmError:
+        try:
+            err = json.loads(raw)["error"]
+        except (ValueError, KeyError, TypeError):
+            return EngineError(f"the engine process answered HTTP {status}")
+        # The engine process speaks our own errors: keep their kind (503 stays a 503).
+        if status == 503:
+            return Overloaded(str(err.get("message")), retry_after=1)
+        if 400 <= status < 500:
+            return _as_error(err, status)
+        return EngineError(str(err.get("message")))
+
+
+def _as_error(err: dict[str, Any], status: int) -> ServelmError:
+    from servelm.engines.base import map_engine_error
+
+    if err.get("code") == "context_length_exceeded":
+        from servelm.errors import ContextWindowExceeded
+
+        return ContextWindowExceeded(str(err.get("message")), param=err.get("param"))
+    return map_engine_error({"message": err.get("message"), "code": status})
+
+
+# -- the engine process ---------------------------------------------------------------
+
+
+def host_app(catalog: Catalog, settings: Settings, token: str) -> Starlette:
+    """The engine seam over loopback: count a prompt, stream a completion. Only for
+    this run's workers (the token); no keys, no credits: those are the workers'."""
+    from servelm.api.app import start_engines
+
+    engines: dict[str, Engine] = {}
+    unavailable: dict[str, str] = {}
+    expected = f"Bearer {token}".encode()
+
+    def engine_for(request: Request, body: dict[str, Any]) -> Engine:
+        if not secrets.compare_digest(request.headers.get("authorization", "").encode(), expected):
+            raise _Forbidden("not a worker of this servelm")
+        engine = engines.get(str(body.get("model")))
+        if engine is None:
+            raise ModelUnavailable(f"the engine process has no model '{body.get('model')}'")
+        return engine
+
+    async def hosted(request: Request) -> Response:
+        if request.headers.get("authorization", "").encode() != expected:
+            return _error(_Forbidden("not a worker of this servelm"))
+        return JSONResponse({"loaded": sorted(engines), "unavailable": unavailable})
+
+    async def count(request: Request) -> Response:
+        try:
+            body = json.loads(await request.body())
+            engine = engine_for(request, body)
+            tokens = await engine.count_prompt_tokens(body)
+        except ServelmError as exc:
+            return _error(exc)
+        images_exact = getattr(engine, "image_tokens", None) is not None
+        return JSONResponse({"tokens": tokens, "images_exact": images_exact})
+
+    async def chat(request: Request) -> Response:
+        body = json.loads(await request.body())
+        try:
+            engine = engine_for(request, body)
+            chunks = engine.stream(body, client_streams=True)
+            # The first chunk before the status line: an early error keeps its status.
+            first = await anext(chunks, None)
+        except ServelmError as exc:
+            return _error(exc)
+        return StreamingResponse(_sse(first, chunks), media_type="text/event-stream")
+
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        started, left_out = await start_engines(catalog, settings)
+        engines.update(started)
+        unavailable.update(left_out)
+        try:
+            yield
+        finally:
+            for engine in engines.values():
+                await engine.close()
+
+    return Starlette(
+        routes=[
+            Route("/v1/hosted", hosted, methods=["GET"]),
+            Route("/v1/count", count, methods=["POST"]),
+            Route("/v1/chat/completions", chat, methods=["POST"]),
+        ],
+        lifespan=lifespan,
+    )
+
+
+class _Forbidden(ServelmError):
+    status_code = 403
+    error_type = "permission_error"
+
+
+def _error(exc: ServelmError) -> Response:
+    return JSONResponse(exc.openai_body(), status_code=exc.status_code, headers=exc.headers)
+
+
+async def _sse(
+    first: dict[str, Any] | None, chunks: AsyncIterator[dict[str, Any]]
+) -> AsyncIterator[bytes]:
+    # Closing this generator (the worker hung up) closes the engine's stream, which
+    # stops generation and frees the slot.
+    try:
+        if first is not None:
+            yield b"data: " + json.dumps(first).encode() + b"\n\n"
+            async for chunk in chunks:
+                yield b"data: " + json.dumps(chunk).encode() + b"\n\n"
+    except ServelmError as exc:
+        err = {**exc.openai_body()["error"], "code": exc.status_code}
+        yield b"data: " + json.dumps({"error": err}).encode() + b"\n\n"
+    finally:
+        await chunks.aclose()  # type: ignore[attr-defined]
+    yield b"data: [DONE]\n\n"
+
+
+def host_main() -> None:
+    import uvicorn
+
+    from servelm import logs
+    from servelm.models_file import load_catalog
+
+    settings = Settings.model_validate_json(os.environ[_SETTINGS])
+    logs.setup(settings.log_level, settings.log_json)
+    catalog = Catalog(_local(load_catalog(settings.model_dir, settings.models_file)))
+    app = host_app(catalog, settings, os.environ[_TOKEN])
+    sock = socket.socket(fileno=int(os.environ[_FD]))
+    config = uvicorn.Config(app, log_config=None, access_log=False, timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    # The socket is already listening: workers' connections queue until the models
+    # are loaded and the lifespan has finished, and then they are served.
+    asyncio.run(server.serve(sockets=[sock]))
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["host"]:
+    host_main()

@@ -1,0 +1,113 @@
+"""``servelm serve --workers 3``: three gateway processes on one port share money and
+limits through the database, and the model is loaded once, in the engine process.
+
+The same crowd as test_concurrency.py (200 concurrent requests against a balance that
+pays for exactly 20), but through one port that three worker processes accept on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from servelm.billing import accounts, audit
+from servelm.store.db import Database
+from servelm.store.tables import usage
+from tests import procs
+from tests.billing.test_concurrency import AFFORDABLE, PRICES, TOKENS, fire
+from tests.conftest import provision
+
+pytestmark = pytest.mark.slow  # a real engine process and three workers: seconds
+
+WORKERS = 3
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # ended while we looked
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def cmdline(pid: int) -> str:
+    return (Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")).decode()
+
+
+def mapped_weights(pid: int) -> set[str]:
+    """The GGUF files a process has mapped (llama.cpp mmaps its weights)."""
+    lines = Path(f"/proc/{pid}/maps").read_text().splitlines()
+    return {line.split()[-1] for line in lines if line.endswith(".gguf")}
+
+
+def gone(pid: int, timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not Path(f"/proc/{pid}").exists():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.timeout(600)
+def test_workers_share_one_balance_and_one_model(
+    db_url: str, tmp_path: Path, models_dir: Path
+) -> None:
+    models_file = tmp_path / "servelm.toml"
+    models_file.write_text(PRICES)
+    env = procs.gateway_env(
+        tmp_path / "data",
+        models_dir,
+        SERVELM_DATABASE_URL=db_url,
+        SERVELM_MODELS_FILE=str(models_file),
+        SERVELM_SLOTS="4",
+        SERVELM_QUEUE_SIZE="200",
+    )
+    (gw,) = procs.start(env, tmp_path / "logs", 1, "--workers", str(WORKERS))
+    try:
+        kids = children(gw.proc.pid)
+        hosts = [p for p in kids if "servelm.multiproc host" in cmdline(p)]
+        workers = [p for p in kids if "multiprocessing" in cmdline(p) and p not in hosts]
+        assert len(hosts) == 1, [cmdline(p) for p in kids]
+        assert len(workers) >= WORKERS, [cmdline(p) for p in kids]
+        # The weights are mapped by the engine process only, not once per worker.
+        assert mapped_weights(hosts[0])
+        assert all(not mapped_weights(p) for p in [gw.proc.pid, *workers])
+
+        db = Database(db_url)
+        key = provision(db, "crowd", AFFORDABLE * TOKENS)
+        account = accounts.get_account(db, "crowd")
+        responses = asyncio.run(fire([gw], key))
+    finally:
+        gw.stop()
+    assert gone(hosts[0]), "the engine process outlived its supervisor"
+
+    served = [r for r in responses if r.status_code == 200]
+    refused = [r for r in responses if r.status_code != 200]
+    assert len(served) == AFFORDABLE, [r.status_code for r in responses]
+    for r in refused:
+        assert r.status_code in (402, 406), r.text
+        assert "x-remaining-credits" in r.headers
+    for r in served:
+        assert r.json()["usage"]["completion_tokens"] == TOKENS
+        assert r.headers["x-cost"] == "5.000000"
+    assert sum(Decimal(r.headers["x-cost"]) for r in served) == AFFORDABLE * TOKENS
+
+    after = accounts.get_account(db, account.id)
+    assert (after.balance, after.held) == (0, 0)
+    assert audit.ledger_check(db) == []
+    with db.read() as conn:
+        rows = conn.execute(usage.select().where(usage.c.account_id == account.id)).all()
+    assert len(rows) == AFFORDABLE and {r.status for r in rows} == {"ok"}
+    db.dispose()
+    check = procs.cli(env, "ledger", "check")
+    assert check.returncode == 0, check.stdout + check.stderr
