@@ -28,6 +28,9 @@ SKIPPED = {
         "its own server, as `make serve` does, on a free port"
     ),
     "src/servelm/": "the source layout, not a command",
+    "servelm worker --model smollm2-135m-instruct --port 8101   # one per machine or core set": (
+        "two servers in the foreground; tests/fleet runs the same topology as processes"
+    ),
 }
 
 # The README's placeholders, and what stands for them here.

@@ -41,6 +41,11 @@ def paced_app() -> Any:
         if scope["type"] == "lifespan":
             await lifespan(receive, send)
             return
+        if scope["path"] == "/health":  # the gateway's health probe (servelm.fleet)
+            headers = [(b"content-type", b"application/json")]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": b'{"status":"ok"}'})
+            return
         body = json.loads(await read_body(receive))
         last = str(body["messages"][-1]["content"])
         n = int(body.get("max_tokens") or 16)
