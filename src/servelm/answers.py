@@ -13,8 +13,8 @@ from servelm import __version__
 from servelm.protocol import chunk_body, completion_body
 
 if TYPE_CHECKING:
+    from servelm.calls import Call
     from servelm.catalog import ModelSpec
-    from servelm.serving import Call
 
 UsageOf = Callable[["Call"], dict[str, Any]]
 

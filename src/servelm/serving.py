@@ -17,22 +17,29 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from servelm import logs
 from servelm.answers import assemble_completion, reorder_stream
-from servelm.api.paths import Dialect
 from servelm.auth import Authenticator, Principal, check_model_rights, key_from_headers
-from servelm.billing.holds import NotEnoughCredits, Settlement
+from servelm.billing.holds import NotEnoughCredits
 from servelm.billing.service import Billing
+from servelm.calls import (
+    Call,
+    ChatExchange,
+    JsonReply,
+    StreamReply,
+    cached_tokens,
+    charge,
+    money_headers,
+    no_images_message,
+    output_limit,
+)
 from servelm.catalog import Catalog, ModelSpec
 from servelm.conversation import engine_body, estimate_prompt_tokens, fit_conversation
 from servelm.engines.base import Engine
 from servelm.errors import (
-    ContextWindowExceeded,
     InvalidRequest,
     ModelUnavailable,
     ServelmError,
@@ -42,81 +49,12 @@ from servelm.media import ImageLoader, MediaLimits, inline_images
 from servelm.metrics import Metrics
 from servelm.money import affordable_max_tokens, format_credits
 from servelm.protocol import ChatRequest, parse_chat_request, usage_body
-from servelm.ratelimit import Limiter, Reservation
+from servelm.ratelimit import Limiter
 
 log = logging.getLogger(__name__)
 
 # A body this large costs real CPU to tokenize: check the balance first.
 COSTLY_BODY_BYTES = 64 * 1024
-
-
-@dataclass(frozen=True)
-class ChatExchange:
-    """What the HTTP layer knows of a chat request before the walk starts."""
-
-    dialect: Dialect
-    request_id: str
-    # Reads (and size-checks) the body; called after the key is checked, so an
-    # unauthenticated client never gets a body read.
-    read_body: Callable[[], Awaitable[bytes]]
-    slug: str | None = None  # from the path, on the Segmind route
-    api_key: str | None = None  # x-api-key
-    authorization: str | None = None
-    idempotency_key: str | None = None
-    # A web console session's key id (signature, expiry and CSRF token checked by the
-    # HTTP layer), used only when the request carries no key.
-    session_key_id: str | None = None
-
-
-@dataclass(frozen=True)
-class JsonReply:
-    status: int
-    body: dict[str, Any]
-    headers: dict[str, str]
-
-
-@dataclass
-class StreamReply:
-    """Headers to send now, then ``first`` and ``rest`` as SSE. The first chunk was
-    already produced, so errors the engine reports up front were still a proper status.
-    Whoever takes it must ``aclose()`` it, sent or not: that settles the request."""
-
-    headers: dict[str, str]
-    first: dict[str, Any]
-    rest: AsyncGenerator[dict[str, Any]]
-
-    async def aclose(self) -> None:
-        await self.rest.aclose()
-
-
-@dataclass
-class Call:
-    """One chat request's state from preparation to settlement."""
-
-    request_id: str
-    spec: ModelSpec
-    engine: Engine
-    request: ChatRequest
-    body: dict[str, Any]
-    prompt_tokens: int
-    max_tokens: int
-    # False when prompt_tokens is only an upper bound (remote engines count later).
-    prompt_exact: bool = True
-    # Balance right after the hold (what a stream's headers can say), and the
-    # settlement once done.
-    held_balance: int | None = None
-    settlement: Settlement | None = None
-    # The request's place in its rate-limit windows, settled with the credits.
-    limit: Reservation | None = None
-    status: str = "ok"
-    completion_id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
-    created: int = field(default_factory=lambda: int(time.time()))
-    started: float = field(default_factory=time.perf_counter)
-    # What actually happened, filled in while generating.
-    completion_tokens: int = 0
-    last_token: float | None = None  # when the last token arrived (perf_counter)
-    finish_reason: str | None = None
-    usage: dict[str, Any] | None = None
 
 
 class ChatService:
@@ -509,80 +447,3 @@ class ChatService:
                 log.warning("could not read the balance for an error response", exc_info=True)
                 return
         exc.headers["x-remaining-credits"] = format_credits(balance)
-
-
-def output_limit(
-    request: ChatRequest, spec: ModelSpec, prompt_tokens: int, *, exact: bool = True
-) -> int:
-    """How many tokens the request may generate: what it asked for (within the model's
-    output limit and context window), or the model's default."""
-    asked = request.requested_max_tokens
-    param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
-    if asked is not None and asked > spec.max_output_tokens:
-        raise InvalidRequest(
-            f"{param} is {asked}, above the maximum of {spec.max_output_tokens} "
-            f"output tokens for model '{spec.slug}'.",
-            param=param,
-        )
-    if not exact:
-        return asked if asked is not None else spec.default_max_tokens
-    room = spec.context_window - prompt_tokens
-    if asked is None:
-        # No explicit limit: generate up to the default, but never past the window.
-        if room < 1:
-            raise ContextWindowExceeded(
-                f"The prompt has {prompt_tokens} tokens, which fills the context window "
-                f"of {spec.context_window} tokens of model '{spec.slug}'.",
-                param="messages",
-            )
-        return min(spec.default_max_tokens, room)
-    if asked > room:
-        raise ContextWindowExceeded(
-            f"The prompt has {prompt_tokens} tokens and {param} is {asked}: "
-            f"{prompt_tokens + asked} tokens, more than the context window of "
-            f"{spec.context_window} tokens of model '{spec.slug}'.",
-            param=param,
-        )
-    return asked
-
-
-def no_images_message(spec: ModelSpec) -> str:
-    """The 400 for images sent to a text-only entry says what would make it see."""
-    if spec.engine == "openai":
-        how = "if its upstream model sees images, its operator sets `vision = true` on its entry"
-    else:
-        how = (
-            "a llama.cpp model sees through a multimodal projector made for its weights: "
-            f'its operator adds `mmproj = "/path/to/mmproj.gguf"` to [models."{spec.slug}"] '
-            "in servelm.toml (Mixtral has no published projector; serve a vision model "
-            "for images)"
-        )
-    return f"Model '{spec.slug}' does not accept images; send text only, or {how}."
-
-
-def charge(call: Call) -> int:
-    """What the user pays: the tokens generated and delivered. A request that failed
-    or was abandoned before any output costs nothing, and so does a non-streaming one
-    that failed or lost its client (no answer reached anyone); a stream cut short pays
-    for what it sent. A prompt count that is only an upper bound (remote engine, no
-    usage received) is not billed."""
-    if call.status != "ok" and (call.completion_tokens == 0 or not call.request.stream):
-        return 0
-    prompt = call.prompt_tokens if (call.prompt_exact or call.usage) else 0
-    return call.spec.cost_micro(prompt, call.completion_tokens)
-
-
-def cached_tokens(usage: dict[str, Any] | None) -> int:
-    """Prompt tokens the engine took from its prompt cache (llama.cpp and vLLM report
-    them as OpenAI does), 0 when it does not say."""
-    details = (usage or {}).get("prompt_tokens_details") or {}
-    value = details.get("cached_tokens") if isinstance(details, dict) else None
-    return value if isinstance(value, int) and value >= 0 else 0
-
-
-def money_headers(call: Call) -> dict[str, str]:
-    assert call.settlement is not None
-    return {
-        "x-remaining-credits": format_credits(call.settlement.balance),
-        "x-cost": format_credits(call.settlement.charged),
-    }

@@ -24,6 +24,7 @@ from typing import Any
 
 from servelm import auth
 from servelm.api.errors import render
+from servelm.calls import StreamReply
 from servelm.catalog import Catalog, ModelSpec
 from servelm.engines.base import Engine
 from servelm.errors import (
@@ -33,7 +34,7 @@ from servelm.errors import (
     ServelmError,
 )
 from servelm.protocol import model_card, sse
-from servelm.serving import ChatService, StreamReply
+from servelm.serving import ChatService
 
 log = logging.getLogger(__name__)
 
