@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from PIL import Image as PILImage
 from sqlalchemy import func, select
 
 from servelm.store.db import Database
@@ -110,3 +114,80 @@ def assert_money_sound(live: LiveServer) -> None:
     done = cli(env, "ledger", "check")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "ledger ok" in done.stdout
+
+
+def jpeg(side: int) -> bytes:
+    out = io.BytesIO()
+    PILImage.new("RGB", (side, side), (200, 30, 90)).save(out, "JPEG", quality=95)
+    return out.getvalue()
+
+
+class Drip:
+    """An image server for the hostile tests: ``/cat.jpg`` and ``/cat.png`` are a small
+    real image, ``/redirect/PORT`` redirects, anything else trickles one byte at a
+    time. It counts the requests it got (``started``) and the connections its client
+    closed (``closed``)."""
+
+    def __init__(self) -> None:
+        self.started = 0
+        self.closed = 0
+        drip = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                drip.started += 1
+                if self.path.startswith("/redirect/"):
+                    self.send_response(302)
+                    self.send_header("Location", f"http://127.0.0.1:{self.path.split('/')[2]}/x")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                if self.path == "/fail-when-all-started":
+                    deadline = time.monotonic() + 10
+                    while drip.started < 3 and time.monotonic() < deadline:
+                        time.sleep(0.01)
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                if self.path in ("/cat.jpg", "/cat.png"):
+                    body = jpeg(32)
+                    self.send_response(200)
+                    self.send_header("Content-Type", "image/jpeg")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", "100000")
+                self.end_headers()
+                try:
+                    for _ in range(100_000):
+                        self.wfile.write(b"\x89")
+                        self.wfile.flush()
+                        time.sleep(0.2)
+                except OSError:
+                    drip.closed += 1
+
+            def log_message(self, *args: object) -> None:
+                return
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def wait_closed(self, count: int, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while self.closed < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert self.closed >= count, f"{self.closed} of {count} dripping fetches were stopped"
+
+
+@pytest.fixture
+def drip() -> Iterator[Drip]:
+    server = Drip()
+    yield server
+    server.httpd.shutdown()
+    server.httpd.server_close()

@@ -5,29 +5,18 @@ rewritten in issue 11. Each ends, where money moved, with the ledger checked.
 
 from __future__ import annotations
 
-import io
 import socket
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 import pytest
-from PIL import Image
 
 from servelm.catalog import DEFAULT_MODEL_SLUG
 from servelm.models_file import load_catalog
 from tests.conftest import LiveServer, make_settings, provision, start_server
-from tests.hostile.conftest import LIAR, assert_money_sound
-
-
-def _png() -> bytes:
-    out = io.BytesIO()
-    Image.new("RGB", (16, 16), (1, 2, 3)).save(out, "PNG")
-    return out.getvalue()
-
+from tests.hostile.conftest import LIAR, Drip, assert_money_sound
 
 # llama.cpp runs a prompt's prefill as one batch and reports back only with the first
 # token: nothing can stop it between, so a client leaving mid-prefill still costs the
@@ -35,55 +24,6 @@ def _png() -> bytes:
 PREFILL = pytest.mark.xfail(
     reason="issue 17 point 5: llama.cpp cannot cancel a prefill in progress", strict=True
 )
-
-
-class Images:
-    """An image server that counts requests; ``/drip`` trickles forever and notes when
-    its client hangs up."""
-
-    def __init__(self) -> None:
-        self.requests = 0
-        self.closed = 0
-        images = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                images.requests += 1
-                if self.path != "/drip":
-                    body = _png()
-                    self.send_response(200)
-                    self.send_header("Content-Type", "image/png")
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", "image/png")
-                self.send_header("Content-Length", "100000")
-                self.end_headers()
-                try:
-                    for _ in range(100_000):
-                        self.wfile.write(b"\x89")
-                        self.wfile.flush()
-                        time.sleep(0.2)
-                except OSError:
-                    images.closed += 1
-
-            def log_message(self, *args: object) -> None:
-                return
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.port = self.httpd.server_address[1]
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-
-@pytest.fixture(scope="module")
-def images() -> Iterator[Images]:
-    server = Images()
-    yield server
-    server.httpd.shutdown()
-    server.httpd.server_close()
 
 
 @pytest.fixture(scope="module")
@@ -141,10 +81,10 @@ def test_a_body_that_never_finishes_times_out(walk_live: LiveServer) -> None:
     assert answer[:12] in (b"HTTP/1.1 408", b"HTTP/1.1 400"), answer[:200]
 
 
-def test_an_unaffordable_request_fetches_no_images(walk_live: LiveServer, images: Images) -> None:
+def test_an_unaffordable_request_fetches_no_images(walk_live: LiveServer, drip: Drip) -> None:
     broke = provision(walk_live.db, "broke", 0)
-    before = images.requests
-    url = f"http://127.0.0.1:{images.port}/cat.png"
+    before = drip.started
+    url = f"http://127.0.0.1:{drip.port}/cat.png"
     content = [
         {"type": "text", "text": "what is it"},
         {"type": "image_url", "image_url": {"url": url}},
@@ -156,13 +96,13 @@ def test_an_unaffordable_request_fetches_no_images(walk_live: LiveServer, images
         timeout=180,
     )
     assert r.status_code == 406, r.text
-    assert images.requests == before
+    assert drip.started == before
     assert_money_sound(walk_live)
 
 
-def test_preparation_stops_when_the_client_leaves(walk_live: LiveServer, images: Images) -> None:
-    closed = images.closed
-    url = f"http://127.0.0.1:{images.port}/drip"
+def test_preparation_stops_when_the_client_leaves(walk_live: LiveServer, drip: Drip) -> None:
+    closed = drip.closed
+    url = f"http://127.0.0.1:{drip.port}/drip"
     content = [{"type": "image_url", "image_url": {"url": url}}]
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(
@@ -172,9 +112,9 @@ def test_preparation_stops_when_the_client_leaves(walk_live: LiveServer, images:
             timeout=2,
         )
     deadline = time.monotonic() + 10
-    while images.closed == closed and time.monotonic() < deadline:
+    while drip.closed == closed and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert images.closed > closed, "the image fetch went on after its client left"
+    assert drip.closed > closed, "the image fetch went on after its client left"
     assert_money_sound(walk_live)
 
 
