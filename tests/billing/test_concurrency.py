@@ -58,11 +58,11 @@ async def fire(gateways: list[procs.Gateway], key: str) -> list[httpx.Response]:
         return await asyncio.gather(*(one(i) for i in range(REQUESTS)))
 
 
-@pytest.mark.timeout(600)
-def test_concurrent_requests_never_overspend(db_url: str, tmp_path: Path, models_dir: Path) -> None:
+def crowd_env(db_url: str, tmp_path: Path, models_dir: Path) -> dict[str, str]:
+    """Gateway settings for the crowd: the prices above, room in the queue for all."""
     models_file = tmp_path / "servelm.toml"
     models_file.write_text(PRICES)
-    env = procs.gateway_env(
+    return procs.gateway_env(
         tmp_path / "data",
         models_dir,
         SERVELM_DATABASE_URL=db_url,
@@ -70,16 +70,13 @@ def test_concurrent_requests_never_overspend(db_url: str, tmp_path: Path, models
         SERVELM_SLOTS="4",
         SERVELM_QUEUE_SIZE="200",
     )
-    gateways = procs.start(env, tmp_path / "logs", 3)
-    try:
-        db = Database(db_url)
-        key = provision(db, "crowd", AFFORDABLE * TOKENS)
-        account = accounts.get_account(db, "crowd")
-        responses = asyncio.run(fire(gateways, key))
-    finally:
-        for gw in gateways:
-            gw.stop()
 
+
+def assert_spent_exactly(
+    responses: list[httpx.Response], db: Database, account_id: int, env: dict[str, str]
+) -> None:
+    """Exactly the affordable requests served, the rest refused naming the need, and
+    the balance spent to the last micro-credit with the ledger adding up."""
     statuses = [r.status_code for r in responses]
     served = [r for r in responses if r.status_code == 200]
     refused = [r for r in responses if r.status_code != 200]
@@ -96,12 +93,29 @@ def test_concurrent_requests_never_overspend(db_url: str, tmp_path: Path, models
     charged = sum(Decimal(r.headers["x-cost"]) for r in served)
     assert charged == AFFORDABLE * TOKENS  # never more than the grant
 
-    after = accounts.get_account(db, account.id)
+    after = accounts.get_account(db, account_id)
     assert (after.balance, after.held) == (0, 0)
     assert audit.ledger_check(db) == []
     with db.read() as conn:
-        rows = conn.execute(usage.select().where(usage.c.account_id == account.id)).all()
+        rows = conn.execute(usage.select().where(usage.c.account_id == account_id)).all()
     assert len(rows) == AFFORDABLE and {r.status for r in rows} == {"ok"}
-    db.dispose()
     check = procs.cli(env, "ledger", "check")
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+@pytest.mark.timeout(600)
+def test_concurrent_requests_never_overspend(db_url: str, tmp_path: Path, models_dir: Path) -> None:
+    env = crowd_env(db_url, tmp_path, models_dir)
+    gateways = procs.start(env, tmp_path / "logs", 3)
+    try:
+        db = Database(db_url)
+        key = provision(db, "crowd", AFFORDABLE * TOKENS)
+        account = accounts.get_account(db, "crowd")
+        responses = asyncio.run(fire(gateways, key))
+    finally:
+        for gw in gateways:
+            gw.stop()
+    try:
+        assert_spent_exactly(responses, db, account.id, env)
+    finally:
+        db.dispose()

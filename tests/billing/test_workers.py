@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import time
-from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
-from servelm.billing import accounts, audit
+from servelm.billing import accounts
 from servelm.store.db import Database
-from servelm.store.tables import usage
 from tests import procs
-from tests.billing.test_concurrency import AFFORDABLE, PRICES, TOKENS, fire
+from tests.billing.test_concurrency import (
+    AFFORDABLE,
+    TOKENS,
+    assert_spent_exactly,
+    crowd_env,
+    fire,
+)
 from tests.conftest import provision
 
 pytestmark = pytest.mark.slow  # a real engine process and three workers: seconds
@@ -62,16 +66,7 @@ def gone(pid: int, timeout: float = 30) -> bool:
 def test_workers_share_one_balance_and_one_model(
     db_url: str, tmp_path: Path, models_dir: Path
 ) -> None:
-    models_file = tmp_path / "servelm.toml"
-    models_file.write_text(PRICES)
-    env = procs.gateway_env(
-        tmp_path / "data",
-        models_dir,
-        SERVELM_DATABASE_URL=db_url,
-        SERVELM_MODELS_FILE=str(models_file),
-        SERVELM_SLOTS="4",
-        SERVELM_QUEUE_SIZE="200",
-    )
+    env = crowd_env(db_url, tmp_path, models_dir)
     (gw,) = procs.start(env, tmp_path / "logs", 1, "--workers", str(WORKERS))
     try:
         kids = children(gw.proc.pid)
@@ -91,23 +86,7 @@ def test_workers_share_one_balance_and_one_model(
         gw.stop()
     assert gone(hosts[0]), "the engine process outlived its supervisor"
 
-    served = [r for r in responses if r.status_code == 200]
-    refused = [r for r in responses if r.status_code != 200]
-    assert len(served) == AFFORDABLE, [r.status_code for r in responses]
-    for r in refused:
-        assert r.status_code in (402, 406), r.text
-        assert "x-remaining-credits" in r.headers
-    for r in served:
-        assert r.json()["usage"]["completion_tokens"] == TOKENS
-        assert r.headers["x-cost"] == "5.000000"
-    assert sum(Decimal(r.headers["x-cost"]) for r in served) == AFFORDABLE * TOKENS
-
-    after = accounts.get_account(db, account.id)
-    assert (after.balance, after.held) == (0, 0)
-    assert audit.ledger_check(db) == []
-    with db.read() as conn:
-        rows = conn.execute(usage.select().where(usage.c.account_id == account.id)).all()
-    assert len(rows) == AFFORDABLE and {r.status for r in rows} == {"ok"}
-    db.dispose()
-    check = procs.cli(env, "ledger", "check")
-    assert check.returncode == 0, check.stdout + check.stderr
+    try:
+        assert_spent_exactly(responses, db, account.id, env)
+    finally:
+        db.dispose()

@@ -173,35 +173,22 @@ def reserve_in(
     ttl: timedelta,
 ) -> int | Later:
     now = utcnow()
+    hold = {
+        "request_id": request_id,
+        "account_id": account_id,
+        "key_id": key_id,
+        "model": model,
+        "amount": amount,
+        "now": now,
+        "expires_at": now + ttl,
+    }
     if tx.postgresql:
-        answer = tx.submit(
-            _PG_RESERVE,
-            {
-                "request_id": request_id,
-                "account_id": account_id,
-                "key_id": key_id,
-                "model": model,
-                "amount": amount,
-                "now": now,
-                "expires_at": now + ttl,
-            },
-        )
+        answer = tx.submit(_PG_RESERVE, hold)
         return Later(lambda: _reserved(tx, answer(), account_id, amount))
     row = tx.first(_RESERVE, {"account_id": account_id, "amount": amount})
     if row is None:
         _refuse(tx, account_id, amount)
-    tx.execute(
-        _NEW_HOLD,
-        {
-            "request_id": request_id,
-            "account_id": account_id,
-            "key_id": key_id,
-            "model": model,
-            "amount": amount,
-            "now": now,
-            "expires_at": now + ttl,
-        },
-    )
+    tx.execute(_NEW_HOLD, hold)
     return int(row[0])
 
 
