@@ -1,43 +1,40 @@
 """llama.cpp in-process, through xllamacpp's embedded server.
 
 xllamacpp runs the real llama.cpp server (slots, continuous batching) inside our
-process. Its ``handle_chat_completions`` blocks a thread with the GIL released and
-streams through a callback on that thread; returning True from the callback cancels
-the request and frees the slot. So every generation runs on a worker thread and hands
-chunks to the event loop with ``call_soon_threadsafe``.
+process, listening on an ephemeral loopback port. We talk to it over that port, with
+our own HTTP client, for everything but its metrics:
 
-Three facts of the binding shape this module:
-- non-streaming calls cannot be cancelled, so we always stream;
-- errors come back as ``{"error": {...}}`` chunks, not exceptions;
-- an exception raised inside the callback is swallowed and silently ends the stream,
-  so the callback catches everything itself.
+- generation streams, whatever the client asked for: only a streaming call can be
+  cancelled, and closing its connection is what cancels it, even mid-prefill (the
+  binding's ``handle_chat_completions`` could be stopped only from its chunk
+  callback, so a client that left during a long prefill kept the slot to the end);
+- the chat template and the tokenizer give the exact prompt count before admission;
+- admission (slots and a bounded queue) happens here, in asyncio, so llama.cpp never
+  holds more requests than it has slots.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import re
 import signal
 import threading
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import anyio
 import gguf
 
 from servelm import http1
 from servelm.catalog import ModelSpec
+from servelm.engines import wire
 from servelm.engines.base import Admission, Engine, map_engine_error
 from servelm.errors import EngineError, ModelUnavailable
 
 log = logging.getLogger(__name__)
-
-_END = object()
-
 
 # How llama.cpp's template marks where an image's embeddings go.
 _MEDIA_MARKER = re.compile(r"<__media_?[A-Za-z0-9]*__>")
@@ -72,9 +69,11 @@ def projector_image_tokens(mmproj: Path) -> int | None:
     return int(size // patch) ** 2
 
 
-class _Failed:
-    def __init__(self, exc: BaseException) -> None:
-        self.exc = exc
+# Tokens per prefill step; see _params.
+PREFILL_BATCH = 512
+# Longest silence from the engine mid-generation: a 100k-token prefill on a busy CPU.
+# The request's own deadline (issue 13) usually ends it sooner.
+GENERATION_READ_TIMEOUT = 3600.0
 
 
 class LlamaCppEngine(Engine):
@@ -94,12 +93,12 @@ class LlamaCppEngine(Engine):
         self._verbose = verbose
         self._prompt_cache_mib = prompt_cache_mib
         self._admission = Admission(self.slots, queue_size, self.stats)
-        # One thread per running generation; admission keeps the rest waiting in asyncio.
-        self._executor = ThreadPoolExecutor(
-            max_workers=self.slots, thread_name_prefix=f"llama-{spec.slug}"
-        )
         self._server: Any = None
+        # Two pools on the embedded server's loopback port: quick calls (template,
+        # tokenize) with a short read timeout, and generations, whose first byte may
+        # wait out a long prefill on a busy CPU.
         self._http: http1.Pool | None = None
+        self._gen: http1.Pool | None = None
         # Exact tokens per image (fixed-grid projector), or None (unknown / no vision).
         self.image_tokens: int | None = None
 
@@ -115,6 +114,14 @@ class LlamaCppEngine(Engine):
         # slots share one pool, instead of cutting the window into per-slot slices.
         p.kv_unified = True
         p.n_ctx = self.spec.context_window
+        # llama.cpp looks at cancellations only between batches: a prompt prefilled as
+        # one 2,048-token batch runs to the end for a client that has left. Batches of
+        # one micro-batch (512, its default) cost nothing on CPU and let a hang-up stop
+        # a long prefill within one batch.
+        p.n_batch = PREFILL_BATCH
+        # Every running generation holds one of the HTTP server's threads while it
+        # streams; the rest serve counts and metrics.
+        p.n_threads_http = self.slots + 4
         p.cpuparams.n_threads = self._threads
         p.cpuparams_batch.n_threads = self._threads
         p.warmup = False
@@ -157,9 +164,10 @@ class LlamaCppEngine(Engine):
             # llama.cpp's init installs its own SIGINT/SIGTERM handlers in our process;
             # put uvicorn's (or Python's) back so Ctrl+C still shuts us down cleanly.
             _restore_signal_handlers(saved)
-        # The embedded server also listens on an ephemeral loopback port; we use it only
-        # for the routes the Python binding does not wrap (template, tokenize).
+        # The embedded server listens on an ephemeral loopback port: generation,
+        # template and tokenize all go through its HTTP routes (see ``stream``).
         self._http = http1.Pool(self._server.listening_address, read_timeout=30.0)
+        self._gen = http1.Pool(self._server.listening_address, read_timeout=GENERATION_READ_TIMEOUT)
         log.info(
             "loaded %s from %s (%d slots, context %d)",
             self.spec.slug,
@@ -169,14 +177,15 @@ class LlamaCppEngine(Engine):
         )
 
     async def close(self) -> None:
-        if self._http is not None:
-            await self._http.aclose()
+        for pool in (self._http, self._gen):
+            if pool is not None:
+                await pool.aclose()
+        self._http = self._gen = None
         holder, self._server = [self._server], None
         if holder[0] is not None:
             # The destructor stops and joins llama.cpp's thread; run it on a worker, not
             # on the event loop, by dropping the last reference there.
             await asyncio.to_thread(holder.clear)
-        self._executor.shutdown(wait=False, cancel_futures=True)
 
     # -- prompt accounting -----------------------------------------------------------
 
@@ -229,63 +238,42 @@ class LlamaCppEngine(Engine):
     async def stream(
         self, body: dict[str, Any], *, client_streams: bool = True
     ) -> AsyncIterator[dict[str, Any]]:
-        # Streams inside, whatever the client wants: only a streaming call can be cancelled.
-        server = self._server
-        if server is None:
+        # Streams inside, whatever the client wants: only a streaming call can be
+        # cancelled. Through the embedded server's HTTP route, not the binding's
+        # ``handle_chat_completions``: the route notices a closed connection while the
+        # prompt is still being prefilled and cancels it between batches, where the
+        # binding's call can only be stopped from its chunk callback, after the first
+        # token (issue 17, point 5). The loopback hop costs about a millisecond.
+        if self._gen is None:
             raise ModelUnavailable(f"Model '{self.spec.slug}' is not loaded.")
-        body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        payload = json.dumps(
+            {**body, "stream": True, "stream_options": {"include_usage": True}},
+            ensure_ascii=False,
+        ).encode()
         async with self._admission:
             self.stats.requests_total += 1
-            loop = asyncio.get_running_loop()
-            queue: asyncio.Queue[Any] = asyncio.Queue()
-            cancel = threading.Event()
-
-            def on_chunk(chunk: Any) -> bool:
-                # Runs on the worker thread with the GIL held: keep it tiny, and never
-                # let an exception escape (the binding would swallow it and end the stream).
-                try:
-                    loop.call_soon_threadsafe(queue.put_nowait, chunk)
-                except BaseException:  # the loop is gone: nobody is listening any more
-                    cancel.set()
-                return cancel.is_set()
-
-            def run() -> None:
-                try:
-                    server.handle_chat_completions(body, on_chunk)
-                    item: Any = _END
-                except BaseException as exc:  # reported to the consumer, not swallowed
-                    item = _Failed(exc)
-                try:
-                    loop.call_soon_threadsafe(queue.put_nowait, item)
-                except RuntimeError:  # loop closed during shutdown; nothing left to tell
-                    return
-
-            done = loop.run_in_executor(self._executor, run)
             finished = False
             try:
-                while True:
-                    item = await queue.get()
-                    if item is _END:
-                        finished = True
-                        return
-                    if isinstance(item, _Failed):
-                        finished = True
-                        # The binding raises when it refuses the input (a schema it
-                        # cannot compile): mapped like the error dicts it also sends.
-                        raise map_engine_error(f"engine failed: {item.exc}") from item.exc
-                    if "error" in item:
-                        raise map_engine_error(item["error"])
-                    self.stats.chunks_total += 1
-                    yield item
+                try:
+                    resp = await self._gen.request("POST", "/v1/chat/completions", payload)
+                except http1.HTTPError as exc:
+                    raise EngineError(f"the embedded engine did not answer: {exc}") from exc
+                # Leaving this block early (the client left, a send timed out) closes
+                # the connection, which is what tells llama.cpp to stop.
+                async with resp:
+                    if resp.status_code != 200:
+                        raise map_engine_error(_error_detail(await resp.read(), resp.status_code))
+                    async for item in wire.sse_json(resp):
+                        if "error" in item:
+                            raise map_engine_error(item["error"])
+                        self.stats.chunks_total += 1
+                        yield item
+                finished = True
+            except http1.HTTPError as exc:
+                raise EngineError(f"the embedded engine broke off: {exc}") from exc
             finally:
                 if not finished:
-                    cancel.set()
                     self.stats.cancelled_total += 1
-                    # Wait for the worker so the slot is really free before admission
-                    # lets the next request in; shielded because this runs while the
-                    # task is being cancelled, and anyio re-cancels every await then.
-                    with anyio.CancelScope(shield=True):
-                        await done
 
     def metrics(self) -> dict[str, float]:
         """llama.cpp's own counters (``llamacpp:*`` Prometheus text), parsed."""
@@ -344,6 +332,17 @@ def kv_cache_bytes(path: Path, n_ctx: int) -> int:
     head_dim = meta("embedding_length") // heads
     # K and V, f16 (2 bytes) each, per layer per position.
     return meta("block_count") * n_ctx * kv_heads * head_dim * 2 * 2
+
+
+def _error_detail(raw: bytes, status: int) -> dict[str, Any]:
+    """llama.cpp's error object from a refused call, with the HTTP status as its code."""
+    try:
+        detail = json.loads(raw).get("error")
+    except (ValueError, AttributeError):
+        detail = None
+    if not isinstance(detail, dict):
+        detail = {"message": raw[:500].decode(errors="replace")}
+    return {**detail, "code": status}
 
 
 def _save_signal_handlers() -> dict[int, Any]:

@@ -183,7 +183,7 @@ class OpenAIUpstreamEngine(Engine):
                     if resp.status_code >= 500:
                         raise _Retryable(error)
                     raise error
-                chunks = self._reshape(await resp.read()) if plain else _sse_json(resp)
+                chunks = self._reshape(await resp.read()) if plain else wire.sse_json(resp)
                 async for data in chunks:
                     # Nothing an upstream sends is trusted unchecked (engines/wire.py).
                     chunk = data if plain else wire.chunk(self.spec.slug, data)
@@ -275,22 +275,6 @@ class _Retryable(Exception):
         super().__init__(error.message)
         self.error = error
         self.eject = eject
-
-
-async def _sse_json(resp: http1.Response) -> AsyncIterator[dict[str, Any]]:
-    done = False
-    # Read to the end of the body even after [DONE]: a response closed part-read
-    # cannot go back to the pool, and every request would pay for a new connection.
-    async for data in http1.sse_data(resp.iter_bytes()):
-        if done:
-            continue  # the tail after [DONE]
-        if data == b"[DONE]":
-            done = True
-            continue
-        try:
-            yield json.loads(data)
-        except ValueError as exc:
-            raise UpstreamError(f"The engine sent a malformed event: {data[:200]!r}") from exc
 
 
 def _message(detail: Any) -> str:

@@ -21,9 +21,12 @@ Rules for ``usage`` (the README's promise that an upper bound is never billed):
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import AsyncIterator
 from typing import Any
 
+from servelm import http1
 from servelm.errors import UpstreamError
 
 # Also what the usage table's INTEGER columns hold (PostgreSQL int4).
@@ -156,3 +159,20 @@ def plain_answer(slug: str, data: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     _optional_str(slug, message.get("content"), "choices[0].message.content")
     _tool_calls(slug, message.get("tool_calls"), "choices[0].message", streamed=False)
     return choice, message
+
+
+async def sse_json(resp: http1.Response) -> AsyncIterator[dict[str, Any]]:
+    """The JSON events of an OpenAI-style SSE body, up to ``[DONE]``."""
+    done = False
+    # Read to the end of the body even after [DONE]: a response closed part-read
+    # cannot go back to the pool, and every request would pay for a new connection.
+    async for data in http1.sse_data(resp.iter_bytes()):
+        if done:
+            continue  # the tail after [DONE]
+        if data == b"[DONE]":
+            done = True
+            continue
+        try:
+            yield json.loads(data)
+        except ValueError as exc:
+            raise UpstreamError(f"The engine sent a malformed event: {data[:200]!r}") from exc
