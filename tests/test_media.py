@@ -14,9 +14,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from PIL import Image as PILImage
+from pydantic import ValidationError
 
+from servelm.config import Settings
 from servelm.errors import InvalidRequest, PayloadTooLarge
-from servelm.media import ImageLoader, MediaLimits, decode_data_uri, inline_images
+from servelm.media import (
+    ImageLoader,
+    MediaLimits,
+    decode_data_uri,
+    inline_images,
+    split_allow_entry,
+)
 
 LIMITS = MediaLimits()
 
@@ -219,34 +227,46 @@ def test_urls_to_non_public_places_are_refused(url: str, words: str) -> None:
 
 
 def test_allow_listed_loopback_server_is_fetched(server: int) -> None:
-    image = fetch(f"http://127.0.0.1:{server}/cat.png", MediaLimits(allow_hosts=("127.0.0.1",)))
+    limits = MediaLimits(allow_hosts=(f"127.0.0.1:{server}",))
+    image = fetch(f"http://127.0.0.1:{server}/cat.png", limits)
     assert (image.width, image.height, image.source) == (24, 16, "127.0.0.1")  # type: ignore[attr-defined]
     with pytest.raises(InvalidRequest, match="loopback"):
         fetch(f"http://127.0.0.1:{server}/cat.png")
 
 
+def test_an_entry_without_a_port_allows_only_the_web_ports(server: int) -> None:
+    """The image server listens on some high port: a bare entry does not reach it,
+    ``:*`` does."""
+    with pytest.raises(InvalidRequest, match="loopback"):
+        fetch(f"http://127.0.0.1:{server}/cat.png", MediaLimits(allow_hosts=("127.0.0.1",)))
+    with pytest.raises(InvalidRequest, match="loopback"):
+        fetch(f"http://127.0.0.1:{server}/cat.png", MediaLimits(allow_hosts=("127.0.0.0/8",)))
+    image = fetch(f"http://127.0.0.1:{server}/cat.png", MediaLimits(allow_hosts=("127.0.0.1:*",)))
+    assert image.width == 24  # type: ignore[attr-defined]
+
+
 def test_a_redirect_to_a_private_address_is_refused(server: int) -> None:
     resolver = Resolver({"images.example": [["127.0.0.1"]]})
-    limits = MediaLimits(allow_hosts=("images.example",))
+    limits = MediaLimits(allow_hosts=(f"images.example:{server}",))
     assert fetch(f"http://images.example:{server}/cat.png", limits, resolver)
     with pytest.raises(InvalidRequest, match=r"host 127\.0\.0\.2 resolves to a loopback"):
         fetch(f"http://images.example:{server}/to-private", limits, resolver)
 
 
 def test_redirect_chains_are_capped(server: int) -> None:
-    limits = MediaLimits(allow_hosts=("127.0.0.1",), max_redirects=2)
+    limits = MediaLimits(allow_hosts=(f"127.0.0.1:{server}",), max_redirects=2)
     with pytest.raises(InvalidRequest, match="more than 2 times"):
         fetch(f"http://127.0.0.1:{server}/loop", limits)
 
 
 def test_byte_cap_holds_while_streaming(server: int) -> None:
-    limits = MediaLimits(allow_hosts=("127.0.0.1",), max_image_bytes=10_000)
+    limits = MediaLimits(allow_hosts=(f"127.0.0.1:{server}",), max_image_bytes=10_000)
     with pytest.raises(PayloadTooLarge, match="limit of 10000 bytes"):
         fetch(f"http://127.0.0.1:{server}/endless", limits)
 
 
 def test_fetch_failures_name_the_host_and_reason(server: int) -> None:
-    limits = MediaLimits(allow_hosts=("127.0.0.1",), read_timeout=0.5)
+    limits = MediaLimits(allow_hosts=(f"127.0.0.1:{server}", "127.0.0.1:1"), read_timeout=0.5)
     with pytest.raises(InvalidRequest, match=r"127\.0\.0\.1 failed: HTTP 404"):
         fetch(f"http://127.0.0.1:{server}/missing.png", limits)
     with pytest.raises(InvalidRequest, match="timed out"):
@@ -258,7 +278,20 @@ def test_fetch_failures_name_the_host_and_reason(server: int) -> None:
 def test_the_connection_goes_to_the_address_that_was_checked(server: int) -> None:
     """DNS rebinding: a second lookup would say 10.0.0.1. There is no second lookup."""
     resolver = Resolver({"rebind.example": [["127.0.0.1"], ["10.0.0.1"]]})
-    limits = MediaLimits(allow_hosts=("127.0.0.1",))
+    limits = MediaLimits(allow_hosts=(f"127.0.0.1:{server}",))
     image = fetch(f"http://rebind.example:{server}/cat.png", limits, resolver)
     assert image.width == 24  # type: ignore[attr-defined]
     assert resolver.calls == ["rebind.example"]
+
+
+@pytest.mark.parametrize("entry", ["127.0.0.1:abc", "images.example:0", "[::1]:70000", "h:-1"])
+def test_an_allow_list_entry_with_a_bad_port_stops_start_up(entry: str) -> None:
+    with pytest.raises(ValidationError, match="the port must be 1-65535 or"):
+        Settings(image_allow_hosts=f"10.0.0.1, {entry}")
+
+
+def test_allow_list_entries_parse_to_their_ports() -> None:
+    assert split_allow_entry("images.example") == ("images.example", frozenset({80, 443}))
+    assert split_allow_entry("10.0.0.0/8:8080") == ("10.0.0.0/8", frozenset({8080}))
+    assert split_allow_entry("[fd00::1]:*") == ("fd00::1", None)
+    assert split_allow_entry("fd00::1") == ("fd00::1", frozenset({80, 443}))

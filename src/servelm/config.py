@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from servelm.media import MediaLimits
+from servelm.media import MediaLimits, split_allow_entry
 
 
 def default_data_dir() -> Path:
@@ -170,14 +170,17 @@ class Settings(BaseSettings):
     image_allow_hosts: Annotated[tuple[str, ...], NoDecode] = Field(
         default=(),
         description="comma-separated hosts, addresses or CIDR networks image URLs may "
-        "reach although private",
+        "reach although private; bare: ports 80/443, host:port: that port, host:*: any",
     )
 
     @field_validator("image_allow_hosts", mode="before")
     @classmethod
     def _split_hosts(cls, v: object) -> object:
         if isinstance(v, str):
-            return tuple(h.strip() for h in v.split(",") if h.strip())
+            v = tuple(h.strip() for h in v.split(",") if h.strip())
+        if isinstance(v, (tuple, list)):
+            for entry in v:
+                split_allow_entry(str(entry))  # a typo in a port fails at start-up
         return v
 
     def media_limits(self) -> MediaLimits:

@@ -57,8 +57,10 @@ class MediaLimits:
     fetch_deadline: float = 30.0
     # Threads decoding images (Pillow), off the event loop; more requests wait for one.
     decode_workers: int = 2
-    # Host names, addresses or networks (CIDR) that may be fetched although private;
-    # ``entry:port`` (``[v6]:port``) allows that port only.
+    # Host names, addresses or networks (CIDR) that may be fetched although private,
+    # each scoped to ports: ``entry`` alone allows the web's ports (80, 443) only,
+    # ``entry:port`` (``[v6]:port``) that port, ``entry:*`` any port (issue 17: an entry
+    # that allowed a whole host let a redirect reach its other services).
     allow_hosts: tuple[str, ...] = ()
 
 
@@ -330,8 +332,8 @@ class ImageLoader:
         self, host: str, port: int, ip: ipaddress.IPv4Address | ipaddress.IPv6Address
     ) -> bool:
         for entry in self.limits.allow_hosts:
-            name, entry_port = _split_port(entry)
-            if entry_port is not None and entry_port != port:
+            name, ports = split_allow_entry(entry)
+            if ports is not None and port not in ports:
                 continue
             if name.lower() == host.lower():
                 return True
@@ -341,16 +343,27 @@ class ImageLoader:
         return False
 
 
-def _split_port(entry: str) -> tuple[str, int | None]:
-    """``host:port``, ``[v6]:port`` or ``cidr:port`` → (host, port); else (entry, None)."""
+# The ports an allow-list entry without one covers.
+WEB_PORTS = frozenset({80, 443})
+
+
+def split_allow_entry(entry: str) -> tuple[str, frozenset[int] | None]:
+    """``host``, ``host:port``, ``host:*``, ``[v6]:port``, ``cidr:port`` → (host, the
+    ports it allows, None for any); ValueError for a port that is none of these."""
+    name, port = entry, ""
     if entry.startswith("[") and "]:" in entry:
         name, _, port = entry[1:].partition("]:")
-        return name, int(port) if port.isdigit() else None
-    if entry.count(":") == 1:
+    elif entry.count(":") == 1:
         name, _, port = entry.partition(":")
-        if port.isdigit():
-            return name, int(port)
-    return entry.strip("[]"), None
+    else:
+        name = entry.strip("[]")
+    if port == "*":
+        return name, None
+    if port.isdigit() and 0 < int(port) < 65536:
+        return name, frozenset({int(port)})
+    if port:
+        raise ValueError(f"image allow-list entry {entry!r}: the port must be 1-65535 or *")
+    return name, WEB_PORTS
 
 
 # IPv6 forms that carry an IPv4 address a gateway may route to: NAT64's well-known

@@ -31,14 +31,14 @@ async def load(loader: ImageLoader, url: str) -> Any:
 
 def test_a_dripping_image_hits_the_fetch_deadline(drip: Drip) -> None:
     """1 byte every 0.2 s never trips a 10 s read timeout; the total deadline stops it."""
-    limits = MediaLimits(allow_hosts=("127.0.0.1",), read_timeout=10, fetch_deadline=2)
+    limits = MediaLimits(allow_hosts=(f"127.0.0.1:{drip.port}",), read_timeout=10, fetch_deadline=2)
     with pytest.raises(InvalidRequest, match="took longer than 2 s"):
         run(load(ImageLoader(limits), f"http://127.0.0.1:{drip.port}/drip.png"))
     drip.wait_closed(1)
 
 
 def test_one_bad_image_stops_the_other_fetches(drip: Drip) -> None:
-    limits = MediaLimits(allow_hosts=("127.0.0.1",), fetch_deadline=600)
+    limits = MediaLimits(allow_hosts=(f"127.0.0.1:{drip.port}",), fetch_deadline=600)
     body = {
         "messages": [
             {
@@ -70,7 +70,7 @@ def test_one_bad_image_stops_the_other_fetches(drip: Drip) -> None:
 
 
 def test_a_cancelled_request_stops_its_fetches(drip: Drip) -> None:
-    limits = MediaLimits(allow_hosts=("127.0.0.1",), fetch_deadline=600)
+    limits = MediaLimits(allow_hosts=(f"127.0.0.1:{drip.port}",), fetch_deadline=600)
     body = {
         "messages": [
             {

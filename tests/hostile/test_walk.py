@@ -36,7 +36,7 @@ def walk_live(
         slots=2,
         models_file=models_file,
         body_read_timeout_seconds=1.0,
-        image_allow_hosts=("127.0.0.1",),
+        image_allow_hosts=("127.0.0.1:*",),
         image_fetch_deadline_seconds=120.0,
     )
     live = start_server(settings, load_catalog(models_dir, models_file))

@@ -65,7 +65,7 @@ def vision(
     # The operator allow-lists the host name "localhost" (an internal image store);
     # every other private address stays refused.
     settings = make_settings(
-        tmp, models_dir, slots=2, models_file=models_file, image_allow_hosts=("localhost",)
+        tmp, models_dir, slots=2, models_file=models_file, image_allow_hosts=("localhost:*",)
     )
     srv = start_server(settings, load_catalog(models_dir, models_file))
     yield srv
