@@ -103,6 +103,7 @@ class ChatService:
             request = self.parse(raw)
             spec, engine = self.resolve(request, ex.slug)
             check_model_rights(principal, spec.slug)
+            engine.check_capacity()
             await self.precheck_credits(request, spec, principal, len(raw))
             if ex.idempotency_key is not None:
                 return await self._idempotent(ex, raw, request, spec, engine, principal)

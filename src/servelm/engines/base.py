@@ -52,13 +52,18 @@ class Admission:
         self._queue_size = queue_size
         self._stats = stats
 
+    def check(self) -> None:
+        """Refuse (503) if a request arriving now would find every slot busy and the
+        queue full."""
+        if self._sem.locked() and self._stats.waiting >= self._queue_size:
+            raise Overloaded(
+                "The model is at capacity and its queue is full; retry shortly.",
+                retry_after=1,
+            )
+
     async def __aenter__(self) -> None:
         if self._sem.locked():
-            if self._stats.waiting >= self._queue_size:
-                raise Overloaded(
-                    "The model is at capacity and its queue is full; retry shortly.",
-                    retry_after=1,
-                )
+            self.check()
             self._stats.waiting += 1
             try:
                 await self._sem.acquire()
@@ -76,9 +81,20 @@ class Admission:
 class Engine(abc.ABC):
     """One model, ready to generate."""
 
+    # Set by engines that queue requests themselves (all of ours do).
+    _admission: Admission | None = None
+
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
         self.stats = EngineStats()
+
+    def check_capacity(self) -> None:
+        """Refuse at once (503) a request the engine's admission would refuse anyway,
+        before the walk spends anything on it (a balance read, image fetches, the
+        prompt count, a credit hold): under overload the refusal is then quick, and
+        the counts it skips are work the saturated engine would have had to do."""
+        if self._admission is not None:
+            self._admission.check()
 
     @abc.abstractmethod
     async def start(self) -> None:

@@ -92,7 +92,7 @@ class LlamaCppEngine(Engine):
         self._threads = threads
         self._verbose = verbose
         self._prompt_cache_mib = prompt_cache_mib
-        self._admission = Admission(self.slots, queue_size, self.stats)
+        self._admission: Admission = Admission(self.slots, queue_size, self.stats)
         self._server: Any = None
         # Two pools on the embedded server's loopback port: quick calls (template,
         # tokenize) with a short read timeout, and generations, whose first byte may

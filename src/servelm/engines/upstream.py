@@ -63,7 +63,7 @@ class OpenAIUpstreamEngine(Engine):
     ) -> None:
         super().__init__(spec)
         self.slots = spec.slots or DEFAULT_CONCURRENCY
-        self._admission = Admission(self.slots, queue_size, self.stats)
+        self._admission: Admission = Admission(self.slots, queue_size, self.stats)
         # Cleared (once, for good) by an upstream that leaves usage out of plain answers.
         self._plain_calls = True
         self.replicas = ReplicaSet(

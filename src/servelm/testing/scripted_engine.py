@@ -48,7 +48,7 @@ class ScriptedEngine(Engine):
         # What each generation received, for tests that check the engine's input.
         self.bodies: list[dict[str, Any]] = []
         self._scripts: deque[Script] = deque()
-        self._admission = Admission(slots, queue_size, self.stats)
+        self._admission: Admission = Admission(slots, queue_size, self.stats)
 
     def push(self, *scripts: Script) -> None:
         self._scripts.extend(scripts)
