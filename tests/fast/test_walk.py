@@ -318,10 +318,13 @@ async def test_past_slots_and_queue_the_answer_is_503_with_retry_after(
         while engine.stats.running + engine.stats.waiting < 3:
             assert time.monotonic() < deadline, "requests did not reach the engine"
             await asyncio.sleep(0.02)
+        counted = engine.counted
         r = await client.post("/chat/completions", json=body, headers=headers)
         assert r.status_code == 503
         assert r.headers["retry-after"] == "1"
         assert r.json()["error"]["code"] == "overloaded"
+        # Refused before the walk spent anything on it: its prompt was never counted.
+        assert engine.counted == counted
         for task in holders:
             task.cancel()
         await asyncio.gather(*holders, return_exceptions=True)

@@ -47,6 +47,8 @@ class ScriptedEngine(Engine):
         self.default = Script()
         # What each generation received, for tests that check the engine's input.
         self.bodies: list[dict[str, Any]] = []
+        # Prompts counted, for tests that check what a refusal spared the engine.
+        self.counted = 0
         self._scripts: deque[Script] = deque()
         self._admission: Admission = Admission(slots, queue_size, self.stats)
 
@@ -63,6 +65,7 @@ class ScriptedEngine(Engine):
         return None
 
     async def count_prompt_tokens(self, body: dict[str, Any]) -> int:
+        self.counted += 1
         return sum(PER_MESSAGE + len(_text(m).split()) for m in body["messages"])
 
     async def stream(
