@@ -25,6 +25,8 @@ from typing import Any
 import pytest
 import uvloop
 
+from servelm.engines import wire
+from servelm.errors import UpstreamError
 from servelm.http1 import (
     ConnectError,
     HTTPError,
@@ -1023,3 +1025,30 @@ UVLOOP_SCENARIOS = [
 def test_under_uvloop(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(scenario())
+
+
+# -- SSE events over the client (engines/wire.sse_json) --------------------------------
+
+
+@pytest.mark.parametrize("ends_with_done", [True, False])
+async def test_sse_events_up_to_done_and_a_stream_cut_short(ends_with_done: bool) -> None:
+    events = [b'data: {"n": 1}\n\n', b'data: {"n": 2}\n\n']
+    tail = [b"data: [DONE]\n\n"] if ends_with_done else []
+
+    async def handle(peer: Peer) -> None:
+        await peer.request()
+        await peer.send(SSE_HEAD + b"".join(chunk(e) for e in [*events, *tail]) + LAST_CHUNK)
+
+    got: list[Any] = []
+    async with (
+        Server(handle) as srv,
+        aclosing(Pool(srv.url)) as pool,
+        await pool.request("POST", "/v1/chat/completions", b"{}") as resp,
+    ):
+        if ends_with_done:
+            got = [e async for e in wire.sse_json(resp, require_done=True)]
+        else:
+            with pytest.raises(UpstreamError, match=r"ended before \[DONE\]"):
+                async for event in wire.sse_json(resp, require_done=True):
+                    got.append(event)
+    assert got == [{"n": 1}, {"n": 2}]

@@ -32,7 +32,7 @@ from servelm import http1
 from servelm.catalog import ModelSpec
 from servelm.engines import wire
 from servelm.engines.base import Admission, Engine, map_engine_error
-from servelm.errors import EngineError, ModelUnavailable
+from servelm.errors import EngineError, ModelUnavailable, UpstreamError
 
 log = logging.getLogger(__name__)
 
@@ -263,13 +263,15 @@ class LlamaCppEngine(Engine):
                 async with resp:
                     if resp.status_code != 200:
                         raise map_engine_error(_error_detail(await resp.read(), resp.status_code))
-                    async for item in wire.sse_json(resp):
+                    # llama.cpp always ends with [DONE]: a body that stops short is
+                    # an engine that broke off, never a complete answer.
+                    async for item in wire.sse_json(resp, require_done=True):
                         if "error" in item:
                             raise map_engine_error(item["error"])
                         self.stats.chunks_total += 1
                         yield item
                 finished = True
-            except http1.HTTPError as exc:
+            except (http1.HTTPError, UpstreamError) as exc:
                 raise EngineError(f"the embedded engine broke off: {exc}") from exc
             finally:
                 if not finished:

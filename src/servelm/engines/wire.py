@@ -161,8 +161,11 @@ def plain_answer(slug: str, data: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     return choice, message
 
 
-async def sse_json(resp: http1.Response) -> AsyncIterator[dict[str, Any]]:
-    """The JSON events of an OpenAI-style SSE body, up to ``[DONE]``."""
+async def sse_json(
+    resp: http1.Response, *, require_done: bool = False
+) -> AsyncIterator[dict[str, Any]]:
+    """The JSON events of an OpenAI-style SSE body, up to ``[DONE]``; with
+    ``require_done``, a body that ends before it is a broken stream."""
     done = False
     # Read to the end of the body even after [DONE]: a response closed part-read
     # cannot go back to the pool, and every request would pay for a new connection.
@@ -176,3 +179,5 @@ async def sse_json(resp: http1.Response) -> AsyncIterator[dict[str, Any]]:
             yield json.loads(data)
         except ValueError as exc:
             raise UpstreamError(f"The engine sent a malformed event: {data[:200]!r}") from exc
+    if require_done and not done:
+        raise UpstreamError("The engine's stream ended before [DONE].")
