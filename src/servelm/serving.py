@@ -115,6 +115,8 @@ class ChatService:
             return await self.json_reply(call)
         except ServelmError as exc:
             await self._tell_balance(exc, principal)
+            if self.limiter is not None:
+                await self.limiter.peek(principal)
             raise
 
     async def authenticate(self, ex: ChatExchange) -> Principal:
@@ -422,6 +424,8 @@ class ChatService:
                 "x-cost": "0.000000",  # this answer is not charged again
                 "idempotent-replayed": "true",
             }
+            if self.limiter is not None:
+                await self.limiter.peek(principal)
             return JsonReply(replay.status_code, replay.body, headers)
         try:
             call = await self.prepare(ex.request_id, request, spec, engine)

@@ -9,6 +9,7 @@ Windows are a minute, except for the retry test, whose account is on a plan with
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -110,6 +111,37 @@ def test_openai_sdk_retries_past_the_reset(limited: LiveServer) -> None:
     assert raw.parse().choices[0].message.content is not None
     assert raw.retries_taken >= 1
     assert _refusals(limited) >= before + 1
+
+
+def test_refusals_before_the_limit_step_and_replays_carry_its_headers(
+    limited: LiveServer,
+) -> None:
+    """A 400, 403 or 404 decided before the limit step, and an idempotent replay,
+    still say where the key stands, and none of them uses up a request."""
+    key = new_key(limited, "early-refusals", rpm=5)
+    h = {"x-api-key": key}
+    url = f"{limited.v1}/chat/completions"
+    post = functools.partial(httpx.post, timeout=120)
+    served = post(url, json={"model": SLUG, "messages": HI, "max_tokens": 2}, headers=h)
+    assert served.headers["x-ratelimit-remaining-requests"] == "4"
+    early = [
+        post(url, content=b"{not json", headers=h),
+        post(url, json={"model": "no-such-model", "messages": HI}, headers=h),
+        post(f"{limited.v1}/no-such-model", json={"messages": HI}, headers=h),
+    ]
+    assert [r.status_code for r in early] == [400, 404, 404]
+    for r in early:
+        assert r.headers["x-ratelimit-limit-requests"] == "5"
+        assert r.headers["x-ratelimit-remaining-requests"] == "4"
+        assert r.headers["ratelimit-policy"] == '"requests";q=5;w=60'
+    replay_h = {**h, "idempotency-key": "early-refusals-1"}
+    body = {"model": SLUG, "messages": HI, "max_tokens": 2}
+    first = post(url, json=body, headers=replay_h)
+    again = post(url, json=body, headers=replay_h)
+    assert first.status_code == again.status_code == 200
+    assert first.headers["x-ratelimit-remaining-requests"] == "3"
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.headers["x-ratelimit-remaining-requests"] == "3"
 
 
 def _micro(credits: str) -> int:

@@ -54,6 +54,20 @@ async def test_requests_exactly_up_to_the_limit(store: MemoryStore | RedisStore)
     assert 59_000 <= refused.wait_ms <= 60_000
 
 
+async def test_a_read_records_nothing(store: MemoryStore | RedisStore) -> None:
+    s = (scope(rpm=2, tpm=100, conc=1),)
+    assert (await store.acquire("a", 30, s, 60_000)).allowed
+    for _ in range(3):
+        read = await store.acquire("", 0, s, 0, record=False)
+        # It says what a request now would meet ("a" is still in flight)...
+        assert read.reason == "concurrency"
+        assert (read.states[0].requests_left, read.states[0].tokens_left) == (1, 70)
+    await store.settle("a", 10, s)
+    # ...and added neither a request nor a lease: one more fits, then the rpm is full.
+    assert (await store.acquire("b", 10, s, 60_000)).allowed
+    assert not (await store.acquire("c", 10, s, 60_000)).allowed
+
+
 async def test_window_slides(store: MemoryStore | RedisStore) -> None:
     s = (scope(rpm=2, window_ms=300),)
     assert (await store.acquire("a", 1, s, 60_000)).allowed

@@ -180,6 +180,30 @@ class Limiter:
             )
         return Reservation(self, rid, policy, store, tokens)
 
+    async def peek(self, principal: Caller) -> None:
+        """The rate-limit headers for a response the limit step never decided (an
+        early refusal, an idempotent replay): where the caller's scopes stand, with
+        nothing recorded. Best effort: a store that fails costs the headers only."""
+        if _headers.get() is not None:
+            return
+        try:
+            policy = await self.policy(principal)
+            if policy.unlimited:
+                return
+            decision: Decision | None = None
+            if self.redis is not None and time.monotonic() >= self._redis_paused_until:
+                try:
+                    decision = await self.redis.acquire("", 0, policy.scopes, 0, record=False)
+                except StoreUnavailable:
+                    self._redis_paused_until = time.monotonic() + _REDIS_PAUSE
+            if decision is None and (self.redis is None or self.fail == "open"):
+                decision = await self.memory.acquire("", 0, policy.scopes, 0, record=False)
+        except Exception:
+            log.warning("could not read the rate-limit state for a response", exc_info=True)
+            return
+        if decision is not None:
+            _headers.set(decision.headers())
+
     async def _decide(self, rid: str, tokens: int, policy: Policy) -> tuple[Decision, str]:
         if self.redis is not None:
             if time.monotonic() >= self._redis_paused_until:

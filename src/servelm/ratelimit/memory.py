@@ -43,8 +43,16 @@ class MemoryStore:
             del c.leases[rid]
 
     async def acquire(
-        self, rid: str, tokens: int, scopes: tuple[Scope, ...], lease_ms: int
+        self,
+        rid: str,
+        tokens: int,
+        scopes: tuple[Scope, ...],
+        lease_ms: int,
+        *,
+        record: bool = True,
     ) -> Decision:
+        """Admit and record ``rid``, or refuse it; ``record`` False only reads where
+        the scopes stand (for the headers of a response the limiter never decided)."""
         now = self.now_ms()
         states: list[ScopeState] = []
         refusal: tuple[str, str, int] | None = None
@@ -80,6 +88,8 @@ class MemoryStore:
             states.append(state)
         if refusal is not None:
             return Decision(False, states, *refusal)
+        if not record:
+            return Decision(True, states)
         for s, state in zip(scopes, states, strict=True):
             c = self._scopes[s.name]
             if s.rpm is not None:

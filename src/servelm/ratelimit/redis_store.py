@@ -2,7 +2,9 @@
 
 The check is one Lua script (one round trip, atomic): for every scope of the request
 it drops what left the window, checks requests, tokens and requests in flight, and
-only if every scope has room records the request in all of them. Time is Redis's own
+only if every scope has room records the request in all of them (unless the lease
+is negative: then it only reads, for the headers of a response the limiter did not
+decide). Time is Redis's own
 clock (``TIME``), so gateways on hosts with skewed clocks still share one window.
 
 Per scope, four keys: a sorted set of request ids by arrival (requests), a sorted set
@@ -83,7 +85,7 @@ for i = 0, n - 1 do
     end
   end
 end
-if out[1] == 1 then
+if out[1] == 1 and lease >= 0 then
   for i = 0, n - 1 do
     local rq, tk, th, cc = KEYS[i*4+1], KEYS[i*4+2], KEYS[i*4+3], KEYS[i*4+4]
     local rpm, tpm = tonumber(ARGV[4+i*4]), tonumber(ARGV[5+i*4])
@@ -171,10 +173,17 @@ class RedisStore:
             raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
     async def acquire(
-        self, rid: str, tokens: int, scopes: tuple[Scope, ...], lease_ms: int
+        self,
+        rid: str,
+        tokens: int,
+        scopes: tuple[Scope, ...],
+        lease_ms: int,
+        *,
+        record: bool = True,
     ) -> Decision:
         keys: list[str] = []
-        args: list[Any] = [rid, tokens, lease_ms]
+        # A negative lease tells the script to record nothing: a read of the scopes.
+        args: list[Any] = [rid, tokens, lease_ms if record else -1]
         for s in scopes:
             keys += self._keys(s)
             args += [_arg(s.rpm), _arg(s.tpm), _arg(s.concurrency), s.window_ms]
