@@ -26,7 +26,6 @@ import pytest
 import uvloop
 
 from servelm.engines import wire
-from servelm.errors import UpstreamError
 from servelm.http1 import (
     ConnectError,
     HTTPError,
@@ -1048,7 +1047,7 @@ async def test_sse_events_up_to_done_and_a_stream_cut_short(ends_with_done: bool
         if ends_with_done:
             got = [e async for e in wire.sse_json(resp, require_done=True)]
         else:
-            with pytest.raises(UpstreamError, match=r"ended before \[DONE\]"):
+            with pytest.raises(wire.StreamCut, match=r"ended before \[DONE\]"):
                 async for event in wire.sse_json(resp, require_done=True):
                     got.append(event)
     assert got == [{"n": 1}, {"n": 2}]

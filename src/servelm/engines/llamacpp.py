@@ -32,7 +32,7 @@ from servelm import http1
 from servelm.catalog import ModelSpec
 from servelm.engines import wire
 from servelm.engines.base import Admission, Engine, map_engine_error
-from servelm.errors import EngineError, ModelUnavailable, UpstreamError
+from servelm.errors import EngineError, ModelUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +271,9 @@ class LlamaCppEngine(Engine):
                         self.stats.chunks_total += 1
                         yield item
                 finished = True
-            except (http1.HTTPError, UpstreamError) as exc:
+            except (http1.HTTPError, wire.StreamCut) as exc:
+                # Only the transport: the engine's own verdicts (a 400, a tool call the
+                # model garbled: 502) raised above pass through as they are.
                 raise EngineError(f"the embedded engine broke off: {exc}") from exc
             finally:
                 if not finished:

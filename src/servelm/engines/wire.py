@@ -161,6 +161,10 @@ def plain_answer(slug: str, data: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     return choice, message
 
 
+class StreamCut(UpstreamError):
+    """An SSE body that ended before ``[DONE]``."""
+
+
 async def sse_json(
     resp: http1.Response, *, require_done: bool = False
 ) -> AsyncIterator[dict[str, Any]]:
@@ -180,4 +184,4 @@ async def sse_json(
         except ValueError as exc:
             raise UpstreamError(f"The engine sent a malformed event: {data[:200]!r}") from exc
     if require_done and not done:
-        raise UpstreamError("The engine's stream ended before [DONE].")
+        raise StreamCut("The engine's stream ended before [DONE].")
