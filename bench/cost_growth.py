@@ -12,7 +12,9 @@ the gateway adds is its own cost):
 - ``images``: 0 to 8 images, each a 128x128 PNG (~49 KB) sent as a data: URL, which
   servelm decodes, checks with Pillow and re-encodes before the (vision) upstream
   sees it;
-- ``chunks``: a stream of 16 to 4,096 content chunks.
+- ``chunks``: a stream of 16 to 4,096 content chunks;
+- ``event``: a stream whose one content chunk is 16 KB to 4 MB (the upstream echoes
+  the prompt), so a single event arrives in many reads.
 
 Each round measures every point on the upstream directly and through servelm (SQLite,
 keys and credits on), back to back; the added latency is servelm's e2e p50 minus the
@@ -21,7 +23,7 @@ direct p50 of the same round, and the gateway's CPU per request is read from /pr
 this client to CPU 1. Per dimension the medians over rounds get a least-squares line
 (cost = a + b·x) and the slope of the last step over the line's slope: about 1 for
 linear growth, well above 1 for a superlinear step. Results:
-bench/results/cost_growth.json and bench/results/cost_growth.png.
+bench/results/cost_growth.json and the plot beside it (.png).
 """
 
 from __future__ import annotations
@@ -45,18 +47,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gateway_overhead as go
 
 OUT = go.RESULTS / "cost_growth.json"
-PLOT = go.RESULTS / "cost_growth.png"
 
 DIMENSIONS: dict[str, tuple[int, ...]] = {
     "body": (1024, 4096, 16384, 65536, 262144, 1048576),
     "messages": (1, 10, 100, 300, 1000),
     "images": (0, 1, 2, 4, 8),
     "chunks": (16, 64, 256, 1024, 4096),
+    "event": (16384, 65536, 262144, 1048576, 4194304),
 }
-UNITS = {"body": "body bytes", "messages": "messages", "images": "images", "chunks": "chunks"}
-# Vision on and room for the largest points: the instant upstream is told it may
-# see images and emit 4,096 tokens; the window only bounds the byte check.
+UNITS = {
+    "body": "body bytes",
+    "messages": "messages",
+    "images": "images",
+    "chunks": "chunks",
+    "event": "bytes in one stream event",
+}
+# Vision on: the instant upstream is told it may see images.
 MODEL_OPTIONS = "vision = true\n"
+# A remote engine's window only bounds the prompt's bytes (128 per token): room for
+# the 4 MB event's prompt.
+CONTEXT_WINDOW = 65536
 # Short words: a body of N bytes is about N/4 tokens, as in English text.
 WORDS = ("the", "of", "and", "to", "in", "is", "it", "you", "that", "he", "was", "for", "on")
 
@@ -99,6 +109,11 @@ def body_for(dimension: str, x: int) -> tuple[bytes, bool]:
     elif dimension == "chunks":
         messages = [{"role": "user", "content": text(300, rng)}]
         max_tokens, stream = x, True
+    elif dimension == "event":
+        # The instant upstream echoes it back as one content chunk: a stream event
+        # of x bytes, which the relay receives in many reads.
+        messages = [{"role": "user", "content": "echo:" + text(x - 5, rng)}]
+        max_tokens, stream = 1, True
     else:
         raise SystemExit(f"unknown dimension {dimension}")
     body = {"model": "instant", "messages": messages, "max_tokens": max_tokens, "stream": stream}
@@ -138,9 +153,19 @@ async def timed(
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     os.sched_setaffinity(0, {go.CLIENT_CPU})
     up_proc, upstream = go.start_upstream()
-    proc, url, key = go.start_servelm(
-        upstream, "sqlite", cpu=go.GATEWAY_CPU, model_options=MODEL_OPTIONS
-    )
+    if args.baseline:
+        # The gateway from other sources (before a change); the upstream stays ours.
+        os.environ["PYTHONPATH"] = str(args.baseline)
+    try:
+        proc, url, key = go.start_servelm(
+            upstream,
+            "sqlite",
+            cpu=go.GATEWAY_CPU,
+            model_options=MODEL_OPTIONS,
+            context_window=CONTEXT_WINDOW,
+        )
+    finally:
+        os.environ.pop("PYTHONPATH", None)
     pid = proc.p.pid
     points: dict[str, list[dict[str, Any]]] = {d: [] for d in args.dimensions}
     try:
@@ -219,7 +244,7 @@ def summarize(points: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     return out
 
 
-def plot(results: dict[str, Any]) -> None:
+def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -247,8 +272,8 @@ def plot(results: dict[str, Any]) -> None:
         ax.legend(fontsize=7)
     fig.suptitle("servelm: cost per request as the request grows (1 in flight, instant upstream)")
     fig.tight_layout()
-    fig.savefig(PLOT, dpi=110)
-    print(f"wrote {PLOT}")
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
 
 
 def main() -> None:
@@ -256,12 +281,19 @@ def main() -> None:
     parser.add_argument("--dimensions", default=",".join(DIMENSIONS))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=1.0, help="of traffic per point")
+    parser.add_argument(
+        "--points", action="append", default=[], help="e.g. chunks=16,32,64: other sizes"
+    )
+    parser.add_argument("--baseline", type=Path, help="run the gateway from this src/ dir")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--plot-only", action="store_true")
     args = parser.parse_args()
     args.dimensions = [d for d in args.dimensions.split(",") if d]
+    for spec in args.points:
+        name, _, sizes = spec.partition("=")
+        DIMENSIONS[name] = tuple(int(x) for x in sizes.split(","))
     if args.plot_only:
-        plot(json.loads(args.out.read_text()))
+        plot(json.loads(args.out.read_text()), args.out.with_suffix(".png"))
         return
     points = measure(args)
     results = {
@@ -273,7 +305,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out}")
-    plot(results)
+    plot(results, args.out.with_suffix(".png"))
 
 
 if __name__ == "__main__":
