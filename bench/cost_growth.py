@@ -3,6 +3,7 @@
     .venv/bin/python bench/cost_growth.py                 # every dimension, ~4 minutes
     .venv/bin/python bench/cost_growth.py --dimensions chunks --rounds 2
     .venv/bin/python bench/cost_growth.py --plot-only     # redraw the PNG from the JSON
+    .venv/bin/python bench/cost_growth.py --sse-only      # the relay's SSE parser alone
 
 Four dimensions, one request in flight, against the instant upstream (so whatever
 the gateway adds is its own cost):
@@ -211,6 +212,28 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     return points
 
 
+def sse_parse() -> dict[str, float]:
+    """In-process: CPU ms for the relay's SSE parser (``http1.sse_data``) to take one
+    event of 1 to 16 MB arriving in 64 KB reads. Run it with another checkout's src/
+    on PYTHONPATH for a before/after."""
+    out: dict[str, float] = {}
+
+    async def pieces(data: bytes) -> Any:
+        for i in range(0, len(data), 65536):
+            yield data[i : i + 65536]
+
+    async def parse(data: bytes) -> int:
+        return sum([len(d) async for d in http1.sse_data(pieces(data))])
+
+    for mb in (1, 4, 16):
+        event = b"data: " + b"x" * (mb << 20) + b"\n\n"
+        start = time.process_time()
+        assert asyncio.run(parse(event)) == mb << 20
+        out[f"{mb} MB"] = (time.process_time() - start) * 1000
+        print(f"sse_data, one {mb} MB event in 64 KB reads: {out[f'{mb} MB']:.1f} ms CPU")
+    return out
+
+
 def fit(xs: list[float], ys: list[float]) -> dict[str, float]:
     """Least-squares line, and the last step's slope over the line's slope."""
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
@@ -287,11 +310,15 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path, help="run the gateway from this src/ dir")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--plot-only", action="store_true")
+    parser.add_argument("--sse-only", action="store_true", help="only the in-process SSE parse")
     args = parser.parse_args()
     args.dimensions = [d for d in args.dimensions.split(",") if d]
     for spec in args.points:
         name, _, sizes = spec.partition("=")
         DIMENSIONS[name] = tuple(int(x) for x in sizes.split(","))
+    if args.sse_only:
+        sse_parse()
+        return
     if args.plot_only:
         plot(json.loads(args.out.read_text()), args.out.with_suffix(".png"))
         return
