@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test test-fast lint typecheck fmt model clean browser readme
+.PHONY: serve test test-fast lint typecheck fmt model clean browser readme bench-scale
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,21 @@ typecheck: $(STAMP)
 fmt: $(STAMP)
 	$(BIN)/ruff check --fix src tests bench
 	$(BIN)/ruff format src tests bench
+
+# Issue 15's benchmarks, one after another (docs/benchmarks.md, "Scale path"); about
+# 25 minutes on a 2-core machine. Each waits for the machine's benchmark lock.
+LITELLM_VENV ?= /tmp/litellm-venv
+BENCH_LOCK := flock /tmp/servelm-bench.lock
+bench-scale: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	test -x $(LITELLM_VENV)/bin/litellm || ($(PYTHON) -m venv $(LITELLM_VENV) && \
+	  $(LITELLM_VENV)/bin/pip install --quiet 'litellm[proxy]==1.103.7')
+	$(BENCH_LOCK) $(BIN)/python bench/cost_growth.py
+	$(BENCH_LOCK) $(BIN)/python bench/scale_path.py litellm --rounds 5 --litellm $(LITELLM_VENV)
+	$(BENCH_LOCK) $(BIN)/python bench/scale_path.py postgres --rounds 3
+	$(BENCH_LOCK) $(BIN)/python bench/scale_path.py workers
+	$(BENCH_LOCK) $(BIN)/python bench/engine_efficiency.py --prompt-count exact,bound \
+	  --repeats 2 --requests-per-slot 2
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info tests/js/node_modules

@@ -3,9 +3,11 @@ xllamacpp's own HTTP server, same slots, context and threads.
 
     .venv/bin/python bench/engine_efficiency.py     # writes bench/results/engine_efficiency.json
 
-Reports, per concurrency, output tokens/s of both, their ratio, and the TTFT
-difference: what servelm's asyncio bridge, auth and credit hold cost on top of the
-engine itself.
+Reports, per concurrency, output tokens/s of both, their ratio, and TTFT (p50, its
+ratio and difference): what servelm's asyncio bridge, auth and credit hold cost on
+top of the engine itself. ``--prompt-count exact,bound`` runs one servelm per way of
+counting the prompt for the hold (``SERVELM_PROMPT_COUNT``, issue 15 goal 4), each
+point measured on the raw server and then on each servelm, back to back.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gateway_overhead import BIN, RESULTS, Proc, free_port, machine, wait_http
 
 
-def start_servelm(slots: int) -> tuple[Proc, str, str]:
+def start_servelm(slots: int, prompt_count: str = "exact") -> tuple[Proc, str, str]:
     data = Path(tempfile.mkdtemp(prefix="servelm-engine-bench-"))
     env = {
         **os.environ,
@@ -40,6 +42,7 @@ def start_servelm(slots: int) -> tuple[Proc, str, str]:
         "SERVELM_SLOTS": str(slots),
         "SERVELM_THREADS": "2",
         "SERVELM_LOG_LEVEL": "warning",
+        "SERVELM_PROMPT_COUNT": prompt_count,
     }
     port = free_port()
     proc = Proc([str(BIN / "servelm"), "serve", "--port", str(port)], env)
@@ -82,6 +85,7 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--requests-per-slot", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--prompt-count", default="exact", help="servelm variants: exact,bound")
     parser.add_argument("--out", type=Path, default=RESULTS / "engine_efficiency.json")
     args = parser.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
@@ -92,53 +96,82 @@ def main() -> None:
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "runs": [],
     }
-    # Both stay up; only one is loaded at a time. Each point runs on the raw server,
-    # then on servelm, back to back, repeated: the machine's drift hits both alike.
+    variants = [v for v in args.prompt_count.split(",") if v]
+    # All stay up; only one is loaded at a time. Each point runs on the raw server,
+    # then on each servelm, back to back, repeated: the machine's drift hits all alike.
     raw, raw_url = start_llama_server(slots)
-    proc, url, key = start_servelm(slots)
+    gateways = {v: start_servelm(slots, v) for v in variants}
     try:
         # Unmeasured: the first batches of a fresh llama.cpp allocate its compute
         # buffers and page the weights in (the first run measured half the speed).
         for c in args.concurrency:
             point(raw_url, None, c, args)
-            point(url, key, c, args)
+            for _, url, key in gateways.values():
+                point(url, key, c, args)
         for repeat in range(args.repeats):
             for c in args.concurrency:
                 r = point(raw_url, None, c, args)
-                s = point(url, key, c, args)
-                ratio = s["output_throughput"] / r["output_throughput"]
-                results["runs"].append({"repeat": repeat, "llama_server": r, "servelm": s})
-                print(
-                    f"  repeat {repeat} c={c:<3} out tok/s servelm {s['output_throughput']:6.1f}"
-                    f" server {r['output_throughput']:6.1f} ratio {ratio:.3f}"
-                    f"  TTFT p50 {s['ttft_ms']['p50']:7.1f} / {r['ttft_ms']['p50']:7.1f} ms"
-                    f"  failed {s['failed']} / {r['failed']}",
-                    flush=True,
-                )
+                run: dict[str, Any] = {"repeat": repeat, "llama_server": r}
+                for v, (_, url, key) in gateways.items():
+                    s = run[f"servelm-{v}"] = point(url, key, c, args)
+                    print(
+                        f"  repeat {repeat} c={c:<3} {v:<5} out tok/s servelm"
+                        f" {s['output_throughput']:6.1f} server {r['output_throughput']:6.1f}"
+                        f" ratio {s['output_throughput'] / r['output_throughput']:.3f}"
+                        f"  TTFT p50 {s['ttft_ms']['p50']:7.1f} / {r['ttft_ms']['p50']:7.1f} ms"
+                        f"  failed {s['failed']} / {r['failed']}",
+                        flush=True,
+                    )
+                results["runs"].append(run)
     finally:
-        proc.stop()
+        for proc, _, _ in gateways.values():
+            proc.stop()
         raw.kill()
         raw.wait()
 
-    print("\n| concurrency | out tok/s servelm | out tok/s llama.cpp server | ratio (median) "
-          "| TTFT p50 servelm − server |")  # fmt: skip
-    print("|---|---|---|---|---|")
+    print("\n| servelm | concurrency | out tok/s servelm | server | ratio (median) "
+          "| TTFT p50 servelm / server | ratio (median) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
     summary = []
-    for c in args.concurrency:
-        runs = [r for r in results["runs"] if r["servelm"]["concurrency"] == c]
-        s_tps = statistics.median(r["servelm"]["output_throughput"] for r in runs)
-        r_tps = statistics.median(r["llama_server"]["output_throughput"] for r in runs)
-        ratio = statistics.median(
-            r["servelm"]["output_throughput"] / r["llama_server"]["output_throughput"] for r in runs
-        )
-        ttft = statistics.median(
-            r["servelm"]["ttft_ms"]["p50"] - r["llama_server"]["ttft_ms"]["p50"] for r in runs
-        )
-        summary.append(
-            {"concurrency": c, "servelm": s_tps, "llama_server": r_tps, "ratio": ratio,
-             "ttft_p50_diff_ms": ttft}
-        )  # fmt: skip
-        print(f"| {c} | {s_tps:.1f} | {r_tps:.1f} | {ratio:.2f} | {ttft:+.1f} ms |")
+    for v in variants:
+        for c in args.concurrency:
+            runs = [r for r in results["runs"] if r["llama_server"]["concurrency"] == c]
+            mine = [r[f"servelm-{v}"] for r in runs]
+            theirs = [r["llama_server"] for r in runs]
+            row = {
+                "prompt_count": v,
+                "concurrency": c,
+                "servelm": statistics.median(m["output_throughput"] for m in mine),
+                "llama_server": statistics.median(t["output_throughput"] for t in theirs),
+                "ratio": statistics.median(
+                    m["output_throughput"] / t["output_throughput"]
+                    for m, t in zip(mine, theirs, strict=True)
+                ),
+                "ratios": [
+                    m["output_throughput"] / t["output_throughput"]
+                    for m, t in zip(mine, theirs, strict=True)
+                ],
+                "ttft_p50": statistics.median(m["ttft_ms"]["p50"] for m in mine),
+                "ttft_p50_server": statistics.median(t["ttft_ms"]["p50"] for t in theirs),
+                "ttft_ratio": statistics.median(
+                    m["ttft_ms"]["p50"] / t["ttft_ms"]["p50"]
+                    for m, t in zip(mine, theirs, strict=True)
+                ),
+                "ttft_ratios": [
+                    m["ttft_ms"]["p50"] / t["ttft_ms"]["p50"]
+                    for m, t in zip(mine, theirs, strict=True)
+                ],
+                "ttft_p50_diff_ms": statistics.median(
+                    m["ttft_ms"]["p50"] - t["ttft_ms"]["p50"]
+                    for m, t in zip(mine, theirs, strict=True)
+                ),
+            }
+            summary.append(row)
+            print(
+                f"| {v} | {c} | {row['servelm']:.1f} | {row['llama_server']:.1f}"
+                f" | {row['ratio']:.2f} | {row['ttft_p50']:.1f} / {row['ttft_p50_server']:.1f} ms"
+                f" | {row['ttft_ratio']:.2f} |"
+            )
     results["summary"] = summary
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))

@@ -93,15 +93,19 @@ def start_servelm(
     slots: int | None = None,
     cpu: int | None = None,
     workers: int = 1,
+    model_options: str = "",
+    context_window: int = 8192,
 ) -> tuple[Proc, str, str]:
     """servelm as a gateway node in front of ``upstream`` (the built-in local model
-    disabled), keys and credits on; returns the process, its /v1 URL and a key."""
+    disabled), keys and credits on; returns the process, its /v1 URL and a key.
+    ``model_options``: more TOML lines for the "instant" entry (e.g. vision)."""
     data = Path(tempfile.mkdtemp(prefix="servelm-bench-"))
     models = data / "servelm.toml"
     models.write_text(
         f'[models.instant]\nengine = "openai"\nbase_url = "{upstream}"\n'
-        "context_window = 8192\nmax_output_tokens = 1024\n"
+        f"context_window = {context_window}\nmax_output_tokens = 4096\n"
         + (f"slots = {slots}\n" if slots else "")
+        + model_options
         + "[models.smollm2-135m-instruct]\nenabled = false\n"
     )
     env = {

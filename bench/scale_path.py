@@ -4,6 +4,7 @@ them alike and the ratio holds where absolute times do not.
 
     .venv/bin/python bench/scale_path.py postgres   # PostgreSQL against SQLite
     .venv/bin/python bench/scale_path.py workers    # serve --workers 2 against 1
+    .venv/bin/python bench/scale_path.py litellm    # SQLite against LiteLLM (goal 2)
 
 ``postgres``: the instant upstream, servelm on SQLite and servelm on PostgreSQL, all
 three measured each round at each concurrency (the gateway pinned to CPU 0, the
@@ -15,6 +16,12 @@ per round: median, min and max.
 ``workers``: closed-loop capacity of one gateway process against two, on SQLite and
 on PostgreSQL, nothing pinned (two workers need both cores, which the upstream and
 the load generator share with them).
+
+``litellm``: the instant upstream, servelm on SQLite and LiteLLM's proxy (from
+``--litellm``, bench/gateway_overhead.py's way), at one request in flight, each round
+all three in alternating order; the ratios LiteLLM/servelm of the added p50 and p99
+per round. Then servelm's capacity: the closed-loop maximum at 16 in flight against
+a Poisson sweep, the highest offered rate whose p99 stays under 5 ms.
 
 Results go to bench/results/scale_<mode>.json.
 """
@@ -31,6 +38,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gateway_overhead as go
+
+from servelm import bench
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -162,9 +171,81 @@ def workers(args: argparse.Namespace) -> dict[str, Any]:
     return {"rounds": rounds, "summary": summary}
 
 
+def litellm(args: argparse.Namespace) -> dict[str, Any]:
+    os.sched_setaffinity(0, {go.CLIENT_CPU})
+    if not (args.litellm / "bin" / "litellm").exists():
+        raise SystemExit(f"no LiteLLM at {args.litellm} (see docs/benchmarks.md to install it)")
+    up_proc, upstream = go.start_upstream()
+    gateways: dict[str, tuple[go.Proc | None, str, str | None]] = {"direct": (None, upstream, None)}
+    try:
+        gateways["sqlite"] = go.start_servelm(upstream, "sqlite", cpu=go.GATEWAY_CPU)
+        gateways["litellm"] = go.start_litellm(upstream, args.litellm)
+        rounds: list[dict[str, Any]] = []
+        for i in range(args.rounds):
+            order = ["direct", "sqlite", "litellm"]
+            if i % 2:
+                order = order[::-1]
+            row: dict[str, Any] = {}
+            for name in order:
+                gw, gw_url, gw_key = gateways[name]
+                # LiteLLM serves 30-75 requests/s: fewer requests keep its runs seconds.
+                n = args.litellm_requests if name == "litellm" else args.requests
+                r = go.one_run(gw_url, gw_key, args, False, 1, gw.p.pid if gw else None, n)
+                row[name] = {
+                    "req_s": r["request_throughput"],
+                    "p50": r["e2e_ms"]["p50"],
+                    "p99": r["e2e_ms"]["p99"],
+                    "failed": r["failed"],
+                    **({"cpu_ms": r["gateway_cpu_ms"]} if gw else {}),
+                }
+            for name in ("sqlite", "litellm"):
+                for q in ("p50", "p99"):
+                    row[name][f"added_{q}"] = row[name][q] - row["direct"][q]
+            sq, ll = row["sqlite"], row["litellm"]
+            row["ratio"] = {q: ll[f"added_{q}"] / sq[f"added_{q}"] for q in ("p50", "p99")} | {
+                "cpu": ll["cpu_ms"] / sq["cpu_ms"]
+            }
+            print(
+                f"round {i + 1} added p50 sqlite {sq['added_p50']:.3f} litellm "
+                f"{ll['added_p50']:.2f} ms (1/{row['ratio']['p50']:.1f})  added p99 sqlite "
+                f"{sq['added_p99']:.3f} litellm {ll['added_p99']:.2f} ms "
+                f"(1/{row['ratio']['p99']:.1f})  cpu ms/req {sq['cpu_ms']:.3f} / "
+                f"{ll['cpu_ms']:.2f}",
+                flush=True,
+            )
+            rounds.append(row)
+        # Capacity: the closed loop's maximum, then the Poisson sweep, same gateway.
+        _, url, key = gateways["sqlite"]
+        closed = go.run_load(url, key, args, bench.Load(concurrency=16), args.requests, False)
+        most = closed["request_throughput"]
+        print(f"closed loop, 16 in flight: {most:.0f} req/s", flush=True)
+        sweep = go.rate_sweep(url, key, args, args.requests)
+    finally:
+        for gw, _, _ in gateways.values():
+            if gw is not None:
+                gw.stop()
+        up_proc.stop()
+    under = [p["rate"] for p in sweep if p["e2e_p99"] < 5 and p["failed"] == 0]
+    summary: dict[str, Any] = {
+        f"{what}": spread([r["ratio"][what] for r in rounds]) for what in ("p50", "p99", "cpu")
+    }
+    for name in ("sqlite", "litellm"):
+        for metric in ("added_p50", "added_p99", "cpu_ms"):
+            summary[f"{name}.{metric}"] = spread([r[name][metric] for r in rounds])
+    summary["closed_loop_req_s"] = most
+    summary["poisson_p99_under_5ms"] = max(under, default=0.0)
+    summary["poisson_share_of_closed"] = summary["poisson_p99_under_5ms"] / most
+    print(
+        f"Poisson, p99 < 5 ms: {summary['poisson_p99_under_5ms']:.0f} req/s = "
+        f"{summary['poisson_share_of_closed']:.0%} of the closed loop's {most:.0f}",
+        flush=True,
+    )
+    return {"rounds": rounds, "closed_loop": closed, "sweep": sweep, "summary": summary}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", choices=("postgres", "workers"))
+    parser.add_argument("mode", choices=("postgres", "workers", "litellm"))
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", default="1,16")
@@ -176,12 +257,21 @@ def main() -> None:
         type=Path,
         help="postgres mode: also a PostgreSQL gateway run from these sources (a src/ dir)",
     )
+    parser.add_argument("--litellm", type=Path, default=Path("/tmp/litellm-venv"))
+    parser.add_argument("--litellm-requests", type=int, default=300)
+    parser.add_argument(
+        "--rates",
+        default="100,250,500,750,1000,1250",
+        help="litellm mode: Poisson rates for servelm's sweep",
+    )
     parser.add_argument("--input-len", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=16)
     args = parser.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c]
     args.databases = [d for d in args.databases.split(",") if d]
-    result = postgres(args) if args.mode == "postgres" else workers(args)
+    args.rates = [float(r) for r in args.rates.split(",") if r]
+    modes = {"postgres": postgres, "workers": workers, "litellm": litellm}
+    result = modes[args.mode](args)
     out = go.RESULTS / f"scale_{args.mode}{'_baseline' if args.baseline else ''}.json"
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     out.write_text(json.dumps({"machine": go.machine(), "settings": settings, **result}, indent=2))

@@ -847,6 +847,15 @@ async def test_sse_data_one_byte_at_a_time() -> None:
     assert got == SSE_EXPECTED
 
 
+async def test_sse_data_one_large_event_in_many_reads() -> None:
+    # A 1 MB event arriving in 4 KB reads with no newline until its end (issue 15:
+    # the pieces are joined once, not added to one buffer read after read).
+    payload = bytes(range(33, 127)) * 11_155
+    stream = b"data: " + payload + b"\r\n\r\ndata: [DONE]\n\n"
+    pieces = [stream[i : i + 4096] for i in range(0, len(stream), 4096)]
+    assert await sse(pieces) == [payload, b"[DONE]"]
+
+
 async def test_sse_data_line_ends_and_edges() -> None:
     assert await sse([]) == []
     assert await sse([b": keep-alive\n\n: keep-alive\n\n"]) == []

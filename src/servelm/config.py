@@ -90,6 +90,13 @@ class Settings(BaseSettings):
         description="host memory for llama.cpp's cache of finished prompts, for prefix "
         "reuse across requests (default: llama.cpp's, 8 GiB; 0 turns it off)",
     )
+    prompt_count: Literal["exact", "bound"] = Field(
+        default="exact",
+        description="how an embedded model's prompt is counted for the credit hold: "
+        "`exact` (llama.cpp's template and tokenizer, before admission) or `bound` (an "
+        "upper bound from its bytes, settled from the engine's usage; measured in "
+        "docs/benchmarks.md; a stream cut before its usage pays no prompt tokens)",
+    )
     workers: int = Field(
         default=1, gt=0, description="gateway processes on one port (servelm.multiproc)"
     )

@@ -174,7 +174,11 @@ def worker_app() -> ASGIApp:
             return build_engine(spec, s)
         if spec.slug in hosted["loaded"]:
             return HostedEngine(
-                spec, os.environ[_HOST], os.environ[_TOKEN], queue_size=s.queue_size
+                spec,
+                os.environ[_HOST],
+                os.environ[_TOKEN],
+                queue_size=s.queue_size,
+                count_prompts=s.prompt_count == "exact",
             )
         raise ModelUnavailable(
             hosted["unavailable"].get(spec.slug, "the engine process did not load it")
@@ -195,7 +199,9 @@ class HostedEngine(OpenAIUpstreamEngine):
     """A local model that the engine process runs: relayed like an upstream, with the
     prompt counted there exactly as the in-process engine counts it."""
 
-    def __init__(self, spec: ModelSpec, url: str, token: str, *, queue_size: int) -> None:
+    def __init__(
+        self, spec: ModelSpec, url: str, token: str, *, queue_size: int, count_prompts: bool = True
+    ) -> None:
         # The engine process admits and queues (its slots); each worker only relays.
         relay = spec.model_copy(
             update={"engine": "openai", "base_url": url, "api_key": token, "slots": None}
@@ -205,8 +211,11 @@ class HostedEngine(OpenAIUpstreamEngine):
         # model's tokens come far slower than a relay wakes up for them.
         self._plain_calls = False
         self._images_exact = True
+        self._count_prompts = count_prompts
 
-    async def count_prompt_tokens(self, body: dict[str, Any]) -> int:
+    async def count_prompt_tokens(self, body: dict[str, Any]) -> int | None:
+        if not self._count_prompts:
+            return None  # prompt_count = "bound": as the in-process engine
         payload = json.dumps({**body, "model": self.spec.slug}).encode()
         try:
             resp = await self.replicas.all[0].pool.request("POST", "/count", payload)

@@ -58,6 +58,7 @@ def build_engine(spec: ModelSpec, settings: Settings) -> Engine:
         queue_size=settings.queue_size,
         verbose=settings.log_level == "debug",
         prompt_cache_mib=settings.prompt_cache_mib,
+        count_prompts=settings.prompt_count == "exact",
     )
 
 

@@ -86,12 +86,16 @@ class LlamaCppEngine(Engine):
         queue_size: int,
         verbose: bool = False,
         prompt_cache_mib: int | None = None,
+        count_prompts: bool = True,
     ) -> None:
         super().__init__(spec)
         self.slots = spec.slots or slots
         self._threads = threads
         self._verbose = verbose
         self._prompt_cache_mib = prompt_cache_mib
+        # False: no count before admission (two calls into llama.cpp's HTTP routes);
+        # the hold takes the walk's upper bound and the engine's usage settles it.
+        self._count_prompts = count_prompts
         self._admission: Admission = Admission(self.slots, queue_size, self.stats)
         self._server: Any = None
         # Two pools on the embedded server's loopback port: quick calls (template,
@@ -217,11 +221,14 @@ class LlamaCppEngine(Engine):
         except http1.HTTPError as exc:
             raise EngineError(f"the embedded engine did not answer {path}: {exc}") from exc
 
-    async def count_prompt_tokens(self, body: dict[str, Any]) -> int:
+    async def count_prompt_tokens(self, body: dict[str, Any]) -> int | None:
         """Exact for text. Each image's marker in the rendered prompt is replaced by the
         tokens the projector spends on one image: exact for fixed-grid projectors
         (LLaVA's), otherwise an upper bound, and then ``prompt_count_exact`` is False
-        and the engine's own usage settles the count."""
+        and the engine's own usage settles the count. None when counting is off
+        (``prompt_count = "bound"``): the caller bounds the prompt from its bytes."""
+        if not self._count_prompts:
+            return None
         prompt = await self.render_prompt(body)
         text, images = _MEDIA_MARKER.subn("", prompt)
         per_image = self.image_tokens if self.image_tokens is not None else IMAGE_TOKENS_BOUND

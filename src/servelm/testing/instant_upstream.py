@@ -3,7 +3,9 @@
 It spends no time generating, so whatever latency a gateway in front of it shows is
 the gateway's own. It answers ``max_tokens`` one-word chunks (16 without), with
 usage, streaming or not; ``--chunk-delay`` spaces the chunks out, to hold many
-streams open at once (the memory benchmark).
+streams open at once (the memory benchmark). A last message starting with
+``echo:`` is answered with its own text as one chunk: one large event, for the
+cost-growth benchmark.
 
     python -m servelm.testing.instant_upstream --port 9100 [--chunk-delay 0.5]
 """
@@ -39,6 +41,9 @@ def make_app(chunk_delay: float = 0.0) -> Any:
             return
         body = json.loads(await read_body(receive))
         n = int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
+        last = body["messages"][-1].get("content")
+        echo = last if isinstance(last, str) and last.startswith("echo:") else None
+        pieces = [echo] if echo is not None else [" tok"] * n
         prompt = sum(len(str(m.get("content", "")).split()) for m in body["messages"]) + 8
         usage = {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}
         model = body.get("model", "instant")
@@ -52,7 +57,7 @@ def make_app(chunk_delay: float = 0.0) -> Any:
                 "choices": [
                     {
                         "index": 0,
-                        "message": {"role": "assistant", "content": " tok" * n},
+                        "message": {"role": "assistant", "content": "".join(pieces)},
                         "finish_reason": "length",
                     }
                 ],
@@ -75,10 +80,11 @@ def make_app(chunk_delay: float = 0.0) -> Any:
         await event(
             '"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}'
         )
-        for _ in range(n):
+        for piece in pieces:
             if chunk_delay:
                 await asyncio.sleep(chunk_delay)
-            await event('"choices":[{"index":0,"delta":{"content":" tok"},"finish_reason":null}]}')
+            delta = json.dumps({"content": piece})
+            await event(f'"choices":[{{"index":0,"delta":{delta},"finish_reason":null}}]}}')
         await event('"choices":[{"index":0,"delta":{},"finish_reason":"length"}]}')
         await event(f'"choices":[],"usage":{json.dumps(usage)}}}')
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
@@ -97,12 +103,12 @@ async def lifespan(receive: Receive, send: Send) -> None:
 
 async def read_body(receive: Receive) -> bytes:
     """A request's whole body, however many messages it came in."""
-    raw = b""
+    parts: list[bytes] = []  # joined once: += would copy a large body over and over
     while True:
         message = await receive()
-        raw += bytes(message.get("body", b""))
+        parts.append(bytes(message.get("body", b"")))
         if not message.get("more_body"):
-            return raw
+            return b"".join(parts)
 
 
 async def _send(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
