@@ -24,6 +24,7 @@ import json
 import os
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -146,6 +147,13 @@ SCENARIOS = [
 ]  # fmt: skip
 
 
+def commit() -> str:
+    """Which code a scenario's numbers measured (the routing rules change)."""
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                         text=True, check=False, cwd=Path(__file__).parent)  # fmt: skip
+    return out.stdout.strip() or "unknown"
+
+
 def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -233,7 +241,8 @@ def main() -> None:
             system_prompts = args.conversations if prompts == "own" else 1
             runs = scenario(url, key, policies, args, system_prompts, 100 * (i + 1))
             results[name] = {"title": title, "conversations": args.conversations,
-                             "turns": args.turns, "policies": runs}  # fmt: skip
+                             "turns": args.turns, "policies": runs, "commit": commit(),
+                             "load_before": os.getloadavg()[0]}  # fmt: skip
         finally:
             for p in procs:
                 p.stop()
