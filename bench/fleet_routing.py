@@ -242,7 +242,7 @@ def main() -> None:
             runs = scenario(url, key, policies, args, system_prompts, 100 * (i + 1))
             results[name] = {"title": title, "conversations": args.conversations,
                              "turns": args.turns, "policies": runs, "commit": commit(),
-                             "load_before": os.getloadavg()[0]}  # fmt: skip
+                             "load_1min_at_end": os.getloadavg()[0]}  # fmt: skip
         finally:
             for p in procs:
                 p.stop()
