@@ -8,8 +8,8 @@ says all three. Elsewhere the slots come from llama.cpp's ``/props``
 (``total_slots``, asked until known) and the counts from ``/metrics`` (vLLM's
 ``vllm:num_requests_running``/``_waiting``, llama.cpp's
 ``llamacpp:requests_processing``/``_deferred``, SGLang's ``sglang:num_running_reqs``
-/``num_queue_reqs``); a server without the endpoint is not asked again. vLLM reports
-no slot count: declare ``slots`` (its ``--max-num-seqs``) in the models file.
+/``num_queue_reqs``); a server without the endpoint is not asked again. vLLM and
+SGLang report no slot count: declare ``slots`` in the models file.
 """
 
 from __future__ import annotations
