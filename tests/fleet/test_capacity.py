@@ -70,24 +70,37 @@ def test_a_full_replica_loses_affinity_while_another_has_a_free_slot() -> None:
     assert router.order(fleet, body)[0] is small
 
 
-def test_affinity_holds_while_its_replica_has_a_free_slot_however_idle_the_others() -> None:
+def test_affinity_holds_within_half_its_slots_of_the_least_loaded() -> None:
     router = PrefixAffinity()
-    first, other = fleet = replicas(2, slots=[4, 4])
+    first, other = fleet = replicas(2, slots=[8, 8])
     body = owned_by(router, fleet, first)
-    first.in_flight = 3  # above 0 x 1.5 + 2, the request-count bound
+    first.in_flight = 4  # 0.5 per slot next to an idle replica; above 0 x 1.5 + 2 requests
     assert router.order(fleet, body)[0] is first
-    first.in_flight = 4
+    first.in_flight = 5
     assert router.order(fleet, body)[0] is other
+    other.in_flight = 2  # 0.25 per slot: the bound is 0.875, 7 requests
+    first.in_flight = 7
+    assert router.order(fleet, body)[0] is first
+
+
+def test_an_idle_small_replica_takes_work_from_a_big_one_with_free_slots() -> None:
+    router = PrefixAffinity()
+    big, small = fleet = replicas(2, slots=[4, 1])
+    body = owned_by(router, fleet, big)
+    big.in_flight = 2
+    assert router.order(fleet, body)[0] is big
+    big.in_flight = 3  # three prefills sharing one replica's compute, the other idle
+    assert router.order(fleet, body)[0] is small
 
 
 def test_when_every_slot_is_taken_the_bound_is_relative_per_slot() -> None:
     router = PrefixAffinity()
     first, other = fleet = replicas(2, slots=[4, 2])
     body = owned_by(router, fleet, first)
-    other.in_flight = 2  # 1.0 per slot
-    first.in_flight = 6  # 1.5 per slot: within 1.5 x 1.0
+    other.in_flight = 2  # 1.0 per slot: the bound is 1.5 x 1.0 + 0.5
+    first.in_flight = 8  # 2.0 per slot
     assert router.order(fleet, body)[0] is first
-    first.in_flight = 7  # 1.75
+    first.in_flight = 9
     assert router.order(fleet, body)[0] is other
 
 

@@ -21,16 +21,20 @@ where every replica's slot count is known (reported or declared), else over its
 weight. Counting requests alone made a 1-slot replica with two requests (one of them
 queued) look no busier than a 4-slot one with two running (docs/benchmarks.md).
 
-The bound, with slot counts known: while any replica has a free slot, one without
-is passed over (a request queued behind a full replica waits for a whole answer
-there, where the free slot starts it now, at the cost of one prefill); when none
-has, a replica may carry at most ``GUARD_REL`` times the least-loaded one's load.
-Without slot counts, where "full" cannot be told: at most ``GUARD_REL`` times the
-least load plus ``GUARD_ABS``. SGLang's cache-aware router and Ray Serve's
-PrefixCacheAffinityRouter likewise keep prefix affinity only while load is
-balanced, and fall back to the least loaded otherwise; here the fallback is the
-prompt's next replica in its own ranking, so a conversation pushed off its first
-choice lands on the same second choice every time, from every gateway.
+The bound, with slot counts known: a replica keeps affinity while its load is at
+most ``GUARD_REL`` times the least-loaded one's plus ``GUARD_ABS_SLOTS`` (half its
+slots), and, while any replica has a free slot, only if it has one too. A request
+queued on a full replica waits there for a whole answer to finish, where a free slot
+elsewhere starts it now at the cost of one prefill; and a replica with free slots
+but several prefills running next to an idle one is slower than the idle one, since
+its slots share its compute (a measured skew run put all four conversations on a
+4-slot worker beside an idle one under the free-slot rule alone). Without slot
+counts, where "full" cannot be told: at most ``GUARD_REL`` times the least load plus
+``GUARD_ABS``. SGLang's cache-aware router and Ray Serve's PrefixCacheAffinityRouter
+likewise keep prefix affinity only while load is balanced, and fall back to the
+least loaded otherwise; here the fallback is the prompt's next replica in its own
+ranking, so a conversation pushed off its first choice lands on the same second
+choice every time, from every gateway.
 """
 
 from __future__ import annotations
@@ -51,7 +55,8 @@ PREFIX_BYTES = 64 * 1024
 # looser bound (2x + 4) let four conversations that hashed to one replica all stay
 # there while the other idled.
 GUARD_REL = 1.5
-GUARD_ABS = 2.0
+GUARD_ABS = 2.0  # requests per unit of weight, where capacities are weights
+GUARD_ABS_SLOTS = 0.5  # requests per slot, where capacities are slots
 
 
 def capacities(replicas: list[Replica]) -> list[float]:
@@ -68,17 +73,23 @@ def loads(replicas: list[Replica]) -> dict[int, float]:
     return {id(r): r.busy / c for r, c in zip(replicas, capacities(replicas), strict=True)}
 
 
-def within_bound(replicas: list[Replica], guard_rel: float = GUARD_REL,
-                 guard_abs: float = GUARD_ABS) -> dict[int, bool]:  # fmt: skip
+def within_bound(
+    replicas: list[Replica],
+    guard_rel: float = GUARD_REL,
+    guard_abs: float = GUARD_ABS,
+    guard_abs_slots: float = GUARD_ABS_SLOTS,
+) -> dict[int, bool]:
     """Which replicas may keep a prompt's affinity (the module's docstring says why).
-    The least-loaded replica always may, so one always does."""
+    The least-loaded replica always may (where any replica has a free slot, so does
+    the least loaded per slot), so one always does."""
     load = loads(replicas)
     least = min(load.values())
-    if all(r.slots for r in replicas):
-        if any(r.busy < (r.slots or 0) for r in replicas):
-            return {id(r): r.busy < (r.slots or 0) for r in replicas}
-        return {id(r): load[id(r)] <= least * guard_rel for r in replicas}
-    return {id(r): load[id(r)] <= least * guard_rel + guard_abs for r in replicas}
+    if not all(r.slots for r in replicas):
+        return {id(r): load[id(r)] <= least * guard_rel + guard_abs for r in replicas}
+    # Per slot, a load under 1 is a free slot.
+    room = least < 1
+    bound = least * guard_rel + guard_abs_slots
+    return {id(r): load[id(r)] <= bound and (load[id(r)] < 1 or not room) for r in replicas}
 
 
 class Router(Protocol):
@@ -108,9 +119,15 @@ class LeastLoad:
 
 
 class PrefixAffinity:
-    def __init__(self, guard_rel: float = GUARD_REL, guard_abs: float = GUARD_ABS) -> None:
+    def __init__(
+        self,
+        guard_rel: float = GUARD_REL,
+        guard_abs: float = GUARD_ABS,
+        guard_abs_slots: float = GUARD_ABS_SLOTS,
+    ) -> None:
         self.guard_rel = guard_rel
         self.guard_abs = guard_abs
+        self.guard_abs_slots = guard_abs_slots
 
     def order(self, replicas: list[Replica], body: dict[str, Any]) -> list[Replica]:
         if len(replicas) < 2:
@@ -119,7 +136,7 @@ class PrefixAffinity:
         ranked = sorted(replicas, key=lambda r: hrw_score(key, r.url, r.weight), reverse=True)
         # The first replica in the prompt's own ranking within the bound; the rest
         # follow in ranking order as the failover path.
-        ok = within_bound(replicas, self.guard_rel, self.guard_abs)
+        ok = within_bound(replicas, self.guard_rel, self.guard_abs, self.guard_abs_slots)
         first = next(i for i, r in enumerate(ranked) if ok[id(r)])
         return [ranked[first], *ranked[:first], *ranked[first + 1 :]]
 
