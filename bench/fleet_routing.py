@@ -180,8 +180,8 @@ def markdown(results: dict[str, Any]) -> str:
     """The results as the table docs/benchmarks.md carries."""
     lines = [
         "| scenario | routing | turn ≥ 2 TTFT p50 / p99 ms | turn 1 TTFT p50 ms | "
-        "e2e p50 / p99 ms | req/s | failed | calls per replica |",
-        "|---|---|---|---|---|---|---|---|",
+        "e2e p50 / p99 ms | req/s | failed | calls per replica | commit |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, *_ in SCENARIOS:
         if name not in results:
@@ -196,7 +196,8 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {policy} | {s['ttft_later_p50_ms']:.0f} / "
                 f"{s['ttft_later_p99_ms']:.0f} | {s['ttft_first_p50_ms']:.0f} | "
                 f"{s['e2e_p50_ms']:.0f} / {s['e2e_p99_ms']:.0f} | "
-                f"{s['request_throughput']:.2f} | {s['failed']} | {share} |"
+                f"{s['request_throughput']:.2f} | {s['failed']} | {share} | "
+                f"{results[name].get('commit', 'before 718819f')} |"
             )
     return "\n".join(lines)
 
