@@ -24,6 +24,7 @@ import json
 import os
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -146,6 +147,13 @@ SCENARIOS = [
 ]  # fmt: skip
 
 
+def commit() -> str:
+    """Which code a scenario's numbers measured (the routing rules change)."""
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                         text=True, check=False, cwd=Path(__file__).parent)  # fmt: skip
+    return out.stdout.strip() or "unknown"
+
+
 def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -172,8 +180,8 @@ def markdown(results: dict[str, Any]) -> str:
     """The results as the table docs/benchmarks.md carries."""
     lines = [
         "| scenario | routing | turn ≥ 2 TTFT p50 / p99 ms | turn 1 TTFT p50 ms | "
-        "e2e p50 / p99 ms | req/s | failed | calls per replica |",
-        "|---|---|---|---|---|---|---|---|",
+        "e2e p50 / p99 ms | req/s | failed | calls per replica | commit |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, *_ in SCENARIOS:
         if name not in results:
@@ -188,7 +196,8 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {policy} | {s['ttft_later_p50_ms']:.0f} / "
                 f"{s['ttft_later_p99_ms']:.0f} | {s['ttft_first_p50_ms']:.0f} | "
                 f"{s['e2e_p50_ms']:.0f} / {s['e2e_p99_ms']:.0f} | "
-                f"{s['request_throughput']:.2f} | {s['failed']} | {share} |"
+                f"{s['request_throughput']:.2f} | {s['failed']} | {share} | "
+                f"{results[name].get('commit', 'before 718819f')} |"
             )
     return "\n".join(lines)
 
@@ -233,7 +242,8 @@ def main() -> None:
             system_prompts = args.conversations if prompts == "own" else 1
             runs = scenario(url, key, policies, args, system_prompts, 100 * (i + 1))
             results[name] = {"title": title, "conversations": args.conversations,
-                             "turns": args.turns, "policies": runs}  # fmt: skip
+                             "turns": args.turns, "policies": runs, "commit": commit(),
+                             "load_1min_at_end": os.getloadavg()[0]}  # fmt: skip
         finally:
             for p in procs:
                 p.stop()

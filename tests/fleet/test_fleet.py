@@ -112,6 +112,9 @@ def ledger_check(fleet: Fleet) -> None:
 
 @pytest.mark.timeout(300)
 def test_fifty_concurrent_streams_use_both_workers(fleet: Fleet) -> None:
+    # The gateway learned each worker's slots from its /health: routing counts load
+    # per slot.
+    assert [r["slots"] for r in fleetprocs.replicas_state(fleet.gw, MODEL)] == [8, 8]
     before = requests_per_replica(fleet)
     results = asyncio.run(chats(fleet, 0, 50, 8))
     failed = [r for r in results if r.status != 200 or not r.done]

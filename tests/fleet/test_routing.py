@@ -11,10 +11,16 @@ from servelm.fleet.routing import GUARD_ABS, LeastLoad, PrefixAffinity, RoundRob
 from servelm.fleet.spec import ReplicaSpec
 
 
-def replicas(n: int, weights: list[float] | None = None) -> list[Replica]:
+def replicas(
+    n: int, weights: list[float] | None = None, slots: list[int | None] | None = None
+) -> list[Replica]:
     return [
         Replica(
-            ReplicaSpec(url=f"http://10.0.0.{i + 1}:8000/v1", weight=(weights or [1.0] * n)[i]),
+            ReplicaSpec(
+                url=f"http://10.0.0.{i + 1}:8000/v1",
+                weight=(weights or [1.0] * n)[i],
+                slots=(slots or [None] * n)[i],
+            ),
             model="m",
             connect_timeout=1,
             read_timeout=1,
@@ -114,9 +120,10 @@ def test_a_conversation_pushed_off_its_first_choice_always_lands_on_the_same_sec
     assert PrefixAffinity().order(other, body)[0].url == second.url
 
 
-def test_least_load_counts_in_flight_and_reported_queue_per_weight() -> None:
+def test_least_load_counts_in_flight_and_other_gateways_work_per_weight() -> None:
     fleet = replicas(3, [1.0, 1.0, 4.0])
-    fleet[0].in_flight, fleet[1].reported_queue, fleet[2].in_flight = 1, 2, 6
+    fleet[0].in_flight, fleet[2].in_flight = 1, 6
+    fleet[1].reported(slots=None, running=1, waiting=1)  # another gateway's two requests
     assert [r.url for r in LeastLoad().order(fleet, {})] == [
         fleet[0].url,
         fleet[2].url,  # 6 / 4 = 1.5

@@ -2,9 +2,14 @@
 
 A probe is ``GET /health`` at the replica's origin (servelm workers, vLLM, SGLang
 and llama.cpp's server all have one), falling back to ``GET {base}/models`` for
-servers without it. A servelm worker's /health also reports its queue depth; vLLM's
-and llama.cpp's ``/metrics`` report theirs (``vllm:num_requests_waiting``,
-``llamacpp:requests_deferred``), read once per probe where the server has them.
+servers without it. Each probe also reads what routing weighs (``routing``): the
+replica's slots and its requests running and waiting. A servelm worker's /health
+says all three. Elsewhere the slots come from llama.cpp's ``/props``
+(``total_slots``, asked until known) and the counts from ``/metrics`` (vLLM's
+``vllm:num_requests_running``/``_waiting``, llama.cpp's
+``llamacpp:requests_processing``/``_deferred``, SGLang's ``sglang:num_running_reqs``
+/``num_queue_reqs``); a server without the endpoint is not asked again. vLLM and
+SGLang report no slot count: declare ``slots`` in the models file.
 """
 
 from __future__ import annotations
@@ -14,17 +19,28 @@ import contextlib
 import json
 import logging
 import re
+from dataclasses import dataclass
 
 from servelm import http1
 from servelm.fleet.replicas import Replica, ReplicaSet
 
 log = logging.getLogger(__name__)
 
-_QUEUE_METRIC = re.compile(
-    rb"^(?:vllm:num_requests_waiting|llamacpp:requests_deferred|sglang:num_queue_reqs)"
+_METRIC = re.compile(
+    rb"^(vllm:num_requests_running|vllm:num_requests_waiting|llamacpp:requests_processing"
+    rb"|llamacpp:requests_deferred|sglang:num_running_reqs|sglang:num_queue_reqs)"
     rb"(?:\{[^}]*\})?\s+([0-9.eE+-]+)",
     re.MULTILINE,
 )
+_RUNNING = {b"vllm:num_requests_running", b"llamacpp:requests_processing",
+            b"sglang:num_running_reqs"}  # fmt: skip
+
+
+@dataclass
+class Reading:
+    slots: int | None = None
+    running: int = 0
+    waiting: int = 0
 
 
 class HealthChecker:
@@ -34,8 +50,10 @@ class HealthChecker:
         # A probe that takes longer than this has failed.
         self.timeout = min(interval, 2.0)
         self._task: asyncio.Task[None] | None = None
-        # Replicas whose /metrics had no queue gauge we know: not asked again.
+        # Replicas whose /metrics had no gauge we know, or with no /props: not asked
+        # again.
         self._no_metrics: set[str] = set()
+        self._no_props: set[str] = set()
 
     async def probe_all(self) -> None:
         await asyncio.gather(*(self.probe(r) for r in self.replicas.all))
@@ -50,7 +68,7 @@ class HealthChecker:
         else:
             reason = "health probe failed: not ready"
         if not ok:
-            replica.reported_queue = 0
+            replica.reported(slots=None, running=0, waiting=0)
             replica.eject(reason)
             return False
         return replica.readmit(cooldown=self.interval)
@@ -64,19 +82,35 @@ class HealthChecker:
             return status < 500
         if status != 200:
             return False
-        queue = _queue_from_health(body)
-        if queue is None and replica.url not in self._no_metrics:
-            queue = await self._queue_from_metrics(replica)
-        replica.reported_queue = queue or 0
+        reading = _from_health(body)
+        if reading is None:
+            reading = Reading()
+            if replica.url not in self._no_metrics:
+                reading = await self._from_metrics(replica)
+            if replica.slots is None and replica.url not in self._no_props:
+                reading.slots = await self._slots_from_props(replica)
+        replica.reported(slots=reading.slots, running=reading.running, waiting=reading.waiting)
         return True
 
-    async def _queue_from_metrics(self, replica: Replica) -> int | None:
+    async def _from_metrics(self, replica: Replica) -> Reading:
         status, body = await _get(replica.probe_pool, "/metrics")
-        values = _QUEUE_METRIC.findall(body) if status == 200 else []
+        values = _METRIC.findall(body) if status == 200 else []
         if not values:
             self._no_metrics.add(replica.url)
-            return None
-        return int(sum(float(v) for v in values))
+        reading = Reading()
+        for name, value in values:
+            if name in _RUNNING:
+                reading.running += int(float(value))
+            else:
+                reading.waiting += int(float(value))
+        return reading
+
+    async def _slots_from_props(self, replica: Replica) -> int | None:
+        status, body = await _get(replica.probe_pool, "/props")
+        slots = (_count(_json(body), "total_slots") or None) if status == 200 else None
+        if slots is None:
+            self._no_props.add(replica.url)
+        return slots
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
@@ -103,11 +137,25 @@ async def _get(pool: http1.Pool, path: str) -> tuple[int, bytes]:
         return resp.status_code, await resp.read()
 
 
-def _queue_from_health(body: bytes) -> int | None:
+def _from_health(body: bytes) -> Reading | None:
+    """A servelm worker's /health: ``slots``, ``slots_busy`` and ``queue_depth``."""
+    data = _json(body)
+    waiting = _count(data, "queue_depth")
+    if waiting is None:
+        return None
+    running = _count(data, "slots_busy") or 0
+    return Reading(slots=_count(data, "slots") or None, running=running, waiting=waiting)
+
+
+def _json(body: bytes) -> dict[str, object]:
     try:
         data = json.loads(body)
     except ValueError:
-        return None
-    if isinstance(data, dict) and isinstance(data.get("queue_depth"), int):
-        return int(data["queue_depth"])
-    return None
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _count(data: dict[str, object], name: str) -> int | None:
+    value = data.get(name)
+    # bool is an int to Python, never a count here.
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None

@@ -22,6 +22,9 @@ def replica_families(
     queue = GaugeMetricFamily(
         "servelm_replica_queue", "The replica's own queue at the last probe.", labels=labels
     )
+    slots = GaugeMetricFamily(
+        "servelm_replica_slots", "Requests the replica runs at once (0: unknown).", labels=labels
+    )
     requests = CounterMetricFamily(
         "servelm_replica_requests", "Upstream calls sent to the replica.", labels=labels
     )
@@ -37,6 +40,7 @@ def replica_families(
             healthy.add_metric(key, 1 if r.healthy else 0)
             in_flight.add_metric(key, r.in_flight)
             queue.add_metric(key, r.reported_queue)
+            slots.add_metric(key, r.slots or 0)
             requests.add_metric(key, r.requests_total)
             ejections.add_metric(key, r.ejections_total)
-    yield from (healthy, in_flight, queue, requests, ejections)
+    yield from (healthy, in_flight, queue, slots, requests, ejections)

@@ -1,4 +1,5 @@
-"""Each replica's live state: healthy or ejected, requests in flight, reported queue.
+"""Each replica's live state: healthy or ejected, requests in flight, its capacity
+and the work it reported.
 
 State changes two ways. Passively, a request that cannot connect, times out or gets
 a 5xx ejects the replica at once (the request itself fails over). Actively, the
@@ -33,6 +34,7 @@ class Replica:
     ) -> None:
         self.url = spec.url.rstrip("/")
         self.weight = spec.weight
+        self.declared_slots = spec.slots
         self.model = model
         headers = {"authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
         self.pool = http1.Pool(
@@ -52,17 +54,37 @@ class Replica:
         self.ejected_at: float | None = None
         self.last_error = ""
         self.in_flight = 0
-        # Requests waiting in the engine's own queue, as its /health or /metrics said
-        # at the last probe; 0 where it tells nothing.
+        # What the engine said at the last probe (servelm worker /health, llama.cpp's
+        # /props, /metrics): its slots, requests running and waiting; None / 0 where
+        # it tells nothing.
+        self.reported_slots: int | None = None
+        self.reported_running = 0
         self.reported_queue = 0
+        # Of those, work other gateways sent: the engine's count less ours at that
+        # moment. Adding the engine's whole count to our own live one would count our
+        # requests twice, and keep counting finished ones until the next probe.
+        self.foreign = 0
         self.requests_total = 0
         self.failures_total = 0
         self.ejections_total = 0
 
     @property
-    def load(self) -> float:
-        """What routing compares: work here per unit of weight."""
-        return (self.in_flight + self.reported_queue) / self.weight
+    def slots(self) -> int | None:
+        """Requests it runs at once: as declared in the models file, else as reported."""
+        return self.declared_slots or self.reported_slots
+
+    @property
+    def busy(self) -> int:
+        """Requests on it now: ours, live, plus other gateways' as of the last probe."""
+        return self.in_flight + self.foreign
+
+    def reported(self, *, slots: int | None, running: int, waiting: int) -> None:
+        """A probe's reading. Called right after the answer arrived, so ``in_flight``
+        is as close as it gets to our share of what the engine counted."""
+        if slots is not None:
+            self.reported_slots = slots
+        self.reported_running, self.reported_queue = running, waiting
+        self.foreign = max(0, running + waiting - self.in_flight)
 
     def eject(self, reason: str) -> None:
         self.failures_total += 1
@@ -90,7 +112,9 @@ class Replica:
             "url": self.url,
             "state": "healthy" if self.healthy else "ejected",
             "weight": self.weight,
+            "slots": self.slots,
             "in_flight": self.in_flight,
+            "running": self.reported_running,
             "queue": self.reported_queue,
             "requests": self.requests_total,
             "failures": self.failures_total,

@@ -3,7 +3,7 @@
 An ``engine = "openai"`` entry names its replicas either as bare URLs or as tables
 with their own key and weight::
 
-    replicas = ["http://10.0.0.5:8000/v1", {url = "http://10.0.0.6:8000/v1", weight = 2}]
+    replicas = ["http://10.0.0.5:8000/v1", {url = "http://10.0.0.6:8000/v1", slots = 64}]
     routing = "prefix"        # or "least_load", "round_robin"
     health_interval = 5.0     # seconds between active probes
 
@@ -29,6 +29,9 @@ class ReplicaSpec(BaseModel):
     api_key: str | None = None
     # Share of the traffic relative to the others (a GPU node next to a CPU one).
     weight: float = Field(default=1.0, gt=0)
+    # Requests it runs at once, where it does not say so itself (vLLM: its
+    # --max-num-seqs). servelm workers and llama.cpp servers report theirs.
+    slots: int | None = Field(default=None, gt=0)
 
 
 def coerce_replicas(value: object) -> object:
