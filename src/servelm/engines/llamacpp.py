@@ -71,6 +71,8 @@ def projector_image_tokens(mmproj: Path) -> int | None:
 
 # Tokens per prefill step; see _params.
 PREFILL_BATCH = 512
+# Idle keep-alive connections for the prompt count's calls (template, tokenize).
+COUNT_IDLE = 4
 # Longest silence from the engine mid-generation: a 100k-token prefill on a busy CPU.
 # The request's own deadline (issue 13) usually ends it sooner.
 GENERATION_READ_TIMEOUT = 3600.0
@@ -123,9 +125,12 @@ class LlamaCppEngine(Engine):
         # one micro-batch (512, its default) cost nothing on CPU and let a hang-up stop
         # a long prefill within one batch.
         p.n_batch = PREFILL_BATCH
-        # Every running generation holds one of the HTTP server's threads while it
-        # streams; the rest serve counts and metrics.
-        p.n_threads_http = self.slots + 4
+        # llama.cpp's HTTP server gives each connection a thread for as long as it is
+        # open, idle keep-alive included: every running generation holds one, the
+        # counting pool's idle connections hold theirs, and the rest serve counts in
+        # flight. (With too few, counts queued behind idle connections until their
+        # 5 s keep-alive ran out: 0.3-0.8x the raw server's tokens/s at 32 streams.)
+        p.n_threads_http = self.slots + COUNT_IDLE + 8
         p.cpuparams.n_threads = self._threads
         p.cpuparams_batch.n_threads = self._threads
         p.warmup = False
@@ -170,8 +175,11 @@ class LlamaCppEngine(Engine):
             _restore_signal_handlers(saved)
         # The embedded server listens on an ephemeral loopback port: generation,
         # template and tokenize all go through its HTTP routes (see ``stream``).
-        self._http = http1.Pool(self._server.listening_address, read_timeout=30.0)
-        self._gen = http1.Pool(self._server.listening_address, read_timeout=GENERATION_READ_TIMEOUT)
+        address = self._server.listening_address
+        self._http = http1.Pool(address, read_timeout=30.0, max_idle=COUNT_IDLE)
+        # Generations are not kept alive: a connect on loopback is nothing next to a
+        # generation, and an idle connection would pin one of the server's threads.
+        self._gen = http1.Pool(address, read_timeout=GENERATION_READ_TIMEOUT, max_idle=0)
         log.info(
             "loaded %s from %s (%d slots, context %d)",
             self.spec.slug,
