@@ -378,19 +378,23 @@ def non_global_reason(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
     and site-local); the cases before it only make the message precise, and addresses
     that embed an IPv4 one (mapped, 6to4, Teredo, NAT64) are judged by that too."""
     if isinstance(ip, ipaddress.IPv6Address):
-        embedded: list[ipaddress.IPv4Address] = []
+        # Forms that reach exactly the IPv4 address inside them (mapped, 6to4, NAT64)
+        # are that address: judged by it alone, since Python's own verdict on their
+        # IPv6 prefixes changed between 3.11 releases (2002::/16 was private before
+        # 3.11.4). Teredo tunnels through a relay, so it must pass both checks.
+        translated: list[ipaddress.IPv4Address] = []
         if ip.ipv4_mapped is not None:
-            embedded.append(ip.ipv4_mapped)
+            translated.append(ip.ipv4_mapped)
         if ip.sixtofour is not None:
-            embedded.append(ip.sixtofour)
-        if ip.teredo is not None:
-            embedded.extend(ip.teredo)
+            translated.append(ip.sixtofour)
         if any(ip in net for net in _NAT64):
-            embedded.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
-        for inner in embedded:
+            translated.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+        for inner in [*translated, *(ip.teredo or ())]:
             reason = non_global_reason(inner)
             if reason:
                 return f"{reason}, inside {ip}"
+        if translated:
+            return ""
         if ip.is_site_local:
             return f"a site-local address ({ip})"
     for test, what in (

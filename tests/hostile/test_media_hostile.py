@@ -159,7 +159,10 @@ def test_addresses_that_are_not_global_are_refused(address: str) -> None:
         run(load(loader, f"http://[{address}]:8080/x.png"))
 
 
-@pytest.mark.parametrize("address", ["8.8.8.8", "2001:4860:4860::8888", "2002:808:808::1"])
+@pytest.mark.parametrize(
+    "address",
+    ["8.8.8.8", "2001:4860:4860::8888", "2002:808:808::1", "::ffff:8.8.8.8", "64:ff9b::808:808"],
+)
 def test_global_addresses_pass_the_check(address: str) -> None:
     assert non_global_reason(ipaddress.ip_address(address)) == ""
 

@@ -97,7 +97,7 @@ def test_seed_slug_serves_the_openai_route_streaming_and_not(
 ) -> None:
     client = openai.OpenAI(base_url=seed_live.v1, api_key=seed_live.api_key, max_retries=0)
     done = client.chat.completions.create(model=slug, messages=SEED_MESSAGES, max_tokens=6)
-    assert done.model == slug and done.usage is not None and done.usage.completion_tokens == 6
+    assert done.model == slug and done.usage is not None
     stream = client.chat.completions.create(
         model=slug,
         messages=SEED_MESSAGES,
@@ -108,7 +108,11 @@ def test_seed_slug_serves_the_openai_route_streaming_and_not(
     chunks = list(stream)
     assert chunks[-1].usage is not None
     assert chunks[-1].usage.prompt_tokens == done.usage.prompt_tokens
-    assert chunks[-1].usage.completion_tokens == 6
+    # Six tokens are generated each time; a random-weight model may end on a byte of
+    # an unfinished character, which llama.cpp never sends, and the client then pays
+    # for the text it got (serving._bill_what_was_sent): at most six, never none.
+    for usage in (done.usage, chunks[-1].usage):
+        assert 1 <= usage.completion_tokens <= 6
 
 
 def test_models_list_shows_the_seed_context_windows(seed_live: LiveServer) -> None:
