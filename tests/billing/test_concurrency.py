@@ -44,6 +44,10 @@ async def fire(gateways: list[procs.Gateway], key: str) -> list[httpx.Response]:
                 "messages": [{"role": "user", "content": f"Say the number {i}."}],
                 "max_tokens": TOKENS,
                 "ignore_eos": True,
+                # Greedy: a sampled token with no text of its own (a control token, a
+                # byte of an unfinished character) is rightly not billed, and would
+                # make a request cost less than its hold and the count other than 20.
+                "temperature": 0,
             }
             if i % 2:
                 return await client.post(
