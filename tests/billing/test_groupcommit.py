@@ -32,7 +32,7 @@ async def _to_thread(fn: Callable[..., Any], *args: Any) -> Any:
 async def commit(db: Database) -> AsyncIterator[GroupCommit]:
     gc = GroupCommit(db, _to_thread)
     yield gc
-    gc.close()
+    await gc.close()
 
 
 def reserve(gc: GroupCommit, account_id: int, request_id: str, amount: int) -> Any:

@@ -13,8 +13,9 @@ money, so a retry, a sweeper and a late ``finally`` can all call it safely.
 On PostgreSQL each is ONE statement (data-modifying CTEs: the same conditional
 UPDATEs, then the inserts that select from what they returned), so a hold and a
 settlement cost one round trip each, or one per group-commit batch (``Tx.submit``).
-They return a ``Later``: the answer is read once the batch has gone out. Only the rare
-paths (a refusal, a hold settled before) read again, after it.
+They return a ``Later``: the answer is read once the batch has gone out. The rare
+answers (a refusal and the balance it saw, a hold settled before) come back in the
+same statement's row, so nothing is read again after it.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from sqlalchemy import bindparam, case, func, insert, select, update
 from servelm.billing.clock import utcnow
 from servelm.errors import InsufficientCredits, NotFound
 from servelm.money import format_credits
-from servelm.store.db import Database, Later, Row, Tx, outcome
+from servelm.store.db import Database, Later, PgBatch, Row, Tx, outcome
 from servelm.store.tables import accounts, holds, ledger, usage
 
 
@@ -114,6 +115,9 @@ _USAGE = insert(usage).values(
 # row locks and re-check their WHERE against a row a concurrent writer just changed
 # (READ COMMITTED), so the conditional updates keep the same guarantees as above.
 # Parameters in SELECT lists carry casts: PostgreSQL cannot infer their types there.
+# Each also answers its rare case in the same row (``won`` false): the balance a
+# refused hold saw, or what an earlier settlement charged; these parts read the
+# statement's snapshot, from before its own updates.
 _PG_RESERVE = """
 WITH r AS (
     UPDATE accounts SET balance = balance - %(amount)s, held = held + %(amount)s
@@ -126,7 +130,10 @@ WITH r AS (
            %(expires_at)s::timestamptz
     FROM r
 )
-SELECT balance FROM r
+SELECT balance, true FROM r
+UNION ALL
+SELECT balance, false FROM accounts
+WHERE id = %(account_id)s AND NOT EXISTS (SELECT 1 FROM r)
 """
 _PG_SETTLE = """
 WITH c AS (
@@ -150,7 +157,11 @@ WITH c AS (
            %(latency_ms)s::integer, %(now)s::timestamptz
     FROM c
 )
-SELECT c.charged, a.balance FROM c, a
+SELECT c.charged, a.balance, true FROM c, a
+UNION ALL
+SELECT COALESCE(h.charged, 0), acc.balance, false
+FROM holds h JOIN accounts acc ON acc.id = h.account_id
+WHERE h.request_id = %(rid)s AND NOT EXISTS (SELECT 1 FROM c)
 """
 
 
@@ -163,7 +174,7 @@ def reserve(db: Database, **kw: Any) -> int:
 
 
 def reserve_in(
-    tx: Tx,
+    tx: Tx | PgBatch,
     *,
     account_id: int,
     key_id: int | None,
@@ -184,7 +195,8 @@ def reserve_in(
     }
     if tx.postgresql:
         answer = tx.submit(_PG_RESERVE, hold)
-        return Later(lambda: _reserved(tx, answer(), account_id, amount))
+        return Later(lambda: _reserved(answer(), account_id, amount))
+    assert isinstance(tx, Tx)
     row = tx.first(_RESERVE, {"account_id": account_id, "amount": amount})
     if row is None:
         _refuse(tx, account_id, amount)
@@ -192,10 +204,13 @@ def reserve_in(
     return int(row[0])
 
 
-def _reserved(tx: Tx, row: Row, account_id: int, amount: int) -> int:
+def _reserved(row: Row, account_id: int, amount: int) -> int:
     if row is None:
-        _refuse(tx, account_id, amount)
-    return int(row[0])
+        raise NotFound(f"No account {account_id}.")
+    balance, won = row
+    if not won:
+        raise NotEnoughCredits(int(balance), amount)
+    return int(balance)
 
 
 def _refuse(tx: Tx, account_id: int, amount: int) -> NoReturn:
@@ -215,7 +230,7 @@ def settle(db: Database, request_id: str, **kw: Any) -> Settlement:
 
 
 def settle_in(
-    tx: Tx,
+    tx: Tx | PgBatch,
     request_id: str,
     *,
     charge: int,
@@ -240,7 +255,8 @@ def settle_in(
                 "latency_ms": _int4(latency_ms),
             },
         )
-        return Later(lambda: _settled(tx, request_id, answer()))
+        return Later(lambda: _settled(request_id, answer()))
+    assert isinstance(tx, Tx)
     won = tx.first(_CLAIM, {"rid": request_id, "now": now, "charge": charge})
     if won is None:
         return _settled_before(tx, request_id)
@@ -283,10 +299,11 @@ def _int4(n: int) -> int:
     return max(0, min(int(n), 2**31 - 1))
 
 
-def _settled(tx: Tx, request_id: str, row: Row) -> Settlement:
+def _settled(request_id: str, row: Row) -> Settlement:
     if row is None:
-        return _settled_before(tx, request_id)
-    return Settlement(int(row[0]), int(row[1]), already=False)
+        raise NotFound(f"No hold for request {request_id}.")
+    charged, balance, won = row
+    return Settlement(int(charged), int(balance), already=not won)
 
 
 def _settled_before(tx: Tx, request_id: str) -> Settlement:

@@ -69,7 +69,7 @@ class Billing:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._pool.shutdown(wait=True)
-        self._commit.close()
+        await self._commit.close()
 
     async def _keepalive(self, period: float) -> None:
         """Keep this process's holds alive, and release those of processes that died."""

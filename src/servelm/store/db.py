@@ -13,13 +13,17 @@ DBAPI cursor. SQLAlchemy's per-execution work cost five times what SQLite spent
 running them (1.1 ms against 0.2 ms of CPU per hold + settlement; docs/benchmarks.md).
 
 On PostgreSQL every statement is a network round trip, so a hold and a settlement are
-each ONE statement there (data-modifying CTEs, ``billing/holds.py``), and the writer
-connection sends a whole group-commit batch in one psycopg pipeline (``Tx.submit``,
-``WriterConnection.batch``): one round trip per batch, however many writes it holds.
+each ONE statement there (data-modifying CTEs, ``billing/holds.py``). On the request
+path they go out from the event loop itself, on one psycopg async connection
+(``PgWriter``): a group-commit batch is queued (``PgBatch``) and sent at once, one
+statement alone or several in one pipeline and one transaction, one round trip
+either way. A thread hop each way had cost more gateway CPU than psycopg itself
+(docs/benchmarks.md, "PostgreSQL on the event loop").
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sqlite3
 from collections.abc import Callable, Iterator, Mapping
@@ -31,6 +35,8 @@ from alembic.config import Config
 from sqlalchemy import Connection, create_engine, event
 from sqlalchemy.engine import Dialect, Engine
 from sqlalchemy.sql.expression import Executable
+
+from servelm.store.pgloop import LoopConnection
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 # An arbitrary constant naming our advisory lock ("servelm" in ASCII, truncated).
@@ -102,51 +108,20 @@ Row = tuple[Any, ...] | None
 class Tx:
     """One write transaction on a raw DBAPI connection, running prepared statements."""
 
-    def __init__(self, cursor: Any, db: Database, *, batch_size: int | None = None) -> None:
+    def __init__(self, cursor: Any, db: Database) -> None:
         self._cursor = cursor
         self._db = db
-        # A pipelined batch (``WriterConnection.batch``): BEGIN goes out before the
-        # first statement that needs a transaction, COMMIT at ``end``.
-        self._pipelined = batch_size is not None
-        self._batch_size = batch_size or 0
-        self._began = False
 
     @property
     def postgresql(self) -> bool:
         return not self._db.is_sqlite
 
     def submit(self, sql: str, values: Mapping[str, Any]) -> Callable[[], Row]:
-        """Send a PostgreSQL statement (psycopg ``%(name)s`` parameters); the function
-        returned gives its first row. In a pipeline the statement only joins the batch
-        here, and its row is read once the batch's answers are in.
-
-        Every commit waits for the WAL flush: a hold that a server crash could lose
-        would leave its request served and never charged.
-        """
-        if not self._pipelined:
-            self._cursor.execute(sql, values)
-            row = self._cursor.fetchone()
-            return lambda: tuple(row) if row is not None else None
-        if not self._began and self._batch_size > 1:
-            # A lone statement commits by itself; several share one transaction.
-            self._cursor.execute("BEGIN")
-            self._began = True
-        # Its own cursor: each statement's answer stays there until it is read.
-        cur = self._cursor.connection.cursor()
-        cur.execute(sql, values)
-
-        def first() -> Row:
-            row = cur.fetchone()
-            cur.close()
-            return tuple(row) if row is not None else None
-
-        return first
-
-    def end(self) -> None:
-        """A pipelined batch's COMMIT, if it opened a transaction (a lone statement
-        commits by itself)."""
-        if self._began:
-            self._cursor.execute("COMMIT")
+        """Run a PostgreSQL statement (psycopg ``%(name)s`` parameters); the function
+        returned gives its first row (as ``PgBatch.submit``, which only queues it)."""
+        self._cursor.execute(sql, values)
+        row = self._cursor.fetchone()
+        return lambda: tuple(row) if row is not None else None
 
     def first(self, stmt: Executable, values: Mapping[str, Any]) -> tuple[Any, ...] | None:
         prepared = self._db.prepare(stmt)
@@ -160,84 +135,125 @@ class Tx:
         return int(self._cursor.rowcount)
 
 
+class _Queued:
+    __slots__ = ("row", "sent", "sql", "values")
+
+    def __init__(self, sql: str, values: Mapping[str, Any]) -> None:
+        self.sql = sql
+        self.values = values
+        self.row: Row = None
+        self.sent = False
+
+    def first(self) -> Row:
+        if not self.sent:
+            raise RuntimeError("a queued statement's row is read before its batch was sent")
+        return self.row
+
+
+class PgBatch:
+    """A group-commit batch on PostgreSQL: the write functions' statements, queued, to
+    be sent together by ``PgWriter.send``. Only ``submit`` is offered: a write here is
+    one statement whose answer it reads once the batch is in (a ``Later``)."""
+
+    postgresql = True
+
+    def __init__(self) -> None:
+        self.statements: list[_Queued] = []
+
+    def submit(self, sql: str, values: Mapping[str, Any]) -> Callable[[], Row]:
+        queued = _Queued(sql, values)
+        self.statements.append(queued)
+        return queued.first
+
+
+class PgWriter:
+    """PostgreSQL: the request path's own connection for money writes, used on the
+    event loop (psycopg's async connection), one batch at a time (``GroupCommit``).
+
+    A lone statement is sent in autocommit: it commits by itself, one round trip. Several
+    go out in one pipeline between BEGIN and COMMIT: one round trip and one commit (one
+    WAL flush) for the batch. Every commit waits for the WAL flush: a hold that a server
+    crash could lose would leave its request served and never charged.
+    """
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._conn: LoopConnection | None = None
+
+    async def send(self, batch: PgBatch) -> None:
+        """Send the batch and fill in each statement's row. On an error nothing of it
+        is committed, except that a lone statement whose connection broke mid-flight
+        may or may not have been (as with any database call that loses its server)."""
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            self._conn = await LoopConnection.connect(self._url, autocommit=True)
+        conn = self._conn
+        statements = batch.statements
+        try:
+            if len(statements) == 1:
+                cur = conn.cursor()
+                await cur.execute(statements[0].sql, statements[0].values)
+                rows = [await cur.fetchone()]
+            else:
+                cursors = []
+                async with conn.pipeline(), conn.transaction():
+                    for queued in statements:
+                        # Its own cursor: each statement's answer stays there until read.
+                        cur = conn.cursor()
+                        await cur.execute(queued.sql, queued.values)
+                        cursors.append(cur)
+                rows = [await cur.fetchone() for cur in cursors]
+        except BaseException as exc:
+            if conn.broken or conn.closed or not isinstance(exc, Exception):
+                # Gone, or left mid-statement (cancelled): the next batch connects again.
+                self._conn = None
+                if not conn.closed:
+                    await asyncio.shield(conn.close())
+            raise
+        for queued, row in zip(statements, rows, strict=True):
+            queued.row = tuple(row) if row is not None else None
+            queued.sent = True
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+
+
 class WriterConnection:
-    """One dedicated connection for the request path's money writes (``GroupCommit``).
-
-    Not the pool's: checking a connection out costs a liveness round trip on
-    PostgreSQL (``pool_pre_ping``), twice per request. One batch at a time uses it.
-
-    On SQLite it is used on the event loop itself: a hold or a
-    settlement is tens of microseconds of SQLite work, where handing it to a thread
-    costs more and, under load, queues for the GIL behind the busy loop. So it never
-    waits: if another connection or process holds the write lock, ``transaction``
-    raises ``Busy`` at once and the caller takes the blocking route. Nor does it
-    checkpoint the WAL (that can take milliseconds): ``Database.checkpoint`` does, off
-    the loop.
+    """SQLite: one dedicated connection for the request path's money writes
+    (``GroupCommit``), used on the event loop itself: a hold or a settlement is tens of
+    microseconds of SQLite work, where handing it to a thread costs more and, under
+    load, queues for the GIL behind the busy loop. So it never waits: if another
+    connection or process holds the write lock, ``transaction`` raises ``Busy`` at once
+    and the caller takes the blocking route. Nor does it checkpoint the WAL (that can
+    take milliseconds): ``Database.checkpoint`` does, off the loop.
     """
 
     def __init__(self, db: Database) -> None:
+        if not db.is_sqlite:
+            raise ValueError("PostgreSQL's request-path writer is PgWriter")
         self._db = db
         raw = db.engine.raw_connection()
         raw.detach()  # ours for good
         self._raw = raw
         cur = raw.cursor()
-        if db.is_sqlite:
-            cur.execute("PRAGMA busy_timeout=0")
-            cur.execute("PRAGMA wal_autocheckpoint=0")
-        else:
-            # Transactions are ours to open (``batch``): a lone write is one
-            # statement, committed by itself, with no BEGIN before it.
-            pg: Any = raw.dbapi_connection  # a psycopg.Connection
-            pg.autocommit = True
-            self._pg = pg
+        cur.execute("PRAGMA busy_timeout=0")
+        cur.execute("PRAGMA wal_autocheckpoint=0")
         self._cursor = cur
-        self.broken = False
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Tx]:
-        if self._db.is_sqlite:
-            try:
-                self._cursor.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                if exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
-                    raise Busy(str(exc)) from exc
-                raise
+        try:
+            self._cursor.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                raise Busy(str(exc)) from exc
+            raise
         try:
             yield Tx(self._cursor, self._db)
             self._raw.commit()
         except BaseException:
-            try:
-                self._raw.rollback()
-            except Exception:
-                # The connection itself is gone (server restart, network): the next
-                # batch gets a new one.
-                self.broken = True
-            raise
-
-    @contextlib.contextmanager
-    def batch(self, size: int) -> Iterator[Tx]:
-        """PostgreSQL: a batch of ``size`` writes in one pipeline, one round trip. A
-        lone durable write is one autocommitted statement; several run between BEGIN
-        and COMMIT, so they share one commit (and one WAL flush); see ``Tx.submit``
-        for writes that need no flush. Read the ``Later``
-        results after this block: the answers are in once it ends."""
-        conn = self._pg
-        try:
-            with conn.pipeline():
-                tx = Tx(self._cursor, self._db, batch_size=size)
-                yield tx
-                tx.end()
-        except BaseException:
-            # A failed statement aborts the rest of the pipeline (COMMIT included)
-            # and leaves the transaction failed: roll it back, or give up on a
-            # connection that is gone.
-            try:
-                if conn.broken or conn.closed:
-                    self.broken = True
-                else:
-                    conn.rollback()
-            except Exception:
-                self.broken = True
+            self._raw.rollback()
             raise
 
     def close(self) -> None:
@@ -295,6 +311,11 @@ class Database:
 
     def writer_connection(self) -> WriterConnection:
         return WriterConnection(self)
+
+    def pg_writer(self) -> PgWriter:
+        # libpq's own URL: SQLAlchemy's names its driver (``postgresql+psycopg``).
+        url = self.engine.url.set(drivername="postgresql")
+        return PgWriter(url.render_as_string(hide_password=False))
 
     def checkpoint(self, max_wal_frames: int = 16384) -> None:
         """Move SQLite's write-ahead log into the database file.

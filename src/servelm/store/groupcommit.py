@@ -13,11 +13,12 @@ Where a batch runs, on one dedicated connection (``WriterConnection``):
 - SQLite: on the event loop itself (tens of microseconds, where a thread hop costs
   more and, under load, queues for the GIL behind the busy loop); if another
   connection holds the write lock (``Busy``), on the thread pool instead.
-- PostgreSQL: on the thread pool (every statement is a network round trip), one
-  batch at a time: writes that arrive meanwhile form the next batch, so batches grow
-  with the load, one thread hop and one commit each. The batch goes out in one psycopg
-  pipeline (``WriterConnection.batch``), each write ONE statement: one round trip per
-  batch. Such a write returns a ``Later``, answered once the pipeline has ended.
+- PostgreSQL: from the event loop too, on psycopg's async connection (``PgWriter``),
+  one batch at a time: writes that arrive meanwhile form the next batch, so batches
+  grow with the load, one round trip and one commit each. Each write is ONE statement
+  that the batch only queues (``PgBatch``) and returns a ``Later``, answered once the
+  batch is in. No thread hop: two of them per request had cost more gateway CPU than
+  psycopg itself.
 
 A write is a function ``fn(tx, ...)`` that raises ``ServelmError`` only before it has
 written anything (``NotEnoughCredits``: the conditional UPDATE matched no row). Such an
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from servelm.errors import ServelmError
-from servelm.store.db import Busy, Database, Later, Tx, WriterConnection
+from servelm.store.db import Busy, Database, Later, PgBatch, PgWriter, Tx, WriterConnection
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +57,9 @@ class GroupCommit:
         """``blocking(fn, *args)`` runs ``fn`` off the loop (the billing thread pool)."""
         self._db = db
         self._blocking = blocking
-        # SQLite's is made now (it is used on the loop); PostgreSQL's on first use, on
-        # a thread, and again after it breaks.
+        # SQLite's connects now; PostgreSQL's on its first batch, and again after it breaks.
         self._writer: WriterConnection | None = db.writer_connection() if db.is_sqlite else None
+        self._pg: PgWriter | None = None if db.is_sqlite else db.pg_writer()
         self._queue: list[_Write] = []
         self._busy = False  # a batch is running off the loop on the writer connection
         self._running: set[asyncio.Task[None]] = set()
@@ -75,10 +76,12 @@ class GroupCommit:
             loop.call_soon(self._flush)
         return future
 
-    def close(self) -> None:
+    async def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self._pg is not None:
+            await self._pg.close()
 
     def _flush(self) -> None:
         if self._busy or not self._queue:
@@ -105,23 +108,21 @@ class GroupCommit:
         self._spawn(self._on_writer(batch))
 
     async def _on_writer(self, batch: list[_Write]) -> None:
+        assert self._pg is not None
         try:
-            await self._off_loop(self._apply_on_writer, batch)
+            queued = PgBatch()
+            _apply(queued, batch)
+            await self._pg.send(queued)
+        except Exception as exc:
+            self._failed(batch, exc)
+        else:
+            # Committed. Answers are read now; one that fails is that write's error
+            # alone: the batch is in and must not run again.
+            _answer(batch, committed=True)
+            _resolve(batch)
         finally:
             self._busy = False
             self._flush()  # what queued up meanwhile
-
-    def _apply_on_writer(self, batch: list[_Write]) -> None:
-        if self._writer is not None and self._writer.broken:
-            self._writer.close()
-            self._writer = None
-        if self._writer is None:
-            self._writer = self._db.writer_connection()
-        with self._writer.batch(len(batch)) as tx:
-            _apply(tx, batch)
-        # Committed. Answers are read now; one that fails (its rare second read) is
-        # that write's error alone: the batch is in and must not run again.
-        _answer(batch, committed=True)
 
     def _spawn(self, work: Awaitable[None]) -> None:
         task = asyncio.ensure_future(work)
@@ -155,7 +156,7 @@ class GroupCommit:
             self._spawn(self._pooled([write]))
 
 
-def _apply(tx: Tx, batch: list[_Write]) -> None:
+def _apply(tx: Tx | PgBatch, batch: list[_Write]) -> None:
     for write in batch:
         write.result, write.error = None, None
         try:
