@@ -216,6 +216,13 @@ class HostedEngine(OpenAIUpstreamEngine):
     async def count_prompt_tokens(self, body: dict[str, Any]) -> int | None:
         if not self._count_prompts:
             return None  # prompt_count = "bound": as the in-process engine
+        return await self._count(body)
+
+    async def count_prompt_after(self, body: dict[str, Any]) -> int | None:
+        tokens = await self._count(body)
+        return tokens if self.prompt_count_exact(body) else None
+
+    async def _count(self, body: dict[str, Any]) -> int:
         payload = json.dumps({**body, "model": self.spec.slug}).encode()
         try:
             resp = await self.replicas.all[0].pool.request("POST", "/count", payload)
@@ -308,7 +315,11 @@ def host_app(catalog: Catalog, settings: Settings, token: str) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        started, left_out = await start_engines(catalog, settings)
+        # Its engines count whenever asked: whether to ask (``prompt_count``) is the
+        # workers' decision, and a worker in "bound" mode still asks after a stream cut
+        # short (``count_prompt_after``).
+        counting = settings.model_copy(update={"prompt_count": "exact"})
+        started, left_out = await start_engines(catalog, counting)
         engines.update(started)
         unavailable.update(left_out)
         try:

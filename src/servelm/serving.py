@@ -14,6 +14,7 @@ carry ``x-remaining-credits``, so every authenticated response tells the balance
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
@@ -55,6 +56,8 @@ log = logging.getLogger(__name__)
 
 # A body this large costs real CPU to tokenize: check the balance first.
 COSTLY_BODY_BYTES = 64 * 1024
+# How long settlement waits for a prompt counted after a cut stream (``_count_prompt_late``).
+LATE_COUNT_SECONDS = 5.0
 
 
 class ChatService:
@@ -308,7 +311,31 @@ class ChatService:
             try:
                 await stream.aclose()  # type: ignore[attr-defined]
             finally:
-                await self.settle(call)
+                try:
+                    await self._count_prompt_late(call)
+                finally:
+                    await self.settle(call)
+
+    async def _count_prompt_late(self, call: Call) -> None:
+        """A stream cut short pays its prompt, and the engine's usage, which has the
+        exact count, never came: where the prompt was only bounded before admission
+        (``prompt_count = "bound"``), count it now, so the charge is exact either way.
+        Bounded in time: settlement waits for it."""
+        if call.prompt_exact or call.usage is not None or charge(call) == 0:
+            return
+        try:
+            async with asyncio.timeout(LATE_COUNT_SECONDS):
+                counted = await call.engine.count_prompt_after(call.body)
+        except (ServelmError, TimeoutError) as exc:
+            log.warning(
+                "request %s: the prompt could not be counted after the stream was cut "
+                "(%s); its prompt is not billed",
+                call.request_id,
+                exc,
+            )
+            return
+        if counted is not None:
+            call.prompt_tokens, call.prompt_exact = counted, True
 
     async def _bill_what_was_sent(self, call: Call, text: str, ending: int) -> None:
         """llama.cpp streams one chunk per token, except where it keeps text back: a

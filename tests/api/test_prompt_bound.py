@@ -83,3 +83,55 @@ def test_bound_mode_stream_settles_from_the_final_usage(
     account = accounts.get_account(bound.db, "tests")
     assert account.held == 0
     assert Decimal(str(usage["remaining_credits"])) == Decimal(account.balance) / MICRO
+
+
+def test_bound_mode_stream_cut_short_pays_its_exact_prompt(
+    bound: LiveServer, live: LiveServer
+) -> None:
+    """The client leaves after a few tokens, so the engine's usage never comes: the
+    prompt is counted then (``count_prompt_after``), and the charge is what the exact
+    server would have billed for the same tokens."""
+    import time
+
+    from sqlalchemy import select
+
+    from servelm.store.tables import usage as usage_t
+
+    ask = {"model": SLUG, "messages": MESSAGES, "max_tokens": 200, "temperature": 0}
+    with httpx.Client(base_url=live.base_url, timeout=60, headers=live.headers()) as http:
+        exact_prompt = http.post("/v1/chat/completions", json={**ask, "max_tokens": 1}).json()[
+            "usage"
+        ]["prompt_tokens"]
+    received = 0
+    with (
+        httpx.Client(base_url=bound.base_url, timeout=60, headers=bound.headers()) as http,
+        http.stream("POST", "/v1/chat/completions", json={**ask, "stream": True}) as r,
+    ):
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        for line in lines:
+            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"]:
+                received += 1
+                if received == 3:
+                    break  # the client hangs up here, with the stream open
+    assert received == 3
+    account = accounts.get_account(bound.db, "tests")
+    last = None
+    for _ in range(200):
+        with bound.db.read() as conn:
+            last = conn.execute(
+                select(usage_t)
+                .where(usage_t.c.account_id == account.id)
+                .order_by(usage_t.c.id.desc())
+            ).first()
+        if last is not None and last.status == "cancelled":
+            break
+        time.sleep(0.05)
+    assert last is not None and last.status == "cancelled"
+    assert last.prompt_tokens == exact_prompt > 10
+    assert last.completion_tokens >= 2  # the role chunk carries no token
+    spec_cost = bound.app.state.chat.catalog.get(SLUG).cost_micro(
+        exact_prompt, last.completion_tokens
+    )
+    assert last.cost == spec_cost
+    assert accounts.get_account(bound.db, "tests").held == 0

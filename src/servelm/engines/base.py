@@ -123,6 +123,13 @@ class Engine(abc.ABC):
         once and free the engine's slot.
         """
 
+    async def count_prompt_after(self, body: dict[str, Any]) -> int | None:
+        """The exact prompt count, asked after generation when the engine's usage never
+        came (a stream the client left): engines that skipped counting before admission
+        (``prompt_count = "bound"``) count now, so the charge is exact either way. None
+        where the engine cannot count exactly (a remote engine)."""
+        return None
+
     async def count_text_tokens(self, text: str) -> int | None:
         """Tokens of ``text`` as the model tokenizes output, or None when the engine
         cannot say; used to bill what a client received when the engine generated

@@ -237,10 +237,17 @@ class LlamaCppEngine(Engine):
         (``prompt_count = "bound"``): the caller bounds the prompt from its bytes."""
         if not self._count_prompts:
             return None
+        return await self.count_prompt(body)
+
+    async def count_prompt(self, body: dict[str, Any]) -> int:
+        """``count_prompt_tokens`` whatever ``prompt_count`` says."""
         prompt = await self.render_prompt(body)
         text, images = _MEDIA_MARKER.subn("", prompt)
         per_image = self.image_tokens if self.image_tokens is not None else IMAGE_TOKENS_BOUND
         return len(await self.tokenize(text)) + images * per_image
+
+    async def count_prompt_after(self, body: dict[str, Any]) -> int | None:
+        return await self.count_prompt(body) if self.prompt_count_exact(body) else None
 
     async def count_text_tokens(self, text: str) -> int:
         return len(await self.tokenize(text, add_special=False)) if text else 0
