@@ -116,12 +116,17 @@ def start_servelm(
         "SERVELM_LOG_LEVEL": "warning",
         "SERVELM_QUEUE_SIZE": "4096",
     }
-    if database == "postgresql":
+    if database in ("postgresql", "postgresql-noflush"):
         name = f"servelm_bench_{uuid.uuid4().hex[:8]}"
         import psycopg
 
         with psycopg.connect("postgresql://postgres@127.0.0.1/postgres", autocommit=True) as c:
             c.execute(f'CREATE DATABASE "{name}"')
+            if database == "postgresql-noflush":
+                # A diagnostic only (scale_path.py --diagnose-flush): commits that do
+                # not wait for the WAL flush, as SQLite's NORMAL mode does not, to see
+                # what the durable commits cost. servelm itself never runs this way.
+                c.execute(f'ALTER DATABASE "{name}" SET synchronous_commit = off')
         env["SERVELM_DATABASE_URL"] = f"postgresql://postgres@127.0.0.1/{name}"
     port = free_port()
     argv = [str(BIN / "servelm"), "serve", "--port", str(port)]

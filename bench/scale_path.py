@@ -72,6 +72,10 @@ def postgres(args: argparse.Namespace) -> dict[str, Any]:
         for db in ("sqlite", "postgresql"):
             proc, url, key = go.start_servelm(upstream, db, cpu=go.GATEWAY_CPU)
             gateways[db] = (proc, url, key)
+        if args.diagnose_flush:
+            gateways["noflush"] = go.start_servelm(
+                upstream, "postgresql-noflush", cpu=go.GATEWAY_CPU
+            )
         if args.baseline:
             # The same gateway from another checkout's sources (e.g. before a change).
             os.environ["PYTHONPATH"] = str(args.baseline)
@@ -81,7 +85,10 @@ def postgres(args: argparse.Namespace) -> dict[str, Any]:
                 del os.environ["PYTHONPATH"]
         rounds: list[dict[str, Any]] = []
         for i in range(args.rounds):
-            order = ["direct", "sqlite", "postgresql"] + (["baseline"] if args.baseline else [])
+            order = ["direct", "sqlite", "postgresql"]
+            order += (["noflush"] if args.diagnose_flush else []) + (
+                ["baseline"] if args.baseline else []
+            )
             if i % 2:
                 order = order[::-1]  # A B C, C B A: drift cancels
             row: dict[str, Any] = {}
@@ -107,6 +114,14 @@ def postgres(args: argparse.Namespace) -> dict[str, Any]:
                     f"{pg['req_s']:.0f}",
                     flush=True,
                 )
+                if args.diagnose_flush:
+                    nf = row[f"noflush@{c}"]
+                    print(
+                        f"         PostgreSQL without waiting for the WAL flush: cpu ms/req "
+                        f"{nf['cpu_ms']:.3f}  added p50 {nf['added_p50']:.3f} ms "
+                        f"({nf['added_p50'] / sq['added_p50']:.2f}x SQLite)",
+                        flush=True,
+                    )
                 if args.baseline:
                     base = row[f"baseline@{c}"]
                     print(
@@ -125,7 +140,8 @@ def postgres(args: argparse.Namespace) -> dict[str, Any]:
         for c in args.concurrency
         for metric in ("cpu", "added_p50", "req_s")
     }
-    for name in ("sqlite", "postgresql") + (("baseline",) if args.baseline else ()):
+    extra = (("noflush",) if args.diagnose_flush else ()) + (("baseline",) if args.baseline else ())
+    for name in ("sqlite", "postgresql", *extra):
         for c in args.concurrency:
             for metric in ("cpu_ms", "added_p50", "req_s"):
                 summary[f"{name}.{metric}@{c}"] = spread([r[f"{name}@{c}"][metric] for r in rounds])
@@ -256,6 +272,12 @@ def main() -> None:
         "--baseline",
         type=Path,
         help="postgres mode: also a PostgreSQL gateway run from these sources (a src/ dir)",
+    )
+    parser.add_argument(
+        "--diagnose-flush",
+        action="store_true",
+        help="postgres mode: also PostgreSQL with synchronous_commit off (what the durable "
+        "commits cost; a diagnostic, not a way servelm runs)",
     )
     parser.add_argument("--litellm", type=Path, default=Path("/tmp/litellm-venv"))
     parser.add_argument("--litellm-requests", type=int, default=300)
