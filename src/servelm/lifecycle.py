@@ -73,6 +73,14 @@ class Lifecycle:
         """Take SIGTERM and SIGINT (only possible on the main thread)."""
         if threading.current_thread() is not threading.main_thread():
             return False
+        if self.server is None:
+            # Under uvicorn's own supervisor (``serve --workers``) nobody hands us the
+            # server, but the handler we replace is its bound ``handle_exit``: that is
+            # the server to stop once drained. Without it a worker drained and then
+            # served on, and its supervisor waited for it for ever.
+            server = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
+            if hasattr(server, "should_exit"):
+                self.server = server
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.on_signal, sig)
