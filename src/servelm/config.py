@@ -94,8 +94,9 @@ class Settings(BaseSettings):
         default="exact",
         description="how an embedded model's prompt is counted for the credit hold: "
         "`exact` (llama.cpp's template and tokenizer, before admission) or `bound` (an "
-        "upper bound from its bytes, settled from the engine's usage; measured in "
-        "docs/benchmarks.md; a stream cut before its usage pays no prompt tokens)",
+        "upper bound from its bytes, settled from the engine's usage, or counted after a "
+        "stream cut short; the same charges, a larger hold; measured in "
+        "docs/benchmarks.md)",
     )
     workers: int = Field(
         default=1, gt=0, description="gateway processes on one port (servelm.multiproc)"
