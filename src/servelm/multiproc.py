@@ -57,6 +57,7 @@ _HOST = "_SERVELM_MP_HOST"  # the engine process's /v1 URL
 _TOKEN = "_SERVELM_MP_TOKEN"  # its bearer token
 _HOSTED = "_SERVELM_MP_HOSTED"  # {"loaded": [slug...], "unavailable": {slug: reason}}
 _FD = "_SERVELM_MP_FD"  # the engine process's listening socket
+_SUPERVISOR = "_SERVELM_MP_SUPERVISOR"  # the supervisor's pid
 
 
 def _local(catalog: Catalog) -> list[ModelSpec]:
@@ -72,7 +73,7 @@ def serve(settings: Settings, workers: int) -> None:
 
     from servelm.models_file import load_catalog
 
-    env = {_SETTINGS: settings.model_dump_json()}
+    env = {_SETTINGS: settings.model_dump_json(), _SUPERVISOR: str(os.getpid())}
     host: subprocess.Popen[bytes] | None = None
     if _local(load_catalog(settings.model_dir, settings.models_file)):
         token = secrets.token_urlsafe(32)
@@ -150,8 +151,8 @@ def _get_json(port: int, path: str, token: str) -> dict[str, Any]:
 
 
 def _die_with_parent() -> None:
-    """In the engine process, before exec: a SIGTERM when the supervisor dies, even by
-    SIGKILL, so no orphan keeps the model's memory."""
+    """A SIGTERM when the supervisor dies, even by SIGKILL: in the engine process
+    (before exec), so no orphan keeps the model's memory, and in each worker."""
     pr_set_pdeathsig = 1
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
@@ -167,6 +168,13 @@ def worker_app() -> ASGIApp:
 
     settings = Settings.model_validate_json(os.environ[_SETTINGS])
     logs.setup(settings.log_level, settings.log_json)
+    # A supervisor that dies, even by SIGKILL, takes its workers along: each gets a
+    # SIGTERM and drains, rather than serving on as an orphan that holds the port
+    # (uvicorn starts every worker from the supervisor's main thread, the thread
+    # whose end the kernel watches). If it died before this line, leave now.
+    _die_with_parent()
+    if os.getppid() != int(os.environ[_SUPERVISOR]):
+        os.kill(os.getpid(), signal.SIGTERM)
     hosted = json.loads(os.environ.get(_HOSTED, '{"loaded": [], "unavailable": {}}'))
 
     def engines(spec: ModelSpec, s: Settings) -> Engine:

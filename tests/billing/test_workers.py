@@ -95,3 +95,18 @@ def test_workers_share_one_balance_and_one_model(
         assert_spent_exactly(responses, db, account.id, env)
     finally:
         db.dispose()
+
+
+@pytest.mark.timeout(300)
+def test_workers_end_when_their_supervisor_is_killed(tmp_path: Path, models_dir: Path) -> None:
+    """SIGKILL leaves the supervisor no chance to stop anyone: the workers and the
+    engine process must notice on their own (a parent-death signal) and not serve on
+    as orphans holding the port."""
+    env = crowd_env(f"sqlite:///{tmp_path / 'servelm.db'}", tmp_path, models_dir)
+    (gw,) = procs.start(env, tmp_path / "logs", 1, "--workers", "2")
+    kids = children(gw.proc.pid)
+    assert len(kids) >= 3, [cmdline(p) for p in kids]  # two workers, the engine process
+    gw.proc.kill()
+    gw.proc.wait()
+    survivors = [p for p in kids if not gone(p)]
+    assert survivors == [], [cmdline(p) for p in survivors]
