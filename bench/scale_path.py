@@ -236,18 +236,26 @@ def litellm(args: argparse.Namespace) -> dict[str, Any]:
         most = closed["request_throughput"]
         print(f"closed loop, 16 in flight: {most:.0f} req/s", flush=True)
         sweep = go.rate_sweep(url, key, args, args.requests)
+        # The same rates on the upstream alone: how much of the tail is the machine
+        # (client and upstream waking up), and how much servelm adds to it.
+        print("the same rates on the upstream alone:", flush=True)
+        direct_sweep = go.rate_sweep(upstream, None, args, args.requests)
+        for ours, direct in zip(sweep, direct_sweep, strict=True):
+            ours["direct_e2e_p99"] = direct["e2e_p99"]
+            ours["added_p99"] = ours["e2e_p99"] - direct["e2e_p99"]
     finally:
         for gw, _, _ in gateways.values():
             if gw is not None:
                 gw.stop()
         up_proc.stop()
     under = [p["rate"] for p in sweep if p["e2e_p99"] < 5 and p["failed"] == 0]
-    summary: dict[str, Any] = {
-        f"{what}": spread([r["ratio"][what] for r in rounds]) for what in ("p50", "p99", "cpu")
-    }
-    for name in ("sqlite", "litellm"):
-        for metric in ("added_p50", "added_p99", "cpu_ms"):
-            summary[f"{name}.{metric}"] = spread([r[name][metric] for r in rounds])
+    summary: dict[str, Any] = {}
+    if rounds:  # --rounds 0: the capacity sweep alone
+        for what in ("p50", "p99", "cpu"):
+            summary[what] = spread([r["ratio"][what] for r in rounds])
+        for name in ("sqlite", "litellm"):
+            for metric in ("added_p50", "added_p99", "cpu_ms"):
+                summary[f"{name}.{metric}"] = spread([r[name][metric] for r in rounds])
     summary["closed_loop_req_s"] = most
     summary["poisson_p99_under_5ms"] = max(under, default=0.0)
     summary["poisson_share_of_closed"] = summary["poisson_p99_under_5ms"] / most
@@ -294,7 +302,8 @@ def main() -> None:
     args.rates = [float(r) for r in args.rates.split(",") if r]
     modes = {"postgres": postgres, "workers": workers, "litellm": litellm}
     result = modes[args.mode](args)
-    out = go.RESULTS / f"scale_{args.mode}{'_baseline' if args.baseline else ''}.json"
+    suffix = "_baseline" if args.baseline else "_sweep" if args.rounds == 0 else ""
+    out = go.RESULTS / f"scale_{args.mode}{suffix}.json"
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     out.write_text(json.dumps({"machine": go.machine(), "settings": settings, **result}, indent=2))
     print(json.dumps(result["summary"], indent=1))
