@@ -132,6 +132,10 @@ def start_servelm(
     argv = [str(BIN / "servelm"), "serve", "--port", str(port)]
     if workers != 1:
         argv += ["--workers", str(workers)]
+        # Workers share rate limits through Redis (no limits are set here: this is
+        # what any --workers deployment runs with).
+        env["SERVELM_REDIS_URL"] = "redis://127.0.0.1:6379/0"
+        env["SERVELM_REDIS_PREFIX"] = f"bench{uuid.uuid4().hex[:8]}"
     proc = Proc(pinned(cpu, argv) if cpu is not None else argv, env)
     wait_http(f"http://127.0.0.1:{port}/health")
     match = re.search(r"slm_[a-z0-9]{12}_[A-Za-z0-9_-]{43}", proc.log.read_text())

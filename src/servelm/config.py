@@ -99,7 +99,10 @@ class Settings(BaseSettings):
         "docs/benchmarks.md)",
     )
     workers: int = Field(
-        default=1, gt=0, description="gateway processes on one port (servelm.multiproc)"
+        default=1,
+        gt=0,
+        description="gateway processes on one port (servelm.multiproc); more than one "
+        "needs `SERVELM_REDIS_URL`, through which they share rate limits and revocations",
     )
 
     starter_credits: int = Field(

@@ -1,5 +1,6 @@
-"""``servelm serve --workers 3``: three gateway processes on one port share money and
-limits through the database, and the model is loaded once, in the engine process.
+"""``servelm serve --workers 3``: three gateway processes on one port share money
+through the database and rate limits through Redis, and the model is loaded once, in
+the engine process.
 
 The same crowd as test_concurrency.py (200 concurrent requests against a balance that
 pays for exactly 20), but through one port that three worker processes accept on.
@@ -10,11 +11,14 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 
 from servelm.billing import accounts
+from servelm.ratelimit.records import set_key_limits
 from servelm.store.db import Database
 from tests import procs
 from tests.billing.test_concurrency import (
@@ -25,6 +29,16 @@ from tests.billing.test_concurrency import (
     fire,
 )
 from tests.conftest import provision
+
+REDIS = "redis://127.0.0.1:6379/0"  # the machine's own; each test its own prefix
+
+
+def workers_env(db_url: str, tmp_path: Path, models_dir: Path) -> dict[str, str]:
+    env = crowd_env(db_url, tmp_path, models_dir)
+    env["SERVELM_REDIS_URL"] = REDIS
+    env["SERVELM_REDIS_PREFIX"] = f"t{uuid.uuid4().hex[:8]}"
+    return env
+
 
 pytestmark = pytest.mark.slow  # a real engine process and three workers: seconds
 
@@ -67,7 +81,7 @@ def gone(pid: int, timeout: float = 30) -> bool:
 def test_workers_share_one_balance_and_one_model(
     db_url: str, tmp_path: Path, models_dir: Path
 ) -> None:
-    env = crowd_env(db_url, tmp_path, models_dir)
+    env = workers_env(db_url, tmp_path, models_dir)
     (gw,) = procs.start(env, tmp_path / "logs", 1, "--workers", str(WORKERS))
     try:
         kids = children(gw.proc.pid)
@@ -83,6 +97,10 @@ def test_workers_share_one_balance_and_one_model(
         key = provision(db, "crowd", AFFORDABLE * TOKENS)
         account = accounts.get_account(db, "crowd")
         responses = asyncio.run(fire([gw], key))
+        # Rate limits are one count across the workers, not one per worker.
+        limited = provision(db, "limited", 100)
+        set_key_limits(db, limited.split("_")[1], rpm=5)
+        codes = asyncio.run(burst(gw.base_url, limited, 20))
     finally:
         gw.stop()
     # SIGTERM is enough: each worker drains, its server stops, and the supervisor ends
@@ -90,6 +108,7 @@ def test_workers_share_one_balance_and_one_model(
     assert gw.proc.returncode != -signal.SIGKILL, "the supervisor had to be killed"
     assert all(gone(p) for p in workers), "a worker outlived its supervisor"
     assert gone(hosts[0]), "the engine process outlived its supervisor"
+    assert sorted(codes) == [200] * 5 + [429] * 15, codes
 
     try:
         assert_spent_exactly(responses, db, account.id, env)
@@ -102,7 +121,7 @@ def test_workers_end_when_their_supervisor_is_killed(tmp_path: Path, models_dir:
     """SIGKILL leaves the supervisor no chance to stop anyone: the workers and the
     engine process must notice on their own (a parent-death signal) and not serve on
     as orphans holding the port."""
-    env = crowd_env(f"sqlite:///{tmp_path / 'servelm.db'}", tmp_path, models_dir)
+    env = workers_env(f"sqlite:///{tmp_path / 'servelm.db'}", tmp_path, models_dir)
     (gw,) = procs.start(env, tmp_path / "logs", 1, "--workers", "2")
     kids = children(gw.proc.pid)
     assert len(kids) >= 3, [cmdline(p) for p in kids]  # two workers, the engine process
@@ -110,3 +129,22 @@ def test_workers_end_when_their_supervisor_is_killed(tmp_path: Path, models_dir:
     gw.proc.wait()
     survivors = [p for p in kids if not gone(p)]
     assert survivors == [], [cmdline(p) for p in survivors]
+
+
+async def burst(base_url: str, key: str, n: int) -> list[int]:
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+    async with httpx.AsyncClient(timeout=120, headers={"x-api-key": key}) as client:
+        responses = await asyncio.gather(
+            *(client.post(f"{base_url}/v1/smollm2-135m-instruct", json=body) for _ in range(n))
+        )
+    return [r.status_code for r in responses]
+
+
+def test_workers_without_redis_are_refused(tmp_path: Path, models_dir: Path) -> None:
+    """Without a shared store each worker would count limits on its own: N times the
+    limit. The command says so and stops before starting anything."""
+    env = crowd_env(f"sqlite:///{tmp_path / 'servelm.db'}", tmp_path, models_dir)
+    env.pop("SERVELM_REDIS_URL", None)
+    done = procs.cli(env, "serve", "--port", "0", "--workers", "2")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "--redis-url" in done.stderr and "SERVELM_REDIS_URL" in done.stderr

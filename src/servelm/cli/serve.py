@@ -68,6 +68,15 @@ def serve(**flags: Any) -> None:
         flags["models_file"] = models_file_option(None)
     settings = Settings.from_env(**flags)
     logs.setup(settings.log_level, settings.json_logs)
+    if settings.workers > 1 and not settings.redis_url:
+        # Each worker would count rate limits on its own (N times the limit) and keep
+        # serving a key revoked through another worker until its cache expired.
+        err_console.print(
+            "[red]error:[/] --workers above 1 needs --redis-url (SERVELM_REDIS_URL): the "
+            "workers share rate limits and key revocations through Redis",
+            highlight=False,
+        )
+        raise typer.Exit(2)
     try:
         asgi = create_app(settings)
     except ConfigError as exc:
