@@ -13,9 +13,10 @@ A gateway process is one event loop on one core. Several share a node like this:
   engine seam's two operations (count a prompt, stream a completion) and nothing
   else. In each worker the model's engine is a ``HostedEngine``: the OpenAI upstream
   engine pointed at that process, plus the exact prompt count, so holds stay exact.
-- Keys, credits and limits stay in the workers, in the shared database: holds are
-  conditional updates there, so N processes can no more overspend than N threads
-  (tests/billing/test_workers.py).
+- Keys and credits stay in the workers, in the shared database: holds are
+  conditional updates there, so N processes can no more overspend than N threads.
+  Rate limits and key revocations go through Redis, which ``serve`` therefore
+  requires for N > 1 (tests/billing/test_workers.py).
 
 Models behind ``engine = "openai"`` need nothing of this: each worker relays to them.
 """
