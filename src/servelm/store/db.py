@@ -84,9 +84,10 @@ class Prepared:
 
 
 class Later:
-    """A write's result that needs its statement's answer, which in a pipeline arrives
-    only once the whole batch has been sent (``GroupCommit`` calls it then; ``outcome``
-    where there is no batch). It may read the database again on a rare path."""
+    """A write's result that needs its statement's answer, which in a queued batch
+    (``PgBatch``) arrives only once the whole batch has been sent (``GroupCommit`` calls
+    it then; ``outcome`` where there is no batch). It reads nothing itself: the
+    statement's row carries every answer, the rare ones included."""
 
     __slots__ = ("_finish",)
 

@@ -61,7 +61,7 @@ class GroupCommit:
         self._writer: WriterConnection | None = db.writer_connection() if db.is_sqlite else None
         self._pg: PgWriter | None = None if db.is_sqlite else db.pg_writer()
         self._queue: list[_Write] = []
-        self._busy = False  # a batch is running off the loop on the writer connection
+        self._busy = False  # a PostgreSQL batch is in flight on the writer connection
         self._running: set[asyncio.Task[None]] = set()
         self.batches = 0  # counters: how much sharing there was (the tests read them)
         self.writes = 0
