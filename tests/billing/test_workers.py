@@ -14,7 +14,6 @@ import time
 import uuid
 from pathlib import Path
 
-import httpx
 import pytest
 
 from servelm.billing import accounts
@@ -29,20 +28,20 @@ from tests.billing.test_concurrency import (
     fire,
 )
 from tests.conftest import provision
-
-REDIS = "redis://127.0.0.1:6379/0"  # the machine's own; each test its own prefix
-
-
-def workers_env(db_url: str, tmp_path: Path, models_dir: Path) -> dict[str, str]:
-    env = crowd_env(db_url, tmp_path, models_dir)
-    env["SERVELM_REDIS_URL"] = REDIS
-    env["SERVELM_REDIS_PREFIX"] = f"t{uuid.uuid4().hex[:8]}"
-    return env
-
+from tests.ratelimit.test_limits import burst
 
 pytestmark = pytest.mark.slow  # a real engine process and three workers: seconds
 
 WORKERS = 3
+REDIS = "redis://127.0.0.1:6379/0"  # the machine's own; each test its own prefix
+
+
+def workers_env(db_url: str, tmp_path: Path, models_dir: Path) -> dict[str, str]:
+    """The crowd's settings, with Redis, which ``--workers`` above 1 requires."""
+    env = crowd_env(db_url, tmp_path, models_dir)
+    env["SERVELM_REDIS_URL"] = REDIS
+    env["SERVELM_REDIS_PREFIX"] = f"t{uuid.uuid4().hex[:8]}"
+    return env
 
 
 def children(pid: int) -> list[int]:
@@ -100,7 +99,9 @@ def test_workers_share_one_balance_and_one_model(
         # Rate limits are one count across the workers, not one per worker.
         limited = provision(db, "limited", 100)
         set_key_limits(db, limited.split("_")[1], rpm=5)
-        codes = asyncio.run(burst(gw.base_url, limited, 20))
+        body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+        url = f"{gw.base_url}/v1/smollm2-135m-instruct"
+        codes = [r.status_code for r in asyncio.run(burst(url, limited, body, 20))]
     finally:
         gw.stop()
     # SIGTERM is enough: each worker drains, its server stops, and the supervisor ends
@@ -129,15 +130,6 @@ def test_workers_end_when_their_supervisor_is_killed(tmp_path: Path, models_dir:
     gw.proc.wait()
     survivors = [p for p in kids if not gone(p)]
     assert survivors == [], [cmdline(p) for p in survivors]
-
-
-async def burst(base_url: str, key: str, n: int) -> list[int]:
-    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
-    async with httpx.AsyncClient(timeout=120, headers={"x-api-key": key}) as client:
-        responses = await asyncio.gather(
-            *(client.post(f"{base_url}/v1/smollm2-135m-instruct", json=body) for _ in range(n))
-        )
-    return [r.status_code for r in responses]
 
 
 def test_workers_without_redis_are_refused(tmp_path: Path, models_dir: Path) -> None:
