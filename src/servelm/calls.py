@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from servelm.api.paths import Dialect
 from servelm.billing.holds import Settlement
 from servelm.catalog import ModelSpec
+from servelm.conversation import estimate_prompt_tokens
 from servelm.errors import ContextWindowExceeded, InvalidRequest
 from servelm.money import format_credits
 from servelm.protocol import ChatRequest
@@ -74,6 +75,9 @@ class Call:
     max_tokens: int
     # False when prompt_tokens is only an upper bound (remote engines count later).
     prompt_exact: bool = True
+    # The bound stands in for a count the engine can still make (``prompt_count =
+    # "auto"``): counted before the hold where the bound would decide something.
+    count_deferred: bool = False
     # Balance right after the hold (what a stream's headers can say), and the
     # settlement once done.
     held_balance: int | None = None
@@ -124,6 +128,42 @@ def output_limit(
             param=param,
         )
     return asked
+
+
+async def count_prompt(call: Call) -> None:
+    """The prompt counted where the engine can, and the output limit that allows."""
+    counted = await call.engine.count_prompt_tokens(call.body)
+    # A remote engine cannot count before generating: bound the prompt from above
+    # (for the credit hold) and let the upstream enforce its own window.
+    call.prompt_tokens = counted if counted is not None else estimate_prompt_tokens(call.body)
+    call.prompt_exact = counted is not None and call.engine.prompt_count_exact(call.body)
+    call.count_deferred = False
+    call.max_tokens = output_limit(
+        call.request, call.spec, call.prompt_tokens, exact=call.prompt_exact
+    )
+    call.body["max_tokens"] = call.max_tokens
+
+
+def defer_count(call: Call) -> bool:
+    """``prompt_count = "auto"``: let the prompt's upper bound stand in for its count
+    where the count would decide nothing now, and say whether it does.
+
+    Counting costs two calls into llama.cpp before admission (a few ms on an idle CPU,
+    tens on a busy one). Where the bound plus the output fits the window, the output
+    limit comes out the same either way; the engine's usage then settles the charge
+    (or ``count_prompt_after``, for a stream cut before it). The rate limit and the
+    hold may still count (``ChatService.check_rate_limit``, ``ChatService._hold``)."""
+    if not call.engine.counts_late(call.body):
+        return False
+    bound = estimate_prompt_tokens(call.body)
+    asked = call.request.requested_max_tokens
+    output = call.spec.default_max_tokens if asked is None else asked
+    if bound + output > call.spec.context_window:
+        return False
+    call.prompt_tokens, call.prompt_exact, call.count_deferred = bound, False, True
+    call.max_tokens = output_limit(call.request, call.spec, bound, exact=False)
+    call.body["max_tokens"] = call.max_tokens
+    return True
 
 
 def no_images_message(spec: ModelSpec) -> str:

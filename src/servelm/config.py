@@ -90,13 +90,14 @@ class Settings(BaseSettings):
         description="host memory for llama.cpp's cache of finished prompts, for prefix "
         "reuse across requests (default: llama.cpp's, 8 GiB; 0 turns it off)",
     )
-    prompt_count: Literal["exact", "bound"] = Field(
-        default="exact",
+    prompt_count: Literal["auto", "exact", "bound"] = Field(
+        default="auto",
         description="how an embedded model's prompt is counted for the credit hold: "
-        "`exact` (llama.cpp's template and tokenizer, before admission) or `bound` (an "
+        "`exact` (llama.cpp's template and tokenizer, before admission), `bound` (an "
         "upper bound from its bytes, settled from the engine's usage, or counted after a "
-        "stream cut short; the same charges, a larger hold; measured in "
-        "docs/benchmarks.md)",
+        "stream cut short) or `auto` (the bound where it decides nothing: the prompt fits "
+        "the window and the balance covers many such holds; otherwise the exact count). "
+        "The charges are the same; measured in docs/benchmarks.md",
     )
     workers: int = Field(
         default=1,

@@ -187,7 +187,7 @@ def worker_app() -> ASGIApp:
                 os.environ[_HOST],
                 os.environ[_TOKEN],
                 queue_size=s.queue_size,
-                count_prompts=s.prompt_count == "exact",
+                count_prompts=s.prompt_count != "bound",
             )
         raise ModelUnavailable(
             hosted["unavailable"].get(spec.slug, "the engine process did not load it")
@@ -247,6 +247,9 @@ class HostedEngine(OpenAIUpstreamEngine):
 
     def prompt_count_exact(self, body: dict[str, Any]) -> bool:
         return self._images_exact or not _has_images(body)
+
+    def counts_late(self, body: dict[str, Any]) -> bool:
+        return self._count_prompts and not _has_images(body)
 
     async def _status_error(self, resp: http1.Response) -> ServelmError:
         return await self._status_error_from(resp.status_code, await resp.read())

@@ -19,7 +19,7 @@ import hashlib
 import logging
 import time
 from collections.abc import AsyncGenerator
-from typing import Any
+from typing import Any, Literal
 
 from servelm import logs
 from servelm.answers import assemble_completion, reorder_stream
@@ -33,12 +33,13 @@ from servelm.calls import (
     StreamReply,
     cached_tokens,
     charge,
+    count_prompt,
+    defer_count,
     money_headers,
     no_images_message,
-    output_limit,
 )
 from servelm.catalog import Catalog, ModelSpec
-from servelm.conversation import engine_body, estimate_prompt_tokens, fit_conversation
+from servelm.conversation import engine_body, fit_conversation
 from servelm.engines.base import Engine
 from servelm.errors import (
     InvalidRequest,
@@ -58,6 +59,10 @@ log = logging.getLogger(__name__)
 COSTLY_BODY_BYTES = 64 * 1024
 # How long settlement waits for a prompt counted after a cut stream (``_count_prompt_late``).
 LATE_COUNT_SECONDS = 5.0
+# ``prompt_count = "auto"`` holds the prompt's upper bound only while the balance
+# covers this many more such holds. A balance near its end is held exactly, so the
+# larger hold can only matter to requests of the same account in flight with it.
+BOUND_HOLD_ROOM = 16
 
 
 class ChatService:
@@ -72,6 +77,7 @@ class ChatService:
         unavailable: dict[str, str] | None = None,
         metrics: Metrics | None = None,
         limiter: Limiter | None = None,
+        prompt_count: Literal["auto", "exact", "bound"] = "exact",
     ) -> None:
         self.catalog = catalog
         self.engines = engines
@@ -82,6 +88,9 @@ class ChatService:
         self.media = media or ImageLoader(MediaLimits())
         self.metrics = metrics
         self.limiter = limiter
+        # "auto": count before admission only where the prompt's upper bound would
+        # decide something (``calls.defer_count``). "bound" is the engine's own switch.
+        self.lazy_count = prompt_count == "auto"
         # slug → why it is not served (missing weights, failed load), said in the 503.
         self.unavailable = unavailable or {}
 
@@ -180,30 +189,29 @@ class ChatService:
             # sees data URIs (llama.cpp would otherwise fetch URLs itself, unchecked).
             await inline_images(body, self.media)
         body["messages"] = fit_conversation(body["messages"], spec)
-        counted = await engine.count_prompt_tokens(body)
-        # A remote engine cannot count before generating: bound the prompt from above
-        # (for the credit hold) and let the upstream enforce its own window.
-        prompt_tokens = counted if counted is not None else estimate_prompt_tokens(body)
-        exact = counted is not None and engine.prompt_count_exact(body)
-        max_tokens = output_limit(request, spec, prompt_tokens, exact=exact)
-        body["max_tokens"] = max_tokens
-        return Call(
+        call = Call(
             request_id=request_id,
             spec=spec,
             engine=engine,
             request=request,
             body=body,
-            prompt_tokens=prompt_tokens,
-            max_tokens=max_tokens,
-            prompt_exact=exact,
+            prompt_tokens=0,
+            max_tokens=0,
         )
+        if not (self.lazy_count and defer_count(call)):
+            await count_prompt(call)
+        return call
 
     async def check_rate_limit(self, call: Call, principal: Principal) -> None:
         """The key's and account's requests, tokens (prompt + max output, reserved now,
         the unused part refunded at settlement) and concurrency: 429 past any of them.
         Before the hold, so a refused request holds and charges nothing."""
-        if self.limiter is not None:
-            call.limit = await self.limiter.acquire(principal, call.prompt_tokens + call.max_tokens)
+        if self.limiter is None:
+            return
+        if call.count_deferred and await self.limiter.limits_tokens(principal):
+            # A key with a token budget is charged its reservation exactly.
+            await count_prompt(call)
+        call.limit = await self.limiter.acquire(principal, call.prompt_tokens + call.max_tokens)
 
     async def hold_credits(self, call: Call, principal: Principal) -> None:
         """Reserve the worst case, or, when the client set no limit, as many output
@@ -217,6 +225,21 @@ class ChatService:
 
     async def _hold(self, call: Call, principal: Principal) -> None:
         spec = call.spec
+        if call.count_deferred:
+            # The bound, while the balance has room for many such holds; near its end
+            # the exact count, so the hold refuses or caps exactly what `exact` would.
+            amount = spec.cost_micro(call.prompt_tokens, call.max_tokens)
+            try:
+                call.held_balance = await self.billing.hold(
+                    principal,
+                    call.request_id,
+                    spec.slug,
+                    amount,
+                    need=amount * (1 + BOUND_HOLD_ROOM),
+                )
+                return
+            except NotEnoughCredits:
+                await count_prompt(call)
         try:
             amount = spec.cost_micro(call.prompt_tokens, call.max_tokens)
             call.held_balance = await self.billing.hold(

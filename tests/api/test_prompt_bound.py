@@ -1,6 +1,10 @@
-"""``prompt_count = "bound"`` (issue 15, goal 4): the embedded engine's prompt is not
-counted before admission; the hold takes an upper bound and the engine's own usage
-settles the charge, which must come out exactly as with the exact count."""
+"""``prompt_count = "bound"`` and ``"auto"`` (issue 15, goal 4): the embedded engine's
+prompt is not counted before admission; the hold takes an upper bound and the
+engine's own usage settles the charge, which must come out exactly as with the exact
+count. ``auto`` (the default, so the ``live`` server's) counts wherever the bound would
+decide something: the window, a balance near its end, a token budget (that last one:
+tests/ratelimit/test_limits.py::test_tokens_reserved_up_front_and_refunded_at_settlement,
+whose reservation is the exact prompt plus the output)."""
 
 from __future__ import annotations
 
@@ -14,7 +18,9 @@ import httpx
 import pytest
 
 from servelm.billing import accounts
-from servelm.catalog import default_spec
+from servelm.catalog import Catalog, default_spec
+from servelm.conversation import estimate_prompt_tokens
+from servelm.engines.base import Engine
 from servelm.money import MICRO
 from tests.conftest import LiveServer, make_settings, start_server
 
@@ -49,8 +55,8 @@ def test_bound_mode_skips_the_count_and_charges_the_engines_usage(
         r = http.post("/v1/chat/completions", json=ask)
     assert r.status_code == 200, r.text
     usage = r.json()["usage"]
-    # The same request on the exact-counting server: the same prompt tokens, so the
-    # bound server billed the engine's count, not its upper bound.
+    # The same request on the default server: the same prompt tokens, so the bound
+    # server billed the engine's count, not its upper bound.
     with httpx.Client(base_url=live.base_url, timeout=60, headers=live.headers()) as http:
         exact = http.post("/v1/chat/completions", json=ask).json()["usage"]
     assert usage["prompt_tokens"] == exact["prompt_tokens"] > 10
@@ -135,3 +141,106 @@ def test_bound_mode_stream_cut_short_pays_its_exact_prompt(
     )
     assert last.cost == spec_cost
     assert accounts.get_account(bound.db, "tests").held == 0
+
+
+# -- prompt_count = "auto" ----------------------------------------------------------------
+
+
+def _counted(srv: LiveServer, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record each count the walk asks the server's engine for before admission."""
+    engine: Engine = srv.app.state.chat.engines[SLUG]
+    original = engine.count_prompt_tokens
+    calls: list[int] = []
+
+    async def counting(body: dict[str, object]) -> int | None:
+        calls.append(1)
+        return await original(body)
+
+    monkeypatch.setattr(engine, "count_prompt_tokens", counting)
+    return calls
+
+
+def _exact_count(srv: LiveServer, messages: list[dict[str, str]]) -> int:
+    engine = srv.app.state.chat.engines[SLUG]
+    run = asyncio.run_coroutine_threadsafe(
+        engine.count_prompt({"messages": messages}), srv.app.state.loop
+    )
+    return int(run.result(timeout=30))
+
+
+def test_auto_mode_skips_the_count_where_the_bound_decides_nothing(
+    live: LiveServer, models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert live.app.state.chat.lazy_count
+    counted = _counted(live, monkeypatch)
+    ask = {"model": SLUG, "messages": MESSAGES, "max_tokens": 6, "temperature": 0}
+    with httpx.Client(base_url=live.base_url, timeout=60, headers=live.headers()) as http:
+        r = http.post("/v1/chat/completions", json=ask)
+    assert r.status_code == 200, r.text
+    assert counted == []
+    usage = r.json()["usage"]
+    # Billed from the engine's usage: the exact count, not the bound it held.
+    assert usage["prompt_tokens"] == _exact_count(live, MESSAGES) > 10
+    assert Decimal(r.headers["x-cost"]) == Decimal(usage["cost"]) == _cost(models_dir, usage)
+
+
+def test_auto_mode_holds_a_balance_near_its_end_exactly(
+    live: LiveServer, models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A balance of exactly this request's cost: the bound (several times the prompt)
+    would be refused, so the walk counts and holds exactly, and serves it."""
+    counted = _counted(live, monkeypatch)
+    prompt = _exact_count(live, MESSAGES)
+    cost = default_spec(models_dir).cost_micro(prompt, 4)
+    account = accounts.create_account(live.db, "last-credits")
+    accounts.grant(live.db, account.id, cost)
+    _, key = accounts.create_key(live.db, account.id)
+    ask = {"model": SLUG, "messages": MESSAGES, "max_tokens": 4, "ignore_eos": True}
+    with httpx.Client(base_url=live.base_url, timeout=60) as http:
+        r = http.post("/v1/chat/completions", json=ask, headers={"x-api-key": key})
+    assert r.status_code == 200, r.text
+    assert counted == [1]
+    assert r.json()["usage"]["completion_tokens"] == 4
+    assert Decimal(r.headers["x-cost"]) * MICRO == cost
+    assert Decimal(r.headers["x-remaining-credits"]) == 0
+    assert accounts.get_account(live.db, "last-credits").held == 0
+    # A balance that covers the bound a few times, but not with room for many more
+    # such holds, is held exactly too: near its end, a request in flight holds no
+    # more than its worst case.
+    bound = default_spec(models_dir).cost_micro(estimate_prompt_tokens({"messages": MESSAGES}), 4)
+    account = accounts.create_account(live.db, "few-credits")
+    accounts.grant(live.db, account.id, 4 * bound)
+    _, key = accounts.create_key(live.db, account.id)
+    with httpx.Client(base_url=live.base_url, timeout=60) as http:
+        r = http.post("/v1/chat/completions", json=ask, headers={"x-api-key": key})
+    assert r.status_code == 200, r.text
+    assert counted == [1, 1]
+    assert Decimal(r.headers["x-remaining-credits"]) * MICRO == 4 * bound - cost
+
+
+@pytest.fixture(scope="module")
+def small_window(
+    models_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveServer]:
+    spec = default_spec(models_dir).model_copy(update={"context_window": 600})
+    settings = make_settings(tmp_path_factory.mktemp("small-window"), models_dir)
+    srv = start_server(settings, Catalog([spec]), credits=1000)
+    yield srv
+    srv.stop()
+
+
+def test_auto_mode_counts_a_prompt_whose_bound_would_not_fit_the_window(
+    small_window: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counted = _counted(small_window, monkeypatch)
+    http = httpx.Client(base_url=small_window.base_url, timeout=60, headers=small_window.headers())
+    short = [{"role": "user", "content": "Say hi."}]
+    # About 70 tokens, but 400 bytes: the bound (bytes plus the template's allowance)
+    # and 8 output tokens exceed the 600-token window, so the window needs the count.
+    long = [{"role": "user", "content": "hello " * 66}]
+    for messages, counts in ((short, []), (long, [1])):
+        ask = {"model": SLUG, "messages": messages, "max_tokens": 8}
+        r = http.post("/v1/chat/completions", json=ask)
+        assert r.status_code == 200, r.text
+        assert counted == counts
+        assert r.json()["usage"]["prompt_tokens"] == _exact_count(small_window, messages)

@@ -58,7 +58,7 @@ def build_engine(spec: ModelSpec, settings: Settings) -> Engine:
         queue_size=settings.queue_size,
         verbose=settings.log_level == "debug",
         prompt_cache_mib=settings.prompt_cache_mib,
-        count_prompts=settings.prompt_count == "exact",
+        count_prompts=settings.prompt_count != "bound",
     )
 
 
@@ -207,6 +207,7 @@ def create_app(
             unavailable=unavailable,
             metrics=app.state.metrics,
             limiter=limiter,
+            prompt_count=settings.prompt_count,
         )
         lifecycle: Lifecycle = app.state.lifecycle
         # After the engines: llama.cpp installs signal handlers of its own; ours win.

@@ -59,7 +59,7 @@ class Settlement:
 _P = bindparam
 _RESERVE = (
     update(accounts)
-    .where(accounts.c.id == _P("account_id"), accounts.c.balance >= _P("amount"))
+    .where(accounts.c.id == _P("account_id"), accounts.c.balance >= _P("need"))
     .values(balance=accounts.c.balance - _P("amount"), held=accounts.c.held + _P("amount"))
     .returning(accounts.c.balance)
 )
@@ -121,7 +121,7 @@ _USAGE = insert(usage).values(
 _PG_RESERVE = """
 WITH r AS (
     UPDATE accounts SET balance = balance - %(amount)s, held = held + %(amount)s
-    WHERE id = %(account_id)s AND balance >= %(amount)s
+    WHERE id = %(account_id)s AND balance >= %(need)s
     RETURNING balance
 ), h AS (
     INSERT INTO holds (request_id, account_id, key_id, model, amount, created_at, expires_at)
@@ -182,7 +182,10 @@ def reserve_in(
     model: str,
     amount: int,
     ttl: timedelta,
+    need: int | None = None,
 ) -> int | Later:
+    """Hold ``amount`` if the balance is at least ``need`` (default: ``amount``)."""
+    need = amount if need is None else need
     now = utcnow()
     hold = {
         "request_id": request_id,
@@ -190,6 +193,7 @@ def reserve_in(
         "key_id": key_id,
         "model": model,
         "amount": amount,
+        "need": need,
         "now": now,
         "expires_at": now + ttl,
     }
@@ -197,7 +201,7 @@ def reserve_in(
         answer = tx.submit(_PG_RESERVE, hold)
         return Later(lambda: _reserved(answer(), account_id, amount))
     assert isinstance(tx, Tx)
-    row = tx.first(_RESERVE, {"account_id": account_id, "amount": amount})
+    row = tx.first(_RESERVE, {"account_id": account_id, "amount": amount, "need": need})
     if row is None:
         _refuse(tx, account_id, amount)
     tx.execute(_NEW_HOLD, hold)

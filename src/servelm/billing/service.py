@@ -106,7 +106,17 @@ class Billing:
     async def balance(self, account_id: int) -> int:
         return (await self.run(accounts.get_account, self.db, account_id)).balance
 
-    async def hold(self, principal: Principal, request_id: str, model: str, amount: int) -> int:
+    async def hold(
+        self,
+        principal: Principal,
+        request_id: str,
+        model: str,
+        amount: int,
+        *,
+        need: int | None = None,
+    ) -> int:
+        """Hold ``amount`` of the balance, if it is at least ``need`` (default: the
+        amount); the balance left, or NotEnoughCredits."""
         written = self._commit.write(
             holds.reserve_in,
             account_id=principal.account_id,
@@ -115,6 +125,7 @@ class Billing:
             model=model,
             amount=amount,
             ttl=self.hold_ttl,
+            need=need,
         )
         try:
             balance: int = await asyncio.shield(written)

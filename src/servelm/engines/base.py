@@ -111,6 +111,13 @@ class Engine(abc.ABC):
         """Whether ``count_prompt_tokens`` is exact for this body (not an upper bound)."""
         return True
 
+    def counts_late(self, body: dict[str, Any]) -> bool:
+        """Whether this body's prompt may go uncounted before admission and still be
+        charged exactly: the engine reports the prompt in its usage and counts it on
+        ``count_prompt_after`` when a stream is cut before that (``prompt_count =
+        "auto"``)."""
+        return False
+
     @abc.abstractmethod
     def stream(
         self, body: dict[str, Any], *, client_streams: bool = True

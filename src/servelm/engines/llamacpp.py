@@ -255,6 +255,9 @@ class LlamaCppEngine(Engine):
     def prompt_count_exact(self, body: dict[str, Any]) -> bool:
         return self.image_tokens is not None or not _has_images(body)
 
+    def counts_late(self, body: dict[str, Any]) -> bool:
+        return self._count_prompts and not _has_images(body)
+
     # -- generation ------------------------------------------------------------------
 
     async def stream(

@@ -149,6 +149,11 @@ class Limiter:
         self._policies[key_id] = (policy, account, now)
         return policy
 
+    async def limits_tokens(self, principal: Caller) -> bool:
+        """Whether the caller has a tokens-per-minute budget (the reservation then
+        wants an exact prompt count)."""
+        return (await self.policy(principal)).limits_tokens
+
     def forget(self, key_id: str) -> None:
         self._policies.pop(key_id, None)
 

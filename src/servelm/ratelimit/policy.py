@@ -55,6 +55,10 @@ class Policy:
     def unlimited(self) -> bool:
         return not self.scopes
 
+    @property
+    def limits_tokens(self) -> bool:
+        return any(s.tpm is not None for s in self.scopes)
+
 
 def load_plans(models_file: Path | None) -> dict[str, Plan]:
     """The ``[plans.*]`` tables of the models file (none without a file)."""
