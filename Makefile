@@ -67,7 +67,7 @@ bench-scale: $(STAMP)
 	$(BENCH_LOCK) $(BIN)/python bench/scale_path.py litellm --rounds 5 --litellm $(LITELLM_VENV)
 	$(BENCH_LOCK) $(BIN)/python bench/scale_path.py postgres --rounds 3
 	$(BENCH_LOCK) $(BIN)/python bench/scale_path.py workers
-	$(BENCH_LOCK) $(BIN)/python bench/engine_efficiency.py --prompt-count exact,bound \
+	$(BENCH_LOCK) $(BIN)/python bench/engine_efficiency.py --prompt-count exact,auto \
 	  --repeats 2 --requests-per-slot 2
 
 clean:

@@ -5,7 +5,7 @@ xllamacpp's own HTTP server, same slots, context and threads.
 
 Reports, per concurrency, output tokens/s of both, their ratio, and TTFT (p50, its
 ratio and difference): what servelm's asyncio bridge, auth and credit hold cost on
-top of the engine itself. ``--prompt-count exact,bound`` runs one servelm per way of
+top of the engine itself. ``--prompt-count exact,auto`` runs one servelm per way of
 counting the prompt for the hold (``SERVELM_PROMPT_COUNT``, issue 15 goal 4), each
 point measured on the raw server and then on each servelm, back to back.
 """
@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--requests-per-slot", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--prompt-count", default="exact", help="servelm variants: exact,bound")
+    parser.add_argument("--prompt-count", default="exact", help="servelm variants, of auto,exact,bound")
     parser.add_argument("--out", type=Path, default=RESULTS / "engine_efficiency.json")
     args = parser.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",")]

@@ -49,7 +49,7 @@ from servelm.errors import (
 from servelm.input_limits import check_prompt_size
 from servelm.media import ImageLoader, MediaLimits, inline_images
 from servelm.metrics import Metrics
-from servelm.money import affordable_max_tokens, format_credits
+from servelm.money import MAX_ACCOUNT_MICRO, affordable_max_tokens, format_credits
 from servelm.protocol import ChatRequest, parse_chat_request, usage_body
 from servelm.ratelimit import Limiter
 
@@ -235,7 +235,8 @@ class ChatService:
                     call.request_id,
                     spec.slug,
                     amount,
-                    need=amount * (1 + BOUND_HOLD_ROOM),
+                    # No balance exceeds MAX_ACCOUNT_MICRO: past it, refused (BIGINT-safe).
+                    need=min(amount * (1 + BOUND_HOLD_ROOM), MAX_ACCOUNT_MICRO + 1),
                 )
                 return
             except NotEnoughCredits:
