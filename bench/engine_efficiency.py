@@ -85,7 +85,9 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--requests-per-slot", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--prompt-count", default="exact", help="servelm variants, of auto,exact,bound")
+    parser.add_argument(
+        "--prompt-count", default="exact", help="servelm variants, of auto,exact,bound"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "engine_efficiency.json")
     args = parser.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
