@@ -1,10 +1,11 @@
-"""Fitting conversations to models without a system role (Mixtral)."""
+"""Fitting conversations to models without a system role (Mixtral), and which
+conversations the prompt's byte bound holds for."""
 
 from __future__ import annotations
 
 import pytest
 
-from servelm.conversation import fit_conversation
+from servelm.conversation import fit_conversation, plain_text
 from servelm.errors import InvalidRequest
 from servelm.models_file import builtin_specs
 
@@ -81,3 +82,27 @@ def test_conversations_that_cannot_be_made_valid_are_400(msgs: list[dict[str, st
         fit_conversation(msgs, M7)
     assert exc.value.status_code == 400
     assert "mixtral-8x7b-instruct" in exc.value.message
+
+
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+CALL = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+
+
+@pytest.mark.parametrize(
+    ("body", "plain"),
+    [
+        ({"messages": CHAT}, True),
+        ({"messages": CHAT, "tools": [TOOL]}, False),
+        ({"messages": [{"role": "user", "content": "hi", "name": "x" * 500}]}, False),
+        ({"messages": [{"role": "assistant", "content": None, "tool_calls": [CALL]}]}, False),
+        ({"messages": [{"role": "tool", "content": "\x01" * 100, "tool_call_id": "c1"}]}, False),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, False),
+    ],
+)
+def test_only_plain_text_conversations_are_bounded_by_their_bytes(
+    body: dict[str, object], plain: bool
+) -> None:
+    """Templates render tools and tool results through JSON and print names: the
+    byte bound holds only for plain text (``prompt_count = "auto"`` skips the count
+    there alone)."""
+    assert plain_text(body) is plain

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from servelm.api.paths import Dialect
 from servelm.billing.holds import Settlement
 from servelm.catalog import ModelSpec
-from servelm.conversation import estimate_prompt_tokens
+from servelm.conversation import estimate_prompt_tokens, plain_text
 from servelm.errors import ContextWindowExceeded, InvalidRequest
 from servelm.money import format_credits
 from servelm.protocol import ChatRequest
@@ -73,7 +73,8 @@ class Call:
     body: dict[str, Any]
     prompt_tokens: int
     max_tokens: int
-    # False when prompt_tokens is only an upper bound (remote engines count later).
+    # False when prompt_tokens is only an upper bound: a remote engine's, or one whose
+    # count was skipped (``prompt_count`` bound or auto); the engine's usage settles it.
     prompt_exact: bool = True
     # The bound stands in for a count the engine can still make (``prompt_count =
     # "auto"``): counted before the hold where the bound would decide something.
@@ -153,7 +154,7 @@ def defer_count(call: Call) -> bool:
     limit comes out the same either way; the engine's usage then settles the charge
     (or ``count_prompt_after``, for a stream cut before it). The rate limit and the
     hold may still count (``ChatService.check_rate_limit``, ``ChatService._hold``)."""
-    if not call.engine.counts_late(call.body):
+    if not plain_text(call.body) or not call.engine.counts_late(call.body):
         return False
     bound = estimate_prompt_tokens(call.body)
     asked = call.request.requested_max_tokens
@@ -184,12 +185,16 @@ def charge(call: Call) -> int:
     """What the user pays: the tokens generated and delivered. A request that failed
     or was abandoned before any output costs nothing, and so does a non-streaming one
     that failed or lost its client (no answer reached anyone); a stream cut short pays
-    for what it sent. A prompt count that is only an upper bound (remote engine, no
-    usage received) is not billed."""
+    for what it sent. A prompt count that is only an upper bound (no usage received,
+    no late count) is not billed."""
     if call.status != "ok" and (call.completion_tokens == 0 or not call.request.stream):
         return 0
-    prompt = call.prompt_tokens if (call.prompt_exact or call.usage) else 0
-    return call.spec.cost_micro(prompt, call.completion_tokens)
+    return call.spec.cost_micro(billed_prompt(call), call.completion_tokens)
+
+
+def billed_prompt(call: Call) -> int:
+    """The prompt tokens known exactly (counted, or the engine's usage), else 0."""
+    return call.prompt_tokens if (call.prompt_exact or call.usage) else 0
 
 
 def cached_tokens(usage: dict[str, Any] | None) -> int:

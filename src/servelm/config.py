@@ -95,9 +95,10 @@ class Settings(BaseSettings):
         description="how an embedded model's prompt is counted for the credit hold: "
         "`exact` (llama.cpp's template and tokenizer, before admission), `bound` (an "
         "upper bound from its bytes, settled from the engine's usage, or counted after a "
-        "stream cut short) or `auto` (the bound where it decides nothing: the prompt fits "
-        "the window and the balance covers many such holds; otherwise the exact count). "
-        "The charges are the same; measured in docs/benchmarks.md",
+        "stream cut short) or `auto` (the bound where it decides nothing: a plain text "
+        "conversation that fits the window, a balance that covers many such holds, no "
+        "token budget; otherwise the exact count). The same charges; measured in "
+        "docs/benchmarks.md",
     )
     workers: int = Field(
         default=1,

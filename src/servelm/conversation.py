@@ -80,6 +80,21 @@ _TEMPLATE_TOKENS = 256
 _PER_IMAGE_TOKENS = 4096
 
 
+def plain_text(body: dict[str, Any]) -> bool:
+    """Whether ``estimate_prompt_tokens`` bounds this body's prompt from above for any
+    template: text messages and nothing else. Templates render tools, tool calls and
+    tool results through JSON (``tojson`` writes a control byte as six characters)
+    and may print names and call ids the bound does not count."""
+    if body.get("tools"):
+        return False
+    return all(
+        m.keys() <= {"role", "content"}
+        and m.get("role") in ("system", "user", "assistant")
+        and isinstance(m.get("content"), str)
+        for m in body["messages"]
+    )
+
+
 def estimate_prompt_tokens(body: dict[str, Any]) -> int:
     """An upper bound on the prompt's tokens, for engines that cannot count early."""
     total = _TEMPLATE_TOKENS

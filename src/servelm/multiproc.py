@@ -12,7 +12,8 @@ A gateway process is one event loop on one core. Several share a node like this:
   them over loopback to the workers only: a bearer token made for this run, the
   engine seam's two operations (count a prompt, stream a completion) and nothing
   else. In each worker the model's engine is a ``HostedEngine``: the OpenAI upstream
-  engine pointed at that process, plus the exact prompt count, so holds stay exact.
+  engine pointed at that process, plus the prompt count, which the engine process
+  makes whenever a worker asks (``prompt_count`` decides when that is).
 - Keys and credits stay in the workers, in the shared database: holds are
   conditional updates there, so N processes can no more overspend than N threads.
   Rate limits and key revocations go through Redis, which ``serve`` therefore

@@ -4,7 +4,8 @@
 from there in this order, and nothing else in the codebase calls them out of order.
 
     authenticate → read body → parse → resolve model → model rights → idempotency
-    → prepare (images, template, count) → hold credits → generate → settle → shape
+    → prepare (images, template, count where it decides something) → hold credits
+    → generate → settle → shape
 
 The HTTP layer (``servelm.api.chat``) only hands in a ``ChatExchange`` (headers, a
 body reader, the dialect) and writes back the ``JsonReply`` or ``StreamReply`` it
@@ -31,6 +32,7 @@ from servelm.calls import (
     ChatExchange,
     JsonReply,
     StreamReply,
+    billed_prompt,
     cached_tokens,
     charge,
     count_prompt,
@@ -175,7 +177,8 @@ class ChatService:
         self, request_id: str, request: ChatRequest, spec: ModelSpec, engine: Engine
     ) -> Call:
         """Images inlined and checked, the conversation fitted to the model, the prompt
-        counted (exactly where the engine can) and the output limit decided."""
+        counted (exactly where the engine can, and under ``prompt_count = "auto"`` only
+        where its upper bound would decide something) and the output limit decided."""
         if request.has_images() and not spec.vision:
             raise InvalidRequest(no_images_message(spec), param="messages")
         if request.tools and not spec.tools:
@@ -343,8 +346,9 @@ class ChatService:
     async def _count_prompt_late(self, call: Call) -> None:
         """A stream cut short pays its prompt, and the engine's usage, which has the
         exact count, never came: where the prompt was only bounded before admission
-        (``prompt_count = "bound"``), count it now, so the charge is exact either way.
-        Bounded in time: settlement waits for it."""
+        (``prompt_count`` bound, or auto where it skipped the count), count it now.
+        Bounded in time, since settlement waits for it: an engine that cannot answer
+        within it (gone, or stalled) leaves the prompt unbilled, and a warning says so."""
         if call.prompt_exact or call.usage is not None or charge(call) == 0:
             return
         try:
@@ -387,14 +391,25 @@ class ChatService:
         open, and the rate reservation is settled whatever else failed."""
         try:
             if call.held_balance is not None:
+                owed = charge(call)
                 call.settlement = await self.billing.settle(
                     call.request_id,
-                    charge=charge(call),
-                    prompt_tokens=call.prompt_tokens if call.prompt_exact or call.usage else 0,
+                    charge=owed,
+                    prompt_tokens=billed_prompt(call),
                     completion_tokens=call.completion_tokens,
                     status=call.status,
                     latency_ms=int((time.perf_counter() - call.started) * 1000),
                 )
+                if not call.settlement.already and call.settlement.charged < owed:
+                    # A charge never exceeds its hold; an engine that counted more
+                    # than the hold's bound is the only way here, and worth a look.
+                    log.warning(
+                        "request %s: its usage costs %s, more than its hold of %s, "
+                        "which is what it was charged",
+                        call.request_id,
+                        format_credits(owed),
+                        format_credits(call.settlement.charged),
+                    )
         finally:
             try:
                 self._observe_end(call)
@@ -415,12 +430,12 @@ class ChatService:
         """Metrics and the access-log fields of a generation that ended."""
         charged = call.settlement.charged if call.settlement is not None else 0
         if self.metrics is not None:
-            self.metrics.observe_tokens(call.spec.slug, call.prompt_tokens, call.completion_tokens)
+            self.metrics.observe_tokens(call.spec.slug, billed_prompt(call), call.completion_tokens)
             seconds = time.perf_counter() - call.started
             self.metrics.observe_generation(call.spec.slug, call.status, seconds, charged)
         logs.annotate(
             model=call.spec.slug,
-            prompt_tokens=call.prompt_tokens,
+            prompt_tokens=billed_prompt(call),
             completion_tokens=call.completion_tokens,
             cost=format_credits(charged),
             outcome=call.status,

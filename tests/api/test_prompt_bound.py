@@ -182,6 +182,12 @@ def test_auto_mode_skips_the_count_where_the_bound_decides_nothing(
     # Billed from the engine's usage: the exact count, not the bound it held.
     assert usage["prompt_tokens"] == _exact_count(live, MESSAGES) > 10
     assert Decimal(r.headers["x-cost"]) == Decimal(usage["cost"]) == _cost(models_dir, usage)
+    # A message with a name is not plain text (a template may print the name): counted.
+    named = [{**MESSAGES[1], "name": "n" * 300}]
+    with httpx.Client(base_url=live.base_url, timeout=60, headers=live.headers()) as http:
+        r = http.post("/v1/chat/completions", json={**ask, "messages": named})
+    assert r.status_code == 200, r.text
+    assert counted == [1]
 
 
 def test_auto_mode_holds_a_balance_near_its_end_exactly(

@@ -1,7 +1,8 @@
 """Credit holds and settlement: the two statements every chat request costs.
 
 reserve: one conditional UPDATE moves the worst-case cost from ``balance`` to
-``held`` only if the balance covers it (``WHERE balance >= :amount``). The database
+``held`` only if the balance covers it (``WHERE balance >= :need``: the amount, or
+more where the caller wants room left, see ``ChatService._hold``). The database
 serialises writers on the account row, so concurrent requests can never together
 spend more than the balance: overspend is impossible by construction, not by a
 read-then-write check.

@@ -133,8 +133,8 @@ class Engine(abc.ABC):
     async def count_prompt_after(self, body: dict[str, Any]) -> int | None:
         """The exact prompt count, asked after generation when the engine's usage never
         came (a stream the client left): engines that skipped counting before admission
-        (``prompt_count = "bound"``) count now, so the charge is exact either way. None
-        where the engine cannot count exactly (a remote engine)."""
+        (``prompt_count`` bound or auto) count now, so the charge is exact either way.
+        None where the engine cannot count exactly (a remote engine)."""
         return None
 
     async def count_text_tokens(self, text: str) -> int | None:
