@@ -96,23 +96,31 @@ def plain_text(body: dict[str, Any]) -> bool:
 
 
 def estimate_prompt_tokens(body: dict[str, Any]) -> int:
-    """An upper bound on the prompt's tokens, for engines that cannot count early."""
+    """An upper bound on the prompt's tokens, for engines that cannot count early.
+
+    Templates may render a tool result, tool calls and tools through JSON: those are
+    sized as JSON with every non-ASCII character escaped (the longest form of each)
+    and, for tools, indented as Llama 3.1's template prints them. Names and call ids
+    count too."""
     total = _TEMPLATE_TOKENS
     for m in body["messages"]:
         total += _PER_MESSAGE_TOKENS
         content = m.get("content")
         if isinstance(content, str):
-            total += len(content.encode())
+            total += len(json.dumps(content)) if m.get("role") == "tool" else len(content.encode())
         elif isinstance(content, list):
             for part in content:
                 if part.get("type") == "text":
-                    total += len(part["text"].encode())
+                    total += len(json.dumps(part["text"]))
                 else:
                     total += _PER_IMAGE_TOKENS
+        for field in ("name", "tool_call_id"):
+            if isinstance(m.get(field), str):
+                total += len(m[field].encode())
         if m.get("tool_calls"):
-            total += len(json.dumps(m["tool_calls"]).encode())
+            total += len(json.dumps(m["tool_calls"], indent=4))
     if body.get("tools"):
-        total += len(json.dumps(body["tools"]).encode())
+        total += len(json.dumps(body["tools"], indent=4))
     return total
 
 

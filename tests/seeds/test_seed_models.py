@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from servelm.conversation import engine_body, fit_conversation
+from servelm.conversation import engine_body, estimate_prompt_tokens, fit_conversation
 from servelm.engines.llamacpp import LlamaCppEngine
 from servelm.protocol import parse_chat_request
 from tests.conftest import LiveServer, provision
@@ -367,6 +367,28 @@ def test_llama_tool_call_history_renders_with_ipython_results(seed_live: LiveSer
         '"parameters": {"city": "Oslo"}}<|eot_id|>'
         "<|start_header_id|>ipython<|end_header_id|>\n\nsunny<|eot_id|>" + LLAMA_GEN
     ) in text
+
+
+def test_the_byte_bound_covers_hostile_tool_conversations(seed_live: LiveServer) -> None:
+    """The hold of an engine that counts late (``estimate_prompt_tokens``) must bound
+    what the template makes of tool results, calls, names and tools. Control bytes
+    are a token each (as many tokens as bytes, the bound's own limit), and quotes,
+    backslashes and non-ASCII are what JSON escaping lengthens."""
+    nasty = "\x01" * 1500 + '"\\\u00e9\u4e2d\U0001f600' * 20 + "<|eot_id|>"
+    call = {
+        "id": "call_" + "\u4e2d" * 50,
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": json.dumps({"city": nasty})},
+    }
+    messages = [
+        {"role": "user", "content": nasty, "name": "n" * 100},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": call["id"], "content": nasty},
+    ]
+    body = prepared(seed_live, LLAMA, {"messages": messages, "tools": [WEATHER]})
+    counted = on_loop(seed_live, engine(seed_live, LLAMA).count_prompt(body))
+    assert counted > 3000
+    assert estimate_prompt_tokens(body) >= counted
 
 
 NO_ARGS = {
