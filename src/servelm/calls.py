@@ -4,6 +4,8 @@ that state (the output limit, what the call is charged, the money headers)."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
@@ -14,13 +16,18 @@ from servelm.api.paths import Dialect
 from servelm.billing.holds import Settlement
 from servelm.catalog import ModelSpec
 from servelm.conversation import estimate_prompt_tokens, plain_text
-from servelm.errors import ContextWindowExceeded, InvalidRequest
+from servelm.errors import ContextWindowExceeded, InvalidRequest, ServelmError
 from servelm.money import format_credits
 from servelm.protocol import ChatRequest
 
 if TYPE_CHECKING:
     from servelm.engines.base import Engine
     from servelm.ratelimit import Reservation
+
+log = logging.getLogger(__name__)
+
+# How long settlement waits for a prompt counted after a cut stream (``count_prompt_late``).
+LATE_COUNT_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -165,6 +172,50 @@ def defer_count(call: Call) -> bool:
     call.max_tokens = output_limit(call.request, call.spec, bound, exact=False)
     call.body["max_tokens"] = call.max_tokens
     return True
+
+
+async def count_prompt_late(call: Call) -> None:
+    """A stream cut short pays its prompt, and the engine's usage, which has the
+    exact count, never came: where the prompt was only bounded before admission
+    (``prompt_count`` bound, or auto where it skipped the count), count it now.
+    Bounded in time, since settlement waits for it: an engine that cannot answer
+    within it (gone, or stalled) leaves the prompt unbilled, and a warning says so."""
+    if call.prompt_exact or call.usage is not None or charge(call) == 0:
+        return
+    try:
+        async with asyncio.timeout(LATE_COUNT_SECONDS):
+            counted = await call.engine.count_prompt_after(call.body)
+    except (ServelmError, TimeoutError) as exc:
+        log.warning(
+            "request %s: the prompt could not be counted after the stream was cut "
+            "(%s); its prompt is not billed",
+            call.request_id,
+            exc,
+        )
+        return
+    if counted is not None:
+        call.prompt_tokens, call.prompt_exact = counted, True
+
+
+async def bill_what_was_sent(call: Call, text: str, ending: int) -> None:
+    """llama.cpp streams one chunk per token, except where it keeps text back: a
+    stop string's start, trailing whitespace its output parser trims at the end
+    (a json_object answer cut by max_tokens), bytes of an unfinished character.
+    Fewer chunks than tokens is the sign; the client is then billed for the
+    tokens of the text it received (and the ending token), never more than the
+    engine generated."""
+    counted = await call.engine.count_text_tokens(text)
+    if counted is not None:
+        counted += ending
+    if counted is not None and counted < call.completion_tokens:
+        log.info(
+            "request %s: engine generated %d tokens, sent text of %d; billing %d",
+            call.request_id,
+            call.completion_tokens,
+            counted,
+            counted,
+        )
+        call.completion_tokens = counted
 
 
 def no_images_message(spec: ModelSpec) -> str:

@@ -15,7 +15,6 @@ carry ``x-remaining-credits``, so every authenticated response tells the balance
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import time
@@ -32,10 +31,12 @@ from servelm.calls import (
     ChatExchange,
     JsonReply,
     StreamReply,
+    bill_what_was_sent,
     billed_prompt,
     cached_tokens,
     charge,
     count_prompt,
+    count_prompt_late,
     defer_count,
     money_headers,
     no_images_message,
@@ -59,8 +60,6 @@ log = logging.getLogger(__name__)
 
 # A body this large costs real CPU to tokenize: check the balance first.
 COSTLY_BODY_BYTES = 64 * 1024
-# How long settlement waits for a prompt counted after a cut stream (``_count_prompt_late``).
-LATE_COUNT_SECONDS = 5.0
 # ``prompt_count = "auto"`` holds the prompt's upper bound only while the balance
 # covers this many more such holds. A balance near its end is held exactly, so the
 # larger hold can only matter to requests of the same account in flight with it.
@@ -324,7 +323,7 @@ class ChatService:
                 and not tool_calls
                 and content_chunks + ending < call.completion_tokens
             ):
-                await self._bill_what_was_sent(call, "".join(sent), ending)
+                await bill_what_was_sent(call, "".join(sent), ending)
             call.status = "ok"
         except ServelmError:
             call.status = "error"
@@ -339,51 +338,9 @@ class ChatService:
                 await stream.aclose()  # type: ignore[attr-defined]
             finally:
                 try:
-                    await self._count_prompt_late(call)
+                    await count_prompt_late(call)
                 finally:
                     await self.settle(call)
-
-    async def _count_prompt_late(self, call: Call) -> None:
-        """A stream cut short pays its prompt, and the engine's usage, which has the
-        exact count, never came: where the prompt was only bounded before admission
-        (``prompt_count`` bound, or auto where it skipped the count), count it now.
-        Bounded in time, since settlement waits for it: an engine that cannot answer
-        within it (gone, or stalled) leaves the prompt unbilled, and a warning says so."""
-        if call.prompt_exact or call.usage is not None or charge(call) == 0:
-            return
-        try:
-            async with asyncio.timeout(LATE_COUNT_SECONDS):
-                counted = await call.engine.count_prompt_after(call.body)
-        except (ServelmError, TimeoutError) as exc:
-            log.warning(
-                "request %s: the prompt could not be counted after the stream was cut "
-                "(%s); its prompt is not billed",
-                call.request_id,
-                exc,
-            )
-            return
-        if counted is not None:
-            call.prompt_tokens, call.prompt_exact = counted, True
-
-    async def _bill_what_was_sent(self, call: Call, text: str, ending: int) -> None:
-        """llama.cpp streams one chunk per token, except where it keeps text back: a
-        stop string's start, trailing whitespace its output parser trims at the end
-        (a json_object answer cut by max_tokens), bytes of an unfinished character.
-        Fewer chunks than tokens is the sign; the client is then billed for the
-        tokens of the text it received (and the ending token), never more than the
-        engine generated."""
-        counted = await call.engine.count_text_tokens(text)
-        if counted is not None:
-            counted += ending
-        if counted is not None and counted < call.completion_tokens:
-            log.info(
-                "request %s: engine generated %d tokens, sent text of %d; billing %d",
-                call.request_id,
-                call.completion_tokens,
-                counted,
-                counted,
-            )
-            call.completion_tokens = counted
 
     async def settle(self, call: Call) -> None:
         """Once per generation, however it ended: finished, failed or abandoned. The
