@@ -250,7 +250,7 @@ class HostedEngine(OpenAIUpstreamEngine):
         return self._images_exact or not _has_images(body)
 
     def counts_late(self, body: dict[str, Any]) -> bool:
-        return self._count_prompts and not _has_images(body)
+        return self._count_prompts
 
     async def _status_error(self, resp: http1.Response) -> ServelmError:
         return await self._status_error_from(resp.status_code, await resp.read())

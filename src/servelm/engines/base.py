@@ -115,7 +115,7 @@ class Engine(abc.ABC):
         """Whether this body's prompt may go uncounted before admission and still be
         charged exactly: the engine reports the prompt in its usage and counts it on
         ``count_prompt_after`` when a stream is cut before that (``prompt_count =
-        "auto"``)."""
+        "auto"``, which defers only plain text: ``conversation.plain_text``)."""
         return False
 
     @abc.abstractmethod

@@ -256,7 +256,7 @@ class LlamaCppEngine(Engine):
         return self.image_tokens is not None or not _has_images(body)
 
     def counts_late(self, body: dict[str, Any]) -> bool:
-        return self._count_prompts and not _has_images(body)
+        return self._count_prompts
 
     # -- generation ------------------------------------------------------------------
 
