@@ -75,4 +75,4 @@ clean:
 
 # The README's generated tables (settings, request conformance).
 readme: $(STAMP)
-	$(BIN)/python -m servelm.docs_tables README.md
+	$(BIN)/python -m servelm.cli.docs_tables README.md

@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from servelm import http1
+from servelm.engines import http1
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gateway_overhead as go

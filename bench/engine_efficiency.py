@@ -24,8 +24,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from servelm import bench
 from servelm.config import default_data_dir
+from servelm.loadgen import bench
 from servelm.weights.default_model import default_model_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -33,7 +33,7 @@ from typing import Any
 
 import httpx
 
-from servelm import bench
+from servelm.loadgen import bench
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"

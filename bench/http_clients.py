@@ -1,5 +1,5 @@
 """What one streamed chat completion costs an HTTP client: httpx, aiohttp and
-servelm.http1 against the instant upstream.
+servelm.engines.http1 against the instant upstream.
 
     .venv/bin/python bench/http_clients.py     # needs the bench extra (aiohttp)
 
@@ -35,7 +35,7 @@ BODY = json.dumps(
     }
 ).encode()
 HEADERS = {"content-type": "application/json"}
-CLIENTS = ("httpx", "aiohttp", "servelm.http1")
+CLIENTS = ("httpx", "aiohttp", "servelm.engines.http1")
 
 
 async def with_httpx(base: str) -> tuple[Callable[[], Awaitable[int]], Callable[[], Any]]:
@@ -73,7 +73,7 @@ async def with_aiohttp(base: str) -> tuple[Callable[[], Awaitable[int]], Callabl
 
 
 async def with_http1(base: str) -> tuple[Callable[[], Awaitable[int]], Callable[[], Any]]:
-    from servelm import http1
+    from servelm.engines import http1
 
     pool = http1.Pool(base)
 
@@ -90,7 +90,9 @@ async def with_http1(base: str) -> tuple[Callable[[], Awaitable[int]], Callable[
 
 
 async def measure(client: str, base: str, concurrency: int, requests: int) -> dict[str, Any]:
-    make = {"httpx": with_httpx, "aiohttp": with_aiohttp, "servelm.http1": with_http1}[client]
+    make = {"httpx": with_httpx, "aiohttp": with_aiohttp, "servelm.engines.http1": with_http1}[
+        client
+    ]
     one, close = await make(base)
     for _ in range(50):
         assert await one() == 19  # role, 16 tokens, finish, usage

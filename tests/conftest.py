@@ -16,11 +16,11 @@ from fastapi import FastAPI
 
 from servelm.api.app import EngineFactory, build_engine, create_app
 from servelm.billing import accounts
-from servelm.catalog import Catalog
+from servelm.billing.money import MICRO
+from servelm.catalog.specs import Catalog
+from servelm.catalog.weights import default_model
 from servelm.config import Settings, default_data_dir
-from servelm.money import MICRO
 from servelm.store.db import Database
-from servelm.weights import default_model
 
 
 @pytest.fixture(scope="session")
@@ -223,7 +223,7 @@ def seed_live(
     models_dir: Path, seed_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LiveServer]:
     """A server with the three seed slugs served by their tiny models, 2 slots each."""
-    from servelm.models_file import load_catalog
+    from servelm.catalog.models_file import load_catalog
 
     tmp = tmp_path_factory.mktemp("seeds")
     models_file = seed_models_file(tmp, seed_models)

@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from servelm.media import MediaLimits, split_allow_entry
+from servelm.chat.media import MediaLimits, split_allow_entry
 
 
 def default_data_dir() -> Path:
@@ -103,7 +103,7 @@ class Settings(BaseSettings):
     workers: int = Field(
         default=1,
         gt=0,
-        description="gateway processes on one port (servelm.multiproc); more than one "
+        description="gateway processes on one port (servelm.processes.multiproc); more than one "
         "needs `SERVELM_REDIS_URL`, through which they share rate limits and revocations",
     )
 
@@ -142,7 +142,7 @@ class Settings(BaseSettings):
         description="a request of a dead process leaves the concurrency count after this",
     )
 
-    # Overload and shutdown (servelm.lifecycle).
+    # Overload and shutdown (servelm.processes.lifecycle).
     max_connections: int | None = Field(
         default=None, gt=0, description="open connections before 503 (default: no cap)"
     )
@@ -162,7 +162,7 @@ class Settings(BaseSettings):
         default=30.0, gt=0, description="how long one write may wait on a slow reader"
     )
 
-    # Images in chat content (servelm.media).
+    # Images in chat content (servelm.chat.media).
     image_max_bytes: int = Field(
         default=10 * 1024 * 1024, gt=0, description="largest image accepted (413 above)"
     )
@@ -179,7 +179,7 @@ class Settings(BaseSettings):
     image_decode_workers: int = Field(
         default=2, gt=0, description="threads decoding images off the event loop"
     )
-    # Everything else must be public: see servelm.media.
+    # Everything else must be public: see servelm.chat.media.
     image_allow_hosts: Annotated[tuple[str, ...], NoDecode] = Field(
         default=(),
         description="comma-separated hosts, addresses or CIDR networks image URLs may "

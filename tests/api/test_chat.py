@@ -99,8 +99,8 @@ def test_max_tokens_limits_output_and_reports_length(client: openai.OpenAI) -> N
 def test_prompt_count_before_generation_matches_engine_usage(live: LiveServer) -> None:
     import asyncio
 
-    from servelm.conversation import engine_body
-    from servelm.protocol import parse_chat_request
+    from servelm.chat.conversation import engine_body
+    from servelm.chat.protocol import parse_chat_request
 
     engine = live.app.state.chat.engines[SLUG]
     req = parse_chat_request(json.dumps({"messages": JOKE}).encode())

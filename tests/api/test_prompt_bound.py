@@ -18,10 +18,10 @@ import httpx
 import pytest
 
 from servelm.billing import accounts
-from servelm.catalog import Catalog, default_spec
-from servelm.conversation import estimate_prompt_tokens
+from servelm.billing.money import MICRO
+from servelm.catalog.specs import Catalog, default_spec
+from servelm.chat.conversation import estimate_prompt_tokens
 from servelm.engines.base import Engine
-from servelm.money import MICRO
 from tests.conftest import LiveServer, make_settings, start_server
 
 SLUG = "smollm2-135m-instruct"

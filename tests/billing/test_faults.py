@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import select
 
 from servelm.billing import accounts, audit
-from servelm.money import MICRO
+from servelm.billing.money import MICRO
 from servelm.store.db import Database
 from servelm.store.tables import holds, usage
 from tests import procs

@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from servelm.billing import accounts, audit
-from servelm.money import MICRO
+from servelm.billing.money import MICRO
 from tests.conftest import ADMIN_TOKEN, LiveServer, provision
 
 SLUG = "smollm2-135m-instruct"

@@ -9,12 +9,12 @@ import pytest
 from sqlalchemy import func, select, text, update
 from sqlalchemy.exc import IntegrityError
 
-from servelm import auth as keys
+from servelm.auth import keys
 from servelm.billing import accounts, audit, holds, idempotency
 from servelm.billing.clock import utcnow
 from servelm.billing.holds import NotEnoughCredits
+from servelm.billing.money import MICRO, affordable_max_tokens
 from servelm.errors import AuthenticationError, Conflict
-from servelm.money import MICRO, affordable_max_tokens
 from servelm.store.db import Database
 from servelm.store.tables import accounts as accounts_t
 from servelm.store.tables import api_keys, ledger, usage

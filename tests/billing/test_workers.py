@@ -84,7 +84,7 @@ def test_workers_share_one_balance_and_one_model(
     (gw,) = procs.start(env, tmp_path / "logs", 1, "--workers", str(WORKERS))
     try:
         kids = children(gw.proc.pid)
-        hosts = [p for p in kids if "servelm.multiproc host" in cmdline(p)]
+        hosts = [p for p in kids if "servelm.processes.multiproc host" in cmdline(p)]
         workers = [p for p in kids if "multiprocessing" in cmdline(p) and p not in hosts]
         assert len(hosts) == 1, [cmdline(p) for p in kids]
         assert len(workers) >= WORKERS, [cmdline(p) for p in kids]

@@ -20,7 +20,7 @@ import pytest
 import uvicorn
 
 from servelm.billing import accounts
-from servelm.money import MICRO
+from servelm.billing.money import MICRO
 from servelm.store.db import Database
 from servelm.testing.instant_upstream import lifespan, read_body
 from tests.conftest import ADMIN_TOKEN, LiveServer, free_port, make_settings, start_server
@@ -111,7 +111,7 @@ def paced_app() -> Any:
 @pytest.fixture(scope="module")
 def console(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     """A server with the default model, the paced model and the admin token."""
-    from servelm.models_file import load_catalog
+    from servelm.catalog.models_file import load_catalog
 
     port = free_port()
     upstream = uvicorn.Server(

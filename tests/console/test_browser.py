@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from servelm.billing import accounts, audit
-from servelm.money import MICRO, format_credits
+from servelm.billing.money import MICRO, format_credits
 from tests.conftest import ADMIN_TOKEN, LiveServer, provision
 from tests.console.conftest import PACED, SCREENSHOTS, XSS_REPLY
 

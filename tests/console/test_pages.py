@@ -14,8 +14,8 @@ import httpx
 import pytest
 
 from servelm.billing import accounts
+from servelm.chat.protocol import ChatRequest
 from servelm.console import docs, session
-from servelm.protocol import ChatRequest
 from tests.conftest import LiveServer, provision
 from tests.console.conftest import PACED, csrf_from, operator_client, signed_in_client
 

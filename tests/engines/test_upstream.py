@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from servelm.money import MICRO
+from servelm.billing.money import MICRO
 from tests.conftest import LiveServer, free_port, make_settings, provision, start_server
 
 pytestmark = pytest.mark.slow  # real engine processes or models: seconds each

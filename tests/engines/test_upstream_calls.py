@@ -21,7 +21,7 @@ import httpx
 import pytest
 import uvicorn
 
-from servelm.money import MICRO
+from servelm.billing.money import MICRO
 from servelm.testing.instant_upstream import lifespan, read_body
 from tests.conftest import LiveServer, free_port, make_settings, start_server
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from servelm.billing import accounts
-from servelm.catalog import Catalog, ModelSpec
+from servelm.catalog.specs import Catalog, ModelSpec
 from servelm.store.db import Database
 from servelm.store.tables import holds, usage
 from servelm.testing.scripted_engine import ScriptedEngine, scripted_factory

@@ -15,12 +15,12 @@ import pytest
 from typer.testing import CliRunner
 
 from servelm.api.app import build_engine
-from servelm.catalog import Catalog, ModelSpec
+from servelm.catalog.models_file import ConfigError, load_catalog
+from servelm.catalog.specs import Catalog, ModelSpec
+from servelm.chat.request_fields import HONOURED, IGNORED, REFUSED
 from servelm.cli import app as cli_app
+from servelm.cli.docs_tables import render
 from servelm.config import Settings, settings_table
-from servelm.docs_tables import render
-from servelm.models_file import ConfigError, load_catalog
-from servelm.request_fields import HONOURED, IGNORED, REFUSED
 from servelm.testing.scripted_engine import ScriptedEngine, scripted_factory
 from tests.conftest import ADMIN_TOKEN, LiveServer, free_port, make_settings, start_server
 from tests.fast.conftest import SLUG, SPEC, new_key
@@ -97,7 +97,7 @@ def test_bookkeeping_fields_are_accepted(fast: LiveServer, engine: ScriptedEngin
 
 
 def test_every_field_of_the_request_model_is_in_the_conformance_table() -> None:
-    from servelm.protocol import ChatRequest
+    from servelm.chat.protocol import ChatRequest
 
     listed = set(HONOURED) | set(IGNORED) | set(REFUSED)
     extensions = {"ignore_eos", "min_tokens"}  # llama.cpp/vLLM's, for benchmarks

@@ -18,8 +18,8 @@ import yaml
 from typer._click.core import Command, Context, UsageError
 from typer.core import TyperGroup as Group
 
+from servelm.catalog.models_file import load_catalog
 from servelm.cli import app
-from servelm.models_file import load_catalog
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import select
 
 from servelm.billing import accounts
-from servelm.money import MICRO
+from servelm.billing.money import MICRO
 from servelm.store.db import Database
 from servelm.store.tables import usage
 from tests import procs

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from servelm.money import MICRO
+from servelm.billing.money import MICRO
 from servelm.store.db import Database
 from servelm.store.tables import usage
 from tests import procs

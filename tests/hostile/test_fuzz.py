@@ -20,8 +20,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from servelm.catalog import DEFAULT_MODEL_SLUG
-from servelm.models_file import load_catalog
+from servelm.catalog.models_file import load_catalog
+from servelm.catalog.specs import DEFAULT_MODEL_SLUG
 from tests.conftest import LiveServer, make_settings, start_server
 from tests.hostile.conftest import assert_money_sound
 

@@ -13,9 +13,9 @@ from typing import Any
 import httpx
 import pytest
 
-from servelm.catalog import DEFAULT_MODEL_SLUG
+from servelm.catalog.specs import DEFAULT_MODEL_SLUG
+from servelm.chat.input_limits import MAX_ENUM_VALUES
 from servelm.errors import InvalidRequest
-from servelm.input_limits import MAX_ENUM_VALUES
 from tests.conftest import LiveServer
 from tests.hostile.conftest import LIAR, assert_money_sound
 

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from PIL import Image as PILImage
 
+from servelm.chat.media import ImageLoader, MediaLimits, inline_images, non_global_reason
 from servelm.errors import InvalidRequest
-from servelm.media import ImageLoader, MediaLimits, inline_images, non_global_reason
 from tests.conftest import LiveServer
 from tests.hostile.conftest import Drip, jpeg
 

@@ -13,12 +13,12 @@ import httpx
 import pytest
 from sqlalchemy import event
 
-from servelm.auth import Authenticator
+from servelm.auth.keys import Authenticator
 from servelm.billing import accounts, audit
+from servelm.billing.money import MAX_ACCOUNT_MICRO, MAX_GRANT_MICRO, MICRO
 from servelm.billing.service import Billing
-from servelm.catalog import DEFAULT_MODEL_SLUG
+from servelm.catalog.specs import DEFAULT_MODEL_SLUG
 from servelm.errors import AuthenticationError, InvalidRequest
-from servelm.money import MAX_ACCOUNT_MICRO, MAX_GRANT_MICRO, MICRO
 from servelm.store.db import Database
 from tests.conftest import ADMIN_TOKEN, LiveServer
 from tests.hostile.conftest import assert_money_sound

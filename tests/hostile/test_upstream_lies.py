@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from servelm.money import MICRO
+from servelm.billing.money import MICRO
 from servelm.testing.lying_upstream import PLAIN_LIES, STREAM_LIES, USAGE_LIES
 from tests.conftest import LiveServer, drop_pg_database, new_pg_database, provision
 from tests.hostile.conftest import LIAR, assert_money_sound, start_liar_gateway

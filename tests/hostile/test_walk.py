@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from servelm.catalog import DEFAULT_MODEL_SLUG
-from servelm.models_file import load_catalog
+from servelm.catalog.models_file import load_catalog
+from servelm.catalog.specs import DEFAULT_MODEL_SLUG
 from tests.conftest import LiveServer, make_settings, provision, start_server
 from tests.hostile.conftest import LIAR, Drip, assert_money_sound
 

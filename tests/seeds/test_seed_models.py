@@ -12,9 +12,9 @@ import httpx
 import openai
 import pytest
 
-from servelm.conversation import engine_body, estimate_prompt_tokens, fit_conversation
+from servelm.chat.conversation import engine_body, estimate_prompt_tokens, fit_conversation
+from servelm.chat.protocol import parse_chat_request
 from servelm.engines.llamacpp import LlamaCppEngine
-from servelm.protocol import parse_chat_request
 from tests.conftest import LiveServer, provision
 
 pytestmark = pytest.mark.slow  # real engine processes or models: seconds each

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from servelm.money import MICRO
+from servelm.billing.money import MICRO
 from tests.conftest import LiveServer, provision
 
 pytestmark = pytest.mark.slow  # real engine processes or models: seconds each

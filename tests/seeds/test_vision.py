@@ -16,8 +16,8 @@ import httpx
 import pytest
 from PIL import Image as PILImage
 
-from servelm.models_file import load_catalog
-from servelm.money import MICRO
+from servelm.billing.money import MICRO
+from servelm.catalog.models_file import load_catalog
 from servelm.testing import ggufgen
 from tests.conftest import LiveServer, make_settings, provision, seed_models_file, start_server
 

@@ -7,8 +7,8 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 
 from servelm.api.deps import caller
-from servelm.auth import Principal
-from servelm.money import MICRO, format_credits
+from servelm.auth.keys import Principal
+from servelm.billing.money import MICRO, format_credits
 
 router = APIRouter(tags=["account"])
 

@@ -13,10 +13,10 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from servelm.auth import check_admin_token, key_grants
+from servelm.auth.keys import check_admin_token, key_grants
 from servelm.billing import accounts, audit
 from servelm.billing.accounts import Account, KeyRecord
-from servelm.money import format_credits, parse_credits
+from servelm.billing.money import format_credits, parse_credits
 from servelm.ratelimit import records as limits
 from servelm.store.db import Database
 

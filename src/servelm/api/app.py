@@ -20,9 +20,12 @@ from servelm.api import account, admin, errors, health, metrics, models, openapi
 from servelm.api.chat import ChatRoute
 from servelm.api.middleware import RequestContextMiddleware
 from servelm.api.paths import OPENAI_CHAT, is_reserved
-from servelm.auth import Authenticator
+from servelm.auth.keys import Authenticator
 from servelm.billing.service import Billing
-from servelm.catalog import Catalog, ModelSpec
+from servelm.catalog.models_file import load_catalog
+from servelm.catalog.specs import Catalog, ModelSpec
+from servelm.chat.media import ImageLoader
+from servelm.chat.serving import ChatService
 from servelm.config import Settings
 from servelm.console import operator as console_operator
 from servelm.console import routes as console_routes
@@ -30,12 +33,9 @@ from servelm.engines.base import Engine
 from servelm.engines.llamacpp import LlamaCppEngine
 from servelm.engines.upstream import OpenAIUpstreamEngine
 from servelm.errors import ModelUnavailable
-from servelm.lifecycle import Lifecycle
-from servelm.media import ImageLoader
-from servelm.metrics import Metrics
-from servelm.models_file import load_catalog
-from servelm.serving import ChatService
+from servelm.processes.lifecycle import Lifecycle
 from servelm.store.db import Database
+from servelm.telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -23,11 +23,11 @@ from starlette.types import Message, Receive, Scope, Send
 
 from servelm.api.errors import INTERNAL, render
 from servelm.api.paths import Dialect
-from servelm.calls import ChatExchange, JsonReply, StreamReply
+from servelm.chat.calls import ChatExchange, JsonReply, StreamReply
+from servelm.chat.protocol import sse
+from servelm.chat.serving import ChatService
 from servelm.console import session as console_session
 from servelm.errors import InvalidRequest, PayloadTooLarge, RequestTimeout, ServelmError
-from servelm.protocol import sse
-from servelm.serving import ChatService
 
 log = logging.getLogger(__name__)
 

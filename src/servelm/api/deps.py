@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from fastapi import Request, Response
 
-from servelm.auth import Principal, key_from_headers
+from servelm.auth.keys import Principal, key_from_headers
+from servelm.billing.money import format_credits
 from servelm.errors import ServelmError
-from servelm.money import format_credits
 
 
 async def caller(request: Request, response: Response) -> Principal:

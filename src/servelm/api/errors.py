@@ -21,13 +21,13 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from servelm.api.paths import Dialect, dialect_for_path, unsupported_openai
+from servelm.chat.protocol import sse
 from servelm.errors import (
     InvalidRequest,
     MethodNotAllowed,
     NotFound,
     ServelmError,
 )
-from servelm.protocol import sse
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from servelm.api.errors import render
 from servelm.api.paths import dialect_for_path
 from servelm.errors import ServelmError
-from servelm.lifecycle import SLOW_CLIENT, Lifecycle
+from servelm.processes.lifecycle import SLOW_CLIENT, Lifecycle
 
 router = APIRouter()
 

@@ -9,8 +9,8 @@ import time
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from servelm.api.paths import route_family
-from servelm.logs import request_fields, request_id_var
 from servelm.ratelimit import response_headers
+from servelm.telemetry.logs import request_fields, request_id_var
 
 log = logging.getLogger("servelm.access")
 

@@ -7,9 +7,9 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 
 from servelm.api.deps import caller
-from servelm.catalog import ModelSpec
+from servelm.catalog.specs import ModelSpec
+from servelm.chat.protocol import model_card
 from servelm.errors import ModelNotFound
-from servelm.protocol import model_card
 
 router = APIRouter(tags=["models"], dependencies=[Depends(caller)])
 

@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from starlette.routing import Match
 from starlette.types import Scope
 
-from servelm.protocol import ChatRequest
+from servelm.chat.protocol import ChatRequest
 
 
 class Usage(BaseModel):

@@ -8,10 +8,10 @@ from datetime import datetime
 from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from servelm import auth
+from servelm.auth import keys as auth
 from servelm.billing.clock import as_utc, utcnow
+from servelm.billing.money import MAX_ACCOUNT_MICRO, MAX_GRANT_MICRO, MICRO
 from servelm.errors import Conflict, InvalidRequest, NotFound
-from servelm.money import MAX_ACCOUNT_MICRO, MAX_GRANT_MICRO, MICRO
 from servelm.store.db import Database
 from servelm.store.tables import accounts, api_keys, ledger
 

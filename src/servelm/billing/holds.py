@@ -28,8 +28,8 @@ from typing import Any, NoReturn
 from sqlalchemy import bindparam, case, func, insert, select, update
 
 from servelm.billing.clock import utcnow
+from servelm.billing.money import format_credits
 from servelm.errors import InsufficientCredits, NotFound
-from servelm.money import format_credits
 from servelm.store.db import Database, Later, PgBatch, Row, Tx, outcome
 from servelm.store.tables import accounts, holds, ledger, usage
 

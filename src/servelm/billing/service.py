@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any, TypeVar
 
-from servelm.auth import Principal
+from servelm.auth.keys import Principal
 from servelm.billing import accounts, audit, holds, idempotency
 from servelm.store.db import Database
 from servelm.store.groupcommit import GroupCommit

@@ -14,14 +14,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from servelm.auth import key_grants
+from servelm.auth.keys import key_grants
 from servelm.billing import accounts as acct
 from servelm.billing import audit
+from servelm.billing.money import format_credits, parse_credits
 from servelm.cli import limits as cli_limits
 from servelm.cli.common import ModelsFileOpt, load_catalog_or_exit, models_file_option
 from servelm.config import Settings
 from servelm.errors import ServelmError
-from servelm.money import format_credits, parse_credits
 from servelm.ratelimit import announce
 from servelm.store.db import Database
 

@@ -9,9 +9,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from servelm.catalog import Catalog
+from servelm.catalog.models_file import ConfigError, load_catalog
+from servelm.catalog.specs import Catalog
 from servelm.config import Settings
-from servelm.models_file import ConfigError, load_catalog
 
 console = Console()
 err_console = Console(stderr=True)

@@ -24,7 +24,7 @@ def fetch_default(
     data_dir: Annotated[Path | None, typer.Option(help="[env: SERVELM_DATA_DIR]")] = None,
 ) -> None:
     """Fetch SmolLM2-135M-Instruct (the default model) if it is missing, and verify it."""
-    from servelm.weights import default_model
+    from servelm.catalog.weights import default_model
 
     settings = Settings.from_env(data_dir=data_dir)
     try:
@@ -134,7 +134,7 @@ def models_pull(
     models_file: ModelsFileOpt = None,
 ) -> None:
     """Download a model's GGUF weights from the Hugging Face Hub into the models dir."""
-    from servelm.weights import hub
+    from servelm.catalog.weights import hub
 
     settings = Settings.from_env(data_dir=data_dir, models_file=models_file_option(models_file))
     spec = load_catalog_or_exit(settings).get(slug)

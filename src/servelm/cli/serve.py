@@ -9,9 +9,9 @@ from typing import Any
 
 import typer
 
+from servelm.catalog.models_file import ConfigError
 from servelm.cli.common import console, err_console, models_file_option
 from servelm.config import Settings, default_text
-from servelm.models_file import ConfigError
 
 
 def _flag_type(annotation: Any) -> Any:
@@ -60,9 +60,9 @@ def serve(**flags: Any) -> None:
     """Serve the chat API (Segmind: POST /v1/{model}; OpenAI: POST /v1/chat/completions)."""
     import uvicorn
 
-    from servelm import logs
     from servelm.api.app import create_app
-    from servelm.weights import default_model
+    from servelm.catalog.weights import default_model
+    from servelm.telemetry import logs
 
     if flags.get("models_file") is None:
         flags["models_file"] = models_file_option(None)
@@ -90,8 +90,8 @@ def serve(**flags: Any) -> None:
     _first_start(settings)
     if settings.workers > 1:
         # Several processes on one socket, local models in one of their own
-        # (servelm.multiproc).
-        from servelm import multiproc
+        # (servelm.processes.multiproc).
+        from servelm.processes import multiproc
 
         multiproc.serve(settings, settings.workers)
         return
@@ -106,7 +106,7 @@ def serve(**flags: Any) -> None:
         limit_concurrency=settings.max_connections,
     )
     server = uvicorn.Server(config)
-    # SIGTERM drains first (servelm.lifecycle), then tells uvicorn to stop.
+    # SIGTERM drains first (servelm.processes.lifecycle), then tells uvicorn to stop.
     asgi.state.lifecycle.server = server
     server.run()
 
@@ -117,7 +117,7 @@ def _first_start(settings: Settings) -> None:
     from rich.panel import Panel
 
     from servelm.billing.accounts import bootstrap
-    from servelm.money import MICRO
+    from servelm.billing.money import MICRO
     from servelm.store.db import Database
 
     db = Database(settings.db_url)

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from servelm.catalog import DEFAULT_MODEL_SLUG
+from servelm.catalog.specs import DEFAULT_MODEL_SLUG
 from servelm.cli.common import (
     ModelsFileOpt,
     err_console,
@@ -50,10 +50,10 @@ def worker(
     /v1/chat/completions, /v1/models, /health, /metrics; no accounts, no credits."""
     import uvicorn
 
-    from servelm import logs
     from servelm.api.app import build_engine
-    from servelm.weights import default_model
-    from servelm.worker import Worker
+    from servelm.catalog.weights import default_model
+    from servelm.processes.worker import Worker
+    from servelm.telemetry import logs
 
     bind = host or "127.0.0.1"
     try:

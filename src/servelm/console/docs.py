@@ -10,8 +10,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from servelm.catalog import ModelSpec
-from servelm.protocol import ChatRequest
+from servelm.catalog.specs import ModelSpec
+from servelm.chat.protocol import ChatRequest
 
 KEY_PLACEHOLDER = "YOUR_API_KEY"
 PROMPT = "tell me a joke on cats"

@@ -16,11 +16,11 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from servelm.billing import accounts, audit
+from servelm.billing.money import format_credits, parse_credits
 from servelm.billing.service import Billing
 from servelm.console import session, web
 from servelm.console.routes import model_state
 from servelm.errors import AuthenticationError, InvalidRequest, ServelmError
-from servelm.money import format_credits, parse_credits
 
 router = APIRouter(prefix="/operator", include_in_schema=False)
 

@@ -13,13 +13,13 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
-from servelm.auth import Authenticator, Principal
+from servelm.auth.keys import Authenticator, Principal
 from servelm.billing import accounts, audit
+from servelm.billing.money import format_credits
 from servelm.billing.service import Billing
-from servelm.catalog import ModelSpec
+from servelm.catalog.specs import ModelSpec
 from servelm.console import docs, session, web
 from servelm.errors import AuthenticationError, NotFound
-from servelm.money import format_credits
 
 router = APIRouter(include_in_schema=False)
 

@@ -11,9 +11,9 @@ from fastapi import Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
+from servelm.billing.money import format_credits
 from servelm.console import session
 from servelm.errors import InvalidRequest, PayloadTooLarge, PermissionDenied
-from servelm.money import format_credits
 
 HERE = Path(__file__).parent
 STATIC = HERE / "static"

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from servelm.catalog import ModelSpec
+from servelm.catalog.specs import ModelSpec
 from servelm.errors import (
     ContextWindowExceeded,
     EngineError,

@@ -28,9 +28,8 @@ from typing import Any
 
 import gguf
 
-from servelm import http1
-from servelm.catalog import ModelSpec
-from servelm.engines import wire
+from servelm.catalog.specs import ModelSpec
+from servelm.engines import http1, wire
 from servelm.engines.base import Admission, Engine, map_engine_error
 from servelm.errors import EngineError, ModelUnavailable
 

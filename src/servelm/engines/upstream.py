@@ -16,7 +16,7 @@ tokens can at least be counted.
 Several replicas of one engine (``servelm.fleet``): the router orders the healthy
 ones, a request fails over along that order until one sends its first chunk, and a
 replica that fails is ejected until a health probe readmits it. One keep-alive pool
-(``servelm.http1``) per replica. Unreachable → 502, timeout → 504, every replica down
+(``servelm.engines.http1``) per replica. Unreachable → 502, timeout → 504, every replica down
 → 503 with Retry-After, all before anything is charged.
 """
 
@@ -30,9 +30,8 @@ import math
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
-from servelm import http1
-from servelm.catalog import ModelSpec
-from servelm.engines import wire
+from servelm.catalog.specs import ModelSpec
+from servelm.engines import http1, wire
 from servelm.engines.base import Admission, Engine, map_engine_error
 from servelm.errors import (
     InvalidRequest,

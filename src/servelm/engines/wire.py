@@ -26,7 +26,7 @@ import math
 from collections.abc import AsyncIterator
 from typing import Any
 
-from servelm import http1
+from servelm.engines import http1
 from servelm.errors import UpstreamError
 
 # Also what the usage table's INTEGER columns hold (PostgreSQL int4).

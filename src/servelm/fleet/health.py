@@ -21,7 +21,7 @@ import logging
 import re
 from dataclasses import dataclass
 
-from servelm import http1
+from servelm.engines import http1
 from servelm.fleet.replicas import Replica, ReplicaSet
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ import time
 from typing import Any
 from urllib.parse import urlsplit
 
-from servelm import http1
+from servelm.engines import http1
 from servelm.fleet.spec import ReplicaSpec
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
-    from servelm.catalog import ModelSpec
+    from servelm.catalog.specs import ModelSpec
 
 Routing = Literal["prefix", "least_load", "round_robin"]
 

@@ -31,13 +31,13 @@ from typing import Any, Literal, Protocol
 
 from prometheus_client import CollectorRegistry, Counter
 
-from servelm import logs
 from servelm.errors import Overloaded, RateLimited
 from servelm.ratelimit.memory import MemoryStore
 from servelm.ratelimit.policy import Plan, Policy, build_policy, read_key_limits
 from servelm.ratelimit.redis_store import RedisStore, StoreUnavailable
 from servelm.ratelimit.window import Decision
 from servelm.store.db import Database
+from servelm.telemetry import logs
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import select
 
-from servelm.models_file import ConfigError
+from servelm.catalog.models_file import ConfigError
 from servelm.store.db import Database
 from servelm.store.tables import accounts, api_keys
 

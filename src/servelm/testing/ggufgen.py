@@ -433,8 +433,8 @@ def ensure_models(out_dir: Path, vocab_source: Path) -> dict[str, Path]:
 
 
 def main(argv: list[str]) -> int:
+    from servelm.catalog.weights import default_model
     from servelm.config import default_data_dir
-    from servelm.weights import default_model
 
     if len(argv) != 1:
         print("usage: python -m servelm.testing.ggufgen OUT_DIR", file=sys.stderr)

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from servelm.catalog import ModelSpec
+from servelm.catalog.specs import ModelSpec
 from servelm.config import Settings
 from servelm.engines.base import Admission, Engine
 from servelm.errors import ServelmError

@@ -22,10 +22,12 @@ import time
 import uuid
 from typing import Any
 
-from servelm import auth
 from servelm.api.errors import render
-from servelm.calls import StreamReply
-from servelm.catalog import Catalog, ModelSpec
+from servelm.auth import keys as auth
+from servelm.catalog.specs import Catalog, ModelSpec
+from servelm.chat.calls import StreamReply
+from servelm.chat.protocol import model_card, sse
+from servelm.chat.serving import ChatService
 from servelm.engines.base import Engine
 from servelm.errors import (
     AuthenticationError,
@@ -33,8 +35,6 @@ from servelm.errors import (
     NotFound,
     ServelmError,
 )
-from servelm.protocol import model_card, sse
-from servelm.serving import ChatService
 
 log = logging.getLogger(__name__)
 

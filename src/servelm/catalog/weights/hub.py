@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from servelm.catalog import ModelSpec
+from servelm.catalog.specs import ModelSpec
 
 
 class PullError(RuntimeError):

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Protocol
 from servelm.errors import AuthenticationError, InvalidRequest, PermissionDenied
 
 if TYPE_CHECKING:
-    from servelm.catalog import Catalog
+    from servelm.catalog.specs import Catalog
 
 PREFIX = "slm_"
 KEY_ID_LEN = 12

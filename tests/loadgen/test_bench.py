@@ -13,8 +13,8 @@ import pytest
 import uvicorn
 from typer.testing import CliRunner
 
-from servelm import bench
 from servelm.cli import app
+from servelm.loadgen import bench
 from servelm.testing.instant_upstream import make_app
 from tests.conftest import LiveServer, free_port
 

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from servelm import http1
+from servelm.engines import http1
 
 # Short common words: close to one token each in every BPE vocabulary we serve.
 _WORD_LIST = (

@@ -21,13 +21,13 @@ from pydantic import (
     model_validator,
 )
 
-from servelm import input_limits
+from servelm.chat import input_limits
+from servelm.chat.request_fields import FieldRefused, check_and_translate, check_tool_choice
 from servelm.errors import InvalidRequest
-from servelm.request_fields import FieldRefused, check_and_translate, check_tool_choice
 
 # Fields nobody lists are ignored: clients send extensions of their own. OpenAI's
 # fields servelm cannot honour are refused and the harmless ones listed, in
-# servelm.request_fields (the README's conformance table).
+# servelm.chat.request_fields (the README's conformance table).
 _WIRE = ConfigDict(extra="ignore", strict=True, frozen=True)
 
 

@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 from servelm.api.paths import Dialect
 from servelm.billing.holds import Settlement
-from servelm.catalog import ModelSpec
-from servelm.conversation import estimate_prompt_tokens, plain_text
+from servelm.billing.money import format_credits
+from servelm.catalog.specs import ModelSpec
+from servelm.chat.conversation import estimate_prompt_tokens, plain_text
+from servelm.chat.protocol import ChatRequest
 from servelm.errors import ContextWindowExceeded, InvalidRequest, ServelmError
-from servelm.money import format_credits
-from servelm.protocol import ChatRequest
 
 if TYPE_CHECKING:
     from servelm.engines.base import Engine

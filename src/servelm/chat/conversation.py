@@ -15,9 +15,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from servelm.catalog import ModelSpec
+from servelm.catalog.specs import ModelSpec
+from servelm.chat.protocol import ChatRequest
 from servelm.errors import InvalidRequest
-from servelm.protocol import ChatRequest
 
 Message = dict[str, Any]
 

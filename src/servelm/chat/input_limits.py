@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 from servelm.errors import ContextWindowExceeded, InvalidRequest
 
 if TYPE_CHECKING:
-    from servelm.catalog import ModelSpec
-    from servelm.protocol import ChatRequest
+    from servelm.catalog.specs import ModelSpec
+    from servelm.chat.protocol import ChatRequest
 
 # One schema (response_format's, or one tool's parameters).
 MAX_SCHEMA_BYTES = 16 * 1024

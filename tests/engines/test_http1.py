@@ -1,4 +1,4 @@
-"""The lean HTTP/1.1 client (servelm.http1) against raw servers on loopback.
+"""The lean HTTP/1.1 client (servelm.engines.http1) against raw servers on loopback.
 
 Every server here is ``asyncio.start_server`` on 127.0.0.1 writing literal HTTP/1.1
 bytes, so each test decides exactly what reaches the client and when: lengths, chunks,
@@ -26,7 +26,7 @@ import pytest
 import uvloop
 
 from servelm.engines import wire
-from servelm.http1 import (
+from servelm.engines.http1 import (
     ConnectError,
     HTTPError,
     Pool,

@@ -1,6 +1,6 @@
 """The README's generated tables: settings (from ``config.Settings``) and the request
 conformance table (from ``request_fields``). Each sits between two markers;
-``python -m servelm.docs_tables README.md`` (``make readme``) rewrites them, and a
+``python -m servelm.cli.docs_tables README.md`` (``make readme``) rewrites them, and a
 test fails while the README differs from what this would write."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from servelm.chat.request_fields import conformance_table
 from servelm.config import settings_table
-from servelm.request_fields import conformance_table
 
 TABLES: dict[str, Callable[[], str]] = {
     "settings": settings_table,

@@ -13,9 +13,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from servelm.billing.money import cost_micro, price_per_million_micro
 from servelm.errors import ModelNotFound
 from servelm.fleet.spec import ReplicaSpec, Routing, coerce_replicas
-from servelm.money import cost_micro, price_per_million_micro
 
 DEFAULT_MODEL_SLUG = "smollm2-135m-instruct"
 

@@ -3,7 +3,7 @@ conformance table, in one place.
 
 Every field of OpenAI's ``CreateChatCompletionRequest`` is one of three kinds here:
 
-- honoured: ``ChatRequest`` (``servelm.protocol``) validates it and the engine acts
+- honoured: ``ChatRequest`` (``servelm.chat.protocol``) validates it and the engine acts
   on it (or, for ``functions`` / ``function_call``, it is translated to ``tools`` /
   ``tool_choice`` first);
 - accepted and ignored: it changes nothing a local server could do differently

@@ -21,12 +21,13 @@ import time
 from collections.abc import AsyncGenerator
 from typing import Any, Literal
 
-from servelm import logs
-from servelm.answers import assemble_completion, reorder_stream
-from servelm.auth import Authenticator, Principal, check_model_rights, key_from_headers
+from servelm.auth.keys import Authenticator, Principal, check_model_rights, key_from_headers
 from servelm.billing.holds import NotEnoughCredits
+from servelm.billing.money import MAX_ACCOUNT_MICRO, affordable_max_tokens, format_credits
 from servelm.billing.service import Billing
-from servelm.calls import (
+from servelm.catalog.specs import Catalog, ModelSpec
+from servelm.chat.answers import assemble_completion, reorder_stream
+from servelm.chat.calls import (
     Call,
     ChatExchange,
     JsonReply,
@@ -41,20 +42,19 @@ from servelm.calls import (
     money_headers,
     no_images_message,
 )
-from servelm.catalog import Catalog, ModelSpec
-from servelm.conversation import engine_body, fit_conversation
+from servelm.chat.conversation import engine_body, fit_conversation
+from servelm.chat.input_limits import check_prompt_size
+from servelm.chat.media import ImageLoader, MediaLimits, inline_images
+from servelm.chat.protocol import ChatRequest, parse_chat_request, usage_body
 from servelm.engines.base import Engine
 from servelm.errors import (
     InvalidRequest,
     ModelUnavailable,
     ServelmError,
 )
-from servelm.input_limits import check_prompt_size
-from servelm.media import ImageLoader, MediaLimits, inline_images
-from servelm.metrics import Metrics
-from servelm.money import MAX_ACCOUNT_MICRO, affordable_max_tokens, format_credits
-from servelm.protocol import ChatRequest, parse_chat_request, usage_body
 from servelm.ratelimit import Limiter
+from servelm.telemetry import logs
+from servelm.telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class ChatService:
     ) -> None:
         self.catalog = catalog
         self.engines = engines
-        # A gateway has both; a bare worker (servelm.worker) runs the walk's later
+        # A gateway has both; a bare worker (servelm.processes.worker) runs the walk's later
         # steps without money, and never calls handle().
         self._billing = billing
         self._authenticator = authenticator

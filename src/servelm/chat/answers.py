@@ -10,11 +10,11 @@ from collections.abc import AsyncGenerator, Callable
 from typing import TYPE_CHECKING, Any
 
 from servelm import __version__
-from servelm.protocol import chunk_body, completion_body
+from servelm.chat.protocol import chunk_body, completion_body
 
 if TYPE_CHECKING:
-    from servelm.calls import Call
-    from servelm.catalog import ModelSpec
+    from servelm.catalog.specs import ModelSpec
+    from servelm.chat.calls import Call
 
 UsageOf = Callable[["Call"], dict[str, Any]]
 

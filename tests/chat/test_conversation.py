@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from servelm.conversation import fit_conversation, plain_text
+from servelm.catalog.models_file import builtin_specs
+from servelm.chat.conversation import fit_conversation, plain_text
 from servelm.errors import InvalidRequest
-from servelm.models_file import builtin_specs
 
 SPECS = {s.slug: s for s in builtin_specs(__import__("pathlib").Path("/nonexistent"))}
 M7 = SPECS["mixtral-8x7b-instruct"]

@@ -8,7 +8,7 @@ A gateway process is one event loop on one core. Several share a node like this:
   (``worker_app``) with its own loop, billing and connection pools. The kernel spreads
   accepted connections over them; uvicorn restarts a child that dies.
 - Local llama.cpp models are NOT loaded N times. They run in one engine process
-  (``python -m servelm.multiproc host``, started before the workers), which serves
+  (``python -m servelm.processes.multiproc host``, started before the workers), which serves
   them over loopback to the workers only: a bearer token made for this run, the
   engine seam's two operations (count a prompt, stream a completion) and nothing
   else. In each worker the model's engine is a ``HostedEngine``: the OpenAI upstream
@@ -44,9 +44,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from servelm import http1
-from servelm.catalog import Catalog, ModelSpec
+from servelm.catalog.specs import Catalog, ModelSpec
 from servelm.config import Settings
+from servelm.engines import http1
 from servelm.engines.base import Engine
 from servelm.engines.upstream import OpenAIUpstreamEngine
 from servelm.errors import EngineError, ModelUnavailable, Overloaded, ServelmError
@@ -73,7 +73,7 @@ def serve(settings: Settings, workers: int) -> None:
     """Run ``workers`` gateway processes on ``settings.host:port`` until stopped."""
     import uvicorn
 
-    from servelm.models_file import load_catalog
+    from servelm.catalog.models_file import load_catalog
 
     env = {_SETTINGS: settings.model_dump_json(), _SUPERVISOR: str(os.getpid())}
     host: subprocess.Popen[bytes] | None = None
@@ -85,7 +85,7 @@ def serve(settings: Settings, workers: int) -> None:
     os.environ.update(env)
     try:
         uvicorn.run(
-            "servelm.multiproc:worker_app",
+            "servelm.processes.multiproc:worker_app",
             factory=True,
             workers=workers,
             host=settings.host,
@@ -115,7 +115,7 @@ def _start_host(
     env = {**os.environ, _SETTINGS: settings.model_dump_json(), _TOKEN: token}
     env[_FD] = str(sock.fileno())
     proc = subprocess.Popen(
-        [sys.executable, "-m", "servelm.multiproc", "host"],
+        [sys.executable, "-m", "servelm.processes.multiproc", "host"],
         env=env,
         pass_fds=(sock.fileno(),),
         preexec_fn=_die_with_parent,
@@ -165,8 +165,8 @@ def _die_with_parent() -> None:
 def worker_app() -> ASGIApp:
     """uvicorn's factory in each worker process: the usual app, local models reached
     through the engine process."""
-    from servelm import logs
     from servelm.api.app import build_engine, create_app
+    from servelm.telemetry import logs
 
     settings = Settings.model_validate_json(os.environ[_SETTINGS])
     logs.setup(settings.log_level, settings.log_json)
@@ -381,8 +381,8 @@ async def _sse(
 def host_main() -> None:
     import uvicorn
 
-    from servelm import logs
-    from servelm.models_file import load_catalog
+    from servelm.catalog.models_file import load_catalog
+    from servelm.telemetry import logs
 
     settings = Settings.model_validate_json(os.environ[_SETTINGS])
     logs.setup(settings.log_level, settings.log_json)

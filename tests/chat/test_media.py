@@ -16,15 +16,15 @@ import pytest
 from PIL import Image as PILImage
 from pydantic import ValidationError
 
-from servelm.config import Settings
-from servelm.errors import InvalidRequest, PayloadTooLarge
-from servelm.media import (
+from servelm.chat.media import (
     ImageLoader,
     MediaLimits,
     decode_data_uri,
     inline_images,
     split_allow_entry,
 )
+from servelm.config import Settings
+from servelm.errors import InvalidRequest, PayloadTooLarge
 
 LIMITS = MediaLimits()
 

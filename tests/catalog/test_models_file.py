@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from servelm.models_file import ConfigError, load_catalog
+from servelm.catalog.models_file import ConfigError, load_catalog
 
 
 def write(tmp_path: Path, text: str) -> Path:

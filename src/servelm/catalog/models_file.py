@@ -23,7 +23,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from servelm.catalog import Catalog, ModelSpec, default_spec
+from servelm.catalog.specs import Catalog, ModelSpec, default_spec
 
 
 class ConfigError(Exception):

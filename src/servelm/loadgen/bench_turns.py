@@ -23,8 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from servelm import http1
-from servelm.bench import _split, _stats, random_prompt
+from servelm.engines import http1
+from servelm.loadgen.bench import _split, _stats, random_prompt
 
 
 @dataclass

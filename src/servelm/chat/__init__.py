@@ -1,0 +1,1 @@
+"""The chat walk: its orchestration, wire models, prompt preparation, input limits and media."""

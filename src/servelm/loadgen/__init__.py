@@ -1,0 +1,1 @@
+"""`servelm bench`: the load generator and its multi-turn conversations."""

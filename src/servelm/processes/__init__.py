@@ -1,0 +1,1 @@
+"""How servelm runs: `serve --workers N`, `servelm worker`, start-up and drain."""
