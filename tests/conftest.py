@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from servelm.catalog.specs import Catalog
 from servelm.catalog.weights import default_model
 from servelm.config import Settings, default_data_dir
 from servelm.store.db import Database
+from tests.servers import serve_in_thread
 
 
 @pytest.fixture(scope="session")
@@ -39,16 +39,6 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def bound_socket() -> socket.socket:
-    """A listening socket on a port of the kernel's choosing, for an in-process
-    server: no window in which another process can take the port."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(2048)
-    return sock
-
-
 @dataclass
 class LiveServer:
     app: FastAPI
@@ -64,7 +54,8 @@ class LiveServer:
 
     @property
     def db(self) -> Database:
-        return self.app.state.billing.db
+        db: Database = self.app.state.billing.db
+        return db
 
     def headers(self) -> dict[str, str]:
         return {"x-api-key": self.api_key}
@@ -84,25 +75,9 @@ def start_server(
 
     The server's database gets an account with ``credits`` and a key (``api_key``).
     """
-    sock = bound_socket()
-    port = int(sock.getsockname()[1])
     app = create_app(settings, catalog, engine_factory=engine_factory)
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="on"
-    )
-    server = uvicorn.Server(config)
-    # uvicorn must not install signal handlers from a non-main thread.
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-    # server.run, not asyncio.run(server.serve()): the same event loop as production
-    # (uvloop), whose transports behave differently in places (http1.py).
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("test server did not start")
-        time.sleep(0.02)
-    live = LiveServer(app, f"http://127.0.0.1:{port}", thread, server, settings)
+    srv = serve_in_thread(app, log_config=None, access_log=False, lifespan="on")
+    live = LiveServer(app, srv.base_url, srv.thread, srv.server, settings)
     live.api_key = provision(live.db, "tests", credits)
     return live
 

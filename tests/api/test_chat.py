@@ -7,11 +7,13 @@ import json
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
+from servelm.engines.base import Engine
 from tests.conftest import LiveServer
 
 SLUG = "smollm2-135m-instruct"
-JOKE = [{"role": "user", "content": "tell me a joke on cats"}]
+JOKE: list[ChatCompletionMessageParam] = [{"role": "user", "content": "tell me a joke on cats"}]
 
 
 @pytest.fixture
@@ -102,12 +104,14 @@ def test_prompt_count_before_generation_matches_engine_usage(live: LiveServer) -
     from servelm.chat.conversation import engine_body
     from servelm.chat.protocol import parse_chat_request
 
-    engine = live.app.state.chat.engines[SLUG]
+    engine: Engine = live.app.state.chat.engines[SLUG]
     req = parse_chat_request(json.dumps({"messages": JOKE}).encode())
     body = engine_body(req)
 
     async def count() -> int:
-        return await engine.count_prompt_tokens(body)
+        n = await engine.count_prompt_tokens(body)
+        assert n is not None
+        return n
 
     # The engine lives on the server's loop; its httpx client must be used there.
     loop = _server_loop(live)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -113,7 +114,7 @@ def test_client_killed_mid_stream_pays_for_the_tokens_produced(
             text=True,
         )
         assert client.stdout is not None
-        chunks: list[dict[str, object]] = []
+        chunks: list[dict[str, Any]] = []
         while len(chunks) < 6:
             line = client.stdout.readline()
             assert line, "the stream ended before the client was killed"

@@ -8,10 +8,12 @@ import subprocess
 import time
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from servelm.billing import accounts, audit
 from servelm.billing.money import MICRO
@@ -21,12 +23,16 @@ SLUG = "smollm2-135m-instruct"
 HELLO = {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8}
 
 
-def segmind(live: LiveServer, key: str | None, body: dict | None = None, **headers: str):
+def segmind(
+    live: LiveServer, key: str | None, body: dict[str, Any] | None = None, /, **headers: str
+) -> httpx.Response:
     h = {"x-api-key": key} if key else {}
     return httpx.post(f"{live.v1}/{SLUG}", json=body or HELLO, headers={**h, **headers}, timeout=60)
 
 
-def openai_route(live: LiveServer, key: str | None, body: dict | None = None, **headers: str):
+def openai_route(
+    live: LiveServer, key: str | None, body: dict[str, Any] | None = None, **headers: str
+) -> httpx.Response:
     h = {"Authorization": f"Bearer {key}"} if key else {}
     return httpx.post(
         f"{live.v1}/chat/completions",
@@ -174,7 +180,7 @@ def test_sdk_raises_its_own_exception_classes(live: LiveServer) -> None:
     def client(key: str) -> openai.OpenAI:
         return openai.OpenAI(base_url=live.v1, api_key=key, max_retries=0)
 
-    msgs = [{"role": "user", "content": "hi"}]
+    msgs: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
     with pytest.raises(openai.AuthenticationError) as auth:
         client("slm_wrong").chat.completions.create(model=SLUG, messages=msgs)
     assert auth.value.status_code == 401 and "Invalid API key" in auth.value.message

@@ -15,6 +15,7 @@ from servelm.billing.clock import utcnow
 from servelm.billing.holds import NotEnoughCredits
 from servelm.billing.money import MICRO, affordable_max_tokens
 from servelm.errors import AuthenticationError, Conflict
+from servelm.store import tables
 from servelm.store.db import Database
 from servelm.store.tables import accounts as accounts_t
 from servelm.store.tables import api_keys, ledger, usage
@@ -134,8 +135,8 @@ def test_sweeper_releases_only_expired_holds(db: Database) -> None:
     # The live process refreshes its hold; the dead one's is left to expire.
     with db.write() as conn:
         conn.execute(
-            update(holds.holds)
-            .where(holds.holds.c.request_id == "alive")
+            update(tables.holds)
+            .where(tables.holds.c.request_id == "alive")
             .values(expires_at=later + timedelta(minutes=5))
         )
     assert holds.sweep_expired(db, now=later) == ["dead"]

@@ -3,6 +3,8 @@ conversations the prompt's byte bound holds for."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from servelm.catalog.models_file import builtin_specs
@@ -58,7 +60,7 @@ def test_consecutive_turns_are_merged_and_several_systems_joined() -> None:
 
 
 def test_text_part_arrays_merge_too() -> None:
-    msgs = [
+    msgs: list[dict[str, Any]] = [
         {"role": "system", "content": "S"},
         {"role": "user", "content": [{"type": "text", "text": "look"}]},
     ]

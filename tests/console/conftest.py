@@ -9,7 +9,6 @@ import asyncio
 import json
 import os
 import re
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,13 +16,13 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from servelm.billing import accounts
 from servelm.billing.money import MICRO
 from servelm.store.db import Database
 from servelm.testing.instant_upstream import lifespan, read_body
-from tests.conftest import ADMIN_TOKEN, LiveServer, free_port, make_settings, start_server
+from tests.conftest import ADMIN_TOKEN, LiveServer, make_settings, start_server
+from tests.servers import serve_in_thread
 
 PACED = "paced"
 CHUNK_DELAY = 0.04
@@ -113,17 +112,8 @@ def console(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     """A server with the default model, the paced model and the admin token."""
     from servelm.catalog.models_file import load_catalog
 
-    port = free_port()
-    upstream = uvicorn.Server(
-        uvicorn.Config(paced_app(), host="127.0.0.1", port=port, log_level="warning")
-    )
-    upstream.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-    thread = threading.Thread(target=upstream.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not upstream.started:
-        assert time.monotonic() < deadline, "paced upstream did not start"
-        time.sleep(0.01)
+    upstream = serve_in_thread(paced_app())
+    port = upstream.port
     tmp = tmp_path_factory.mktemp("console")
     models_file = tmp / "servelm.toml"
     models_file.write_text(
@@ -144,8 +134,7 @@ def console(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     live.api_key = first_start_key  # instead of start_server's own account's key
     yield live
     live.stop()
-    upstream.should_exit = True
-    thread.join(timeout=10)
+    upstream.stop()
 
 
 @pytest.fixture(scope="module")

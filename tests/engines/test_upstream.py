@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from servelm.billing.money import MICRO
 from tests.conftest import LiveServer, free_port, make_settings, provision, start_server
@@ -103,7 +104,7 @@ timeout = 0.5
     srv.stop()
 
 
-MSGS = [{"role": "user", "content": "tell me a joke on cats"}]
+MSGS: list[ChatCompletionMessageParam] = [{"role": "user", "content": "tell me a joke on cats"}]
 
 
 def test_remote_slug_serves_openai_route(gateway: LiveServer) -> None:

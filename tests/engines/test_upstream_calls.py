@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,11 +18,11 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from servelm.billing.money import MICRO
 from servelm.testing.instant_upstream import lifespan, read_body
-from tests.conftest import LiveServer, free_port, make_settings, start_server
+from tests.conftest import LiveServer, make_settings, start_server
+from tests.servers import serve_in_thread
 
 SLUG = "scripted"
 MSGS = [{"role": "user", "content": "hello there"}]
@@ -116,15 +115,8 @@ def script() -> Script:
 def gateway(
     script: Script, models_dir: Path, tmp_path: Path
 ) -> Iterator[tuple[LiveServer, Script]]:
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(scripted_app(script), host="127.0.0.1", port=port, log_level="warning")
-    )
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
+    upstream = serve_in_thread(scripted_app(script))
+    port = upstream.port
     models_file = tmp_path / "servelm.toml"
     models_file.write_text(
         f'[models.{SLUG}]\nengine = "openai"\nbase_url = "http://127.0.0.1:{port}/v1"\n'
@@ -134,8 +126,7 @@ def gateway(
     live = start_server(make_settings(tmp_path, models_dir, models_file=models_file))
     yield live, script
     live.stop()
-    server.should_exit = True
-    thread.join(timeout=10)
+    upstream.stop()
 
 
 def chat(live: LiveServer, **extra: Any) -> httpx.Response:

@@ -4,38 +4,24 @@ instant upstreams, with each replica's share read from the gateway's /metrics.""
 from __future__ import annotations
 
 import json
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
 from typer.testing import CliRunner
 
 from servelm.cli import app
 from servelm.testing.instant_upstream import make_app
-from tests.conftest import LiveServer, free_port, make_settings, start_server
+from tests.conftest import LiveServer, make_settings, start_server
+from tests.servers import serve_in_thread
 
 
 @pytest.fixture(scope="module")
 def upstreams() -> Iterator[list[str]]:
-    servers = []
-    for _ in range(2):
-        port = free_port()
-        server = uvicorn.Server(
-            uvicorn.Config(make_app(), host="127.0.0.1", port=port, log_level="warning")
-        )
-        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        while not server.started:
-            time.sleep(0.01)
-        servers.append((server, thread, f"http://127.0.0.1:{port}/v1"))
-    yield [url for _, _, url in servers]
-    for server, thread, _ in servers:
-        server.should_exit = True
-        thread.join(timeout=10)
+    servers = [serve_in_thread(make_app()) for _ in range(2)]
+    yield [f"{srv.base_url}/v1" for srv in servers]
+    for srv in servers:
+        srv.stop()
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,8 @@ import typer.main
 import yaml
 
 # Typer carries its own copy of click; its parser is what `servelm` runs.
-from typer._click.core import Command, Context, UsageError
+from typer._click.core import Command, Context
+from typer._click.exceptions import UsageError
 from typer.core import TyperGroup as Group
 
 from servelm.catalog.models_file import load_catalog

@@ -94,7 +94,7 @@ def test_grants_stop_at_the_account_cap(db: Database) -> None:
 
 def test_non_ascii_admin_token_is_401(live: LiveServer) -> None:
     for value in (b"Bearer \xc3\xa9t\xc3\xa9", b"Bearer \xff\xfe", "Bearer ø".encode()):
-        r = httpx.get(f"{live.base_url}/admin/accounts", headers={"Authorization": value})
+        r = httpx.get(f"{live.base_url}/admin/accounts", headers=[(b"Authorization", value)])
         assert r.status_code == 401, r.text
 
 

@@ -4,35 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
 from typer.testing import CliRunner
 
 from servelm.cli import app
 from servelm.loadgen import bench
 from servelm.testing.instant_upstream import make_app
-from tests.conftest import LiveServer, free_port
+from tests.conftest import LiveServer
+from tests.servers import running
 
 
 @pytest.fixture(scope="module")
 def instant() -> Iterator[str]:
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(make_app(), host="127.0.0.1", port=port, log_level="warning")
-    )
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{port}/v1"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with running(make_app()) as srv:
+        yield f"{srv.base_url}/v1"
 
 
 @pytest.mark.parametrize("stream", [True, False])

@@ -17,13 +17,14 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from servelm.billing import accounts
 from servelm.ratelimit.records import set_key_limits, set_plan
 from tests.conftest import LiveServer, make_settings, provision, start_server
 
 SLUG = "smollm2-135m-instruct"
-HI = [{"role": "user", "content": "Say hi."}]
+HI: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say hi."}]
 WINDOW = 3
 
 PLANS = f"""
@@ -63,6 +64,7 @@ def test_burst_of_20_against_5_per_window_gets_exactly_5_through(
     limited: LiveServer, route: str
 ) -> None:
     key = new_key(limited, f"burst-{route}", rpm=5)
+    body: dict[str, object]
     if route == "openai":
         url, body = f"{limited.v1}/chat/completions", {"model": SLUG, "messages": HI}
     else:

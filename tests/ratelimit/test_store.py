@@ -140,7 +140,7 @@ class Caller:
 
 
 class FixedPolicy(Limiter):
-    async def policy(self, principal: object) -> Policy:  # type: ignore[override]
+    async def policy(self, principal: object) -> Policy:
         return Policy((scope(rpm=2),))
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from servelm.chat.conversation import engine_body, estimate_prompt_tokens, fit_conversation
 from servelm.chat.protocol import parse_chat_request
@@ -25,7 +26,7 @@ MIXTRAL_22 = "mixtral-8x22b-instruct"
 SEEDS = (LLAMA, MIXTRAL_7, MIXTRAL_22)
 
 # The conversation on the Segmind pages.
-SEED_MESSAGES = [
+SEED_MESSAGES: list[ChatCompletionMessageParam] = [
     {"role": "user", "content": "tell me a joke on cats"},
     {"role": "assistant", "content": "here is a joke about cats..."},
     {"role": "user", "content": "now a joke on dogs"},
@@ -356,7 +357,7 @@ def test_llama_tool_call_history_renders_with_ipython_results(seed_live: LiveSer
         "type": "function",
         "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'},
     }
-    messages = [
+    messages: list[dict[str, Any]] = [
         U,
         {"role": "assistant", "content": None, "tool_calls": [call]},
         {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},

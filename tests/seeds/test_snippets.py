@@ -61,7 +61,8 @@ def run_node(script: Path) -> dict[str, Any]:
     assert proc.returncode == 0, proc.stderr
     assert "chat.completion" in proc.stdout  # what the snippet itself printed
     (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("{")]
-    return json.loads(line)
+    answer: dict[str, Any] = json.loads(line)
+    return answer
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="Node.js is not installed")
