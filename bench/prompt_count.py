@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from servelm.catalog.specs import default_spec
+from servelm.catalog.builtins import default_spec
 from servelm.config import default_data_dir
 from servelm.engines.llamacpp import LlamaCppEngine
 

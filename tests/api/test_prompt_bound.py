@@ -19,7 +19,8 @@ import pytest
 
 from servelm.billing import accounts
 from servelm.billing.money import MICRO
-from servelm.catalog.specs import Catalog, default_spec
+from servelm.catalog.builtins import default_spec
+from servelm.catalog.specs import Catalog
 from servelm.chat.conversation import estimate_prompt_tokens
 from servelm.engines.base import Engine
 from tests.conftest import LiveServer, make_settings, start_server

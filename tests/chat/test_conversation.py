@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from servelm.catalog.models_file import builtin_specs
+from servelm.catalog.builtins import builtin_specs
 from servelm.chat.conversation import fit_conversation, plain_text
 from servelm.errors import InvalidRequest
 

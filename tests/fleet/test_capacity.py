@@ -7,11 +7,11 @@ import asyncio
 
 import pytest
 
+from servelm.catalog.specs import ReplicaSpec
 from servelm.fleet import health
 from servelm.fleet.health import HealthChecker
 from servelm.fleet.replicas import Replica, ReplicaSet
 from servelm.fleet.routing import LeastLoad, PrefixAffinity, loads
-from servelm.fleet.spec import ReplicaSpec
 from tests.fleet.test_routing import conversation, replicas
 
 

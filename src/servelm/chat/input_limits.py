@@ -21,11 +21,11 @@ import json
 import re
 from typing import TYPE_CHECKING, Any
 
+from servelm.chat.protocol import ChatRequest
 from servelm.errors import ContextWindowExceeded, InvalidRequest
 
 if TYPE_CHECKING:
     from servelm.catalog.specs import ModelSpec
-    from servelm.chat.protocol import ChatRequest
 
 # One schema (response_format's, or one tool's parameters).
 MAX_SCHEMA_BYTES = 16 * 1024

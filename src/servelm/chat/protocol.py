@@ -21,7 +21,6 @@ from pydantic import (
     model_validator,
 )
 
-from servelm.chat import input_limits
 from servelm.chat.request_fields import FieldRefused, check_and_translate, check_tool_choice
 from servelm.errors import InvalidRequest
 
@@ -238,8 +237,6 @@ def parse_chat_request(body: bytes) -> ChatRequest:
         request = ChatRequest.model_validate_json(body)
     except ValidationError as exc:
         raise _to_invalid_request(exc) from None
-    # Hook (issue 17): bound what the options may cost the engine before it sees them.
-    input_limits.check_request(request)
     return request
 
 

@@ -43,7 +43,7 @@ from servelm.chat.calls import (
     no_images_message,
 )
 from servelm.chat.conversation import engine_body, fit_conversation
-from servelm.chat.input_limits import check_prompt_size
+from servelm.chat.input_limits import check_prompt_size, check_request
 from servelm.chat.media import ImageLoader, MediaLimits, inline_images
 from servelm.chat.protocol import ChatRequest, parse_chat_request, usage_body
 from servelm.engines.base import Engine
@@ -139,7 +139,10 @@ class ChatService:
         return await self.authenticator.authenticate(key_from_headers(ex.api_key, ex.authorization))
 
     def parse(self, raw: bytes) -> ChatRequest:
-        return parse_chat_request(raw)
+        request = parse_chat_request(raw)
+        # Bound what the options may cost the engine before it sees them (issue 17).
+        check_request(request)
+        return request
 
     def resolve(self, request: ChatRequest, slug: str | None) -> tuple[ModelSpec, Engine]:
         if slug is None:

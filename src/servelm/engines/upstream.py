@@ -30,7 +30,7 @@ import math
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
-from servelm.catalog.specs import ModelSpec
+from servelm.catalog.specs import ModelSpec, replica_specs
 from servelm.engines import http1, wire
 from servelm.engines.base import Admission, Engine, map_engine_error
 from servelm.errors import (
@@ -43,7 +43,6 @@ from servelm.errors import (
 from servelm.fleet.health import HealthChecker
 from servelm.fleet.replicas import Replica, ReplicaSet
 from servelm.fleet.routing import make_router
-from servelm.fleet.spec import replica_specs
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ import time
 from typing import Any
 from urllib.parse import urlsplit
 
+from servelm.catalog.specs import ReplicaSpec
 from servelm.engines import http1
-from servelm.fleet.spec import ReplicaSpec
 
 log = logging.getLogger(__name__)
 

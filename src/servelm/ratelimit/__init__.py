@@ -1,7 +1,7 @@
 """Rate limits: requests, tokens and requests in flight per key and per account,
-counted in this process or, with Redis, across every gateway (``limiter.py``); plans
-from the models file (``policy.py``); cache invalidation across gateways
-(``invalidation.py``)."""
+counted in this process or, with Redis, across every gateway (``limiter.py``); a
+caller's scopes from the catalog's plans and the key's own limits (``policy.py``);
+cache invalidation across gateways (``invalidation.py``)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from servelm.catalog.specs import Plan
 from servelm.config import Settings
 from servelm.ratelimit.invalidation import Invalidation, announce
 from servelm.ratelimit.limiter import Limiter, Reservation, response_headers
-from servelm.ratelimit.policy import Plan, load_plans
 from servelm.ratelimit.redis_store import RedisStore, connect
 from servelm.store.db import Database
 
@@ -24,7 +24,6 @@ __all__ = [
     "Reservation",
     "announce",
     "build",
-    "load_plans",
     "response_headers",
 ]
 
@@ -35,6 +34,7 @@ def build(
     registry: CollectorRegistry,
     run: Callable[..., Awaitable[Any]],
     *,
+    plans: dict[str, Plan],
     forget: Callable[[str], None],
     forget_account: Callable[[int], None],
     forget_all: Callable[[], None],
@@ -52,7 +52,7 @@ def build(
         listener = connect(settings.redis_url, timeout, subscriber=True)
     limiter = Limiter(
         db,
-        load_plans(settings.models_file),
+        plans,
         redis=store,
         fail=settings.ratelimit_fail,
         lease_seconds=settings.ratelimit_lease_seconds,

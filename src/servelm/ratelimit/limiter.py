@@ -31,9 +31,10 @@ from typing import Any, Literal, Protocol
 
 from prometheus_client import CollectorRegistry, Counter
 
+from servelm.catalog.specs import Plan
 from servelm.errors import Overloaded, RateLimited
 from servelm.ratelimit.memory import MemoryStore
-from servelm.ratelimit.policy import Plan, Policy, build_policy, read_key_limits
+from servelm.ratelimit.policy import Policy, build_policy, read_key_limits
 from servelm.ratelimit.redis_store import RedisStore, StoreUnavailable
 from servelm.ratelimit.window import Decision
 from servelm.store.db import Database

