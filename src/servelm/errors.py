@@ -134,6 +134,16 @@ class InsufficientCredits(ServelmError):
         return 406 if dialect == "segmind" else 402
 
 
+class NotEnoughCredits(InsufficientCredits):
+    """InsufficientCredits that also carries the balance, for ``x-remaining-credits``
+    (``billing.money.not_enough`` words the message)."""
+
+    def __init__(self, message: str, *, balance: int, needed: int) -> None:
+        super().__init__(message)
+        self.balance = balance
+        self.needed = needed
+
+
 class RateLimited(ServelmError):
     status_code = 429
     error_type = "rate_limit_error"
@@ -150,6 +160,10 @@ class UpstreamError(ServelmError):
     status_code = 502
     error_type = "server_error"
     code = "upstream_error"
+
+
+class StreamCut(UpstreamError):
+    """An engine's SSE body that ended before ``[DONE]``."""
 
 
 class ModelOutputError(UpstreamError):

@@ -15,8 +15,8 @@ from sqlalchemy import select
 
 from servelm.auth.keys import Principal
 from servelm.billing import accounts, audit, holds
-from servelm.billing.holds import NotEnoughCredits
 from servelm.billing.service import Billing
+from servelm.errors import NotEnoughCredits
 from servelm.store.db import Busy, Database
 from servelm.store.groupcommit import GroupCommit
 from servelm.store.tables import holds as holds_t

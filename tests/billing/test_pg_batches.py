@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from servelm.billing import accounts, audit, holds
+from servelm.errors import NotEnoughCredits
 from servelm.store.db import Database
 from servelm.store.groupcommit import GroupCommit
 from tests.billing.test_groupcommit import reserve
@@ -59,7 +60,7 @@ async def test_lone_and_batched_writes_keep_the_session_durable(
     assert results[0] == 9_840
     assert isinstance(results[1], holds.Settlement)
     assert results[1].already and results[1].charged == 60
-    assert isinstance(results[2], holds.NotEnoughCredits) and results[2].balance == 9_840
+    assert isinstance(results[2], NotEnoughCredits) and results[2].balance == 9_840
     assert await session_setting(commit) == "on"
     assert (commit.writes, commit.batches) == (5, 3)
     a = accounts.get_account(db, acct)

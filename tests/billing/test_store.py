@@ -12,9 +12,8 @@ from sqlalchemy.exc import IntegrityError
 from servelm.auth import keys
 from servelm.billing import accounts, audit, holds, idempotency
 from servelm.billing.clock import utcnow
-from servelm.billing.holds import NotEnoughCredits
 from servelm.billing.money import MICRO, affordable_max_tokens
-from servelm.errors import AuthenticationError, Conflict
+from servelm.errors import AuthenticationError, Conflict, NotEnoughCredits
 from servelm.store import tables
 from servelm.store.db import Database
 from servelm.store.tables import accounts as accounts_t

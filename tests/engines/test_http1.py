@@ -35,6 +35,7 @@ from servelm.engines.http1 import (
     Timeout,
     sse_data,
 )
+from servelm.errors import StreamCut
 from tests.conftest import free_port
 
 # A client that stops noticing an answer would otherwise wait out a 300 s read timeout.
@@ -1056,7 +1057,7 @@ async def test_sse_events_up_to_done_and_a_stream_cut_short(ends_with_done: bool
         if ends_with_done:
             got = [e async for e in wire.sse_json(resp, require_done=True)]
         else:
-            with pytest.raises(wire.StreamCut, match=r"ended before \[DONE\]"):
+            with pytest.raises(StreamCut, match=r"ended before \[DONE\]"):
                 async for event in wire.sse_json(resp, require_done=True):
                     got.append(event)
     assert got == [{"n": 1}, {"n": 2}]

@@ -28,23 +28,10 @@ from typing import Any, NoReturn
 from sqlalchemy import bindparam, case, func, insert, select, update
 
 from servelm.billing.clock import utcnow
-from servelm.billing.money import format_credits
-from servelm.errors import InsufficientCredits, NotFound
+from servelm.billing.money import not_enough
+from servelm.errors import NotFound
 from servelm.store.db import Database, Later, PgBatch, Row, Tx, outcome
 from servelm.store.tables import accounts, holds, ledger, usage
-
-
-class NotEnoughCredits(InsufficientCredits):
-    """InsufficientCredits that also carries the balance, for ``x-remaining-credits``."""
-
-    def __init__(self, balance: int, needed: int, *, at_least: bool = False) -> None:
-        bound = "at least" if at_least else "up to"
-        super().__init__(
-            f"Not enough credits: this request needs {bound} {format_credits(needed)} "
-            f"credits and the balance is {format_credits(balance)}."
-        )
-        self.balance = balance
-        self.needed = needed
 
 
 @dataclass(frozen=True)
@@ -214,7 +201,7 @@ def _reserved(row: Row, account_id: int, amount: int) -> int:
         raise NotFound(f"No account {account_id}.")
     balance, won = row
     if not won:
-        raise NotEnoughCredits(int(balance), amount)
+        raise not_enough(int(balance), amount)
     return int(balance)
 
 
@@ -222,7 +209,7 @@ def _refuse(tx: Tx, account_id: int, amount: int) -> NoReturn:
     current = tx.first(_BALANCE, {"account_id": account_id})
     if current is None:
         raise NotFound(f"No account {account_id}.")
-    raise NotEnoughCredits(int(current[0]), amount)
+    raise not_enough(int(current[0]), amount)
 
 
 def settle(db: Database, request_id: str, **kw: Any) -> Settlement:

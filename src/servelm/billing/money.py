@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from decimal import ROUND_CEILING, Decimal, DecimalException, InvalidOperation
 
-from servelm.errors import InvalidRequest
+from servelm.errors import InvalidRequest, NotEnoughCredits
 
 MICRO = 1_000_000  # micro-credits per credit
 
@@ -66,6 +66,17 @@ def format_credits(micro: int) -> str:
     sign = "-" if micro < 0 else ""
     q, r = divmod(abs(micro), MICRO)
     return f"{sign}{q}.{r:06d}"
+
+
+def not_enough(balance: int, needed: int, *, at_least: bool = False) -> NotEnoughCredits:
+    """The refusal of a hold the balance cannot cover, in the user's terms."""
+    bound = "at least" if at_least else "up to"
+    return NotEnoughCredits(
+        f"Not enough credits: this request needs {bound} {format_credits(needed)} "
+        f"credits and the balance is {format_credits(balance)}.",
+        balance=balance,
+        needed=needed,
+    )
 
 
 def parse_credits(value: str | int | float, *, param: str = "credits") -> int:

@@ -22,8 +22,12 @@ from collections.abc import AsyncGenerator
 from typing import Any, Literal
 
 from servelm.auth.keys import Authenticator, Principal, check_model_rights, key_from_headers
-from servelm.billing.holds import NotEnoughCredits
-from servelm.billing.money import MAX_ACCOUNT_MICRO, affordable_max_tokens, format_credits
+from servelm.billing.money import (
+    MAX_ACCOUNT_MICRO,
+    affordable_max_tokens,
+    format_credits,
+    not_enough,
+)
 from servelm.billing.service import Billing
 from servelm.catalog.specs import Catalog, ModelSpec
 from servelm.chat.answers import assemble_completion, reorder_stream
@@ -50,6 +54,7 @@ from servelm.engines.base import Engine
 from servelm.errors import (
     InvalidRequest,
     ModelUnavailable,
+    NotEnoughCredits,
     ServelmError,
 )
 from servelm.ratelimit import Limiter
@@ -173,7 +178,7 @@ class ChatService:
         least = spec.cost_micro(len(request.messages), 1)
         balance = await self.billing.balance(principal.account_id)
         if balance < least:
-            raise NotEnoughCredits(balance, least, at_least=True)
+            raise not_enough(balance, least, at_least=True)
 
     async def prepare(
         self, request_id: str, request: ChatRequest, spec: ModelSpec, engine: Engine

@@ -1,0 +1,1 @@
+"""The web console: pages for users (models, playground, account) and operators."""

@@ -31,7 +31,7 @@ import gguf
 from servelm.catalog.specs import ModelSpec
 from servelm.engines import http1, wire
 from servelm.engines.base import Admission, Engine, map_engine_error
-from servelm.errors import EngineError, ModelUnavailable
+from servelm.errors import EngineError, ModelUnavailable, StreamCut
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +295,7 @@ class LlamaCppEngine(Engine):
                         self.stats.chunks_total += 1
                         yield item
                 finished = True
-            except (http1.HTTPError, wire.StreamCut) as exc:
+            except (http1.HTTPError, StreamCut) as exc:
                 # Only the transport: the engine's own verdicts (a 400, a tool call the
                 # model garbled: 502) raised above pass through as they are.
                 raise EngineError(f"the embedded engine broke off: {exc}") from exc

@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from servelm.engines import http1
-from servelm.errors import UpstreamError
+from servelm.errors import StreamCut, UpstreamError
 
 # Also what the usage table's INTEGER columns hold (PostgreSQL int4).
 MAX_TOKENS = 2**31 - 1
@@ -159,10 +159,6 @@ def plain_answer(slug: str, data: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     _optional_str(slug, message.get("content"), "choices[0].message.content")
     _tool_calls(slug, message.get("tool_calls"), "choices[0].message", streamed=False)
     return choice, message
-
-
-class StreamCut(UpstreamError):
-    """An SSE body that ended before ``[DONE]``."""
 
 
 async def sse_json(
