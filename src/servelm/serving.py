@@ -268,7 +268,8 @@ class ChatService:
 
     async def json_reply(self, call: Call) -> JsonReply:
         body = await assemble_completion(call, self.generate(call), self.usage)
-        return JsonReply(200, body, money_headers(call))
+        # A worker's call owns no account: nothing was held or settled, no money to tell.
+        return JsonReply(200, body, money_headers(call) if call.settlement is not None else {})
 
     async def stream_reply(self, call: Call) -> StreamReply:
         chunks = reorder_stream(call, self.generate(call), self.usage)

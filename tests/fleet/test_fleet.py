@@ -110,6 +110,29 @@ def ledger_check(fleet: Fleet) -> None:
     assert check.returncode == 0, check.stdout + check.stderr
 
 
+def test_plain_chats_through_workers_in_both_dialects(fleet: Fleet) -> None:
+    """Non-streaming chats reach a worker as plain calls: each answers 200 with its
+    money headers, is charged its usage, and no replica is ejected (a worker once
+    answered every plain call 500, and the gateway then ejected both)."""
+    base, headers = fleet.gw.base_url, {"x-api-key": fleet.key}
+    for i in range(6):
+        req = {k: v for k, v in body(400 + i, 4).items() if k != "stream"}
+        if i % 2:
+            r = httpx.post(f"{base}/v1/chat/completions", json={**req, "model": MODEL},
+                           headers=headers, timeout=60)  # fmt: skip
+            assert r.status_code == 200, r.text
+            answer = r.json()
+            assert answer["choices"][0]["message"]["content"]
+            assert answer["usage"]["completion_tokens"] == 4
+        else:
+            r = httpx.post(f"{base}/v1/{MODEL}", json=req, headers=headers, timeout=60)
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["message"]["content"]
+        assert float(r.headers["x-cost"]) > 0 and "x-remaining-credits" in r.headers
+    assert [r["state"] for r in fleetprocs.replicas_state(fleet.gw, MODEL)] == ["healthy"] * 2
+    ledger_check(fleet)
+
+
 @pytest.mark.timeout(300)
 def test_fifty_concurrent_streams_use_both_workers(fleet: Fleet) -> None:
     # The gateway learned each worker's slots from its /health: routing counts load
