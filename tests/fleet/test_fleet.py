@@ -272,3 +272,19 @@ def test_a_worker_refuses_a_public_address_without_a_key(fleet: Fleet) -> None:
     refused = procs.cli(env, "worker", "--model", fleetprocs.SLUG, "--host", "0.0.0.0")
     assert refused.returncode == 2
     assert "refusing to listen on 0.0.0.0 without an API key" in refused.stderr
+
+
+def test_a_body_past_the_limit_is_413_on_a_worker_as_on_the_gateway(fleet: Fleet) -> None:
+    # 21 MB, past the default limit of 20 MiB (SERVELM_MAX_BODY_BYTES). A worker reads
+    # bodies with the gateway's own route; it once read any size into memory.
+    huge = b'{"messages":[{"role":"user","content":"' + b"a" * 21_000_000 + b'"}]}'
+    gateway = httpx.post(f"{fleet.gw.base_url}/v1/chat/completions", content=huge,
+                         headers={"x-api-key": fleet.key}, timeout=60)  # fmt: skip
+    worker = httpx.post(f"{fleet.workers[0].url}/v1/chat/completions", content=huge,
+                        headers={"x-api-key": WORKER_KEY}, timeout=60)  # fmt: skip
+    for r in (gateway, worker):
+        assert r.status_code == 413, r.text
+        assert "larger than the limit" in r.json()["error"]["message"]
+    # Without the key, the worker says so before reading anything.
+    anonymous = httpx.post(f"{fleet.workers[0].url}/v1/chat/completions", content=huge, timeout=60)
+    assert anonymous.status_code == 401
