@@ -285,7 +285,7 @@ async def mixed(fleet: Fleet, count: int, started: list[float]) -> list[tuple[st
         return await asyncio.gather(*(one(client, i) for i in range(count)))
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(300 + 6 * MIXED)
 def test_both_dialects_plain_and_streamed_and_a_worker_killed_among_them(fleet: Fleet) -> None:
     """Issue 24, acceptance 1: mixed requests all succeed; during as many more, one
     worker is SIGKILLed, and every request that started after it succeeds."""
