@@ -24,9 +24,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from servelm.catalog.weights.default_model import default_model_path
 from servelm.config import default_data_dir
 from servelm.loadgen import bench
-from servelm.weights.default_model import default_model_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gateway_overhead import BIN, RESULTS, Proc, free_port, machine, wait_http

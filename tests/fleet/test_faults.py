@@ -16,6 +16,7 @@ from sqlalchemy import select
 
 from servelm.billing import accounts
 from servelm.billing.money import MICRO
+from servelm.fleet.replicas import RUN
 from servelm.store.db import Database
 from servelm.store.tables import usage
 from tests import procs
@@ -35,6 +36,7 @@ MODELS = {
     "hang-then-ok": ["hang", "ok"],
     "garbage-first-then-ok": ["garbage_first", "ok"],
     "close-then-ok": ["close", "ok"],
+    "twins": ["ok/a", "ok/b"],
 }
 # 1 credit per prompt token, 1 credit per completion token: charges read as counts.
 OUTPUT = 1
@@ -119,12 +121,17 @@ def replica(rig: Rig, model: str, index: int) -> dict[str, Any]:
     return fleetprocs.replicas_state(rig.gw, model)[index]
 
 
-def test_a_500_with_no_other_replica_is_502_and_free(rig: Rig) -> None:
+def test_a_500_with_no_other_replica_is_502_and_free_and_only_a_run_ejects(rig: Rig) -> None:
     before = balance(rig)
     r = plain(rig, "only-500")
     assert r.status_code == 502, r.text
     assert "HTTP 500" in r.json()["error"]
     assert balance(rig) == before
+    # One 500 may be the request's doing: the model's only replica stays in rotation.
+    assert replica(rig, "only-500", 0)["state"] == "healthy"
+    # A run of them (five in a row) says the replica is sick.
+    for _ in range(RUN - 1):
+        assert plain(rig, "only-500").status_code == 502
     assert replica(rig, "only-500", 0)["state"] == "ejected"
     # With its only replica out, the next request is told to come back: 503 + Retry-After.
     again = plain(rig, "only-500")
@@ -153,7 +160,10 @@ def test_a_connection_closed_mid_stream_pays_what_arrived(rig: Rig) -> None:
     assert r.status == 200 and not r.done and r.content == ["one", " two"]
     assert "unreachable" in r.error["message"]
     assert charged(rig, r.request_id) == ("error", 2, 2 * OUTPUT)
-    assert replica(rig, "close", 0)["state"] == "ejected"
+    # A dropped connection says the replica is sick, but one failure never takes a
+    # model's only replica out: that would be a 503 for everyone.
+    assert replica(rig, "close", 0)["state"] == "healthy"
+    assert replica(rig, "close", 0)["failures"] == 1
 
 
 def test_a_connection_closed_before_a_plain_answer_is_502_and_free(rig: Rig) -> None:
@@ -193,11 +203,48 @@ def test_failover_before_the_first_byte(rig: Rig, model: str, fault: str | None)
     assert after["ok"] == seen.get("ok", 0) + 1
     # Charged by the answering replica's usage (prompt 7, completion 3), once.
     assert charged(rig, r.request_id) == ("ok", 3, 7 + 3 * OUTPUT)
-    # A refusal, a timeout or a 5xx ejects the replica; a malformed answer is tried
-    # elsewhere, but the server answered, so it stays in the rotation.
-    expected = "healthy" if fault == "garbage_first" else "ejected"
+    # A refusal or a timeout ejects the replica; a 500 or a malformed answer is tried
+    # elsewhere and counts against the replica that gave it (another served the same
+    # request), but one alone ejects nothing.
+    expected = "ejected" if fault == "hang" else "healthy"
     assert replica(rig, model, 0)["state"] == expected
+    assert replica(rig, model, 0)["failures"] >= 1
     assert replica(rig, model, 1)["state"] == "healthy"
+
+
+def test_a_request_that_makes_replicas_fail_ejects_none(rig: Rig) -> None:
+    """20 requests whose content makes the engine answer 500, among 20 ordinary ones in
+    flight with them: each poisoned one is tried on two replicas (not on every one),
+    is a 502 and free, ejects nothing; every other request succeeds."""
+    before_seen, before_money = upstream_seen(rig), balance(rig)
+    poison = {"messages": [{"role": "user", "content": "POISON, please"}], "max_tokens": 16}
+
+    async def go() -> list[tuple[bool, int]]:
+        async with httpx.AsyncClient(timeout=60) as client:
+
+            async def one(i: int) -> tuple[bool, int]:
+                bad = i % 2 == 0
+                body = {**(poison if bad else {"messages": [{"role": "user", "content": "hi"}],
+                                               "max_tokens": 16}), "model": "twins"}  # fmt: skip
+                if i % 4 < 2:
+                    r = await client.post(f"{rig.gw.base_url}/v1/chat/completions", json=body,
+                                          headers={"x-api-key": rig.key})  # fmt: skip
+                    return bad, r.status_code
+                result = await stream_chat(client, f"{rig.gw.base_url}/v1/chat/completions",
+                                           {**body, "stream": True}, rig.key)  # fmt: skip
+                # A stream that started and then failed would be a 200 without [DONE].
+                return bad, result.status if result.status != 200 or result.done else 0
+
+            return await asyncio.gather(*(one(i) for i in range(40)))
+
+    results = asyncio.run(go())
+    assert sorted(status for bad, status in results if bad) == [502] * 20
+    assert sorted(status for bad, status in results if not bad) == [200] * 20
+    assert [replica(rig, "twins", i)["state"] for i in (0, 1)] == ["healthy", "healthy"]
+    seen = upstream_seen(rig)
+    assert seen["poison"] - before_seen.get("poison", 0) == 2 * 20  # two tries each, no more
+    # 20 good ones charged their usage (prompt 7, completion 3), the poisoned ones nothing.
+    assert balance(rig)[0] == before_money[0] - 20 * (7 + 3 * OUTPUT) * MICRO
 
 
 def test_the_ledger_adds_up(rig: Rig) -> None:

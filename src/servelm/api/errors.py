@@ -15,9 +15,10 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from fastapi import FastAPI, Request
+from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from servelm.api.paths import Dialect, dialect_for_path, unsupported_openai
@@ -76,15 +77,16 @@ def _dialect(request: Request) -> Dialect:
     return dialect_for_path(request.url.path)
 
 
-def install(app: FastAPI) -> None:
-    @app.exception_handler(ServelmError)
+def install(app: Starlette) -> None:
+    """The handlers of every app that serves requests: a gateway's, and those of the
+    processes without accounts (``servelm.processes.worker.engine_front``)."""
+
     async def _servelm(request: Request, exc: ServelmError) -> Response:
         # Authenticated callers learn their balance on errors too.
         balance_headers = getattr(request.state, "balance_headers", None)
         extra = await balance_headers(exc) if balance_headers is not None else {}
         return _response(render(exc, _dialect(request), headers=extra))
 
-    @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Response:
         # FastAPI's own validation (admin bodies, path and query params) answers 422;
         # we promise 400 naming the field.
@@ -97,7 +99,6 @@ def install(app: FastAPI) -> None:
         )
         return await _servelm(request, wrapped)
 
-    @app.exception_handler(StarletteHTTPException)
     async def _routing(request: Request, exc: StarletteHTTPException) -> Response:
         path = request.url.path
         if unsupported_openai(path):
@@ -116,7 +117,6 @@ def install(app: FastAPI) -> None:
             err.status_code = exc.status_code
         return _response(render(err, _dialect(request), headers=exc.headers))
 
-    @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         # This handler runs outside the request-id middleware, so add the header here.
@@ -128,3 +128,8 @@ def install(app: FastAPI) -> None:
                 headers={"x-request-id": rid} if rid else None,
             )
         )
+
+    app.add_exception_handler(ServelmError, _servelm)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _validation)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _routing)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _unexpected)

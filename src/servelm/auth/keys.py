@@ -157,6 +157,21 @@ class Principal:
     key_name: str
     allowed_models: tuple[str, ...] | None
     expires_at: datetime | None
+    # False for a caller of a process without accounts (``WorkerKey``): the walk holds,
+    # settles and tells no money for it.
+    owns_account: bool = True
+
+
+# Who calls a process without accounts: a gateway, or whoever holds its key.
+NO_ACCOUNT = Principal(
+    account_id=0,
+    key_pk=0,
+    key_id="",
+    key_name="worker",
+    allowed_models=None,
+    expires_at=None,
+    owns_account=False,
+)
 
 
 def check_model_rights(principal: Principal, slug: str) -> None:
@@ -216,6 +231,14 @@ class Authenticator:
         self._clock = clock
         self._now = wall_clock
         self._cache: dict[str, _Cached] = {}
+
+    async def authenticate_request(
+        self, x_api_key: str | None, authorization: str | None, session_key_id: str | None
+    ) -> Principal:
+        """The key in the headers, or else the web console's session (the playground)."""
+        if x_api_key is None and authorization is None and session_key_id is not None:
+            return await self.authenticate_key_id(session_key_id)
+        return await self.authenticate(key_from_headers(x_api_key, authorization))
 
     async def authenticate(self, raw_key: str) -> Principal:
         key_id, digest = parse(raw_key)
@@ -281,3 +304,28 @@ def _cache_entry(record: KeyRow | None, now: float) -> _Cached:
             expires_at=record.expires_at,
         )
     return _Cached(record.digest, principal, now)
+
+
+class WorkerKey:
+    """The key check of a process without accounts (``servelm worker``, the engine
+    process of ``serve --workers``): one shared key, or none (then anyone on the
+    network it listens on may call). Its callers own no account (``NO_ACCOUNT``)."""
+
+    def __init__(self, key: str | None) -> None:
+        self._key = key.encode() if key else None
+
+    def check(self, x_api_key: str | None, authorization: str | None) -> Principal:
+        if self._key is None:
+            return NO_ACCOUNT
+        try:
+            given = key_from_headers(x_api_key, authorization).encode("utf-8", "replace")
+        except AuthenticationError:
+            given = b""
+        if not hmac.compare_digest(given, self._key):
+            raise AuthenticationError("Invalid or missing worker key.")
+        return NO_ACCOUNT
+
+    async def authenticate_request(
+        self, x_api_key: str | None, authorization: str | None, session_key_id: str | None
+    ) -> Principal:
+        return self.check(x_api_key, authorization)

@@ -21,7 +21,12 @@ import time
 from collections.abc import AsyncGenerator
 from typing import Any, Literal
 
-from servelm.auth.keys import Authenticator, Principal, check_model_rights, key_from_headers
+from servelm.auth.keys import (
+    Authenticator,
+    Principal,
+    WorkerKey,
+    check_model_rights,
+)
 from servelm.billing.money import (
     MAX_ACCOUNT_MICRO,
     affordable_max_tokens,
@@ -78,7 +83,7 @@ class ChatService:
         engines: dict[str, Engine],
         *,
         billing: Billing | None = None,
-        authenticator: Authenticator | None = None,
+        authenticator: Authenticator | WorkerKey | None = None,
         media: ImageLoader | None = None,
         unavailable: dict[str, str] | None = None,
         metrics: Metrics | None = None,
@@ -89,6 +94,9 @@ class ChatService:
         self.engines = engines
         # A gateway has both; a bare worker (servelm.processes.worker) runs the walk's later
         # steps without money, and never calls handle().
+        # A gateway has both. A process without accounts (``servelm worker``, the
+        # engine process of ``serve --workers``) has a ``WorkerKey``, no billing, and
+        # callers that own no account: the same walk without its money steps.
         self._billing = billing
         self._authenticator = authenticator
         self.media = media or ImageLoader(MediaLimits())
@@ -107,9 +115,9 @@ class ChatService:
         return self._billing
 
     @property
-    def authenticator(self) -> Authenticator:
+    def authenticator(self) -> Authenticator | WorkerKey:
         if self._authenticator is None:
-            raise RuntimeError("this service has no authenticator (a bare worker)")
+            raise RuntimeError("this service has no authenticator")
         return self._authenticator
 
     # -- the walk ----------------------------------------------------------------------
@@ -123,7 +131,7 @@ class ChatService:
             check_model_rights(principal, spec.slug)
             engine.check_capacity()
             await self.precheck_credits(request, spec, principal, len(raw))
-            if ex.idempotency_key is not None:
+            if ex.idempotency_key is not None and principal.owns_account:
                 return await self._idempotent(ex, raw, request, spec, engine, principal)
             call = await self.prepare(ex.request_id, request, spec, engine)
             await self.check_rate_limit(call, principal)
@@ -139,9 +147,9 @@ class ChatService:
 
     async def authenticate(self, ex: ChatExchange) -> Principal:
         """The key in the headers, or else the web console's session (the playground)."""
-        if ex.api_key is None and ex.authorization is None and ex.session_key_id is not None:
-            return await self.authenticator.authenticate_key_id(ex.session_key_id)
-        return await self.authenticator.authenticate(key_from_headers(ex.api_key, ex.authorization))
+        return await self.authenticator.authenticate_request(
+            ex.api_key, ex.authorization, ex.session_key_id
+        )
 
     def parse(self, raw: bytes) -> ChatRequest:
         request = parse_chat_request(raw)
@@ -173,6 +181,8 @@ class ChatService:
         a balance that cannot pay even a lower bound: one token per message and one
         output token. Small text requests skip it: a balance read would cost them more
         than counting their prompt, and the hold refuses them exactly anyway."""
+        if not principal.owns_account:
+            return
         if body_bytes < COSTLY_BODY_BYTES and not request.has_images():
             return
         least = spec.cost_micro(len(request.messages), 1)
@@ -225,7 +235,10 @@ class ChatService:
 
     async def hold_credits(self, call: Call, principal: Principal) -> None:
         """Reserve the worst case, or, when the client set no limit, as many output
-        tokens as the balance affords. A refused hold gives its rate reservation back."""
+        tokens as the balance affords. A refused hold gives its rate reservation back.
+        A caller that owns no account holds nothing (and so is settled for nothing)."""
+        if not principal.owns_account:
+            return
         try:
             await self._hold(call, principal)
         except BaseException:
@@ -276,7 +289,8 @@ class ChatService:
 
     async def json_reply(self, call: Call) -> JsonReply:
         body = await assemble_completion(call, self.generate(call), self.usage)
-        return JsonReply(200, body, money_headers(call))
+        # A worker's call owns no account: nothing was held or settled, no money to tell.
+        return JsonReply(200, body, money_headers(call) if call.settlement is not None else {})
 
     async def stream_reply(self, call: Call) -> StreamReply:
         chunks = reorder_stream(call, self.generate(call), self.usage)
@@ -471,7 +485,7 @@ class ChatService:
         return reply
 
     async def _tell_balance(self, exc: ServelmError, principal: Principal) -> None:
-        if "x-remaining-credits" in exc.headers:
+        if "x-remaining-credits" in exc.headers or not principal.owns_account:
             return
         # A refused hold already knows the balance: no second query.
         balance = getattr(exc, "balance", None)

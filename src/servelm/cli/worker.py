@@ -52,7 +52,7 @@ def worker(
 
     from servelm.api.app import build_engine
     from servelm.catalog.weights import default_model
-    from servelm.processes.worker import Worker
+    from servelm.processes.worker import worker_app
     from servelm.telemetry import logs
 
     bind = host or "127.0.0.1"
@@ -85,6 +85,6 @@ def worker(
             default_model.ensure_default_model(settings.model_dir, verify=False)
         except default_model.FetchError as exc:
             err_console.print(f"[yellow]default model not available:[/] {exc}")
-    asgi = Worker(spec, build_engine(spec, settings), api_key=api_key)
+    asgi = worker_app(spec, build_engine(spec, settings), settings, api_key=api_key)
     uvicorn.run(asgi, host=bind, port=port, log_config=None, access_log=False,
                 timeout_graceful_shutdown=10)  # fmt: skip

@@ -15,7 +15,8 @@ tokens can at least be counted.
 
 Several replicas of one engine (``servelm.fleet``): the router orders the healthy
 ones, a request fails over along that order until one sends its first chunk, and a
-replica that fails is ejected until a health probe readmits it. One keep-alive pool
+replica that fails in a way that says it is sick is ejected until a health probe
+readmits it (``fleet.replicas`` tells the replica from the request). One keep-alive pool
 (``servelm.engines.http1``) per replica. Unreachable → 502, timeout → 504, every replica down
 → 503 with Retry-After, all before anything is charged.
 """
@@ -128,11 +129,15 @@ class OpenAIUpstreamEngine(Engine):
     ) -> AsyncGenerator[dict[str, Any]]:
         """Try the replicas in the router's order until one delivers a first chunk.
 
-        A failure before anything was yielded (refused connection, timeout, 5xx, a
-        broken or malformed answer) ejects that replica and moves on: nothing reached
-        the client, so nothing is lost and the credit hold stays as it is. After the
-        first chunk the failure is the client's to see (an SSE error event; it pays
-        for what it received).
+        A failure before anything was yielded moves on to the next replica: nothing
+        reached the client, so nothing is lost and the credit hold stays as it is.
+        What says a replica is sick (refused, reset, timed out, 502/503/504) is held
+        against it at once (``ReplicaSet.failed`` ejects it unless it is the model's
+        last healthy one). A 500 or a malformed answer may be the request's own doing:
+        it is tried on one more replica, and if that one fails it too, the request is
+        to blame: its failure is the client's and counts against neither replica.
+        After the first chunk the failure is the client's to see (an SSE error event;
+        it pays for what it received).
         """
         order = self._router.order(self.replicas.healthy(), body)[:MAX_TRIES]
         if not order:
@@ -141,6 +146,9 @@ class OpenAIUpstreamEngine(Engine):
                 retry_after=max(1, math.ceil(self.spec.health_interval)),
             )
         failure: ServelmError | None = None
+        # Replicas that gave this request a 500 or a malformed answer: theirs to
+        # answer for only if another replica then serves it.
+        suspects: list[tuple[Replica, str]] = []
         for replica in order:
             sent = False
             replica.in_flight += 1
@@ -148,20 +156,46 @@ class OpenAIUpstreamEngine(Engine):
             try:
                 async with contextlib.aclosing(self._relay(replica, encoded, plain)) as chunks:
                     async for chunk in chunks:
-                        sent = True
+                        if not sent:
+                            sent = True
+                            self._answered(replica, suspects)
                         yield chunk
+                if not sent:
+                    self._answered(replica, suspects)
                 return
             except _Retryable as exc:
-                if exc.eject:
-                    replica.eject(exc.error.message)
-                if sent:
+                if sent or exc.sick:
+                    self.replicas.failed(replica, exc.error.message, sick=exc.sick)
+                    if sent:
+                        raise exc.error from exc.__cause__
+                elif suspects:
+                    # A second replica fails this request the same way: the request.
+                    log.info("%s: %s failed on two replicas; not the replicas' fault",
+                             self.spec.slug, exc.error.message)  # fmt: skip
                     raise exc.error from exc.__cause__
+                else:
+                    suspects.append((replica, exc.error.message))
                 failure = exc.error
                 log.info("%s failed over from %s: %s", self.spec.slug, replica.url, failure)
+            except ServelmError:
+                # The request's own fault (a 4xx): the replica answered.
+                self._answered(replica, [])
+                raise
             finally:
                 replica.in_flight -= 1
+        for suspect, reason in suspects:
+            # No other replica could tell: it counts towards the suspect's run.
+            self.replicas.failed(suspect, reason, sick=False)
         assert failure is not None
         raise failure
+
+    @staticmethod
+    def _answered(replica: Replica, suspects: list[tuple[Replica, str]]) -> None:
+        replica.answered()
+        for suspect, reason in suspects:
+            # Another replica served the same request: the failure was the suspect's.
+            suspect.failed(reason, sick=False, alone=False)
+        suspects.clear()
 
     async def _relay(
         self, replica: Replica, encoded: bytes, plain: bool
@@ -179,7 +213,7 @@ class OpenAIUpstreamEngine(Engine):
                 if resp.status_code != 200:
                     error = await self._status_error(resp)
                     if resp.status_code >= 500:
-                        raise _Retryable(error)
+                        raise _Retryable(error, sick=resp.status_code in _SICK)
                     raise error
                 chunks = self._reshape(await resp.read()) if plain else wire.sse_json(resp)
                 async for data in chunks:
@@ -191,7 +225,8 @@ class OpenAIUpstreamEngine(Engine):
                     yield chunk
         except http1.Timeout as exc:
             raise _Retryable(
-                UpstreamTimeout(f"The engine for '{self.spec.slug}' did not answer in time.")
+                UpstreamTimeout(f"The engine for '{self.spec.slug}' did not answer in time."),
+                sick=True,
             ) from exc
         except http1.HTTPError as exc:
             # The upstream's address is the operator's business, not the caller's.
@@ -199,12 +234,13 @@ class OpenAIUpstreamEngine(Engine):
             raise _Retryable(
                 UpstreamError(
                     f"The engine for model '{self.spec.slug}' is unreachable; retry later."
-                )
+                ),
+                sick=True,
             ) from exc
         except UpstreamError as exc:
-            # A malformed answer: worth another replica's try, but the server is up
-            # (passive ejection is for what says it is not: refusals, timeouts, 5xx).
-            raise _Retryable(exc, eject=False) from exc
+            # A malformed answer or an error event: worth another replica's try, but
+            # the server is up, and the request may be what broke it.
+            raise _Retryable(exc, sick=False) from exc
 
     async def _reshape(self, raw: bytes) -> AsyncIterator[dict[str, Any]]:
         """A plain ``chat.completion`` as the two chunks a stream would end with: the
@@ -266,13 +302,19 @@ class OpenAIUpstreamEngine(Engine):
         }
 
 
-class _Retryable(Exception):
-    """A failure of one replica that another might not have."""
+# Answers that say the replica is sick (a gateway or proxy in front of it, overload,
+# a drain), not that the request is bad.
+_SICK = (502, 503, 504)
 
-    def __init__(self, error: ServelmError, *, eject: bool = True) -> None:
+
+class _Retryable(Exception):
+    """A failure of one replica that another might not have; ``sick`` when it says the
+    replica is (not the request)."""
+
+    def __init__(self, error: ServelmError, *, sick: bool) -> None:
         super().__init__(error.message)
         self.error = error
-        self.eject = eject
+        self.sick = sick
 
 
 def _message(detail: Any) -> str:

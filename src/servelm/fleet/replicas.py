@@ -1,12 +1,17 @@
 """Each replica's live state: healthy or ejected, requests in flight, its capacity
 and the work it reported.
 
-State changes two ways. Passively, a request that cannot connect, times out or gets
-a 5xx ejects the replica at once (the request itself fails over). Actively, the
-health checker (``servelm.fleet.health``) probes every replica on an interval: a
-failed probe ejects, and a passing probe readmits an ejected replica once it has sat
-out its cool-down, so a replica that answers probes but fails requests does not
-bounce straight back.
+State changes two ways. Passively, from real traffic, telling the replica from the
+request (as Envoy's outlier detection does): what says the replica is sick (a refused
+or reset connection, a timeout, a 502, 503 or 504) ejects it at once; a 500 or a
+malformed answer may be the request's own doing, so it only counts towards a run
+(``RUN`` failures in a row, none older than ``RUN_WINDOW`` seconds, eject); an answer,
+a 4xx included, ends the run. A single failure never ejects a model's last healthy
+replica: that would turn one bad answer, perhaps provoked by one user, into a 503 for
+everyone (only a run does). Actively, the health checker (``servelm.fleet.health``)
+probes every replica on an interval: a failed probe ejects, and a passing probe
+readmits an ejected replica once it has sat out its cool-down, so a replica that
+answers probes but fails requests does not bounce straight back.
 """
 
 from __future__ import annotations
@@ -20,6 +25,11 @@ from servelm.catalog.specs import ReplicaSpec
 from servelm.engines import http1
 
 log = logging.getLogger(__name__)
+
+# Failures in a row that eject a replica whatever they were (Envoy's consecutive_5xx).
+RUN = 5
+# A failure longer ago than this no longer extends a run.
+RUN_WINDOW = 30.0
 
 
 class Replica:
@@ -67,6 +77,9 @@ class Replica:
         self.requests_total = 0
         self.failures_total = 0
         self.ejections_total = 0
+        # The current run of failures from traffic, and when its last one came.
+        self.run = 0
+        self._run_last = 0.0
 
     @property
     def slots(self) -> int | None:
@@ -86,9 +99,31 @@ class Replica:
         self.reported_running, self.reported_queue = running, waiting
         self.foreign = max(0, running + waiting - self.in_flight)
 
+    def failed(self, reason: str, *, sick: bool, alone: bool) -> None:
+        """A request's failure here. ``sick``: one that says the replica is (refused,
+        reset, timed out, 502/503/504); else it may be the request's. ``alone``: no
+        other replica of the model is healthy."""
+        now = time.monotonic()
+        if now - self._run_last > RUN_WINDOW:
+            self.run = 0
+        self.run += 1
+        self._run_last = now
+        if (sick and not alone) or self.run >= RUN:
+            self.eject(reason)
+        else:
+            self.failures_total += 1
+            self.last_error = reason
+            log.info("replica %s of %s failed (%d in a row): %s", self.url, self.model,
+                     self.run, reason)  # fmt: skip
+
+    def answered(self) -> None:
+        """It answered a request (a 4xx too): the run of failures is over."""
+        self.run = 0
+
     def eject(self, reason: str) -> None:
         self.failures_total += 1
         self.last_error = reason
+        self.run = 0
         # A failure while already out restarts the cool-down.
         self.ejected_at = time.monotonic()
         if self.healthy:
@@ -133,6 +168,10 @@ class ReplicaSet:
 
     def healthy(self) -> list[Replica]:
         return [r for r in self.all if r.healthy]
+
+    def failed(self, replica: Replica, reason: str, *, sick: bool) -> None:
+        alone = not any(r.healthy for r in self.all if r is not replica)
+        replica.failed(reason, sick=sick, alone=alone)
 
     def describe(self) -> list[dict[str, Any]]:
         return [r.describe() for r in self.all]

@@ -36,20 +36,24 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
+from servelm.auth.keys import WorkerKey
 from servelm.catalog.specs import Catalog, ModelSpec
+from servelm.chat.serving import ChatService
 from servelm.config import Settings
 from servelm.engines import http1
 from servelm.engines.base import Engine
 from servelm.engines.upstream import OpenAIUpstreamEngine
-from servelm.errors import EngineError, ModelUnavailable, Overloaded, ServelmError
+from servelm.errors import EngineError, InvalidRequest, ModelUnavailable, Overloaded, ServelmError
+from servelm.processes.lifecycle import Lifecycle
 
 log = logging.getLogger(__name__)
 
@@ -282,52 +286,47 @@ def _as_error(err: dict[str, Any], status: int) -> ServelmError:
 
 
 def host_app(catalog: Catalog, settings: Settings, token: str) -> Starlette:
-    """The engine seam over loopback: count a prompt, stream a completion. Only for
-    this run's workers (the token); no keys, no credits: those are the workers'."""
+    """The engine seam over loopback, for this run's workers only (the token): count a
+    prompt (``/v1/count``), and chat through the same front end as every process
+    (``servelm.processes.worker.engine_front``), its caller owning no account: keys and credits
+    are the workers'."""
     from servelm.api.app import start_engines
+    from servelm.processes.worker import engine_front
 
+    key = WorkerKey(token)
     engines: dict[str, Engine] = {}
     unavailable: dict[str, str] = {}
-    expected = f"Bearer {token}".encode()
+    # The workers ask for the prompt count before they hold credits (``/v1/count``):
+    # "auto" spares a second count here wherever the bound decides nothing.
+    chat = ChatService(catalog, engines, authenticator=key, prompt_count="auto")
+    # A worker sends the body it prepared, with its images fetched and inlined as data
+    # URIs: room for those on top of the client's own limit.
+    limits = settings.media_limits()
+    inlined = limits.max_images * limits.max_image_bytes * 4 // 3
+    lifecycle = Lifecycle(request_timeout=settings.request_timeout)
 
-    def engine_for(request: Request, body: dict[str, Any]) -> Engine:
-        if not secrets.compare_digest(request.headers.get("authorization", "").encode(), expected):
-            raise _Forbidden("not a worker of this servelm")
-        engine = engines.get(str(body.get("model")))
-        if engine is None:
-            raise ModelUnavailable(f"the engine process has no model '{body.get('model')}'")
-        return engine
+    def check(request: Request) -> None:
+        key.check(None, request.headers.get("authorization"))
 
     async def hosted(request: Request) -> Response:
-        if request.headers.get("authorization", "").encode() != expected:
-            return _error(_Forbidden("not a worker of this servelm"))
+        check(request)
         return JSONResponse({"loaded": sorted(engines), "unavailable": unavailable})
 
     async def count(request: Request) -> Response:
+        check(request)
         try:
             body = json.loads(await request.body())
-            engine = engine_for(request, body)
-            tokens = await engine.count_prompt_tokens(body)
-        except ServelmError as exc:
-            return _error(exc)
+        except ValueError as exc:
+            raise InvalidRequest("The body is not JSON.") from exc
+        engine = chat.engines.get(str(body.get("model")))
+        if engine is None:
+            raise ModelUnavailable(f"the engine process has no model '{body.get('model')}'")
+        tokens = await engine.count_prompt_tokens(body)
         images_exact = getattr(engine, "image_tokens", None) is not None
         return JSONResponse({"tokens": tokens, "images_exact": images_exact})
 
-    async def chat(request: Request) -> Response:
-        body = json.loads(await request.body())
-        try:
-            engine = engine_for(request, body)
-            chunks = engine.stream(body, client_streams=True)
-            # The first chunk before the status line: an early error keeps its status.
-            first = await anext(chunks, None)
-        except ServelmError as exc:
-            return _error(exc)
-        return StreamingResponse(_sse(first, chunks), media_type="text/event-stream")
-
-    from contextlib import asynccontextmanager
-
     @asynccontextmanager
-    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
         # Its engines count whenever asked: whether to ask (``prompt_count``) is the
         # workers' decision, and a worker in "bound" mode still asks after a stream cut
         # short (``count_prompt_after``).
@@ -335,47 +334,27 @@ def host_app(catalog: Catalog, settings: Settings, token: str) -> Starlette:
         started, left_out = await start_engines(catalog, counting)
         engines.update(started)
         unavailable.update(left_out)
+        app.state.chat = chat
+        lifecycle.ready = True
         try:
             yield
         finally:
+            await lifecycle.close()
             for engine in engines.values():
                 await engine.close()
 
-    return Starlette(
-        routes=[
+    front_settings = settings.model_copy(
+        update={"max_body_bytes": settings.max_body_bytes + inlined}
+    )
+    return engine_front(
+        front_settings,
+        [
             Route("/v1/hosted", hosted, methods=["GET"]),
             Route("/v1/count", count, methods=["POST"]),
-            Route("/v1/chat/completions", chat, methods=["POST"]),
         ],
-        lifespan=lifespan,
+        lifespan,
+        lifecycle,
     )
-
-
-class _Forbidden(ServelmError):
-    status_code = 403
-    error_type = "permission_error"
-
-
-def _error(exc: ServelmError) -> Response:
-    return JSONResponse(exc.openai_body(), status_code=exc.status_code, headers=exc.headers)
-
-
-async def _sse(
-    first: dict[str, Any] | None, chunks: AsyncIterator[dict[str, Any]]
-) -> AsyncIterator[bytes]:
-    # Closing this generator (the worker hung up) closes the engine's stream, which
-    # stops generation and frees the slot.
-    try:
-        if first is not None:
-            yield b"data: " + json.dumps(first).encode() + b"\n\n"
-            async for chunk in chunks:
-                yield b"data: " + json.dumps(chunk).encode() + b"\n\n"
-    except ServelmError as exc:
-        err = {**exc.openai_body()["error"], "code": exc.status_code}
-        yield b"data: " + json.dumps({"error": err}).encode() + b"\n\n"
-    finally:
-        await chunks.aclose()  # type: ignore[attr-defined]
-    yield b"data: [DONE]\n\n"
 
 
 def host_main() -> None:

@@ -7,210 +7,148 @@ no credits: the gateway owns those. With an API key set (``--api-key`` or
 ``SERVELM_WORKER_KEY``) the chat and models routes demand it, as ``Authorization:
 Bearer`` or ``x-api-key``; /health and /metrics stay open for probes.
 
-The walk is the gateway's own (``ChatService``: validation, the chat template's
-prompt count and window checks, generation, the response shapes) without the
-billing step. A client that hangs up cancels its generation at once.
+Chat goes through the gateway's own front end (``engine_front``: the route in
+``api.chat``, the walk in ``ChatService``, the drain and deadlines of ``Lifecycle``),
+with a caller that owns no account, so every rule but the money is the gateway's:
+body limits, input limits, deadlines, error envelopes, hang-up cancellation. A
+SIGTERM drains: /health answers 503 at once (the gateways' probes take the worker out
+of rotation), new chats get 503 (they fail over), running ones finish.
 """
 
 from __future__ import annotations
 
-import asyncio
-import hmac
-import json
+import contextlib
 import logging
 import time
-import uuid
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from servelm.api.errors import render
-from servelm.auth import keys as auth
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from servelm.api import errors, health
+from servelm.api.chat import ChatRoute
+from servelm.api.middleware import RequestContextMiddleware
+from servelm.api.paths import OPENAI_CHAT
+from servelm.auth.keys import WorkerKey
 from servelm.catalog.specs import Catalog, ModelSpec
-from servelm.chat.calls import StreamReply
-from servelm.chat.protocol import model_card, sse
+from servelm.chat.media import ImageLoader
+from servelm.chat.protocol import model_card
 from servelm.chat.serving import ChatService
+from servelm.config import Settings
 from servelm.engines.base import Engine
-from servelm.errors import (
-    AuthenticationError,
-    MethodNotAllowed,
-    NotFound,
-    ServelmError,
-)
+from servelm.processes.lifecycle import Lifecycle
 
 log = logging.getLogger(__name__)
 
-Scope = dict[str, Any]
-Receive = Any
-Send = Any
-
-_JSON = [(b"content-type", b"application/json")]
-_SSE = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
+Lifespan = Callable[[Starlette], contextlib.AbstractAsyncContextManager[None]]
 
 
-class Worker:
-    """The worker's ASGI app: one engine, no money."""
+def engine_front(
+    settings: Settings, routes: list[BaseRoute], lifespan: Lifespan, lifecycle: Lifecycle
+) -> Starlette:
+    """The app of a process that serves chat without accounts: OpenAI's chat route,
+    exactly as the gateway's (``api.chat.ChatRoute`` behind the drain gate), plus
+    ``routes``. ``lifespan`` puts the ``ChatService`` (with a ``WorkerKey``) on
+    ``app.state.chat`` before the first request."""
+    chat = health.Gate(ChatRoute("openai"))
+    app = Starlette(
+        routes=[
+            Route(OPENAI_CHAT, chat, methods=["POST"]),
+            Route(OPENAI_CHAT + "/", chat, methods=["POST"]),
+            *routes,
+        ],
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.lifecycle = lifecycle
+    errors.install(app)
+    app.add_middleware(RequestContextMiddleware)
+    return app
 
-    def __init__(self, spec: ModelSpec, engine: Engine, *, api_key: str | None = None) -> None:
-        self.spec = spec
-        self.engine = engine
-        self.api_key = api_key
-        # The gateway's walk without its money: no billing, no authenticator.
-        self.service = ChatService(Catalog([spec]), {spec.slug: engine})
-        self.started_at = int(time.time())
-        self.ready = False
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await self._lifespan(receive, send)
-            return
-        if scope["type"] != "http":
-            return
-        try:
-            await self._route(scope, receive, send)
-        except ServelmError as exc:
-            r = render(exc, "openai")
-            await _send(send, r.status, r.headers, r.body)
+def worker_app(
+    spec: ModelSpec, engine: Engine, settings: Settings, *, api_key: str | None = None
+) -> Starlette:
+    """``servelm worker``'s ASGI app: one engine, no money."""
+    key = WorkerKey(api_key)
+    lifecycle = Lifecycle(
+        settings.drain_seconds,
+        settings.max_inflight,
+        settings.request_timeout,
+        settings.send_timeout,
+    )
+    started_at = int(time.time())
 
-    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path, method = scope["path"].rstrip("/") or "/", scope["method"]
-        if path == "/health":
-            status = 200 if self.ready else 503
-            await _send_json(send, status, {"status": "ok" if self.ready else "loading",
-                                            **self.load()})  # fmt: skip
-            return
-        if path == "/metrics":
-            await _send(send, 200, [(b"content-type", b"text/plain; version=0.0.4")],
-                        self.metrics_text().encode())  # fmt: skip
-            return
-        if path not in ("/v1/models", "/v1/chat/completions"):
-            raise NotFound(f"No route for {method} {scope['path']}.")
-        self._authenticate(scope)
-        if path == "/v1/models":
-            if method != "GET":
-                raise MethodNotAllowed(f"Method {method} is not allowed on {path}.")
-            card = model_card(self.spec.slug, self.spec.owned_by, self.started_at,
-                              context_window=self.spec.context_window)  # fmt: skip
-            await _send_json(send, 200, {"object": "list", "data": [card]})
-            return
-        if method != "POST":
-            raise MethodNotAllowed(f"Method {method} is not allowed on {path}.")
-        await self._chat(scope, receive, send)
+    async def health_route(request: Request) -> Response:
+        ready = lifecycle.ready and not lifecycle.draining
+        status = "ok" if ready else ("draining" if lifecycle.draining else "loading")
+        return JSONResponse({"status": status, **load(spec, engine)}, 200 if ready else 503)
 
-    def _authenticate(self, scope: Scope) -> None:
-        if not self.api_key:
-            return
-        headers = dict(scope["headers"])
-        given = auth.key_from_headers(
-            (headers.get(b"x-api-key") or b"").decode("latin-1") or None,
-            (headers.get(b"authorization") or b"").decode("latin-1") or None,
+    async def metrics_route(request: Request) -> Response:
+        return PlainTextResponse(metrics_text(spec, engine), media_type="text/plain; version=0.0.4")
+
+    async def models_route(request: Request) -> Response:
+        key.check(request.headers.get("x-api-key"), request.headers.get("authorization"))
+        card = model_card(spec.slug, spec.owned_by, started_at, context_window=spec.context_window)
+        return JSONResponse({"object": "list", "data": [card]})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await engine.start()  # a ServelmError here fails the start-up, with its message
+        media = ImageLoader(settings.media_limits())
+        app.state.chat = ChatService(
+            Catalog([spec]),
+            {spec.slug: engine},
+            authenticator=key,
+            media=media,
+            prompt_count=settings.prompt_count,
         )
-        if not given or not hmac.compare_digest(given.encode(), self.api_key.encode()):
-            raise AuthenticationError("Invalid or missing worker key.")
-
-    async def _chat(self, scope: Scope, receive: Receive, send: Send) -> None:
-        raw = b""
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            raw += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        service = self.service
-        request = service.parse(raw)
-        spec, engine = service.resolve(request, request.model or self.spec.slug)
-        call = await service.prepare(uuid.uuid4().hex, request, spec, engine)
-        # The body is read: the next message can only be the client leaving, which
-        # cancels the generation (the engine frees its slot at once).
-        task = asyncio.current_task()
-        assert task is not None
-        gone = False
-
-        async def watch() -> None:
-            nonlocal gone
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            gone = True
-            task.cancel()
-
-        watcher = asyncio.create_task(watch())
+        # After the engine: llama.cpp installs signal handlers of its own; ours win.
+        lifecycle.install_signal_handlers()
+        lifecycle.ready = True
+        log.info("worker serves %s", spec.slug)
         try:
-            if request.stream:
-                await self._stream(send, await service.stream_reply(call))
-            else:
-                await _send_json(send, 200, (await service.json_reply(call)).body)
-        except asyncio.CancelledError:
-            if not gone:
-                raise
-            task.uncancel()
+            yield
         finally:
-            watcher.cancel()
+            lifecycle.ready = False
+            await lifecycle.close()
+            await media.aclose()
+            await engine.close()
 
-    async def _stream(self, send: Send, reply: StreamReply) -> None:
-        # The first chunk came before the headers: errors up front (queue full, prompt
-        # too long) were still a proper HTTP status for the gateway.
-        try:
-            await send({"type": "http.response.start", "status": 200, "headers": _SSE})
-            try:
-                await _body(send, sse(reply.first))
-                async for chunk in reply.rest:
-                    await _body(send, sse(chunk))
-            except ServelmError as exc:
-                await _body(send, render(exc, "openai", stream_started=True).body, more=False)
-                return
-            await _body(send, b"data: [DONE]\n\n", more=False)
-        finally:
-            await reply.aclose()
-
-    def load(self) -> dict[str, Any]:
-        stats = self.engine.stats
-        return {
-            "model": self.spec.slug,
-            "slots": getattr(self.engine, "slots", None),
-            "slots_busy": stats.running,
-            "queue_depth": stats.waiting,
-        }
-
-    def metrics_text(self) -> str:
-        stats, slug = self.engine.stats, self.spec.slug
-        rows = [
-            ("servelm_worker_slots", "gauge", getattr(self.engine, "slots", 0)),
-            ("servelm_worker_slots_busy", "gauge", stats.running),
-            ("servelm_worker_queue_depth", "gauge", stats.waiting),
-            ("servelm_worker_requests_total", "counter", stats.requests_total),
-            ("servelm_worker_cancelled_total", "counter", stats.cancelled_total),
-        ]
-        return "".join(
-            f'# TYPE {name} {kind}\n{name}{{model="{slug}"}} {value}\n'
-            for name, kind, value in rows
-        )
-
-    async def _lifespan(self, receive: Receive, send: Send) -> None:
-        while True:
-            kind = (await receive())["type"].removeprefix("lifespan.")
-            if kind == "startup":
-                try:
-                    await self.engine.start()
-                except ServelmError as exc:
-                    await send({"type": "lifespan.startup.failed", "message": exc.message})
-                    return
-                self.ready = True
-                log.info("worker serves %s", self.spec.slug)
-            else:
-                self.ready = False
-                await self.engine.close()
-            await send({"type": f"lifespan.{kind}.complete"})
-            if kind == "shutdown":
-                return
+    return engine_front(
+        settings,
+        [
+            Route("/health", health_route, methods=["GET"]),
+            Route("/metrics", metrics_route, methods=["GET"]),
+            Route("/v1/models", models_route, methods=["GET"]),
+        ],
+        lifespan,
+        lifecycle,
+    )
 
 
-async def _send_json(send: Send, status: int, body: Any) -> None:
-    await _send(send, status, _JSON, json.dumps(body, separators=(",", ":")).encode())
+def load(spec: ModelSpec, engine: Engine) -> dict[str, Any]:
+    stats = engine.stats
+    return {
+        "model": spec.slug,
+        "slots": getattr(engine, "slots", None),
+        "slots_busy": stats.running,
+        "queue_depth": stats.waiting,
+    }
 
 
-async def _send(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
-async def _body(send: Send, data: bytes, more: bool = True) -> None:
-    await send({"type": "http.response.body", "body": data, "more_body": more})
+def metrics_text(spec: ModelSpec, engine: Engine) -> str:
+    stats, slug = engine.stats, spec.slug
+    rows = [
+        ("servelm_worker_slots", "gauge", getattr(engine, "slots", 0)),
+        ("servelm_worker_slots_busy", "gauge", stats.running),
+        ("servelm_worker_queue_depth", "gauge", stats.waiting),
+        ("servelm_worker_requests_total", "counter", stats.requests_total),
+        ("servelm_worker_cancelled_total", "counter", stats.cancelled_total),
+    ]
+    return "".join(
+        f'# TYPE {name} {kind}\n{name}{{model="{slug}"}} {value}\n' for name, kind, value in rows
+    )

@@ -1,10 +1,12 @@
 """An OpenAI-compatible upstream that fails on purpose, one way per path prefix.
 
-A replica URL ``http://127.0.0.1:PORT/<mode>/v1`` answers chats in that mode;
+A replica URL ``http://127.0.0.1:PORT/<mode>/v1`` answers chats in that mode (so do
+``/<mode>/<anything>/v1``: two replicas of one mode);
 ``GET /health`` always answers 200, so every mode stays in a gateway's rotation
 until a request fails there. Modes:
 
-- ``ok``: three one-word chunks and usage (prompt 7, completion 3).
+- ``ok``: three one-word chunks and usage (prompt 7, completion 3); but a chat
+  whose messages say ``POISON`` gets HTTP 500, as an engine that one prompt crashes.
 - ``status500``: HTTP 500 with an OpenAI error body.
 - ``hang``: reads the request and never answers.
 - ``stall``: two chunks, then nothing (the timeout strikes mid-stream).
@@ -12,7 +14,8 @@ until a request fails there. Modes:
 - ``garbage``: one chunk, then an event that is not JSON.
 - ``garbage_first``: an event that is not JSON before any chunk.
 
-``GET /stats`` returns how many chats each mode received.
+``GET /stats`` returns how many chats each mode received (``poison``: how many said
+POISON).
 
     python -m servelm.testing.fault_upstream --port 9200
 """
@@ -63,6 +66,11 @@ def make_app() -> Any:
         async def body(data: bytes, more: bool = True) -> None:
             await send({"type": "http.response.body", "body": data, "more_body": more})
 
+        if mode == "ok" and "POISON" in json.dumps(request.get("messages")):
+            seen["poison"] += 1
+            await send({"type": "http.response.start", "status": 500, "headers": _JSON})
+            await body(b'{"error":{"message":"engine crashed on this prompt"}}', more=False)
+            return
         if mode == "status500":
             await send({"type": "http.response.start", "status": 500, "headers": _JSON})
             await body(b'{"error":{"message":"engine crashed","code":500}}', more=False)
