@@ -18,6 +18,7 @@ from servelm.billing import accounts
 from servelm.cli import app as cli_app
 from servelm.store.db import Database
 from tests.conftest import ADMIN_TOKEN, LiveServer, free_port
+from tests.fast.conftest import new_key
 
 runner = CliRunner()
 ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -161,3 +162,30 @@ def test_ggufgen_help_prints_usage_and_writes_nothing(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "OUT_DIR" in result.stdout and "usage:" in result.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+# -- 17: the balance on routing errors, for a caller with a valid key ----------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("POST", "/v1/models", 405),
+        ("GET", "/v1/chat/completions", 405),
+        ("GET", "/v1/scripted", 405),
+        ("POST", "/v1/embeddings", 404),
+        ("GET", "/v1/files", 404),
+    ],
+)
+def test_routing_errors_tell_a_valid_key_its_balance(
+    fast: LiveServer, method: str, path: str, status: int
+) -> None:
+    key, _ = new_key(fast.db, 1_250_000)
+    for headers in ({"x-api-key": key}, {"authorization": f"Bearer {key}"}):
+        r = httpx.request(method, f"{fast.base_url}{path}", headers=headers, json={})
+        assert r.status_code == status, r.text
+        assert r.headers["x-remaining-credits"] == "1.250000"
+    # A bad key or none: the same error, no balance (and not turned into a 401).
+    for headers in ({}, {"x-api-key": "slm_nosuchkey_abc"}):
+        r = httpx.request(method, f"{fast.base_url}{path}", headers=headers, json={})
+        assert r.status_code == status and "x-remaining-credits" not in r.headers

@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from servelm.api.deps import balance_if_known
 from servelm.api.paths import Dialect, dialect_for_path, unsupported_openai
 from servelm.errors import (
     InvalidRequest,
@@ -100,13 +101,15 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _routing(request: Request, exc: StarletteHTTPException) -> Response:
         path = request.url.path
+        # A caller with a valid key learns the balance here too, as on every answer.
+        balance = await balance_if_known(request)
         if unsupported_openai(path):
             err: ServelmError = NotFound(
                 f"The endpoint {request.method} {path} is not supported by this server; "
                 "it serves chat completions (POST /v1/chat/completions) and models.",
                 code="unsupported_endpoint",
             )
-            return _response(render(err, "openai"))
+            return _response(render(err, "openai", headers=balance))
         if exc.status_code == 405:
             err = MethodNotAllowed(f"Method {request.method} is not allowed on {path}.")
         elif exc.status_code == 404:
@@ -114,7 +117,7 @@ def install(app: FastAPI) -> None:
         else:
             err = ServelmError(str(exc.detail))
             err.status_code = exc.status_code
-        return _response(render(err, _dialect(request), headers=exc.headers))
+        return _response(render(err, _dialect(request), headers={**(exc.headers or {}), **balance}))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
