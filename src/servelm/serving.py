@@ -49,7 +49,7 @@ from servelm.errors import (
     ModelUnavailable,
     ServelmError,
 )
-from servelm.input_limits import check_prompt_size
+from servelm.input_limits import check_logit_bias_vocabulary, check_prompt_size
 from servelm.media import ImageLoader, MediaLimits, inline_images
 from servelm.metrics import Metrics
 from servelm.money import MAX_ACCOUNT_MICRO, affordable_max_tokens, format_credits
@@ -185,6 +185,7 @@ class ChatService:
         # A prompt too big for the window by its bytes alone is refused
         # before seconds of CPU go into tokenizing it.
         check_prompt_size(request, spec)
+        check_logit_bias_vocabulary(request, spec, engine.vocab_size)
         body = engine_body(request)
         if request.has_images():
             # Every image is fetched or decoded and checked here; the engine only ever
