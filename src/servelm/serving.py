@@ -39,6 +39,7 @@ from servelm.calls import (
     count_prompt_late,
     defer_count,
     money_headers,
+    no_images_hint,
     no_images_message,
 )
 from servelm.catalog import Catalog, ModelSpec
@@ -94,6 +95,7 @@ class ChatService:
         self.lazy_count = prompt_count == "auto"
         # slug → why it is not served (missing weights, failed load), said in the 503.
         self.unavailable = unavailable or {}
+        self.told_no_images: set[str] = set()
 
     @property
     def billing(self) -> Billing:
@@ -172,6 +174,16 @@ class ChatService:
         if balance < least:
             raise NotEnoughCredits(balance, least, at_least=True)
 
+    def refuse_images(self, spec: ModelSpec) -> None:
+        """The user learns which models here see images; the operator, in the log,
+        what would make this one see."""
+        seeing = [s.slug for s in self.catalog if s.vision and s.slug in self.engines]
+        if spec.slug not in self.told_no_images:  # once per model, not once per request
+            self.told_no_images.add(spec.slug)
+            hint = no_images_hint(spec)
+            log.warning("model %s was sent images and takes none; %s", spec.slug, hint)
+        raise InvalidRequest(no_images_message(spec, seeing), param="messages")
+
     async def prepare(
         self, request_id: str, request: ChatRequest, spec: ModelSpec, engine: Engine
     ) -> Call:
@@ -179,7 +191,7 @@ class ChatService:
         counted (exactly where the engine can, and under ``prompt_count = "auto"`` only
         where its upper bound would decide something) and the output limit decided."""
         if request.has_images() and not spec.vision:
-            raise InvalidRequest(no_images_message(spec), param="messages")
+            self.refuse_images(spec)
         if request.tools and not spec.tools:
             raise InvalidRequest(f"Model '{spec.slug}' does not support tools.", param="tools")
         # A prompt too big for the window by its bytes alone is refused
