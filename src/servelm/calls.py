@@ -45,7 +45,8 @@ class ChatExchange:
     idempotency_key: str | None = None
     # A web console session's key id (signature, expiry and CSRF token checked by the
     # HTTP layer), used only when the request carries no key.
-    session_key_id: str | None = None
+    # The playground's console session: (API key id, session id).
+    session: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)

@@ -43,9 +43,11 @@ from servelm.calls import (
     no_images_message,
 )
 from servelm.catalog import Catalog, ModelSpec
+from servelm.console.session import session_live
 from servelm.conversation import engine_body, fit_conversation
 from servelm.engines.base import Engine
 from servelm.errors import (
+    AuthenticationError,
     InvalidRequest,
     ModelUnavailable,
     ServelmError,
@@ -136,8 +138,11 @@ class ChatService:
 
     async def authenticate(self, ex: ChatExchange) -> Principal:
         """The key in the headers, or else the web console's session (the playground)."""
-        if ex.api_key is None and ex.authorization is None and ex.session_key_id is not None:
-            return await self.authenticator.authenticate_key_id(ex.session_key_id)
+        if ex.api_key is None and ex.authorization is None and ex.session is not None:
+            key_id, sid = ex.session
+            if not await self.billing.run(session_live, self.billing.db, sid):
+                raise AuthenticationError("Your console session has ended; sign in again.")
+            return await self.authenticator.authenticate_key_id(key_id)
         return await self.authenticator.authenticate(key_from_headers(ex.api_key, ex.authorization))
 
     def parse(self, raw: bytes) -> ChatRequest:

@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from servelm.api.deps import balance_if_known
 from servelm.api.paths import Dialect, dialect_for_path, unsupported_openai
 from servelm.errors import (
+    CsrfFailed,
     InvalidRequest,
     MethodNotAllowed,
     NotFound,
@@ -84,6 +85,14 @@ def install(app: FastAPI) -> None:
         balance_headers = getattr(request.state, "balance_headers", None)
         extra = await balance_headers(exc) if balance_headers is not None else {}
         return _response(render(exc, _dialect(request), headers=extra))
+
+    @app.exception_handler(CsrfFailed)
+    async def _csrf(request: Request, exc: CsrfFailed) -> Response:
+        from servelm.console import web  # the console's page; the API has no templates
+
+        if web.wants_html(request):
+            return web.csrf_page(request)
+        return await _servelm(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Response:
