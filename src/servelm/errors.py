@@ -11,6 +11,7 @@ Each error knows its HTTP status and the OpenAI ``type``/``code``/``param`` it m
     ├── PayloadTooLarge         413
     ├── AuthenticationError     401
     ├── PermissionDenied        403
+    │   └── CsrfFailed          (a console form without its token; browsers get a page)
     ├── NotFound                404
     │   └── ModelNotFound
     ├── MethodNotAllowed        405
@@ -99,6 +100,14 @@ class PermissionDenied(ServelmError):
     status_code = 403
     error_type = "permission_error"
     code = "model_not_allowed"
+
+
+class CsrfFailed(PermissionDenied):
+    """A console form posted without its CSRF token (a stale page, a cookie that
+    expired, or another site's forgery). A browser gets an HTML page saying so with a
+    way back (``console.web.csrf_page``); an API client this JSON."""
+
+    code = "csrf_failed"
 
 
 class NotFound(ServelmError):

@@ -75,7 +75,7 @@ CASES = [
             ]
         },
         param="messages",
-        says="does not accept images",
+        says="takes no images",
     ),
     Case("temperature too high", 400, _with(temperature=2.5), param="temperature"),
     Case("temperature a string", 400, _with(temperature="hot"), param="temperature"),

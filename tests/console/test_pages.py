@@ -109,7 +109,9 @@ def test_playground_chat_needs_the_session_and_its_csrf_header(console: LiveServ
     # An expired session is no session, even with the right token.
     secret = session.app_secret(console.app)
     nonce = client.cookies[session.CSRF_COOKIE]
-    expired = session.user_session(secret, key.split("_")[1], nonce, ttl=-1)
+    live_payload = session.unsign(secret, client.cookies[session.SESSION_COOKIE])
+    assert live_payload is not None
+    expired = session.user_session(secret, live_payload["sid"], key.split("_")[1], nonce, ttl=-1)
     client.cookies.delete(session.SESSION_COOKIE)
     client.cookies.set(session.SESSION_COOKIE, expired)
     r = client.post("/v1/chat/completions", json=CHAT, headers={"x-csrf-token": token})

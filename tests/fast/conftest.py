@@ -43,12 +43,19 @@ SPEC = ModelSpec(
 )
 
 
+PLANS = "[plans.pro]\nrpm = 6000\n\n[plans.free]\nrpm = 600\n"
+
+
 @pytest.fixture(scope="package")
 def fast(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     tmp = tmp_path_factory.mktemp("fast")
+    # Plans only (the catalog is SPEC): the admin API takes these names and no other.
+    models_file = tmp / "servelm.toml"
+    models_file.write_text(PLANS)
     settings = make_settings(
         tmp,
         tmp / "models",
+        models_file=models_file,
         slots=2,
         queue_size=1,
         key_cache_seconds=0.0,

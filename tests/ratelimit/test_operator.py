@@ -15,8 +15,13 @@ from tests.conftest import ADMIN_TOKEN, LiveServer, provision
 ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
+PLANS = "[plans.pro]\nrpm = 600\n\n[plans.free]\nrpm = 10\n"
+
+
 def test_cli_plans_and_key_limits(tmp_path: Path, models_dir: Path) -> None:
-    env = procs.gateway_env(tmp_path, models_dir)
+    models_file = tmp_path / "servelm.toml"
+    models_file.write_text(PLANS)
+    env = procs.gateway_env(tmp_path, models_dir, SERVELM_MODELS_FILE=str(models_file))
     made = procs.cli(env, "accounts", "create", "acme", "--plan", "pro")
     assert made.returncode == 0, made.stderr
     assert "plan pro" in made.stdout
@@ -38,6 +43,14 @@ def test_cli_plans_and_key_limits(tmp_path: Path, models_dir: Path) -> None:
     assert cleared.stdout.strip() == f"key {key_id}: rpm=- tpm=100 concurrency=-"
     replanned = procs.cli(env, "accounts", "plan", "acme", "free")
     assert replanned.returncode == 0 and get_plan(db, 1) == "free"
+    # Issue 29.8: a plan the models file lacks would run the account unlimited.
+    unknown = procs.cli(env, "accounts", "plan", "acme", "nosuchplan")
+    assert unknown.returncode == 1, unknown.stdout
+    assert "No plan 'nosuchplan'" in unknown.stderr and "free, pro" in unknown.stderr
+    assert get_plan(db, 1) == "free"
+    refused = procs.cli(env, "accounts", "create", "typo", "--plan", "prro")
+    assert refused.returncode == 1 and "No plan 'prro'" in refused.stderr
+    assert "typo" not in procs.cli(env, "accounts", "list").stdout  # no half-made account
     bad = procs.cli(env, "keys", "limits", "nosuchkey", "--rpm", "1")
     assert bad.returncode == 1 and "No API key" in bad.stderr
     db.dispose()
@@ -45,8 +58,13 @@ def test_cli_plans_and_key_limits(tmp_path: Path, models_dir: Path) -> None:
 
 def test_admin_api_sets_limits_that_apply_at_once(live: LiveServer) -> None:
     admin = httpx.Client(base_url=f"{live.base_url}/admin", headers=ADMIN, timeout=60)
-    account = admin.post("/accounts", json={"name": "admin-limits", "plan": "free"})
-    assert account.status_code == 201 and account.json()["plan"] == "free"
+    # This server's models file defines no plans (issue 29.8: none is taken on faith).
+    unplanned = admin.post("/accounts", json={"name": "admin-limits-x", "plan": "free"})
+    assert unplanned.status_code == 400 and unplanned.json()["error"]["param"] == "plan"
+    assert "No plan 'free'" in unplanned.json()["error"]["message"]
+    assert admin.get("/accounts/admin-limits-x").status_code == 404
+    account = admin.post("/accounts", json={"name": "admin-limits"})
+    assert account.status_code == 201 and account.json()["plan"] is None
     granted = admin.post(f"/accounts/{account.json()['id']}/credits", json={"credits": "5"})
     assert granted.status_code == 200
     key = admin.post(f"/accounts/{account.json()['id']}/keys", json={"rpm": 1, "tpm": 5000})
@@ -66,7 +84,9 @@ def test_admin_api_sets_limits_that_apply_at_once(live: LiveServer) -> None:
     assert user.post("/chat/completions", json=body).status_code == 200
     assert admin.put(f"/keys/{key_id}/limits", json={"rpm": -1}).status_code == 400
     plan = admin.put(f"/accounts/{account.json()['id']}/plan", json={"plan": "pro"})
-    assert plan.json()["plan"] == "pro"
+    assert plan.status_code == 400 and plan.json()["error"]["param"] == "plan"
+    plan = admin.put(f"/accounts/{account.json()['id']}/plan", json={"plan": None})
+    assert plan.status_code == 200 and plan.json()["plan"] is None
 
 
 def test_keys_without_limits_get_no_rate_limit_headers(live: LiveServer) -> None:

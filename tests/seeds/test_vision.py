@@ -173,4 +173,30 @@ def test_a_text_only_model_refuses_images(seed_live: LiveServer) -> None:
         headers=seed_live.headers(),
         timeout=60,
     )
-    assert r.status_code == 400 and "does not accept images" in r.json()["error"]
+    assert r.status_code == 400
+    assert "takes no images" in r.json()["error"]
+    assert "no model on this server takes images" in r.json()["error"]
+    assert "servelm.toml" not in r.json()["error"] and "mmproj" not in r.json()["error"]
+
+
+def test_a_text_only_model_names_the_models_that_see_and_tells_the_operator_in_the_log(
+    vision: LiveServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 29.16: the seed page's image request, sent to a text-only model."""
+    body = {"messages": [{"role": "user", "content": [image_part(DATA_URI)]}]}
+    with caplog.at_level("WARNING", logger="servelm.chat.serving"):
+        r = httpx.post(
+            f"{vision.v1}/chat/completions",
+            json={"model": "smollm2-135m-instruct", **body},
+            headers=vision.headers(),
+            timeout=60,
+        )
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["param"] == "messages"
+    assert "Model 'smollm2-135m-instruct' takes no images" in err["message"]
+    assert f"models on this server that take images: {SLUG}" in err["message"]
+    for operator_only in ("mmproj", "servelm.toml", "models file", "vision = true"):
+        assert operator_only not in err["message"]
+    logged = [rec.getMessage() for rec in caplog.records if "takes none" in rec.getMessage()]
+    assert len(logged) == 1 and 'mmproj = "/path/to/mmproj.gguf"' in logged[0]

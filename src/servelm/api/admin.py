@@ -18,6 +18,7 @@ from servelm.billing import accounts, audit
 from servelm.billing.accounts import Account, KeyRecord
 from servelm.billing.money import format_credits, parse_credits
 from servelm.ratelimit import records as limits
+from servelm.ratelimit.policy import check_plan
 from servelm.store.db import Database
 
 
@@ -93,8 +94,14 @@ class Grant(BaseModel):
     note: str = ""
 
 
+def _check_plan(request: Request, plan: str | None) -> None:
+    """The plans this server loaded from its models file; any other is refused."""
+    check_plan(plan, request.app.state.limiter.plans)
+
+
 @router.post("/accounts", status_code=201)
 async def create_account(request: Request, body: NewAccount) -> dict[str, Any]:
+    _check_plan(request, body.plan)  # before the account exists: a refusal leaves none
     account = await _run(request, accounts.create_account, _db(request), body.name)
     if body.plan is not None:
         await _run(request, limits.set_plan, _db(request), account.id, body.plan)
@@ -103,6 +110,7 @@ async def create_account(request: Request, body: NewAccount) -> dict[str, Any]:
 
 @router.put("/accounts/{account_id}/plan")
 async def set_plan(request: Request, account_id: int, body: PlanChange) -> dict[str, Any]:
+    _check_plan(request, body.plan)
     await _run(request, limits.set_plan, _db(request), account_id, body.plan)
     await request.app.state.invalidation.account_changed(account_id)
     return {"account_id": account_id, "plan": body.plan}
@@ -124,7 +132,9 @@ async def _account_id(request: Request, ref: str) -> int:
 @router.get("/accounts/{account}")
 async def get_account(request: Request, account: str) -> dict[str, Any]:
     account_id = await _account_id(request, account)
-    return account_out(await _run(request, accounts.get_account, _db(request), account_id))
+    found = await _run(request, accounts.get_account, _db(request), account_id)
+    plan = await _run(request, limits.get_plan, _db(request), account_id)
+    return {**account_out(found), "plan": plan}
 
 
 @router.post("/accounts/{account}/credits")

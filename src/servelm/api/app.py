@@ -238,7 +238,9 @@ def create_app(
         title="servelm",
         version=__version__,
         lifespan=lifespan,
-        docs_url="/docs",
+        # /docs is the console's (console.routes): Swagger UI from the installed
+        # package, under the console's CSP, never from a CDN.
+        docs_url=None,
         redoc_url=None,
     )
     app.state.settings = settings

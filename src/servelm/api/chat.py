@@ -91,7 +91,7 @@ class _Connection:
             api_key=self.headers.get("x-api-key"),
             authorization=self.headers.get("authorization"),
             idempotency_key=self.headers.get("idempotency-key"),
-            session_key_id=self._session_key_id(),
+            session=self._session(),
         )
         try:
             with self._cancel_on_disconnect():
@@ -111,7 +111,7 @@ class _Connection:
             log.exception("unhandled error on %s %s", self.scope["method"], self.scope["path"])
             await self._write_error(ServelmError(INTERNAL))
 
-    def _session_key_id(self) -> str | None:
+    def _session(self) -> tuple[str, str] | None:
         """The playground's session: looked at only when the request carries no key."""
         headers = self.headers
         if "cookie" not in headers or "x-api-key" in headers or "authorization" in headers:

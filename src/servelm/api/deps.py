@@ -27,3 +27,21 @@ async def caller(request: Request, response: Response) -> Principal:
 
     request.state.balance_headers = balance_headers
     return principal
+
+
+async def balance_if_known(request: Request) -> dict[str, str]:
+    """``x-remaining-credits`` for a request no route took (a 405, an OpenAI endpoint
+    this server lacks) that carries a valid key; nothing otherwise. The request still
+    fails as it would: a wrong path is not made a 401 by a bad key."""
+    if not request.url.path.startswith("/v1/") or not hasattr(request.app.state, "chat"):
+        return {}
+    headers = request.headers
+    if not headers.get("x-api-key") and not headers.get("authorization"):
+        return {}
+    try:
+        raw = key_from_headers(headers.get("x-api-key"), headers.get("authorization"))
+        principal = await request.app.state.chat.authenticator.authenticate(raw)
+    except ServelmError:
+        return {}  # no key or a bad one: the routing error alone says enough
+    balance: int = await request.app.state.billing.balance(principal.account_id)
+    return {"x-remaining-credits": format_credits(balance)}

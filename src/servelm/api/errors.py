@@ -21,9 +21,11 @@ from fastapi.responses import Response
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from servelm.api.deps import balance_if_known
 from servelm.api.paths import Dialect, dialect_for_path, unsupported_openai
 from servelm.chat.protocol import sse
 from servelm.errors import (
+    CsrfFailed,
     InvalidRequest,
     MethodNotAllowed,
     NotFound,
@@ -87,6 +89,13 @@ def install(app: Starlette) -> None:
         extra = await balance_headers(exc) if balance_headers is not None else {}
         return _response(render(exc, _dialect(request), headers=extra))
 
+    async def _csrf(request: Request, exc: CsrfFailed) -> Response:
+        from servelm.console import web  # the console's page; the API has no templates
+
+        if web.wants_html(request):
+            return web.csrf_page(request)
+        return await _servelm(request, exc)
+
     async def _validation(request: Request, exc: RequestValidationError) -> Response:
         # FastAPI's own validation (admin bodies, path and query params) answers 422;
         # we promise 400 naming the field.
@@ -101,13 +110,15 @@ def install(app: Starlette) -> None:
 
     async def _routing(request: Request, exc: StarletteHTTPException) -> Response:
         path = request.url.path
+        # A caller with a valid key learns the balance here too, as on every answer.
+        balance = await balance_if_known(request)
         if unsupported_openai(path):
             err: ServelmError = NotFound(
                 f"The endpoint {request.method} {path} is not supported by this server; "
                 "it serves chat completions (POST /v1/chat/completions) and models.",
                 code="unsupported_endpoint",
             )
-            return _response(render(err, "openai"))
+            return _response(render(err, "openai", headers=balance))
         if exc.status_code == 405:
             err = MethodNotAllowed(f"Method {request.method} is not allowed on {path}.")
         elif exc.status_code == 404:
@@ -115,7 +126,7 @@ def install(app: Starlette) -> None:
         else:
             err = ServelmError(str(exc.detail))
             err.status_code = exc.status_code
-        return _response(render(err, _dialect(request), headers=exc.headers))
+        return _response(render(err, _dialect(request), headers={**(exc.headers or {}), **balance}))
 
     async def _unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
@@ -130,6 +141,7 @@ def install(app: Starlette) -> None:
         )
 
     app.add_exception_handler(ServelmError, _servelm)  # type: ignore[arg-type]
+    app.add_exception_handler(CsrfFailed, _csrf)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _routing)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unexpected)

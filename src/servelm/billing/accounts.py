@@ -96,10 +96,10 @@ def check_grant_amount(amount: int) -> None:
     """Issue 17: one grant is bounded, so no sum of a few can leave BIGINT (SQLite
     silently turned such a balance into a REAL, and the audit crashed on it)."""
     if amount <= 0:
-        raise InvalidRequest("A grant must be a positive amount.", param="amount")
+        raise InvalidRequest("A grant must be a positive amount of credits.", param="credits")
     if amount > MAX_GRANT_MICRO:
         raise InvalidRequest(
-            f"A grant may be at most {MAX_GRANT_MICRO // MICRO} credits.", param="amount"
+            f"A grant may be at most {MAX_GRANT_MICRO // MICRO} credits.", param="credits"
         )
 
 
@@ -125,7 +125,7 @@ def grant(db: Database, account_id: int, amount: int, note: str = "") -> int:
             raise InvalidRequest(
                 f"This grant would take the account above {MAX_ACCOUNT_MICRO // MICRO} "
                 "credits, the most one account may hold.",
-                param="amount",
+                param="credits",
             )
         conn.execute(
             insert(ledger).values(

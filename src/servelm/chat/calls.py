@@ -43,7 +43,8 @@ class ChatExchange:
     idempotency_key: str | None = None
     # A web console session's key id (signature, expiry and CSRF token checked by the
     # HTTP layer), used only when the request carries no key.
-    session_key_id: str | None = None
+    # The playground's console session: (API key id, session id).
+    session: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -216,18 +217,27 @@ async def bill_what_was_sent(call: Call, text: str, ending: int) -> None:
         call.completion_tokens = counted
 
 
-def no_images_message(spec: ModelSpec) -> str:
-    """The 400 for images sent to a text-only entry says what would make it see."""
+def no_images_message(spec: ModelSpec, seeing: list[str]) -> str:
+    """The 400 for images sent to a text-only entry: what the API user can do about
+    it (send text, or use a model here that sees). How the operator would make this
+    one see is not theirs to act on: that goes to the log (``no_images_hint``)."""
+    others = (
+        f"models on this server that take images: {', '.join(seeing)}"
+        if seeing
+        else "no model on this server takes images"
+    )
+    return f"Model '{spec.slug}' takes no images, only text; send text only ({others})."
+
+
+def no_images_hint(spec: ModelSpec) -> str:
+    """For the operator's log: what would let this entry see images."""
     if spec.engine == "openai":
-        how = "if its upstream model sees images, its operator sets `vision = true` on its entry"
-    else:
-        how = (
-            "a llama.cpp model sees through a multimodal projector made for its weights: "
-            f'its operator adds `mmproj = "/path/to/mmproj.gguf"` to [models."{spec.slug}"] '
-            "in servelm.toml (Mixtral has no published projector; serve a vision model "
-            "for images)"
-        )
-    return f"Model '{spec.slug}' does not accept images; send text only, or {how}."
+        return "if its upstream model sees images, set `vision = true` on its entry"
+    return (
+        "a llama.cpp model sees through a multimodal projector made for its weights: "
+        f'add `mmproj = "/path/to/mmproj.gguf"` to [models."{spec.slug}"] in the models '
+        "file (Mixtral has no published projector; serve a vision model for images)"
+    )
 
 
 def charge(call: Call) -> int:

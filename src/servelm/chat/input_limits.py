@@ -58,6 +58,8 @@ _SCHEMA_LISTS = ("anyOf", "oneOf", "allOf")
 _SCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
 _SCHEMA_ONE = ("items", "additionalProperties", "not", "contains", "propertyNames")
 _REPEATS = ("minItems", "maxItems", "minLength", "maxLength", "minProperties", "maxProperties")
+# Keywords that say nothing about which values a schema allows.
+_ANNOTATIONS = frozenset({"title", "description", "$comment", "examples", "default", "$id"})
 _BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf")
 
 
@@ -102,11 +104,36 @@ def _check_logit_bias(bias: dict[str, float]) -> None:
             f"logit_bias may have at most {MAX_LOGIT_BIAS} entries.", param="logit_bias"
         )
     for token in bias:
-        if not (token.isascii() and token.isdigit() and int(token) <= MAX_TOKEN_ID):
+        if not (token.isascii() and token.isdigit()):
             raise InvalidRequest(
-                f"logit_bias keys must be token ids (integers), not {token[:20]!r}.",
+                f"Invalid value for 'logit_bias': its keys are token ids (whole numbers "
+                f"from 0), and {token[:20]!r} is not one.",
                 param="logit_bias",
             )
+        if len(token) > 12 or int(token) > MAX_TOKEN_ID:
+            raise _outside_vocabulary(token, None)
+
+
+def check_logit_bias_vocabulary(req: ChatRequest, spec: ModelSpec, vocab_size: int | None) -> None:
+    """Every ``logit_bias`` token id inside the model's vocabulary: llama.cpp drops the
+    others silently, and the caller would never learn the bias did nothing."""
+    if req.logit_bias is None or vocab_size is None:
+        return
+    for token in req.logit_bias:
+        if int(token) >= vocab_size:
+            raise _outside_vocabulary(token, (spec.slug, vocab_size))
+
+
+def _outside_vocabulary(token: str, model: tuple[str, int] | None) -> InvalidRequest:
+    where = (
+        f"the vocabulary of model '{model[0]}' (token ids 0 to {model[1] - 1})"
+        if model is not None
+        else "any model's vocabulary"
+    )
+    return InvalidRequest(
+        f"Invalid value for 'logit_bias': token id {token[:20]} is outside {where}.",
+        param="logit_bias",
+    )
 
 
 def check_prompt_size(req: ChatRequest, spec: ModelSpec) -> None:
@@ -238,6 +265,37 @@ class _Walk:
             target = target[part]
         if not isinstance(target, dict | bool):
             raise self.fail(where, f"$ref {ref[:60]!r} does not point at a schema")
+        self.ref_loop(ref, where)
+
+    def ref_loop(self, ref: str, where: str) -> None:
+        """A chain of references that comes back to itself with nothing in between
+        (``a`` is ``$ref: b``, ``b`` is ``$ref: a``) describes no value at all; llama.cpp
+        fails on it with "failed to parse grammar". Recursion through a property or
+        an item (a tree) is fine and is not refused."""
+        seen = [ref]
+        target: Any = self.resolve(ref)
+        while isinstance(target, dict) and isinstance(target.get("$ref"), str):
+            if set(target) - _ANNOTATIONS - {"$ref"}:
+                return  # the reference sits beside keywords that describe a value
+            nxt = target["$ref"]
+            if nxt in seen:
+                chain = " -> ".join([*seen, nxt])
+                raise self.fail(
+                    where,
+                    f"$ref loops back to itself ({chain[:200]}) without describing any "
+                    "value; point it at a schema with a type or properties",
+                )
+            seen.append(nxt)
+            target = self.resolve(nxt)
+
+    def resolve(self, ref: str) -> Any:
+        target: Any = self.root
+        for part in ref[2:].split("/"):
+            part = part.replace("~1", "/").replace("~0", "~")
+            if not isinstance(target, dict) or part not in target:
+                return None
+            target = target[part]
+        return target
 
 
 def check_schema(schema: Any, param: str) -> None:

@@ -236,15 +236,17 @@ def parse_chat_request(body: bytes) -> ChatRequest:
     try:
         request = ChatRequest.model_validate_json(body)
     except ValidationError as exc:
-        raise _to_invalid_request(exc) from None
+        raise _to_invalid_request(exc, body) from None
     return request
 
 
-def _to_invalid_request(exc: ValidationError) -> InvalidRequest:
+def _to_invalid_request(exc: ValidationError, body: bytes = b"") -> InvalidRequest:
     errors = exc.errors(include_url=False)
     first = errors[0]
     if first["type"] == "json_invalid":
-        return InvalidRequest(f"The request body is not valid JSON: {first['msg']}.")
+        return lone_surrogate(body) or InvalidRequest(
+            f"The request body is not valid JSON: {first['msg']}."
+        )
     if first["type"] == "model_type" and not first["loc"]:
         return InvalidRequest("The request body must be a JSON object.")
     # A value that fails every branch of a union yields one error per branch; the
@@ -270,6 +272,35 @@ def _to_invalid_request(exc: ValidationError) -> InvalidRequest:
     if param:
         return InvalidRequest(f"Invalid value for '{param}': {msg}.", param=param)
     return InvalidRequest(f"Invalid request: {msg}.")
+
+
+def lone_surrogate(body: bytes) -> InvalidRequest | None:
+    """A string escaping half a UTF-16 pair (``"\\ud83d"`` alone) is JSON no strict
+    parser takes, and pydantic says only "unexpected end of hex escape". Python's own
+    parser takes it: find the field that holds it and say what is wrong there."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, dict):
+            for key, item in reversed(list(value.items())):
+                stack.append((f"{path}.{key}" if path else str(key), item))
+        elif isinstance(value, list):
+            for i, item in reversed(list(enumerate(value))):
+                stack.append((f"{path}[{i}]", item))
+        elif isinstance(value, str):
+            half = next((c for c in value if "\ud800" <= c <= "\udfff"), None)
+            if half is not None:
+                return InvalidRequest(
+                    f"Invalid value for '{path or 'body'}': the text holds \\u{ord(half):04x}, "
+                    "half of a UTF-16 surrogate pair with no other half; escape both halves "
+                    "of the pair (e.g. \\ud83d\\ude00) or send the character itself.",
+                    param=path or None,
+                )
+    return None
 
 
 # Pydantic puts union branches into error locations (``('stop', 'str')``,

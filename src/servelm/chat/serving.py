@@ -49,14 +49,17 @@ from servelm.chat.calls import (
     count_prompt_late,
     defer_count,
     money_headers,
+    no_images_hint,
     no_images_message,
 )
 from servelm.chat.conversation import engine_body, fit_conversation
-from servelm.chat.input_limits import check_prompt_size, check_request
+from servelm.chat.input_limits import check_logit_bias_vocabulary, check_prompt_size, check_request
 from servelm.chat.media import ImageLoader, MediaLimits, inline_images
 from servelm.chat.protocol import ChatRequest, parse_chat_request, usage_body
+from servelm.console.session import session_live
 from servelm.engines.base import Engine
 from servelm.errors import (
+    AuthenticationError,
     InvalidRequest,
     ModelUnavailable,
     NotEnoughCredits,
@@ -107,6 +110,7 @@ class ChatService:
         self.lazy_count = prompt_count == "auto"
         # slug → why it is not served (missing weights, failed load), said in the 503.
         self.unavailable = unavailable or {}
+        self.told_no_images: set[str] = set()
 
     @property
     def billing(self) -> Billing:
@@ -147,8 +151,16 @@ class ChatService:
 
     async def authenticate(self, ex: ChatExchange) -> Principal:
         """The key in the headers, or else the web console's session (the playground)."""
+        session_key_id = None
+        if ex.api_key is None and ex.authorization is None and ex.session is not None:
+            session_key_id, sid = ex.session
+            # Sessions live in the gateway's database; a process without one has none.
+            if self._billing is None or not await self.billing.run(
+                session_live, self.billing.db, sid
+            ):
+                raise AuthenticationError("Your console session has ended; sign in again.")
         return await self.authenticator.authenticate_request(
-            ex.api_key, ex.authorization, ex.session_key_id
+            ex.api_key, ex.authorization, session_key_id
         )
 
     def parse(self, raw: bytes) -> ChatRequest:
@@ -190,6 +202,16 @@ class ChatService:
         if balance < least:
             raise not_enough(balance, least, at_least=True)
 
+    def refuse_images(self, spec: ModelSpec) -> None:
+        """The user learns which models here see images; the operator, in the log,
+        what would make this one see."""
+        seeing = [s.slug for s in self.catalog if s.vision and s.slug in self.engines]
+        if spec.slug not in self.told_no_images:  # once per model, not once per request
+            self.told_no_images.add(spec.slug)
+            hint = no_images_hint(spec)
+            log.warning("model %s was sent images and takes none; %s", spec.slug, hint)
+        raise InvalidRequest(no_images_message(spec, seeing), param="messages")
+
     async def prepare(
         self, request_id: str, request: ChatRequest, spec: ModelSpec, engine: Engine
     ) -> Call:
@@ -197,12 +219,13 @@ class ChatService:
         counted (exactly where the engine can, and under ``prompt_count = "auto"`` only
         where its upper bound would decide something) and the output limit decided."""
         if request.has_images() and not spec.vision:
-            raise InvalidRequest(no_images_message(spec), param="messages")
+            self.refuse_images(spec)
         if request.tools and not spec.tools:
             raise InvalidRequest(f"Model '{spec.slug}' does not support tools.", param="tools")
         # A prompt too big for the window by its bytes alone is refused
         # before seconds of CPU go into tokenizing it.
         check_prompt_size(request, spec)
+        check_logit_bias_vocabulary(request, spec, engine.vocab_size)
         body = engine_body(request)
         if request.has_images():
             # Every image is fetched or decoded and checked here; the engine only ever

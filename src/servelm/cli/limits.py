@@ -4,19 +4,26 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from servelm.catalog.models_file import load_plans
+from servelm.cli.common import DatabaseUrlOpt, DataDirOpt, ModelsFileOpt
 from servelm.config import Settings
 from servelm.errors import ServelmError
-from servelm.ratelimit import announce
+from servelm.ratelimit import announce, policy
 from servelm.ratelimit.records import KeyOverrides, set_key_limits, set_plan
 from servelm.store.db import Database
 
-Limit = Annotated[int | None, typer.Option(min=0)]
-DataDir = Annotated[Path | None, typer.Option(help="[env: SERVELM_DATA_DIR]")]
+Rpm = Annotated[
+    int | None, typer.Option(min=0, help="Requests per minute (per the plan's window).")
+]
+Tpm = Annotated[
+    int | None,
+    typer.Option(min=0, help="Tokens per minute, prompt and output (per the plan's window)."),
+]
+Concurrency = Annotated[int | None, typer.Option(min=0, help="Requests in flight at once.")]
 
 
 def apply_key_limits(
@@ -25,6 +32,7 @@ def apply_key_limits(
     rpm: int | None,
     tpm: int | None,
     concurrency: int | None,
+    settings: Settings,
     clear: bool = False,
 ) -> KeyOverrides:
     """Set the limits given (``clear``: remove all first), and tell running gateways."""
@@ -36,14 +44,18 @@ def apply_key_limits(
             changes[name] = value
     record = set_key_limits(db, key_id, **changes)
     if changes:
-        settings = Settings.from_env()
         announce(settings.redis_url, settings.redis_prefix, f"key:{key_id}")
     return record
 
 
-def apply_plan(db: Database, account_id: int, plan: str | None) -> None:
+def check_plan(plan: str | None, settings: Settings) -> None:
+    """Refuse a plan the models file (as ``serve`` reads it) does not define."""
+    policy.check_plan(plan, load_plans(settings.models_file))
+
+
+def apply_plan(db: Database, account_id: int, plan: str | None, settings: Settings) -> None:
+    check_plan(plan, settings)
     set_plan(db, account_id, plan)
-    settings = Settings.from_env()
     announce(settings.redis_url, settings.redis_prefix, f"account:{account_id}")
 
 
@@ -54,19 +66,21 @@ def show(record: KeyOverrides) -> str:
 
 def keys_limits(
     key_id: Annotated[str, typer.Argument(help="The key id (the part after slm_).")],
-    rpm: Limit = None,
-    tpm: Limit = None,
-    concurrency: Limit = None,
+    rpm: Rpm = None,
+    tpm: Tpm = None,
+    concurrency: Concurrency = None,
     clear: Annotated[bool, typer.Option(help="Remove the key's own limits.")] = False,
-    data_dir: DataDir = None,
+    data_dir: DataDirOpt = None,
+    database_url: DatabaseUrlOpt = None,
 ) -> None:
     """Show or change a key's own rate limits (requests and tokens per window,
     requests in flight); its account's plan applies as well."""
-    from servelm.cli.billing import _fail, open_db
+    from servelm.cli.billing import _fail, open_db, settings_for
 
     key_id = key_id.removeprefix("slm_").split("_")[0]
+    settings = settings_for(data_dir, database_url)
     try:
-        record = apply_key_limits(open_db(data_dir), key_id, rpm, tpm, concurrency, clear)
+        record = apply_key_limits(open_db(settings), key_id, rpm, tpm, concurrency, settings, clear)
     except ServelmError as exc:
         raise _fail(exc) from exc
     print(show(record))
@@ -76,16 +90,22 @@ def accounts_plan(
     account: Annotated[str, typer.Argument(help="Account id or name.")],
     plan: Annotated[
         str | None,
-        typer.Argument(help="A [plans.<name>] of the models file; omit for the default."),
+        typer.Argument(
+            help=r"A plan (a \[plans.NAME] table of the models file); omit for the default."
+        ),
     ] = None,
-    data_dir: DataDir = None,
+    data_dir: DataDirOpt = None,
+    database_url: DatabaseUrlOpt = None,
+    models_file: ModelsFileOpt = None,
 ) -> None:
-    """Put an account on a rate-limit plan."""
-    from servelm.cli.billing import _account_id, _fail, open_db
+    """Put an account on a rate-limit plan; a plan the models file does not define is
+    refused."""
+    from servelm.cli.billing import _account_id, _fail, open_db, settings_for
 
-    db = open_db(data_dir)
+    settings = settings_for(data_dir, database_url, models_file)
+    db = open_db(settings)
     try:
-        apply_plan(db, _account_id(db, account), plan)
+        apply_plan(db, _account_id(db, account), plan, settings)
     except ServelmError as exc:
         raise _fail(exc) from exc
     print(f"account {account}: plan {plan or 'default'}")

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from servelm.cli import server_state
 from servelm.cli.common import (
+    DataDirOpt,
     ModelsFileOpt,
     console,
     err_console,
@@ -21,7 +22,7 @@ app = typer.Typer(help="List and fetch models.", no_args_is_help=True)
 
 @app.command("fetch-default")
 def fetch_default(
-    data_dir: Annotated[Path | None, typer.Option(help="[env: SERVELM_DATA_DIR]")] = None,
+    data_dir: DataDirOpt = None,
 ) -> None:
     """Fetch SmolLM2-135M-Instruct (the default model) if it is missing, and verify it."""
     from servelm.catalog.weights import default_model
@@ -37,13 +38,14 @@ def fetch_default(
 
 @app.command("list")
 def models_list(
-    data_dir: Annotated[Path | None, typer.Option(help="[env: SERVELM_DATA_DIR]")] = None,
+    data_dir: DataDirOpt = None,
     models_file: ModelsFileOpt = None,
     url: Annotated[
         str | None,
         typer.Option(
             help="A running server to ask which models are loaded "
-            "[default: the server's own settings, SERVELM_HOST and SERVELM_PORT]."
+            "(default: the server `servelm serve` last started with this data directory, "
+            "else SERVELM_HOST and SERVELM_PORT)."
         ),
     ] = None,
 ) -> None:
@@ -55,7 +57,7 @@ def models_list(
 
     settings = Settings.from_env(data_dir=data_dir, models_file=models_file_option(models_file))
     catalog = load_catalog_or_exit(settings)
-    url = (url or server_url(settings)).rstrip("/")
+    url = (url or server_state.running_url(settings) or server_url(settings)).rstrip("/")
     reasons: dict[str, str] = {}
     try:
         live = httpx.get(f"{url}/health", timeout=1.0).json().get("models", {})
@@ -111,7 +113,13 @@ def models_list(
     if hints:
         console.print("To install missing weights: " + "; ".join(hints))
     if live is None:
-        console.print(f"no server answered at {url}; load state not shown", highlight=False)
+        console.print(
+            f"no server answered at {url}; load state not shown. Start one with "
+            "`servelm serve`, or point this command at yours with --url (or the "
+            "SERVELM_PORT and SERVELM_DATA_DIR it was started with).",
+            highlight=False,
+            soft_wrap=True,
+        )
     else:
         console.print(f"load state from the server at {url}", highlight=False)
 
@@ -119,18 +127,13 @@ def models_list(
 def server_url(settings: Settings) -> str:
     """Where the server that reads these settings listens (a wildcard address is
     reached on loopback)."""
-    host = settings.host
-    if host in ("0.0.0.0", "::", ""):
-        host = "127.0.0.1"
-    if ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{settings.port}"
+    return server_state.loopback_url(settings.host, settings.port)
 
 
 @app.command("pull")
 def models_pull(
     slug: Annotated[str, typer.Argument(help="The model's slug or alias.")],
-    data_dir: Annotated[Path | None, typer.Option(help="[env: SERVELM_DATA_DIR]")] = None,
+    data_dir: DataDirOpt = None,
     models_file: ModelsFileOpt = None,
 ) -> None:
     """Download a model's GGUF weights from the Hugging Face Hub into the models dir."""

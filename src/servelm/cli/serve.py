@@ -10,6 +10,7 @@ from typing import Any
 import typer
 
 from servelm.catalog.models_file import ConfigError
+from servelm.cli import server_state
 from servelm.cli.common import console, err_console, models_file_option
 from servelm.config import Settings, default_text
 
@@ -58,7 +59,6 @@ def settings_flags() -> list[inspect.Parameter]:
 
 def serve(**flags: Any) -> None:
     """Serve the chat API (Segmind: POST /v1/{model}; OpenAI: POST /v1/chat/completions)."""
-    import uvicorn
 
     from servelm.api.app import create_app
     from servelm.catalog.weights import default_model
@@ -88,6 +88,17 @@ def serve(**flags: Any) -> None:
     except default_model.FetchError as exc:
         err_console.print(f"[yellow]default model not available:[/] {exc}")
     _first_start(settings)
+    # `servelm models list` finds this server by it, whatever port it was given.
+    state = server_state.write(settings)
+    try:
+        _run(asgi, settings)
+    finally:
+        server_state.remove(state)
+
+
+def _run(asgi: Any, settings: Settings) -> None:
+    import uvicorn
+
     if settings.workers > 1:
         # Several processes on one socket, local models in one of their own
         # (servelm.processes.multiproc).

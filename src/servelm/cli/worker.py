@@ -25,18 +25,18 @@ def worker(
     host: Annotated[
         str | None,
         typer.Option(
-            help="Interface to listen on [default: 127.0.0.1]; anything else "
+            help="Interface to listen on (default: 127.0.0.1); anything else "
             "must be given here, with an API key."
         ),
     ] = None,
     api_key: Annotated[
         str | None,
         typer.Option(
-            envvar="SERVELM_WORKER_KEY", help="Key gateways must send [env: SERVELM_WORKER_KEY]."
+            envvar="SERVELM_WORKER_KEY", help="Key gateways must send (env: SERVELM_WORKER_KEY)."
         ),
     ] = None,
     data_dir: Annotated[
-        Path | None, typer.Option(help="Models directory's parent [env: SERVELM_DATA_DIR].")
+        Path | None, typer.Option(help="Models directory's parent (env: SERVELM_DATA_DIR).")
     ] = None,
     slots: Annotated[int | None, typer.Option(help="Parallel generation slots.")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads for the engine.")] = None,

@@ -25,8 +25,8 @@ from servelm.errors import AuthenticationError, InvalidRequest, ServelmError
 router = APIRouter(prefix="/operator", include_in_schema=False)
 
 
-def require_operator(request: Request) -> None:
-    if web.operator_payload(request) is None:
+async def require_operator(request: Request) -> None:
+    if await web.live(request, web.operator_payload(request)) is None:
         raise AuthenticationError("Sign in to the operator console first.")
 
 
@@ -41,7 +41,7 @@ def _enabled(request: Request) -> bool:
 
 @router.get("")
 async def console(request: Request) -> Response:
-    if web.operator_payload(request) is None:
+    if await web.live(request, web.operator_payload(request)) is None:
         return web.render(request, "operator_signin.html", enabled=_enabled(request))
     billing = _billing(request)
     db = billing.db
@@ -95,7 +95,8 @@ async def sign_in(request: Request, fields: dict[str, str] = Depends(web.form)) 
     nonce = session.new_nonce()
     ttl = request.app.state.settings.session_ttl_seconds
     response = web.redirect("/operator")
-    value = session.operator_session(web.secret(request), token, nonce, ttl)
+    sid = await web.start_session(request, "admin", None, ttl)
+    value = session.operator_session(web.secret(request), sid, token, nonce, ttl)
     web.set_cookie(request, response, session.OPERATOR_COOKIE, value, ttl)
     web.set_cookie(request, response, session.CSRF_COOKIE, nonce, ttl)
     return response
@@ -103,6 +104,7 @@ async def sign_in(request: Request, fields: dict[str, str] = Depends(web.form)) 
 
 @router.post("/signout")
 async def sign_out(request: Request, fields: dict[str, str] = Depends(web.form)) -> Response:
+    await web.end_session(request, web.operator_payload(request))
     response = web.redirect("/operator")
     response.delete_cookie(session.OPERATOR_COOKIE, path="/")
     return response
@@ -188,6 +190,18 @@ async def revoke(
     billing = _billing(request)
     await billing.run(accounts.revoke_key, billing.db, key_id)
     return _done(f"Revoked key {key_id}.")
+
+
+@router.post("/sessions/end-all", dependencies=_guarded)
+async def sign_out_everywhere(
+    request: Request, fields: dict[str, str] = Depends(web.form)
+) -> Response:
+    """Every console session ends, users' and operators' (this one too)."""
+    billing = _billing(request)
+    await billing.run(session.end_all_sessions, billing.db)
+    response = web.redirect("/operator")
+    response.delete_cookie(session.OPERATOR_COOKIE, path="/")
+    return response
 
 
 @router.post("/new-key/seen", dependencies=_guarded)

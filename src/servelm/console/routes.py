@@ -8,6 +8,7 @@ CLI (``servelm.billing``); this module only reads them and renders.
 from __future__ import annotations
 
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -36,6 +37,29 @@ async def static(name: str) -> Response:
         path,
         media_type=_STATIC_TYPES.get(path.suffix, "application/octet-stream"),
         headers={"cache-control": "public, max-age=300", "x-content-type-options": "nosniff"},
+    )
+
+
+# Swagger UI's files, from the installed fastapi-offline package (its static folder
+# only): /docs works with no network but the gateway's.
+_SWAGGER = {"swagger-ui.css": "text/css", "swagger-ui-bundle.js": "text/javascript"}
+
+
+@router.get("/docs")
+async def api_reference(request: Request) -> Response:
+    return web.render(request, "docs.html")
+
+
+@router.get("/docs/assets/{name}")
+async def swagger_asset(name: str) -> Response:
+    import fastapi_offline
+
+    if name not in _SWAGGER:
+        raise NotFound(f"No API reference asset {name!r}.")
+    return FileResponse(
+        Path(fastapi_offline.__file__).parent / "static" / name,
+        media_type=_SWAGGER[name],
+        headers={"cache-control": "public, max-age=86400", "x-content-type-options": "nosniff"},
     )
 
 
@@ -87,7 +111,7 @@ async def model_page(request: Request, slug: str) -> Response:
 
 async def current_principal(request: Request) -> Principal | None:
     """The session's key, checked like the key itself (revoked or expired: None)."""
-    payload = web.session_payload(request)
+    payload = await web.live(request, web.session_payload(request))
     if payload is None:
         return None
     authenticator: Authenticator = request.app.state.chat.authenticator
@@ -115,7 +139,8 @@ async def sign_in(request: Request, fields: dict[str, str] = Depends(web.form)) 
     nonce = session.new_nonce()
     ttl = request.app.state.settings.session_ttl_seconds
     response = web.redirect(_safe_next(fields.get("next", "")) or "/account")
-    value = session.user_session(web.secret(request), principal.key_id, nonce, ttl)
+    sid = await web.start_session(request, "key", principal.key_id, ttl)
+    value = session.user_session(web.secret(request), sid, principal.key_id, nonce, ttl)
     web.set_cookie(request, response, session.SESSION_COOKIE, value, ttl)
     web.set_cookie(request, response, session.CSRF_COOKIE, nonce, ttl)
     return response
@@ -127,6 +152,8 @@ def _safe_next(target: str) -> str:
 
 @router.post("/account/signout")
 async def sign_out(request: Request, fields: dict[str, str] = Depends(web.form)) -> Response:
+    # Ended on the server: a copy of the cookie (another tab, a stolen one) dies too.
+    await web.end_session(request, web.session_payload(request))
     response = web.redirect("/account")
     response.delete_cookie(session.SESSION_COOKIE, path="/")
     return response

@@ -6,6 +6,11 @@ carries its own expiry. Two sessions exist, in two cookies: a user's (``sub`` =
 operator's (``sub`` = ``"admin"``, with a fingerprint of the admin token, so changing
 the token signs every operator out).
 
+A cookie names a session kept on the server (``sid``; the ``console_sessions`` table
+holds its SHA-256): signing out ends the session, not just this browser's copy of
+the cookie, and the operator can end every session at once. A signature alone never
+opens a page.
+
 CSRF: every browser gets a random nonce in an HttpOnly cookie; the token that forms
 and the playground's ``x-csrf-token`` header carry is ``HMAC(secret, nonce)``. A
 session remembers the nonce it was signed in with, so a request with a session
@@ -23,10 +28,16 @@ import os
 import secrets
 import time
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import insert, select, update
+
+from servelm.billing.clock import as_utc, utcnow
 from servelm.config import Settings
+from servelm.store.db import Database
+from servelm.store.tables import console_sessions
 
 SESSION_COOKIE = "servelm_session"
 OPERATOR_COOKIE = "servelm_operator"
@@ -128,16 +139,17 @@ def csrf_ok(secret: bytes, nonce: str | None, token: str | None) -> bool:
     return hmac.compare_digest(token.encode(), csrf_token(secret, nonce).encode())
 
 
-def user_session(secret: bytes, key_id: str, nonce: str, ttl: int) -> str:
-    return sign(secret, {"sub": "key", "kid": key_id, "n": nonce, "exp": int(time.time()) + ttl})
+def user_session(secret: bytes, sid: str, key_id: str, nonce: str, ttl: int) -> str:
+    payload = {"sub": "key", "sid": sid, "kid": key_id, "n": nonce}
+    return sign(secret, {**payload, "exp": int(time.time()) + ttl})
 
 
 def admin_fingerprint(admin_token: str) -> str:
     return hashlib.sha256(b"servelm-admin\0" + admin_token.encode()).hexdigest()[:32]
 
 
-def operator_session(secret: bytes, admin_token: str, nonce: str, ttl: int) -> str:
-    payload = {"sub": "admin", "tf": admin_fingerprint(admin_token), "n": nonce}
+def operator_session(secret: bytes, sid: str, admin_token: str, nonce: str, ttl: int) -> str:
+    payload = {"sub": "admin", "sid": sid, "tf": admin_fingerprint(admin_token), "n": nonce}
     return sign(secret, {**payload, "exp": int(time.time()) + ttl})
 
 
@@ -151,12 +163,75 @@ def parse_cookies(header: str) -> dict[str, str]:
     return out
 
 
-def session_key_id(headers: Mapping[str, str], secret: bytes) -> str | None:
-    """The API key id of a valid, unexpired user session whose CSRF header matches;
-    None otherwise. ``headers`` has lower-case names."""
+def session_key_id(headers: Mapping[str, str], secret: bytes) -> tuple[str, str] | None:
+    """The API key id and session id of a validly signed, unexpired user session
+    whose CSRF header matches; None otherwise. Whether the session is still live is
+    the store's to say (``session_live``). ``headers`` has lower-case names."""
     payload = unsign(secret, parse_cookies(headers.get("cookie", "")).get(SESSION_COOKIE))
     if payload is None or payload.get("sub") != "key" or not isinstance(payload.get("kid"), str):
         return None
+    if not isinstance(payload.get("sid"), str):
+        return None
     if not csrf_ok(secret, payload.get("n"), headers.get(CSRF_HEADER)):
         return None
-    return str(payload["kid"])
+    return str(payload["kid"]), str(payload["sid"])
+
+
+# -- sessions on the server --------------------------------------------------------------
+
+
+def _digest(sid: str) -> str:
+    return hashlib.sha256(sid.encode()).hexdigest()
+
+
+def start_session(db: Database, kind: str, key_id: str | None, ttl: int) -> str:
+    """A new session; returns its id, for the cookie (only its digest is stored)."""
+    sid = secrets.token_urlsafe(24)
+    now = utcnow()
+    with db.write() as conn:
+        conn.execute(
+            insert(console_sessions).values(
+                digest=_digest(sid),
+                kind=kind,
+                key_id=key_id,
+                created_at=now,
+                expires_at=datetime.fromtimestamp(now.timestamp() + ttl, UTC),
+            )
+        )
+    return sid
+
+
+def session_live(db: Database, sid: str) -> bool:
+    with db.read() as conn:
+        row = conn.execute(
+            select(console_sessions.c.expires_at).where(
+                console_sessions.c.digest == _digest(sid), console_sessions.c.ended_at.is_(None)
+            )
+        ).first()
+    expires = as_utc(row[0]) if row is not None else None
+    return expires is not None and expires > utcnow()
+
+
+def end_session(db: Database, sid: str) -> None:
+    with db.write() as conn:
+        conn.execute(
+            update(console_sessions)
+            .where(console_sessions.c.digest == _digest(sid), console_sessions.c.ended_at.is_(None))
+            .values(ended_at=utcnow())
+        )
+
+
+def end_all_sessions(db: Database) -> int:
+    """The operator's "sign out everywhere": every live session ends (theirs too);
+    returns how many."""
+    now = utcnow()
+    with db.write() as conn:
+        # Expired ones go too: nothing ever reads them again.
+        conn.execute(console_sessions.delete().where(console_sessions.c.expires_at <= now))
+        return int(
+            conn.execute(
+                update(console_sessions)
+                .where(console_sessions.c.ended_at.is_(None))
+                .values(ended_at=now)
+            ).rowcount
+        )

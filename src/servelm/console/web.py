@@ -13,7 +13,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from servelm.billing.money import format_credits
 from servelm.console import session
-from servelm.errors import InvalidRequest, PayloadTooLarge, PermissionDenied
+from servelm.errors import CsrfFailed, InvalidRequest, PayloadTooLarge
 
 HERE = Path(__file__).parent
 STATIC = HERE / "static"
@@ -105,8 +105,47 @@ async def form(request: Request) -> dict[str, str]:
     fields = {k: v[0] for k, v in parse_qs(raw.decode("utf-8", "replace")).items()}
     nonce = request.cookies.get(session.CSRF_COOKIE)
     if not session.csrf_ok(secret(request), nonce, fields.get(session.CSRF_FIELD)):
-        raise PermissionDenied("Missing or invalid CSRF token; reload the page and retry.")
+        raise CsrfFailed("Missing or invalid CSRF token; reload the page and retry.")
     return fields
+
+
+async def live(request: Request, payload: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The payload if its session is still live on the server (not signed out, not
+    ended by the operator); a valid signature alone opens nothing."""
+    if payload is None or not isinstance(payload.get("sid"), str):
+        return None
+    billing = request.app.state.billing
+    if not await billing.run(session.session_live, billing.db, payload["sid"]):
+        return None
+    return payload
+
+
+async def start_session(request: Request, kind: str, key_id: str | None, ttl: int) -> str:
+    billing = request.app.state.billing
+    sid: str = await billing.run(session.start_session, billing.db, kind, key_id, ttl)
+    return sid
+
+
+async def end_session(request: Request, payload: dict[str, Any] | None) -> None:
+    if payload is not None and isinstance(payload.get("sid"), str):
+        billing = request.app.state.billing
+        await billing.run(session.end_session, billing.db, payload["sid"])
+
+
+def wants_html(request: Request) -> bool:
+    """A browser navigating (a form post, a link), not a script asking for JSON."""
+    return "text/html" in request.headers.get("accept", "")
+
+
+def csrf_page(request: Request) -> Response:
+    """What a browser gets for a form whose page went stale: what happened and a way
+    back to the page it came from (same origin only), not raw JSON."""
+    back = "/"
+    referer = request.headers.get("referer", "")
+    origin = base_url(request)
+    if referer.startswith(origin + "/"):
+        back = referer[len(origin) :]
+    return render(request, "csrf.html", status_code=403, back=back)
 
 
 def session_payload(request: Request) -> dict[str, Any] | None:

@@ -83,6 +83,8 @@ class Engine(abc.ABC):
 
     # Set by engines that queue requests themselves (all of ours do).
     _admission: Admission | None = None
+    # Token ids run 0..vocab_size-1; None where the engine cannot say (a remote one).
+    vocab_size: int | None = None
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
@@ -167,6 +169,14 @@ def map_engine_error(err: Any) -> ServelmError:
     if not isinstance(err, dict):
         err = {"message": str(err)}
     message = str(err.get("message", "engine error"))
+    if "grammar" in message:
+        # The walk refuses the schemas it knows llama.cpp cannot compile
+        # (input_limits); this is what slips past it, said in the caller's terms.
+        return InvalidRequest(
+            "The model's engine could not turn the request's JSON schema (response_format "
+            "or a tool's parameters) into a grammar; simplify the schema "
+            f"(engine: {message[:300]})."
+        )
     if any(marker in message for marker in _INPUT_REFUSALS):
         return InvalidRequest(f"The model's engine refused the request: {message[:500]}")
     code = err.get("code")

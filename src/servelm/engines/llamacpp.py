@@ -179,6 +179,7 @@ class LlamaCppEngine(Engine):
         # Generations are not kept alive: a connect on loopback is nothing next to a
         # generation, and an idle connection would pin one of the server's threads.
         self._gen = http1.Pool(address, read_timeout=GENERATION_READ_TIMEOUT, max_idle=0)
+        self.vocab_size = await self._vocab_size()
         log.info(
             "loaded %s from %s (%d slots, context %d)",
             self.spec.slug,
@@ -219,6 +220,19 @@ class LlamaCppEngine(Engine):
         if status != 200 or not isinstance(data, dict):
             raise EngineError(f"tokenizer failed: HTTP {status}")
         return [int(t) for t in data["tokens"]]
+
+    async def _vocab_size(self) -> int | None:
+        """From the embedded server's model list: the walk refuses a ``logit_bias``
+        outside the vocabulary (llama.cpp would silently drop it)."""
+        assert self._http is not None
+        try:
+            resp = await self._http.request("GET", "/v1/models")
+            async with resp:
+                listed = json.loads(await resp.read())
+            return int(listed["data"][0]["meta"]["n_vocab"])
+        except (http1.HTTPError, ValueError, KeyError, IndexError, TypeError):
+            log.warning("%s: the engine did not say its vocabulary size", self.spec.slug)
+            return None
 
     async def _call(self, path: str, payload: dict[str, Any]) -> tuple[int, Any]:
         """One call to the embedded server's own HTTP routes."""

@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import select
 
 from servelm.catalog.specs import Plan
+from servelm.errors import InvalidRequest
 from servelm.store.db import Database
 from servelm.store.tables import accounts, api_keys
 
@@ -85,6 +86,18 @@ def build_policy(key_pk: int, limits: KeyLimits | None, plans: dict[str, Plan]) 
             Scope(f"a:{limits.account_id}", plan.rpm, plan.tpm, plan.concurrency, window_ms)
         )
     return Policy(tuple(scopes))
+
+
+def check_plan(plan: str | None, plans: dict[str, Plan]) -> None:
+    """Refuse a plan the models file does not define: an account put on a misspelt
+    plan would otherwise run with no limits at all. ``None`` (and the name
+    ``default``) put the account back on the default plan."""
+    if plan is None or plan == DEFAULT_PLAN or plan in plans:
+        return
+    known = ", ".join(sorted(plans)) or "none (the models file has no [plans.<name>] tables)"
+    raise InvalidRequest(
+        f"No plan '{plan}' in the models file; known plans: {known}.", param="plan"
+    )
 
 
 def plan_names(plans: dict[str, Plan]) -> list[str]:

@@ -123,3 +123,18 @@ idempotency = Table(
     Column("cost", BigInteger, nullable=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
 )
+
+# The web console's sessions (servelm.console.session): a cookie names one by a random
+# id, stored here only as its SHA-256; a session ends at sign-out, when the operator
+# signs everyone out, or at its expiry.
+console_sessions = Table(
+    "console_sessions",
+    metadata,
+    Column("digest", String(64), primary_key=True),
+    # "key" (a user signed in with an API key) or "admin" (the operator).
+    Column("kind", String(8), nullable=False),
+    Column("key_id", String(32), nullable=True, index=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("ended_at", DateTime(timezone=True), nullable=True),
+)

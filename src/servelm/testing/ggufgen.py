@@ -433,15 +433,22 @@ def ensure_models(out_dir: Path, vocab_source: Path) -> dict[str, Path]:
 
 
 def main(argv: list[str]) -> int:
+    import argparse
+
     from servelm.catalog.weights import default_model
     from servelm.config import default_data_dir
 
-    if len(argv) != 1:
-        print("usage: python -m servelm.testing.ggufgen OUT_DIR", file=sys.stderr)
-        return 2
+    # argparse, so that --help (or any other flag) is never taken for OUT_DIR.
+    parser = argparse.ArgumentParser(
+        prog="python -m servelm.testing.ggufgen",
+        description="Write the tiny random-weight GGUF models the tests use (one per seed "
+        "architecture, about 25 MB in all, plus a vision projector) into OUT_DIR.",
+    )
+    parser.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="where to write them")
+    out_dir: Path = parser.parse_args(argv).out_dir
     source = default_model.ensure_default_model(default_data_dir() / "models")
-    made = ensure_models(Path(argv[0]), source)
-    made["mmproj (vision)"] = ensure_mmproj(Path(argv[0]))
+    made = ensure_models(out_dir, source)
+    made["mmproj (vision)"] = ensure_mmproj(out_dir)
     for slug, path in made.items():
         print(f"{slug}: {path} ({path.stat().st_size / 1e6:.2f} MB)")
     return 0
