@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from servelm.billing import accounts
+from servelm.catalog.models_file import load_plans
 from servelm.catalog.specs import Catalog, ModelSpec
 from servelm.store.db import Database
 from servelm.store.tables import holds, usage
@@ -61,7 +62,8 @@ def fast(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
         key_cache_seconds=0.0,
         admin_token=ADMIN_TOKEN,
     )
-    srv = start_server(settings, Catalog([SPEC]), credits=10, engine_factory=scripted_factory)
+    catalog = Catalog([SPEC], load_plans(models_file))
+    srv = start_server(settings, catalog, credits=10, engine_factory=scripted_factory)
     yield srv
     srv.stop()
 

@@ -8,11 +8,9 @@ server.
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 
 from servelm.auth.keys import key_grants
 from servelm.billing import accounts as acct
@@ -25,14 +23,15 @@ from servelm.cli.common import (
     ModelsFileOpt,
     console,
     err_console,
+    fail,
+    find_account_id,
     load_catalog_or_exit,
-    models_file_option,
+    open_db,
     print_rows,
+    settings_for,
 )
-from servelm.config import Settings
 from servelm.errors import ServelmError
 from servelm.ratelimit import announce
-from servelm.store.db import Database
 
 accounts_app = typer.Typer(help="Create and list accounts.", no_args_is_help=True)
 keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
@@ -40,31 +39,6 @@ credits_app = typer.Typer(help="Grant credits and read balances.", no_args_is_he
 ledger_app = typer.Typer(help="Audit the ledger.", no_args_is_help=True)
 
 AccountRef = Annotated[str, typer.Argument(help="Account id or name.")]
-
-
-def settings_for(
-    data_dir: Path | None, database_url: str | None, models_file: Path | None = None
-) -> Settings:
-    """The settings ``serve`` would read, with the command's flags winning."""
-    return Settings.from_env(
-        data_dir=data_dir, database_url=database_url, models_file=models_file_option(models_file)
-    )
-
-
-def open_db(settings: Settings) -> Database:
-    db = Database(settings.db_url)
-    db.upgrade()
-    return db
-
-
-def _account_id(db: Database, ref: str) -> int:
-    return acct.get_account(db, int(ref) if ref.isdigit() else ref).id
-
-
-def _fail(exc: ServelmError) -> typer.Exit:
-    # Escaped: a message may quote "[plans.<name>]", which rich would take for a tag.
-    err_console.print(f"[red]error:[/] {escape(exc.message)}", highlight=False)
-    return typer.Exit(1)
 
 
 @accounts_app.command("create")
@@ -88,7 +62,7 @@ def accounts_create(
         if plan is not None:
             cli_limits.apply_plan(db, a.id, plan, settings)
     except ServelmError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     console.print(f"account {a.id} '{a.name}' created" + (f", plan {plan}" if plan else ""))
 
 
@@ -133,11 +107,13 @@ def keys_create(
     db = open_db(settings)
     try:
         models, expires_at = key_grants(model or None, expires, catalog, datetime.now(UTC))
-        record, plaintext = acct.create_key(db, _account_id(db, account), name, models, expires_at)
+        record, plaintext = acct.create_key(
+            db, find_account_id(db, account), name, models, expires_at
+        )
         if (rpm, tpm, concurrency) != (None, None, None):
             cli_limits.apply_key_limits(db, record.key_id, rpm, tpm, concurrency, settings)
     except ServelmError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     console.print(f"key {record.key_id} for account {record.account_id}:")
     print(plaintext)
     console.print("[dim]Store it now: only its digest is kept.[/]")
@@ -153,9 +129,9 @@ def keys_list(
     Piped or redirected, one tab-separated line per key with nothing cut."""
     db = open_db(settings_for(data_dir, database_url))
     try:
-        account_id = _account_id(db, account) if account else None
+        account_id = find_account_id(db, account) if account else None
     except ServelmError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     rows = [
         [
             k.redacted,
@@ -182,7 +158,7 @@ def keys_revoke(
     try:
         acct.revoke_key(open_db(settings), key_id)
     except ServelmError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     # Gateways sharing Redis drop the key from their caches at once.
     announce(settings.redis_url, settings.redis_prefix, f"key:{key_id}")
     console.print(f"key {key_id} revoked")
@@ -199,9 +175,9 @@ def credits_grant(
     """Add prepaid credits to an account."""
     db = open_db(settings_for(data_dir, database_url))
     try:
-        balance = acct.grant(db, _account_id(db, account), parse_credits(credits), note)
+        balance = acct.grant(db, find_account_id(db, account), parse_credits(credits), note)
     except ServelmError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     console.print(f"balance now {format_credits(balance)} credits")
 
 
@@ -213,9 +189,9 @@ def credits_balance(
     counted), as a bare number for scripts."""
     db = open_db(settings_for(data_dir, database_url))
     try:
-        a = acct.get_account(db, _account_id(db, account))
+        a = acct.get_account(db, find_account_id(db, account))
     except ServelmError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     print(format_credits(a.balance))
 
 
@@ -227,9 +203,9 @@ def usage(
     """Requests, tokens and cost per key, model and day."""
     db = open_db(settings_for(data_dir, database_url))
     try:
-        account_id = _account_id(db, account) if account else None
+        account_id = find_account_id(db, account) if account else None
     except ServelmError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     rows = [
         [
             str(r["day"]),

@@ -1,4 +1,5 @@
-"""What the command modules share: the consoles, the models-file option, the catalog."""
+"""What the command modules share: the consoles, the common options, the settings and
+database a command works on, the catalog, and how a refusal is printed."""
 
 from __future__ import annotations
 
@@ -8,10 +9,14 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
+from servelm.billing import accounts as acct
 from servelm.catalog.models_file import ConfigError, load_catalog
 from servelm.catalog.specs import Catalog
 from servelm.config import Settings
+from servelm.errors import ServelmError
+from servelm.store.db import Database
 
 console = Console()
 err_console = Console(stderr=True)
@@ -69,3 +74,31 @@ def load_catalog_or_exit(settings: Settings) -> Catalog:
     except ConfigError as exc:
         err_console.print(f"[red]error:[/] {exc}", highlight=False)
         raise typer.Exit(2) from exc
+
+
+def settings_for(
+    data_dir: Path | None, database_url: str | None, models_file: Path | None = None
+) -> Settings:
+    """The settings ``serve`` would read, with the command's flags winning."""
+    return Settings.from_env(
+        data_dir=data_dir, database_url=database_url, models_file=models_file_option(models_file)
+    )
+
+
+def open_db(settings: Settings) -> Database:
+    """The database ``serve`` uses, migrated to the current schema."""
+    db = Database(settings.db_url)
+    db.upgrade()
+    return db
+
+
+def find_account_id(db: Database, ref: str) -> int:
+    """An account given by id or name."""
+    return acct.get_account(db, int(ref) if ref.isdigit() else ref).id
+
+
+def fail(exc: ServelmError) -> typer.Exit:
+    """Print a refusal in the operator's terms; the caller raises what it returns."""
+    # Escaped: a message may quote "[plans.<name>]", which rich would take for a tag.
+    err_console.print(f"[red]error:[/] {escape(exc.message)}", highlight=False)
+    return typer.Exit(1)

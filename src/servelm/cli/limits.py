@@ -9,7 +9,15 @@ from typing import Annotated
 import typer
 
 from servelm.catalog.models_file import load_plans
-from servelm.cli.common import DatabaseUrlOpt, DataDirOpt, ModelsFileOpt
+from servelm.cli.common import (
+    DatabaseUrlOpt,
+    DataDirOpt,
+    ModelsFileOpt,
+    fail,
+    find_account_id,
+    open_db,
+    settings_for,
+)
 from servelm.config import Settings
 from servelm.errors import ServelmError
 from servelm.ratelimit import announce, policy
@@ -75,14 +83,12 @@ def keys_limits(
 ) -> None:
     """Show or change a key's own rate limits (requests and tokens per window,
     requests in flight); its account's plan applies as well."""
-    from servelm.cli.billing import _fail, open_db, settings_for
-
     key_id = key_id.removeprefix("slm_").split("_")[0]
     settings = settings_for(data_dir, database_url)
     try:
         record = apply_key_limits(open_db(settings), key_id, rpm, tpm, concurrency, settings, clear)
     except ServelmError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     print(show(record))
 
 
@@ -100,14 +106,12 @@ def accounts_plan(
 ) -> None:
     """Put an account on a rate-limit plan; a plan the models file does not define is
     refused."""
-    from servelm.cli.billing import _account_id, _fail, open_db, settings_for
-
     settings = settings_for(data_dir, database_url, models_file)
     db = open_db(settings)
     try:
-        apply_plan(db, _account_id(db, account), plan, settings)
+        apply_plan(db, find_account_id(db, account), plan, settings)
     except ServelmError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     print(f"account {account}: plan {plan or 'default'}")
 
 
