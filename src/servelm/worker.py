@@ -33,7 +33,7 @@ from servelm.errors import (
     NotFound,
     ServelmError,
 )
-from servelm.protocol import model_card, sse
+from servelm.protocol import model_card, sse, usage_body
 from servelm.serving import ChatService
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,12 @@ class Worker:
         watcher = asyncio.create_task(watch())
         try:
             if request.stream:
-                await self._stream(send, await service.stream_reply(call))
+                reply = await service.stream_reply(call)
+                if request.include_usage and call.prompt_exact:
+                    # The prompt's count with the first chunk: a gateway whose stream
+                    # is cut before the last chunk bills it (calls.settle_usage).
+                    reply.first = {**reply.first, "usage": usage_body(call.prompt_tokens, 0)}
+                await self._stream(send, reply)
             else:
                 await _send_json(send, 200, (await service.json_reply(call)).body)
         except asyncio.CancelledError:
