@@ -331,6 +331,8 @@ class ChatService:
         for what, direction in settle_usage(call):
             if self.metrics is not None:
                 self.metrics.observe_usage_corrected(call.spec.slug, what, direction)
+            if what == "completion":
+                call.engine.usage_contradicted()
 
     async def settle(self, call: Call) -> None:
         """Once per generation, however it ended: finished, failed or abandoned. The

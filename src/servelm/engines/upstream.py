@@ -251,6 +251,15 @@ class OpenAIUpstreamEngine(Engine):
         tail: dict[str, Any] = {"index": 0, "delta": {}, "finish_reason": reason}
         yield {"choices": [tail], "usage": usage} if usage else {"choices": [tail]}
 
+    def usage_contradicted(self) -> None:
+        if self._plain_calls is not False:
+            self._plain_calls = False
+            log.warning(
+                "the engine for %s sent usage that contradicts its answer; "
+                "streaming from it from now on",
+                self.spec.slug,
+            )
+
     async def _status_error(self, resp: http1.Response) -> ServelmError:
         raw = await resp.read()
         try:
