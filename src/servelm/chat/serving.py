@@ -51,6 +51,8 @@ from servelm.chat.calls import (
     money_headers,
     no_images_hint,
     no_images_message,
+    settle_usage,
+    tally,
 )
 from servelm.chat.conversation import engine_body, fit_conversation
 from servelm.chat.input_limits import check_logit_bias_vocabulary, check_prompt_size, check_request
@@ -327,48 +329,33 @@ class ChatService:
             # Headers leave before generation: they can only say the balance after
             # the hold. The final chunk's usage has the exact cost.
             headers["x-remaining-credits"] = format_credits(call.held_balance)
+        elif self._billing is None and call.request.include_usage and call.prompt_exact:
+            # An engine host (servelm worker, serve --workers' engine process) tells its
+            # gateway the prompt's count with the first chunk: a stream cut before the
+            # last chunk is billed that count (calls.settle_usage), not a bound.
+            first = {**first, "usage": usage_body(call.prompt_tokens, 0)}
         return StreamReply(headers, first, chunks)
 
     async def generate(self, call: Call) -> AsyncGenerator[dict[str, Any]]:
         """The engine's raw chunks, counted as they pass; settles however it ends."""
         stream = call.engine.stream(call.body, client_streams=call.request.stream)
         call.status = "cancelled"  # until the engine says it finished
-        sent: list[str] = []  # the content text the client receives
-        content_chunks = 0
-        tool_calls = False
+        relayed = call.relayed
         try:
             async for raw in stream:
-                usage = raw.get("usage")
-                if usage:
-                    call.usage = usage
-                    call.completion_tokens = int(usage.get("completion_tokens", 0))
-                    # The engine's own count is the truth for the prompt, too.
-                    call.prompt_tokens = int(usage.get("prompt_tokens", call.prompt_tokens))
-                for choice in raw.get("choices") or ():
-                    if choice.get("finish_reason"):
-                        call.finish_reason = choice["finish_reason"]
-                    delta = choice.get("delta") or {}
-                    content = delta.get("content")
-                    if content:
-                        sent.append(content)
-                        content_chunks += 1
-                    elif delta.get("tool_calls"):
-                        tool_calls = True
-                    else:
-                        continue
+                if tally(call, raw):
                     self._token_seen(call)
-                    if call.usage is None:
-                        call.completion_tokens += 1
                 yield raw
+            self._usage_checked(call)
             # The token that ended the answer (end of turn, a stop string) has no
             # text but was generated: it is billed, as llama.cpp and vLLM count it.
             ending = 1 if call.finish_reason == "stop" else 0
             if (
                 call.usage is not None
-                and not tool_calls
-                and content_chunks + ending < call.completion_tokens
+                and not relayed.tool_calls
+                and relayed.content_chunks + ending < call.completion_tokens
             ):
-                await bill_what_was_sent(call, "".join(sent), ending)
+                await bill_what_was_sent(call, "".join(relayed.text), ending)
             call.status = "ok"
         except ServelmError:
             call.status = "error"
@@ -383,9 +370,19 @@ class ChatService:
                 await stream.aclose()  # type: ignore[attr-defined]
             finally:
                 try:
+                    self._usage_checked(call)
                     await count_prompt_late(call)
                 finally:
                     await self.settle(call)
+
+    def _usage_checked(self, call: Call) -> None:
+        """The engine's counts checked against what was relayed (once); each one
+        corrected is counted for the operator."""
+        for what, direction in settle_usage(call):
+            if self.metrics is not None:
+                self.metrics.observe_usage_corrected(call.spec.slug, what, direction)
+            if what == "completion":
+                call.engine.usage_contradicted()
 
     async def settle(self, call: Call) -> None:
         """Once per generation, however it ended: finished, failed or abandoned. The
