@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from servelm.auth.keys import key_grants
+from servelm.auth.revocation import announce
 from servelm.billing import accounts as acct
 from servelm.billing import audit
 from servelm.billing.money import format_credits, parse_credits
@@ -31,7 +32,6 @@ from servelm.cli.common import (
     settings_for,
 )
 from servelm.errors import ServelmError
-from servelm.ratelimit import announce
 
 accounts_app = typer.Typer(help="Create and list accounts.", no_args_is_help=True)
 keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)

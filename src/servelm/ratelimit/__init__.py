@@ -1,7 +1,7 @@
 """Rate limits: requests, tokens and requests in flight per key and per account,
 counted in this process or, with Redis, across every gateway (``limiter.py``); a
-caller's scopes from the catalog's plans and the key's own limits (``policy.py``);
-cache invalidation across gateways (``invalidation.py``)."""
+caller's scopes from the catalog's plans and the key's own limits (``policy.py``).
+The limiter's caches drop what ``auth.revocation`` announces."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from servelm.auth.revocation import Invalidation
 from servelm.catalog.specs import Plan
 from servelm.config import Settings
-from servelm.ratelimit.invalidation import Invalidation, announce
 from servelm.ratelimit.limiter import Limiter, Reservation, response_headers
 from servelm.ratelimit.redis_store import RedisStore, connect
 from servelm.store.db import Database
@@ -22,7 +22,6 @@ __all__ = [
     "Limiter",
     "Plan",
     "Reservation",
-    "announce",
     "build",
     "response_headers",
 ]

@@ -1,4 +1,4 @@
-"""Cache invalidation across gateways: a key revoked, or an account's plan or limits
+"""Revocation across gateways: a key revoked, or an account's plan or limits
 changed, on one gateway (or by the CLI) reaches every gateway's caches at once over
 Redis pub/sub, instead of waiting out the cache time.
 
