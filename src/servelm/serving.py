@@ -46,13 +46,18 @@ from servelm.conversation import engine_body, fit_conversation
 from servelm.engines.base import Engine
 from servelm.errors import (
     InvalidRequest,
-    ModelUnavailable,
+    ModelNotInstalled,
     ServelmError,
 )
 from servelm.input_limits import check_prompt_size
 from servelm.media import ImageLoader, MediaLimits, inline_images
 from servelm.metrics import Metrics
-from servelm.money import MAX_ACCOUNT_MICRO, affordable_max_tokens, format_credits
+from servelm.money import (
+    MAX_ACCOUNT_MICRO,
+    affordable_max_tokens,
+    credits_number,
+    format_credits,
+)
 from servelm.protocol import ChatRequest, parse_chat_request, usage_body
 from servelm.ratelimit import Limiter
 
@@ -153,8 +158,10 @@ class ChatService:
             # log at start-up and is in `servelm models list` and GET /admin/models.
             missing = spec.engine == "llama.cpp" and not (spec.path and spec.path.is_file())
             state = "is not installed" if missing else "could not be loaded"
-            raise ModelUnavailable(
-                f"Model '{spec.slug}' {state} on this server; ask its operator.", retry_after=60
+            raise ModelNotInstalled(
+                f"Model '{spec.slug}' {state} on this server; ask its operator.",
+                param="model",
+                code="model_not_installed" if missing else "model_load_failed",
             )
         return spec, engine
 
@@ -401,9 +408,10 @@ class ChatService:
     def usage(self, call: Call) -> dict[str, Any]:
         extra: dict[str, Any] = {}
         if call.settlement is not None:
-            # Credits as decimal strings: exact, unlike JSON numbers in most clients.
-            extra["cost"] = format_credits(call.settlement.charged)
-            extra["remaining_credits"] = format_credits(call.settlement.balance)
+            # JSON numbers, as clients that read OpenRouter's usage.cost expect;
+            # the exact decimals are in x-cost / x-remaining-credits and the ledger.
+            extra["cost"] = credits_number(call.settlement.charged)
+            extra["remaining_credits"] = credits_number(call.settlement.balance)
         return usage_body(
             call.prompt_tokens,
             call.completion_tokens,

@@ -25,8 +25,10 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
-    cost: str | None = None  # credits charged, exact decimal string
-    remaining_credits: str | None = None
+    # Credits as JSON numbers (the nearest double; exact decimals in x-cost and
+    # x-remaining-credits).
+    cost: float | None = None
+    remaining_credits: float | None = None
 
 
 class AssistantMessage(BaseModel):
