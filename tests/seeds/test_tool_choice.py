@@ -86,3 +86,92 @@ def test_a_named_tool_choice_returns_that_call(seed_live: LiveServer, stream: bo
     assert usage is not None
     assert usage.prompt_tokens == on_loop(seed_live, engine(seed_live, LLAMA).count_prompt(alone))
 
+
+# -- legacy functions, both ways ------------------------------------------------------
+
+LEGACY_FN = NO_ARGS["function"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_legacy_functions_are_answered_with_function_call(
+    seed_live: LiveServer, stream: bool
+) -> None:
+    """A request in the legacy form gets the legacy answer, as OpenAI's API gave it:
+    ``message.function_call`` (streamed: ``delta.function_call``) and finish_reason
+    "function_call". ``function_call: {"name": ...}`` is the named choice."""
+    body: dict[str, Any] = {
+        "model": LLAMA,
+        "messages": ASK,
+        "functions": [WEATHER["function"], LEGACY_FN],
+        "function_call": {"name": "get_time"},
+        "max_tokens": 40,
+        "temperature": 0,
+        "logit_bias": call_bias(seed_live),
+    }
+    if stream:
+        name, arguments, finish = "", "", None
+        for chunk in client(seed_live).chat.completions.create(stream=True, **body):
+            for choice in chunk.choices:
+                assert not choice.delta.tool_calls
+                finish = choice.finish_reason or finish
+                fc = choice.delta.function_call
+                if fc is not None:
+                    name += fc.name or ""
+                    arguments += fc.arguments or ""
+    else:
+        done = client(seed_live).chat.completions.create(**body)
+        message = done.choices[0].message
+        assert message.tool_calls is None and message.function_call is not None
+        name, arguments = message.function_call.name, message.function_call.arguments
+        finish = done.choices[0].finish_reason
+    assert finish == "function_call" and name == "get_time", (name, arguments)
+    assert json.loads(arguments) == {}
+
+
+def test_a_function_message_is_rendered_as_a_tool_result(seed_live: LiveServer) -> None:
+    """The next legacy turn: the assistant's function_call and the ``role: "function"``
+    result reach the template as a tool call and its result (Llama's ipython turn)."""
+    legacy = [
+        {"role": "user", "content": "What time is it?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "function_call": {"name": "get_time", "arguments": "{}"},
+        },
+        {"role": "function", "name": "get_time", "content": "12:00"},
+    ]
+    as_tools = [
+        legacy[0],
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_legacy_1",
+                    "type": "function",
+                    "function": {"name": "get_time", "arguments": "{}"},
+                }
+            ],
+        },
+        {"role": "tool", "name": "get_time", "tool_call_id": "call_legacy_1", "content": "12:00"},
+    ]
+    old = prepared(seed_live, LLAMA, {"messages": legacy, "functions": [LEGACY_FN]})
+    new = prepared(seed_live, LLAMA, {"messages": as_tools, "tools": [NO_ARGS]})
+    assert old["messages"] == new["messages"]
+    text = on_loop(seed_live, engine(seed_live, LLAMA).render_prompt(old))
+    assert "<|start_header_id|>ipython<|end_header_id|>\n\n12:00<|eot_id|>" in text
+    r = client(seed_live).chat.completions.create(
+        model=LLAMA, messages=legacy, functions=[LEGACY_FN], max_tokens=3
+    )
+    assert r.choices[0].finish_reason in ("length", "stop")
+
+
+def test_a_function_message_without_its_name_is_a_400(seed_live: LiveServer) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client(seed_live).chat.completions.create(
+            model=LLAMA,
+            messages=[*ASK, {"role": "function", "content": "12:00"}],  # type: ignore[list-item]
+            functions=[LEGACY_FN],
+            max_tokens=3,
+        )
+    assert caught.value.param == "messages[1].name"
