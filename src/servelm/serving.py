@@ -189,6 +189,12 @@ class ChatService:
             raise InvalidRequest(no_images_message(spec), param="messages")
         if request.tools and not spec.tools:
             raise InvalidRequest(f"Model '{spec.slug}' does not support tools.", param="tools")
+        fmt = request.response_format
+        if fmt is not None and fmt.type != "text" and not spec.structured_output:
+            raise InvalidRequest(
+                f"Model '{spec.slug}' does not support structured output ({fmt.type}).",
+                param="response_format",
+            )
         # A prompt too big for the window by its bytes alone is refused
         # before seconds of CPU go into tokenizing it.
         check_prompt_size(request, spec)

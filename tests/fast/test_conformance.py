@@ -122,6 +122,8 @@ def broken(tmp_path: Path) -> Iterator[LiveServer]:
         engine="openai",
         base_url=f"http://127.0.0.1:{free_port()}/secret-upstream/v1",
         timeout=5,
+        tools=True,
+        structured_output=False,
     )
 
     def factory(spec: ModelSpec, settings: Settings) -> Any:
@@ -186,6 +188,32 @@ def test_a_model_not_installed_fails_at_once_through_the_openai_sdk(broken: Live
     assert error.code == "model_not_installed" and error.param == "model"
     assert "retry-after" not in error.response.headers
     assert "not installed" in error.message
+
+
+def test_models_say_what_each_model_takes(broken: LiveServer) -> None:
+    """Issue 30: clients whose structured output goes through tools can tell in
+    advance; what the card denies is a 400 naming the field."""
+    import openai
+
+    client = openai.OpenAI(base_url=broken.v1, api_key=broken.api_key, max_retries=0)
+    cards = {m.id: m.model_extra or {} for m in client.models.list()}
+    assert cards[SLUG]["capabilities"] == {
+        "tools": False,
+        "structured_output": True,
+        "vision": False,
+        "context_window": SPEC.context_window,
+        "max_output_tokens": SPEC.max_output_tokens,
+    }
+    remote = cards["remote"]["capabilities"]
+    assert remote["tools"] is True and remote["structured_output"] is False
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model="remote", messages=MSGS, response_format={"type": "json_object"}
+        )  # type: ignore[arg-type]
+    assert caught.value.param == "response_format"
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=SLUG, messages=MSGS, tools=[TOOL])  # type: ignore[list-item]
+    assert caught.value.param == "tools"
 
 
 # -- 8: the images 400 says what to configure ----------------------------------------------

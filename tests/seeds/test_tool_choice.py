@@ -175,3 +175,11 @@ def test_a_function_message_without_its_name_is_a_400(seed_live: LiveServer) -> 
             max_tokens=3,
         )
     assert caught.value.param == "messages[1].name"
+
+
+def test_models_say_which_seed_takes_tools(seed_live: LiveServer) -> None:
+    cards = {m.id: m.model_extra or {} for m in client(seed_live).models.list()}
+    tools = {slug: cards[slug]["capabilities"]["tools"] for slug in cards}
+    assert tools[LLAMA] is True
+    assert tools["mixtral-8x7b-instruct"] is False and tools["mixtral-8x22b-instruct"] is False
+    assert cards[LLAMA]["capabilities"]["context_window"] == 131072
