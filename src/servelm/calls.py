@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from servelm.api.paths import Dialect
 from servelm.billing.holds import Settlement
@@ -46,6 +46,8 @@ class ChatExchange:
     # A web console session's key id (signature, expiry and CSRF token checked by the
     # HTTP layer), used only when the request carries no key.
     session_key_id: str | None = None
+    # "responses": the body is a Responses API request, answered in its shapes.
+    api: Literal["chat", "responses"] = "chat"
 
 
 @dataclass(frozen=True)
@@ -64,9 +66,16 @@ class StreamReply:
     headers: dict[str, str]
     first: dict[str, Any]
     rest: AsyncGenerator[dict[str, Any]]
+    # The generator ``rest`` reshapes (the Responses API's events), closed with it:
+    # closing a generator that never started runs none of its code.
+    inner: AsyncGenerator[dict[str, Any]] | None = None
 
     async def aclose(self) -> None:
-        await self.rest.aclose()
+        try:
+            await self.rest.aclose()
+        finally:
+            if self.inner is not None:
+                await self.inner.aclose()
 
 
 @dataclass

@@ -52,14 +52,11 @@ from servelm.errors import (
 from servelm.input_limits import check_prompt_size
 from servelm.media import ImageLoader, MediaLimits, inline_images
 from servelm.metrics import Metrics
-from servelm.money import (
-    MAX_ACCOUNT_MICRO,
-    affordable_max_tokens,
-    credits_number,
-    format_credits,
-)
+from servelm.money import MAX_ACCOUNT_MICRO, affordable_max_tokens, credits_number, format_credits
 from servelm.protocol import ChatRequest, parse_chat_request, usage_body
 from servelm.ratelimit import Limiter
+from servelm.responses import parse_responses
+from servelm.responses_answers import reshape
 
 log = logging.getLogger(__name__)
 
@@ -118,24 +115,32 @@ class ChatService:
         principal = await self.authenticate(ex)
         try:
             raw = await ex.read_body()
-            request = self.parse(raw)
-            spec, engine = self.resolve(request, ex.slug)
-            check_model_rights(principal, spec.slug)
-            engine.check_capacity()
-            await self.precheck_credits(request, spec, principal, len(raw))
-            if ex.idempotency_key is not None:
-                return await self._idempotent(ex, raw, request, spec, engine, principal)
-            call = await self.prepare(ex.request_id, request, spec, engine)
-            await self.check_rate_limit(call, principal)
-            await self.hold_credits(call, principal)
-            if request.stream:
-                return await self.stream_reply(call)
-            return await self.json_reply(call)
+            if ex.api == "responses":  # the chat request it means; the answer reshaped
+                wire, request = parse_responses(raw)
+                return reshape(wire, await self._answer(ex, raw, request, principal))
+            return await self._answer(ex, raw, self.parse(raw), principal)
         except ServelmError as exc:
             await self._tell_balance(exc, principal)
             if self.limiter is not None:
                 await self.limiter.peek(principal)
             raise
+
+    async def _answer(
+        self, ex: ChatExchange, raw: bytes, request: ChatRequest, principal: Principal
+    ) -> JsonReply | StreamReply:
+        """From the model to the answer: the walk's steps after parsing."""
+        spec, engine = self.resolve(request, ex.slug)
+        check_model_rights(principal, spec.slug)
+        engine.check_capacity()
+        await self.precheck_credits(request, spec, principal, len(raw))
+        if ex.idempotency_key is not None:
+            return await self._idempotent(ex, raw, request, spec, engine, principal)
+        call = await self.prepare(ex.request_id, request, spec, engine)
+        await self.check_rate_limit(call, principal)
+        await self.hold_credits(call, principal)
+        if request.stream:
+            return await self.stream_reply(call)
+        return await self.json_reply(call)
 
     async def authenticate(self, ex: ChatExchange) -> Principal:
         """The key in the headers, or else the web console's session (the playground)."""

@@ -183,3 +183,80 @@ def test_models_say_which_seed_takes_tools(seed_live: LiveServer) -> None:
     assert tools[LLAMA] is True
     assert tools["mixtral-8x7b-instruct"] is False and tools["mixtral-8x22b-instruct"] is False
     assert cards[LLAMA]["capabilities"]["context_window"] == 131072
+
+
+# -- the Responses API's function tools ---------------------------------------------------
+
+RESPONSES_TOOLS = [
+    {"type": "function", **WEATHER["function"]},
+    {"type": "function", **NO_ARGS["function"]},
+]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_responses_named_tool_choice_returns_a_function_call_item(
+    seed_live: LiveServer, stream: bool
+) -> None:
+    """The Responses form of the named choice (``{"type": "function", "name": ...}``)
+    rides on the chat one; the call comes back as a ``function_call`` output item.
+    ``logit_bias`` is servelm's extension on this route, as on the chat route."""
+    kw: dict[str, Any] = {
+        "model": LLAMA,
+        "input": "What time is it?",
+        "tools": RESPONSES_TOOLS,
+        "tool_choice": {"type": "function", "name": "get_time"},
+        "max_output_tokens": 40,
+        "temperature": 0,
+        "extra_body": {"logit_bias": call_bias(seed_live)},
+    }
+    if stream:
+        events = list(client(seed_live).responses.create(stream=True, **kw))
+        kinds = [e.type for e in events]
+        assert "response.output_item.added" in kinds and kinds[-1] == "response.completed"
+        deltas = "".join(
+            e.delta for e in events if e.type == "response.function_call_arguments.delta"
+        )
+        (done,) = [e for e in events if e.type == "response.function_call_arguments.done"]
+        assert done.arguments == deltas
+        response = events[-1].response
+    else:
+        response = client(seed_live).responses.create(**kw)
+    assert response.status == "completed"
+    (item,) = [o for o in response.output if o.type == "function_call"]
+    assert item.name == "get_time" and json.loads(item.arguments) == {} and item.call_id
+    # The next turn: the call and its output, as the Responses API sends them back.
+    follow = client(seed_live).responses.create(
+        model=LLAMA,
+        input=[
+            {"role": "user", "content": "What time is it?"},
+            {
+                "type": "function_call",
+                "call_id": item.call_id,
+                "name": "get_time",
+                "arguments": item.arguments,
+            },
+            {"type": "function_call_output", "call_id": item.call_id, "output": "12:00"},
+        ],
+        tools=RESPONSES_TOOLS,
+        max_output_tokens=2,
+    )
+    messages = [
+        {"role": "user", "content": "What time is it?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": item.call_id,
+                    "type": "function",
+                    "function": {"name": "get_time", "arguments": item.arguments},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": item.call_id, "content": "12:00"},
+    ]
+    body = prepared(seed_live, LLAMA, {"messages": messages, "tools": [WEATHER, NO_ARGS]})
+    assert follow.usage is not None
+    assert follow.usage.input_tokens == on_loop(
+        seed_live, engine(seed_live, LLAMA).count_prompt(body)
+    )

@@ -103,7 +103,8 @@ def install(app: FastAPI) -> None:
         if unsupported_openai(path):
             err: ServelmError = NotFound(
                 f"The endpoint {request.method} {path} is not supported by this server; "
-                "it serves chat completions (POST /v1/chat/completions) and models.",
+                "it serves chat completions (POST /v1/chat/completions), responses "
+                "(POST /v1/responses) and models.",
                 code="unsupported_endpoint",
             )
             return _response(render(err, "openai"))
