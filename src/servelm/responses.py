@@ -9,7 +9,9 @@ a 400 saying so, and every response says ``store: false``.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -148,8 +150,16 @@ def parse_responses(raw: bytes) -> tuple[ResponsesRequest, ChatRequest]:
         param = ".".join(str(p) for p in err["loc"]) or None
         raise InvalidRequest(f"Invalid value for '{param}': {err['msg']}.", param=param) from None
     chat = _chat_body(request)
-    try:
+    with responses_params():
         return request, parse_chat_request(json.dumps(chat).encode())
+
+
+@contextlib.contextmanager
+def responses_params() -> Iterator[None]:
+    """A 400 from the walk's later steps (images a model cannot see, an output limit
+    past the model's) names the field as the Responses request calls it."""
+    try:
+        yield
     except InvalidRequest as exc:
         exc.param = _responses_param(exc.param)
         raise

@@ -55,7 +55,7 @@ from servelm.metrics import Metrics
 from servelm.money import MAX_ACCOUNT_MICRO, affordable_max_tokens, credits_number, format_credits
 from servelm.protocol import ChatRequest, parse_chat_request, usage_body
 from servelm.ratelimit import Limiter
-from servelm.responses import parse_responses
+from servelm.responses import parse_responses, responses_params
 from servelm.responses_answers import reshape
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,8 @@ class ChatService:
             raw = await ex.read_body()
             if ex.api == "responses":  # the chat request it means; the answer reshaped
                 wire, request = parse_responses(raw)
-                return reshape(wire, await self._answer(ex, raw, request, principal))
+                with responses_params():
+                    return reshape(wire, await self._answer(ex, raw, request, principal))
             return await self._answer(ex, raw, self.parse(raw), principal)
         except ServelmError as exc:
             await self._tell_balance(exc, principal)

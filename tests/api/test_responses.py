@@ -154,3 +154,18 @@ def test_what_needs_stored_state_or_is_malformed_is_a_clear_400(
     error = r.json()["error"]
     assert error["param"] == param and error["type"] == "invalid_request_error"
     assert balance(live, key) == 1
+
+
+def test_an_image_for_a_text_model_is_refused_naming_the_input(live: LiveServer) -> None:
+    """Images arrive as input_image parts and go the chat walk's checks: this model
+    sees no images, and the 400 names the Responses field, before any charge."""
+    key = provision(live.db, "responses-image", 1)
+    image = {"type": "input_image", "image_url": "data:image/png;base64,AAAA"}
+    body = {
+        "model": SLUG,
+        "input": [{"role": "user", "content": [{"type": "input_text", "text": "What?"}, image]}],
+    }
+    r = httpx.post(f"{live.v1}/responses", json=body, headers={"x-api-key": key}, timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "input" and "does not accept images" in r.text
+    assert balance(live, key) == 1
