@@ -91,6 +91,7 @@ class _Connection:
                 self.headers[key] = value.decode("latin-1")
         self.started = False  # response headers sent
         self.finished = False  # the last byte sent (a hang-up after it changes nothing)
+        self.events = 0  # stream events sent
         self._gone = False  # set by the watcher when the client hung up
         self._watcher: asyncio.Task[None] | None = None
 
@@ -193,8 +194,10 @@ class _Connection:
             frame, done = (sse_event, b"") if self.api == "responses" else (sse, _DONE)
             # No generator around first + rest: each layer costs a resumption per chunk.
             await self._body(frame(reply.first))
+            self.events = 1
             async for chunk in reply.rest:
                 await self._body(frame(chunk))
+                self.events += 1
             self.finished = True
             await self._body(done, more=False)
         finally:
@@ -204,7 +207,13 @@ class _Connection:
         if self.finished:
             return
         self.finished = True
-        rendered = render(exc, self.dialect, stream_started=self.started)
+        rendered = render(
+            exc,
+            self.dialect,
+            stream_started=self.started,
+            # A Responses stream's error event takes the next sequence number.
+            responses_event=self.events if self.api == "responses" else None,
+        )
         if not self.started:
             await self._start(rendered.status, rendered.headers)
         await self._body(rendered.body, more=False)

@@ -28,6 +28,7 @@ from servelm.errors import (
     ServelmError,
 )
 from servelm.protocol import sse
+from servelm.responses_answers import sse_event
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +48,22 @@ def render(
     *,
     stream_started: bool = False,
     headers: Mapping[str, str] | None = None,
+    responses_event: int | None = None,
 ) -> Rendered:
     """``exc`` as the route's dialect has it: a JSON response, or, when a stream's
-    headers are already out, the SSE event that ends the stream."""
+    headers are already out, the SSE event that ends the stream. A Responses API
+    stream (``responses_event``: the sequence number the event takes) ends with its
+    own ``error`` event, as OpenAI's does."""
     body = exc.segmind_body() if dialect == "segmind" else exc.openai_body()
+    if stream_started and responses_event is not None:
+        event = {
+            "type": "error",
+            "code": exc.code,
+            "message": exc.message,
+            "param": exc.param,
+            "sequence_number": responses_event,
+        }
+        return Rendered(200, [], sse_event(event))
     if stream_started:
         return Rendered(200, [], sse(body))
     data = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
