@@ -39,8 +39,8 @@ HONOURED: dict[str, str] = {
     "top_logprobs": "alternatives per token, 0 to 20",
     "response_format": "json_object, or json_schema enforced by the engine's grammar",
     "tools": "models with a tool template (others: 400)",
-    "tool_choice": "none, auto, required or a named function; 400 without tools or "
-    "for a function not in tools",
+    "tool_choice": "none, auto, required or a named function (llama.cpp gets required "
+    "with only that tool); 400 without tools or for a function not in tools",
     "parallel_tool_calls": "passed to the engine; 400 without tools",
     "functions": "legacy: translated to tools (400 together with tools); the answer "
     'carries message.function_call and finish_reason "function_call", as OpenAI\'s did',
