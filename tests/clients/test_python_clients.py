@@ -121,6 +121,19 @@ def test_langchain_chat_openai(seed_live: LiveServer) -> None:
     tools = biased.bind_tools([WEATHER, NO_ARGS], tool_choice="get_time")
     called = tools.invoke("What time is it?")
     assert [(c["name"], c["args"]) for c in called.tool_calls] == [("get_time", {})]
+    # LangChain's Responses API path (servelm's POST /v1/responses).
+    responses = lc.ChatOpenAI(
+        model=LLAMA,
+        base_url=seed_live.v1,
+        api_key=key,
+        max_tokens=5,
+        max_retries=0,
+        use_responses_api=True,
+    )
+    answered = responses.invoke("What time is it?")
+    assert answered.text and answered.usage_metadata is not None
+    assert answered.usage_metadata["output_tokens"] >= 1
+    assert "".join(c.text for c in responses.stream("What time is it?"))
 
 
 # -- pydantic-ai ------------------------------------------------------------------------
@@ -159,3 +172,11 @@ def test_pydantic_ai_agent(seed_live: LiveServer) -> None:
         model_settings={"max_tokens": 40, "temperature": 0, "logit_bias": call_bias(seed_live)},
     )
     assert isinstance(tooled.run_sync("What time is it?").output, Time)
+    # pydantic-ai's Responses API model (servelm's POST /v1/responses).
+    from pydantic_ai.models.openai import OpenAIResponsesModel
+
+    responses = OpenAIResponsesModel(
+        LLAMA, provider=OpenAIProvider(base_url=seed_live.v1, api_key=key)
+    )
+    answered = Agent(responses, model_settings={"max_tokens": 5}).run_sync("What time is it?")
+    assert answered.output and answered.usage.output_tokens >= 1
