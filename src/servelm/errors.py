@@ -13,7 +13,8 @@ Each error knows its HTTP status and the OpenAI ``type``/``code``/``param`` it m
     ├── PermissionDenied        403
     │   └── CsrfFailed          (a console form without its token; browsers get a page)
     ├── NotFound                404
-    │   └── ModelNotFound
+    │   ├── ModelNotFound
+    │   └── ModelNotInstalled   (listed, but its weights are missing or failed to load)
     ├── MethodNotAllowed        405
     ├── Conflict                409
     ├── InsufficientCredits     406 on the Segmind route, 402 on the OpenAI route
@@ -21,7 +22,7 @@ Each error knows its HTTP status and the OpenAI ``type``/``code``/``param`` it m
     ├── EngineError             500  (the engine failed; never caused by user input)
     ├── UpstreamError           502
     ├── Overloaded              503  (admission queue full; carries Retry-After)
-    │   └── ModelUnavailable    503  (weights missing, not loaded)
+    │   └── ModelUnavailable    503  (every replica down; a model at start-up)
     └── UpstreamTimeout         504
 """
 
@@ -118,6 +119,15 @@ class NotFound(ServelmError):
 
 class ModelNotFound(NotFound):
     code = "model_not_found"
+
+
+class ModelNotInstalled(NotFound):
+    """A catalog entry this server cannot serve until its operator acts (weights not
+    installed, a load that failed). Permanent from the client's side, so no
+    Retry-After and not a 503: SDKs retry a 503 (the openai SDK twice, about two
+    minutes with Retry-After: 60) for an answer that cannot change."""
+
+    code = "model_not_installed"
 
 
 class MethodNotAllowed(ServelmError):

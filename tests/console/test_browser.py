@@ -100,7 +100,8 @@ def test_playground_reply_shows_the_exact_cost_and_balance(page: Any, console: L
     usage = json.loads(events[-1])["usage"]
     shown_cost = page.inner_text("#cost")
     shown_balance = page.inner_text("#remaining")
-    assert shown_cost == usage["cost"] and shown_balance == usage["remaining_credits"]
+    assert shown_cost == f"{usage['cost']:.6f}"
+    assert shown_balance == f"{usage['remaining_credits']:.6f}"
     assert reply.locator(".text").inner_text().strip()
     # ... and against the ledger and the API's x-remaining-credits.
     account_id = account_of(console, key)

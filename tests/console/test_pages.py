@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import time
+from decimal import Decimal
 from pathlib import Path
 
 import httpx
@@ -105,7 +106,7 @@ def test_playground_chat_needs_the_session_and_its_csrf_header(console: LiveServ
     assert bad.status_code == 401
     r = client.post("/v1/chat/completions", json=CHAT, headers={"x-csrf-token": token})
     assert r.status_code == 200, r.text
-    assert r.json()["usage"]["cost"] == r.headers["x-cost"]
+    assert Decimal(str(r.json()["usage"]["cost"])) == Decimal(r.headers["x-cost"])
     # An expired session is no session, even with the right token.
     secret = session.app_secret(console.app)
     nonce = client.cookies[session.CSRF_COOKIE]
@@ -196,15 +197,15 @@ def test_seed_model_snippets_run_against_the_server(
         assert '"chat.completion"' in body
 
 
-def test_snippets_of_a_model_without_weights_get_the_documented_503(
+def test_snippets_of_a_model_without_weights_get_the_documented_404(
     console: LiveServer, tmp_path: Path
 ) -> None:
     key = provision(console.db, "snippets-503", 1)
     slug = "llama-v3p1-8b-instruct"  # not installed on this server
     page = httpx.get(f"{console.base_url}/models/{slug}").text
-    assert "Not installed" in page and "calls answer 503" in page
+    assert "Not installed" in page and "calls answer 404" in page
     proc = run_python(snippet(page, "python-segmind"), key, tmp_path)
-    assert proc.returncode != 0 and "503" in proc.stderr
+    assert proc.returncode != 0 and "404" in proc.stderr
     status, body = run_curl(snippet(page, "curl-openai"), key, tmp_path)
     # Users are told it is not installed; how to install it is the operator's business.
-    assert status == 503 and "is not installed on this server" in body
+    assert status == 404 and "is not installed on this server" in body

@@ -174,10 +174,10 @@ def test_remote_charges_follow_the_upstreams_usage(gateway: LiveServer) -> None:
     ) as s:
         events = [line.removeprefix("data: ") for line in s.iter_lines() if line]
     su = json.loads(events[-2])["usage"]
-    assert Decimal(su["cost"]) * MICRO == spec.cost_micro(
+    assert Decimal(str(su["cost"])) * MICRO == spec.cost_micro(
         su["prompt_tokens"], su["completion_tokens"]
     )
-    assert Decimal(su["remaining_credits"]) == after_first - Decimal(su["cost"])
+    assert Decimal(str(su["remaining_credits"])) == after_first - Decimal(str(su["cost"]))
 
 
 def test_upstream_rejection_is_a_400_with_its_numbers(gateway: LiveServer) -> None:

@@ -26,8 +26,8 @@ from tests.conftest import ADMIN_TOKEN, LiveServer, free_port, make_settings, st
 from tests.fast.conftest import SLUG, SPEC, new_key
 
 README = Path(__file__).parents[2] / "README.md"
-MSGS = [{"role": "user", "content": "hi"}]
-TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {}}}
+MSGS: list[Any] = [{"role": "user", "content": "hi"}]
+TOOL: Any = {"type": "function", "function": {"name": "get_weather", "parameters": {}}}
 runner = CliRunner()
 
 
@@ -122,6 +122,8 @@ def broken(tmp_path: Path) -> Iterator[LiveServer]:
         engine="openai",
         base_url=f"http://127.0.0.1:{free_port()}/secret-upstream/v1",
         timeout=5,
+        tools=True,
+        structured_output=False,
     )
 
     def factory(spec: ModelSpec, settings: Settings) -> Any:
@@ -140,7 +142,7 @@ def broken(tmp_path: Path) -> Iterator[LiveServer]:
 
 def test_errors_name_no_paths_or_addresses_and_the_admin_sees_them(broken: LiveServer) -> None:
     r = httpx.post(f"{broken.v1}/missing", json={"messages": MSGS}, headers=broken.headers())
-    assert r.status_code == 503
+    assert r.status_code == 404 and "retry-after" not in r.headers
     assert r.json()["error"] == "Model 'missing' is not installed on this server; ask its operator."
     r = httpx.post(
         f"{broken.v1}/chat/completions",
@@ -160,6 +162,58 @@ def test_errors_name_no_paths_or_addresses_and_the_admin_sees_them(broken: LiveS
     assert by_id["missing"]["state"] == "unavailable"
     assert by_id[SLUG]["state"] == "loaded"
     assert "secret-upstream" in by_id["remote"]["upstream"]
+
+
+def chat_requests(srv: LiveServer, status: int) -> float:
+    """OpenAI-route requests the server answered with ``status``, from its metrics."""
+    text = httpx.get(f"{srv.base_url}/metrics").text
+    line = f'servelm_requests_total{{route="openai_chat",status="{status}"}} '
+    return sum(float(x.removeprefix(line)) for x in text.splitlines() if x.startswith(line))
+
+
+def test_a_model_not_installed_fails_at_once_through_the_openai_sdk(broken: LiveServer) -> None:
+    """Issue 30: a 503 with Retry-After: 60 made the SDK retry twice (about two
+    minutes) for an error that was permanent. With its default retries, one request
+    reaches the server and the error says what it is."""
+    import openai
+
+    client = openai.OpenAI(base_url=broken.v1, api_key=broken.api_key)
+    assert client.max_retries == 2  # the default, which retries 503s
+    before = chat_requests(broken, 404)
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.chat.completions.create(model="missing", messages=MSGS)
+    assert chat_requests(broken, 404) == before + 1
+    assert chat_requests(broken, 503) == 0
+    error = caught.value
+    assert error.code == "model_not_installed" and error.param == "model"
+    assert "retry-after" not in error.response.headers
+    assert "not installed" in error.message
+
+
+def test_models_say_what_each_model_takes(broken: LiveServer) -> None:
+    """Issue 30: clients whose structured output goes through tools can tell in
+    advance; what the card denies is a 400 naming the field."""
+    import openai
+
+    client = openai.OpenAI(base_url=broken.v1, api_key=broken.api_key, max_retries=0)
+    cards = {m.id: m.model_extra or {} for m in client.models.list()}
+    assert cards[SLUG]["capabilities"] == {
+        "tools": False,
+        "structured_output": True,
+        "vision": False,
+        "context_window": SPEC.context_window,
+        "max_output_tokens": SPEC.max_output_tokens,
+    }
+    remote = cards["remote"]["capabilities"]
+    assert remote["tools"] is True and remote["structured_output"] is False
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model="remote", messages=MSGS, response_format={"type": "json_object"}
+        )
+    assert caught.value.param == "response_format"
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=SLUG, messages=MSGS, tools=[TOOL])
+    assert caught.value.param == "tools"
 
 
 # -- 8: the images 400 says what to configure ----------------------------------------------

@@ -174,6 +174,9 @@ def test_openapi_lists_both_chat_routes_with_their_bodies(fast: LiveServer) -> N
     assert "messages" in spec["components"]["schemas"]["ChatRequest"]["properties"]
     assert "406" in spec["paths"]["/v1/{model}"]["post"]["responses"]
     assert "402" in spec["paths"]["/v1/chat/completions"]["post"]["responses"]
+    op = spec["paths"]["/v1/responses"]["post"]
+    schema = op["requestBody"]["content"]["application/json"]["schema"]
+    assert schema["$ref"].endswith("/ResponsesRequest")
 
 
 def test_answers_match_the_documented_schema(fast: LiveServer) -> None:
@@ -254,7 +257,8 @@ def test_metrics_label_account_routes_as_account(fast: LiveServer) -> None:
         ("POST", "/v1/org/no-such-model", {"messages": []}, 404, "segmind"),
         ("POST", "/v1/embeddings", {"input": "x"}, 404, "openai"),
         ("POST", "/v1/completions", {"prompt": "x"}, 404, "openai"),
-        ("POST", "/v1/responses", {"input": "x"}, 404, "openai"),
+        ("POST", "/v1/responses", {"input": "x"}, 400, "openai"),
+        ("GET", "/v1/responses", None, 405, "openai"),
         ("GET", "/v1/chat/completions", None, 405, "openai"),
         ("POST", "/v1/models", {}, 405, "openai"),
     ],

@@ -201,7 +201,7 @@ def test_stream_chunks_come_in_openai_order(fast: LiveServer, engine: ScriptedEn
     usage = chunks[-1]
     assert usage["choices"] == []
     assert usage["usage"]["completion_tokens"] == FULL
-    assert Decimal(usage["usage"]["cost"]) * MICRO == SPEC.cost_micro(PROMPT, FULL)
+    assert Decimal(str(usage["usage"]["cost"])) * MICRO == SPEC.cost_micro(PROMPT, FULL)
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks[:-1])
     assert text == "".join(Script().tokens)
     assert len({c["id"] for c in chunks}) == 1

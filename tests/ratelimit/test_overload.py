@@ -13,6 +13,7 @@ import json
 import statistics
 import time
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 
 import httpx
@@ -20,6 +21,7 @@ import pytest
 from sqlalchemy import func, select
 
 from servelm.billing import accounts
+from servelm.billing.money import MICRO
 from servelm.store.tables import usage
 from tests.conftest import LiveServer, make_settings, provision, start_server
 
@@ -105,7 +107,7 @@ def test_excess_is_shed_with_503_and_pays_nothing(small: LiveServer) -> None:
         charged = conn.execute(
             select(func.coalesce(func.sum(usage.c.cost), 0)).where(usage.c.account_id == account.id)
         ).scalar()
-    assert charged == sum(int(c.replace(".", "")) for c in costs)
+    assert charged == sum(int(Decimal(str(c)) * MICRO) for c in costs)
     assert account.balance - after.balance == charged
 
     gate_ms = sorted(r[1] * 1000 for r in shed if "at capacity;" in r[2])

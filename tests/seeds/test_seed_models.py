@@ -323,7 +323,7 @@ def test_mixtral_conversations_that_cannot_be_fixed_are_400(
 
 # -- Llama 3.1 tools ---------------------------------------------------------------------
 
-WEATHER = {
+WEATHER: dict[str, Any] = {
     "type": "function",
     "function": {
         "name": "get_weather",
@@ -392,7 +392,7 @@ def test_the_byte_bound_covers_hostile_tool_conversations(seed_live: LiveServer)
     assert estimate_prompt_tokens(body) >= counted
 
 
-NO_ARGS = {
+NO_ARGS: dict[str, Any] = {
     "type": "function",
     "function": {
         "name": "get_time",

@@ -19,7 +19,7 @@ from servelm import __version__, ratelimit
 from servelm.api import account, admin, errors, health, metrics, models, openapi
 from servelm.api.chat import ChatRoute
 from servelm.api.middleware import RequestContextMiddleware
-from servelm.api.paths import OPENAI_CHAT, is_reserved
+from servelm.api.paths import OPENAI_CHAT, OPENAI_RESPONSES, is_reserved
 from servelm.auth.keys import Authenticator
 from servelm.billing.service import Billing
 from servelm.catalog.models_file import load_catalog
@@ -143,12 +143,16 @@ class _SegmindRoute(Route):
 
 
 def chat_routes() -> list[Route]:
-    """The two chat routes (OpenAI's also with a trailing slash: never a redirect)."""
+    """The chat routes (OpenAI's also with a trailing slash: never a redirect), and
+    the Responses API on the same walk."""
     # health.Gate: sheds chat requests while draining or over capacity.
     openai = health.Gate(ChatRoute("openai"))
+    responses = health.Gate(ChatRoute("openai", api="responses"))
     return [
         Route(OPENAI_CHAT, openai, methods=["POST"]),
         Route(OPENAI_CHAT + "/", openai, methods=["POST"]),
+        Route(OPENAI_RESPONSES, responses, methods=["POST"]),
+        Route(OPENAI_RESPONSES + "/", responses, methods=["POST"]),
         _SegmindRoute("/v1/{model}", health.Gate(ChatRoute("segmind")), methods=["POST"]),
     ]
 

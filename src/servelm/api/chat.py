@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 from collections.abc import Iterator
+from typing import Literal
 
 from starlette.types import Message, Receive, Scope, Send
 
@@ -25,6 +26,7 @@ from servelm.api.errors import INTERNAL, render
 from servelm.api.paths import Dialect
 from servelm.chat.calls import ChatExchange, JsonReply, StreamReply
 from servelm.chat.protocol import sse
+from servelm.chat.responses_answers import sse_event
 from servelm.chat.serving import ChatService
 from servelm.console import session as console_session
 from servelm.errors import InvalidRequest, PayloadTooLarge, RequestTimeout, ServelmError
@@ -57,21 +59,31 @@ class ClientGone(Exception):
 
 
 class ChatRoute:
-    """One dialect's chat route, as an ASGI app."""
+    """One dialect's chat route, as an ASGI app; ``api="responses"`` is OpenAI's
+    Responses API on the same walk."""
 
-    def __init__(self, dialect: Dialect) -> None:
+    def __init__(self, dialect: Dialect, api: Literal["chat", "responses"] = "chat") -> None:
         self.dialect: Dialect = dialect
+        self.api: Literal["chat", "responses"] = api
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await _Connection(scope, receive, send, self.dialect).serve()
+        await _Connection(scope, receive, send, self.dialect, self.api).serve()
 
 
 class _Connection:
     """One chat request's HTTP side: its events in, its response out."""
 
-    def __init__(self, scope: Scope, receive: Receive, send: Send, dialect: Dialect) -> None:
+    def __init__(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        dialect: Dialect,
+        api: Literal["chat", "responses"] = "chat",
+    ) -> None:
         self.scope, self.receive, self.send = scope, receive, send
         self.dialect: Dialect = dialect
+        self.api: Literal["chat", "responses"] = api
         self.headers: dict[str, str] = {}
         for name, value in scope["headers"]:
             # Only the few we read; the first of each wins, as in Starlette.
@@ -79,6 +91,7 @@ class _Connection:
                 self.headers[key] = value.decode("latin-1")
         self.started = False  # response headers sent
         self.finished = False  # the last byte sent (a hang-up after it changes nothing)
+        self.events = 0  # stream events sent
         self._gone = False  # set by the watcher when the client hung up
         self._watcher: asyncio.Task[None] | None = None
 
@@ -92,6 +105,7 @@ class _Connection:
             authorization=self.headers.get("authorization"),
             idempotency_key=self.headers.get("idempotency-key"),
             session=self._session(),
+            api=self.api,
         )
         try:
             with self._cancel_on_disconnect():
@@ -175,12 +189,16 @@ class _Connection:
         try:
             headers = [*_SSE_HEADERS, *((k.encode(), v.encode()) for k, v in reply.headers.items())]
             await self._start(200, headers)
+            # Responses events are named and end with response.completed, no [DONE].
+            frame, done = (sse_event, b"") if self.api == "responses" else (sse, _DONE)
             # No generator around first + rest: each layer costs a resumption per chunk.
-            await self._body(sse(reply.first))
+            await self._body(frame(reply.first))
+            self.events = 1
             async for chunk in reply.rest:
-                await self._body(sse(chunk))
+                await self._body(frame(chunk))
+                self.events += 1
             self.finished = True
-            await self._body(_DONE, more=False)
+            await self._body(done, more=False)
         finally:
             await reply.aclose()
 
@@ -188,7 +206,13 @@ class _Connection:
         if self.finished:
             return
         self.finished = True
-        rendered = render(exc, self.dialect, stream_started=self.started)
+        rendered = render(
+            exc,
+            self.dialect,
+            stream_started=self.started,
+            # A Responses stream's error event takes the next sequence number.
+            responses_event=self.events if self.api == "responses" else None,
+        )
         if not self.started:
             await self._start(rendered.status, rendered.headers)
         await self._body(rendered.body, more=False)

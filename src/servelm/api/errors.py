@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from servelm.api.deps import balance_if_known
 from servelm.api.paths import Dialect, dialect_for_path, unsupported_openai
 from servelm.chat.protocol import sse
+from servelm.chat.responses_answers import sse_event
 from servelm.errors import (
     CsrfFailed,
     InvalidRequest,
@@ -50,10 +51,22 @@ def render(
     *,
     stream_started: bool = False,
     headers: Mapping[str, str] | None = None,
+    responses_event: int | None = None,
 ) -> Rendered:
     """``exc`` as the route's dialect has it: a JSON response, or, when a stream's
-    headers are already out, the SSE event that ends the stream."""
+    headers are already out, the SSE event that ends the stream. A Responses API
+    stream (``responses_event``: the sequence number the event takes) ends with its
+    own ``error`` event, as OpenAI's does."""
     body = exc.segmind_body() if dialect == "segmind" else exc.openai_body()
+    if stream_started and responses_event is not None:
+        event = {
+            "type": "error",
+            "code": exc.code,
+            "message": exc.message,
+            "param": exc.param,
+            "sequence_number": responses_event,
+        }
+        return Rendered(200, [], sse_event(event))
     if stream_started:
         return Rendered(200, [], sse(body))
     data = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
@@ -115,7 +128,8 @@ def install(app: Starlette) -> None:
         if unsupported_openai(path):
             err: ServelmError = NotFound(
                 f"The endpoint {request.method} {path} is not supported by this server; "
-                "it serves chat completions (POST /v1/chat/completions) and models.",
+                "it serves chat completions (POST /v1/chat/completions), responses "
+                "(POST /v1/responses) and models.",
                 code="unsupported_endpoint",
             )
             return _response(render(err, "openai", headers=balance))

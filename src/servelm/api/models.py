@@ -24,6 +24,7 @@ def _card(request: Request, spec: ModelSpec) -> dict[str, Any]:
         context_window=spec.context_window,
         max_output_tokens=spec.max_output_tokens,
         vision=spec.vision,
+        capabilities=spec.capabilities(),
         available=spec.slug in engines,
         engine=spec.engine,
         pricing={

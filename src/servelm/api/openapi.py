@@ -19,14 +19,17 @@ from starlette.routing import Match
 from starlette.types import Scope
 
 from servelm.chat.protocol import ChatRequest
+from servelm.chat.responses import ResponsesRequest
 
 
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
-    cost: str | None = None  # credits charged, exact decimal string
-    remaining_credits: str | None = None
+    # Credits as JSON numbers (the nearest double; exact decimals in x-cost and
+    # x-remaining-credits).
+    cost: float | None = None
+    remaining_credits: float | None = None
 
 
 class AssistantMessage(BaseModel):
@@ -34,13 +37,15 @@ class AssistantMessage(BaseModel):
     content: str | None
     refusal: None = None
     tool_calls: list[dict[str, Any]] | None = None
+    # Answers to requests in the legacy ``functions`` form.
+    function_call: dict[str, Any] | None = None
 
 
 class Choice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: dict[str, Any] | None
-    finish_reason: Literal["stop", "length", "tool_calls", "content_filter"]
+    finish_reason: Literal["stop", "length", "tool_calls", "content_filter", "function_call"]
 
 
 class ChatCompletion(BaseModel):
@@ -74,11 +79,11 @@ _STATUSES = {
     400: "Invalid request: the field is named (`param`).",
     401: "Missing, malformed, revoked or expired API key.",
     403: "The key may not use this model.",
-    404: "No such model.",
+    404: "No such model, or one listed but not installed here (model_not_installed).",
     413: "Body or image too large.",
     429: "Rate limited; see Retry-After.",
     502: "The model's engine failed or answered malformed data.",
-    503: "Model at capacity or not installed; see Retry-After.",
+    503: "Model at capacity, or every replica down; see Retry-After.",
     504: "The model's engine timed out.",
 }
 
@@ -134,5 +139,22 @@ def document_chat_routes(app: FastAPI) -> None:
         "and 406 means the credits ran out.",
         tags=["chat"],
         operation_id="segmind_chat",
+        route_class_override=_SchemaOnly,
+    )
+
+    async def never_reached_responses(body: ResponsesRequest) -> dict[str, Any]:
+        raise RuntimeError("served by servelm.api.chat")  # pragma: no cover
+
+    app.router.add_api_route(
+        "/v1/responses",
+        never_reached_responses,
+        methods=["POST"],
+        responses=_responses(OpenAIError, 402),
+        summary="Create a response (OpenAI's Responses API, stateless)",
+        description="The same models, walk and money rules as chat completions; "
+        "nothing is stored (`previous_response_id` is a 400). `usage` has `cost` and "
+        "`remaining_credits`; streams send the Responses event types.",
+        tags=["chat"],
+        operation_id="create_response",
         route_class_override=_SchemaOnly,
     )

@@ -12,10 +12,11 @@ from typing import Literal
 Dialect = Literal["segmind", "openai"]
 
 OPENAI_CHAT = "/v1/chat/completions"
+OPENAI_RESPONSES = "/v1/responses"
 
 # servelm's own paths under /v1/ (OpenAI-style or account routes): never a model slug.
 ACCOUNT_PATHS = frozenset({"credits", "usage", "get-user-credits"})
-OWN_SEGMENTS = frozenset({"models", "chat", *ACCOUNT_PATHS})
+OWN_SEGMENTS = frozenset({"models", "chat", "responses", *ACCOUNT_PATHS})
 
 # OpenAI's API paths that servelm does not serve: a 404 in OpenAI's envelope saying
 # so, instead of a Segmind call to a model named "embeddings" (issue: the SDKs then
@@ -36,7 +37,6 @@ UNSUPPORTED_OPENAI = frozenset(
         "moderations",
         "organization",
         "realtime",
-        "responses",
         "threads",
         "uploads",
         "vector_stores",
@@ -82,6 +82,8 @@ def route_family(path: str) -> str:
     parts = _segments(path)
     if path.rstrip("/") == OPENAI_CHAT:
         return "openai_chat"
+    if path.rstrip("/") == OPENAI_RESPONSES:
+        return "openai_responses"
     if len(parts) >= 2 and parts[0] == "v1":
         if parts[1] == "models":
             return "models"

@@ -79,6 +79,16 @@ def not_enough(balance: int, needed: int, *, at_least: bool = False) -> NotEnoug
     )
 
 
+def credits_number(micro: int) -> float:
+    """Micro-credits as a JSON number of credits, for ``usage.cost`` and
+    ``usage.remaining_credits`` (OpenRouter's convention, which LiteLLM and others
+    read as a float). The nearest double to the exact amount: its shortest form
+    has at most six decimals (1234567 → 1.234567) up to 2^53 micro-credits, about
+    9 billion credits; past that the last digits round. Exact amounts are in the
+    headers, ``/v1/credits`` and the ledger."""
+    return micro / MICRO
+
+
 def parse_credits(value: str | int | float, *, param: str = "credits") -> int:
     """'12.5' credits → 12500000 micro-credits; exact, refusing sub-micro amounts and
     anything that is not a finite amount within a grant's bound. A JSON number is

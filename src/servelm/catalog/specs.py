@@ -97,6 +97,9 @@ class ModelSpec(BaseModel):
     output_price: Decimal = Decimal("0.2")
     vision: bool = False
     tools: bool = False
+    # response_format json_object / json_schema: llama.cpp enforces them with a grammar
+    # for any model; a remote entry whose upstream cannot sets this false.
+    structured_output: bool = True
     slots: int | None = Field(default=None, gt=0)
     chat_template: str | None = None
     # How system/developer text reaches models whose template has no system role:
@@ -148,6 +151,18 @@ class ModelSpec(BaseModel):
 
     def names(self) -> tuple[str, ...]:
         return (self.slug, *self.aliases)
+
+    def capabilities(self) -> dict[str, bool | int]:
+        """What a client may ask of this model, for ``/v1/models``: clients whose
+        structured output goes through tools (pydantic-ai, LangChain's
+        function_calling, instructor's TOOLS) can tell before a 400."""
+        return {
+            "tools": self.tools,
+            "structured_output": self.structured_output,
+            "vision": self.vision,
+            "context_window": self.context_window,
+            "max_output_tokens": self.max_output_tokens,
+        }
 
 
 def replica_specs(spec: ModelSpec) -> list[ReplicaSpec]:

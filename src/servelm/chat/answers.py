@@ -46,14 +46,19 @@ async def assemble_completion(
         "content": "".join(content) if content or not tool_calls else None,
         "refusal": None,
     }
-    if tool_calls:
+    finish_reason = call.finish_reason or "stop"
+    if tool_calls and call.request.legacy_functions:
+        # The legacy ``functions`` answer: one function_call, no ids.
+        message["function_call"] = tool_calls[min(tool_calls)]["function"]
+        finish_reason = _legacy_finish(finish_reason)
+    elif tool_calls:
         message["tool_calls"] = [tool_calls[i] for i in sorted(tool_calls)]
     body = completion_body(
         completion_id=call.completion_id,
         model=call.spec.slug,
         created=call.created,
         message=message,
-        finish_reason=call.finish_reason or "stop",
+        finish_reason=finish_reason,
         usage=usage(call),
         logprobs={"content": logprobs, "refusal": None} if call.request.logprobs else None,
     )
@@ -73,6 +78,7 @@ async def reorder_stream(
     """
     include_usage = call.request.include_usage
     fingerprint = system_fingerprint(call.spec)
+    legacy = call.request.legacy_functions
 
     def chunk(**kw: Any) -> dict[str, Any]:
         body = chunk_body(
@@ -90,6 +96,8 @@ async def reorder_stream(
             for choice in raw.get("choices") or ():
                 delta = dict(choice.get("delta") or {})
                 delta.pop("role", None)
+                if legacy and "tool_calls" in delta:
+                    delta = _legacy_delta(delta)
                 if not sent_role:
                     if delta.get("content") is None:
                         delta.pop("content", None)
@@ -97,6 +105,8 @@ async def reorder_stream(
                     sent_role = True
                     continue
                 reason = choice.get("finish_reason")
+                if reason is not None and legacy:
+                    reason = _legacy_finish(reason)
                 if reason is not None:
                     lp = shape_logprobs(call, choice.get("logprobs"))
                     finish = chunk(delta=delta, finish_reason=reason, logprobs=lp)
@@ -106,7 +116,8 @@ async def reorder_stream(
         # Settlement runs in the generator's own finally: close it now, not at GC.
         await chunks.aclose()
     if finish is None:
-        finish = chunk(delta={}, finish_reason=call.finish_reason or "stop")
+        reason = call.finish_reason or "stop"
+        finish = chunk(delta={}, finish_reason=_legacy_finish(reason) if legacy else reason)
     if include_usage:
         yield finish
         yield {**chunk(usage_only=True), "usage": usage(call)}
@@ -132,6 +143,21 @@ def system_fingerprint(spec: ModelSpec) -> str:
     can tell that the same seed may no longer give the same answer."""
     config = spec.model_dump_json(exclude={"api_key", "description"})
     return "fp_" + hashlib.sha256(f"{__version__}|{config}".encode()).hexdigest()[:10]
+
+
+def _legacy_finish(reason: str) -> str:
+    return "function_call" if reason == "tool_calls" else reason
+
+
+def _legacy_delta(delta: dict[str, Any]) -> dict[str, Any]:
+    """A streamed tool call as the legacy ``function_call`` delta (the first call
+    only: legacy answers carry one)."""
+    out = {k: v for k, v in delta.items() if k != "tool_calls"}
+    for tc in delta["tool_calls"] or ():
+        if int(tc.get("index", 0)) == 0:
+            fn = tc.get("function") or {}
+            out["function_call"] = {k: fn[k] for k in ("name", "arguments") if k in fn}
+    return out
 
 
 def _merge_tool_call(acc: dict[int, dict[str, Any]], delta: dict[str, Any]) -> None:

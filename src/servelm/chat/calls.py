@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from servelm.billing.holds import Settlement
 from servelm.billing.money import format_credits
@@ -76,6 +76,8 @@ class ChatExchange:
     # HTTP layer), used only when the request carries no key.
     # The playground's console session: (API key id, session id).
     session: tuple[str, str] | None = None
+    # "responses": the body is a Responses API request, answered in its shapes.
+    api: Literal["chat", "responses"] = "chat"
 
 
 @dataclass(frozen=True)
@@ -94,9 +96,16 @@ class StreamReply:
     headers: dict[str, str]
     first: dict[str, Any]
     rest: AsyncGenerator[dict[str, Any]]
+    # The generator ``rest`` reshapes (the Responses API's events), closed with it:
+    # closing a generator that never started runs none of its code.
+    inner: AsyncGenerator[dict[str, Any]] | None = None
 
     async def aclose(self) -> None:
-        await self.rest.aclose()
+        try:
+            await self.rest.aclose()
+        finally:
+            if self.inner is not None:
+                await self.inner.aclose()
 
 
 @dataclass

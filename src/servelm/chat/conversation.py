@@ -59,6 +59,9 @@ def engine_body(request: ChatRequest) -> dict[str, Any]:
         )
     if request.tools:
         body["tools"] = [t.model_dump(exclude_none=True) for t in request.tools]
+        if request.legacy_functions:
+            # A legacy answer carries one function_call.
+            body["parallel_tool_calls"] = False
     return body
 
 

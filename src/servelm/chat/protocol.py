@@ -16,7 +16,9 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
+    ValidatorFunctionWrapHandler,
     field_validator,
     model_validator,
 )
@@ -176,8 +178,17 @@ class ChatRequest(BaseModel):
     ignore_eos: bool | None = None
     min_tokens: Annotated[int, Field(ge=0)] | None = None
 
-    # Hook (request_fields): refused fields are a 400, legacy functions become tools.
-    _fields_rules = model_validator(mode="before")(staticmethod(check_and_translate))
+    # The request used the legacy ``functions``: its answer carries ``function_call``.
+    _legacy_functions: bool = PrivateAttr(default=False)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _fields_rules(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> ChatRequest:
+        # Hook (request_fields): refused fields are a 400, legacy functions become tools.
+        request: ChatRequest = handler(check_and_translate(data))
+        if isinstance(data, dict) and data.get("functions") is not None:
+            request._legacy_functions = True
+        return request
 
     @field_validator("n")
     @classmethod
@@ -214,6 +225,10 @@ class ChatRequest(BaseModel):
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def legacy_functions(self) -> bool:
+        return self._legacy_functions
 
     @property
     def include_usage(self) -> bool:

@@ -23,7 +23,8 @@ from typing import Any
 # field → what servelm does with it (the README's wording).
 HONOURED: dict[str, str] = {
     "model": "the model (OpenAI route; the Segmind route takes it from the path)",
-    "messages": "roles system, developer, user, assistant, tool; text and image_url parts",
+    "messages": "roles system, developer, user, assistant, tool, and the legacy function "
+    "(rendered as a tool result); text and image_url parts",
     "max_tokens": "output limit (held in credits up front)",
     "max_completion_tokens": "the same as max_tokens",
     "temperature": "sampling",
@@ -38,10 +39,11 @@ HONOURED: dict[str, str] = {
     "top_logprobs": "alternatives per token, 0 to 20",
     "response_format": "json_object, or json_schema enforced by the engine's grammar",
     "tools": "models with a tool template (others: 400)",
-    "tool_choice": "none, auto, required or a named function; 400 without tools or "
-    "for a function not in tools",
+    "tool_choice": "none, auto, required or a named function (llama.cpp gets required "
+    "with only that tool); 400 without tools or for a function not in tools",
     "parallel_tool_calls": "passed to the engine; 400 without tools",
-    "functions": "legacy: translated to tools (400 together with tools)",
+    "functions": "legacy: translated to tools (400 together with tools); the answer "
+    'carries message.function_call and finish_reason "function_call", as OpenAI\'s did',
     "function_call": "legacy: translated to tool_choice",
     "stream": "SSE on both routes",
     "stream_options": "include_usage: a final usage-only chunk",
@@ -85,7 +87,46 @@ def check_and_translate(data: Any) -> Any:
         raise FieldRefused(name, f"'{name}' is not supported by this server: {why}")
     if "functions" in data or "function_call" in data:
         data = _translate_functions(data)
+    if isinstance(data.get("messages"), list):
+        data = {**data, "messages": _translate_function_messages(data["messages"])}
     return data
+
+
+def _translate_function_messages(messages: list[Any]) -> list[Any]:
+    """The legacy conversation as tools: an assistant's ``function_call`` becomes a
+    one-call ``tool_calls``, and a ``role: "function"`` result a tool message answering
+    the latest call of that name (legacy calls have no ids; these are made up)."""
+    if not any(
+        isinstance(m, dict) and (m.get("role") == "function" or "function_call" in m)
+        for m in messages
+    ):
+        return messages
+    out: list[Any] = []
+    ids: dict[str, str] = {}  # function name → id of its latest call
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            out.append(m)
+            continue
+        m = dict(m)
+        call = m.pop("function_call", None)
+        if call is not None and m.get("role") == "assistant" and not m.get("tool_calls"):
+            call_id = f"call_legacy_{i}"
+            m["tool_calls"] = [{"id": call_id, "type": "function", "function": call}]
+            if isinstance(call, dict) and isinstance(call.get("name"), str):
+                ids[call["name"]] = call_id
+        elif call is not None:
+            raise FieldRefused(
+                f"messages[{i}].function_call",
+                "function_call is only allowed on an assistant message without tool_calls",
+            )
+        if m.get("role") == "function":
+            name = m.get("name")
+            if not isinstance(name, str) or not name:
+                raise FieldRefused(f"messages[{i}].name", "a function message needs its name")
+            m["role"] = "tool"
+            m["tool_call_id"] = ids.get(name, f"call_legacy_{i}")
+        out.append(m)
+    return out
 
 
 def _translate_functions(data: dict[str, Any]) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from servelm.auth.keys import (
 from servelm.billing.money import (
     MAX_ACCOUNT_MICRO,
     affordable_max_tokens,
+    credits_number,
     format_credits,
     not_enough,
 )
@@ -58,12 +59,14 @@ from servelm.chat.conversation import engine_body, fit_conversation
 from servelm.chat.input_limits import check_logit_bias_vocabulary, check_prompt_size, check_request
 from servelm.chat.media import ImageLoader, MediaLimits, inline_images
 from servelm.chat.protocol import ChatRequest, parse_chat_request, usage_body
+from servelm.chat.responses import parse_responses, responses_params
+from servelm.chat.responses_answers import reshape
 from servelm.console.session import session_live
 from servelm.engines.base import Engine
 from servelm.errors import (
     AuthenticationError,
     InvalidRequest,
-    ModelUnavailable,
+    ModelNotInstalled,
     NotEnoughCredits,
     ServelmError,
 )
@@ -132,24 +135,36 @@ class ChatService:
         principal = await self.authenticate(ex)
         try:
             raw = await ex.read_body()
-            request = self.parse(raw)
-            spec, engine = self.resolve(request, ex.slug)
-            check_model_rights(principal, spec.slug)
-            engine.check_capacity()
-            await self.precheck_credits(request, spec, principal, len(raw))
-            if ex.idempotency_key is not None and principal.owns_account:
-                return await self._idempotent(ex, raw, request, spec, engine, principal)
-            call = await self.prepare(ex.request_id, request, spec, engine)
-            await self.check_rate_limit(call, principal)
-            await self.hold_credits(call, principal)
-            if request.stream:
-                return await self.stream_reply(call)
-            return await self.json_reply(call)
+            if ex.api == "responses":  # the chat request it means; the answer reshaped
+                wire, request = parse_responses(raw)
+                with responses_params():
+                    return reshape(wire, await self._answer(ex, raw, request, principal))
+            return await self._answer(ex, raw, self.parse(raw), principal)
         except ServelmError as exc:
             await self._tell_balance(exc, principal)
             if self.limiter is not None:
                 await self.limiter.peek(principal)
             raise
+
+    async def _answer(
+        self, ex: ChatExchange, raw: bytes, request: ChatRequest, principal: Principal
+    ) -> JsonReply | StreamReply:
+        """From the model to the answer: the walk's steps after parsing."""
+        # Bound what the options may cost the engine before it sees them (issue 17),
+        # whichever API's body the request came in.
+        check_request(request)
+        spec, engine = self.resolve(request, ex.slug)
+        check_model_rights(principal, spec.slug)
+        engine.check_capacity()
+        await self.precheck_credits(request, spec, principal, len(raw))
+        if ex.idempotency_key is not None and principal.owns_account:
+            return await self._idempotent(ex, raw, request, spec, engine, principal)
+        call = await self.prepare(ex.request_id, request, spec, engine)
+        await self.check_rate_limit(call, principal)
+        await self.hold_credits(call, principal)
+        if request.stream:
+            return await self.stream_reply(call)
+        return await self.json_reply(call)
 
     async def authenticate(self, ex: ChatExchange) -> Principal:
         """The key in the headers, or else the web console's session (the playground)."""
@@ -166,10 +181,7 @@ class ChatService:
         )
 
     def parse(self, raw: bytes) -> ChatRequest:
-        request = parse_chat_request(raw)
-        # Bound what the options may cost the engine before it sees them (issue 17).
-        check_request(request)
-        return request
+        return parse_chat_request(raw)
 
     def resolve(self, request: ChatRequest, slug: str | None) -> tuple[ModelSpec, Engine]:
         if slug is None:
@@ -183,8 +195,10 @@ class ChatService:
             # log at start-up and is in `servelm models list` and GET /admin/models.
             missing = spec.engine == "llama.cpp" and not (spec.path and spec.path.is_file())
             state = "is not installed" if missing else "could not be loaded"
-            raise ModelUnavailable(
-                f"Model '{spec.slug}' {state} on this server; ask its operator.", retry_after=60
+            raise ModelNotInstalled(
+                f"Model '{spec.slug}' {state} on this server; ask its operator.",
+                param="model",
+                code="model_not_installed" if missing else "model_load_failed",
             )
         return spec, engine
 
@@ -224,6 +238,12 @@ class ChatService:
             self.refuse_images(spec)
         if request.tools and not spec.tools:
             raise InvalidRequest(f"Model '{spec.slug}' does not support tools.", param="tools")
+        fmt = request.response_format
+        if fmt is not None and fmt.type != "text" and not spec.structured_output:
+            raise InvalidRequest(
+                f"Model '{spec.slug}' does not support structured output ({fmt.type}).",
+                param="response_format",
+            )
         # A prompt too big for the window by its bytes alone is refused
         # before seconds of CPU go into tokenizing it.
         check_prompt_size(request, spec)
@@ -443,9 +463,10 @@ class ChatService:
     def usage(self, call: Call) -> dict[str, Any]:
         extra: dict[str, Any] = {}
         if call.settlement is not None:
-            # Credits as decimal strings: exact, unlike JSON numbers in most clients.
-            extra["cost"] = format_credits(call.settlement.charged)
-            extra["remaining_credits"] = format_credits(call.settlement.balance)
+            # JSON numbers, as clients that read OpenRouter's usage.cost expect;
+            # the exact decimals are in x-cost / x-remaining-credits and the ledger.
+            extra["cost"] = credits_number(call.settlement.charged)
+            extra["remaining_credits"] = credits_number(call.settlement.balance)
         return usage_body(
             call.prompt_tokens,
             call.completion_tokens,

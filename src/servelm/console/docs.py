@@ -104,7 +104,12 @@ ERRORS: list[tuple[str, str]] = [
         "message says the balance and the amount needed.",
     ),
     ("403", "The key is limited to other models."),
-    ("404", "No model with this slug or alias."),
+    (
+        "404",
+        "No model with this slug or alias (model_not_found), or one this server lists "
+        "but cannot serve: its weights are not installed (model_not_installed) or did "
+        "not load (model_load_failed). No Retry-After: retrying cannot help.",
+    ),
     ("405", "A method other than POST on a chat route."),
     ("406", "Segmind route: the balance cannot pay for the prompt (Segmind's status for it)."),
     ("413", "The body or an image is larger than the server's limit."),
@@ -113,8 +118,8 @@ ERRORS: list[tuple[str, str]] = [
     ("502", "A remote engine answered with an error or unparseable output."),
     (
         "503",
-        "The model's queue is full (with Retry-After), or its weights are not "
-        "installed (the message says how to install them).",
+        "The model's queue is full, the server is draining, or every replica of a "
+        "remote model is down: conditions that pass, with Retry-After.",
     ),
     ("504", "A remote engine sent nothing for longer than its timeout."),
 ]

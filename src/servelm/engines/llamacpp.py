@@ -203,8 +203,9 @@ class LlamaCppEngine(Engine):
 
     async def render_prompt(self, body: dict[str, Any]) -> str:
         """The exact prompt text the model will see, from the model's chat template."""
+        named = _named_choice(body)
         payload: dict[str, Any] = {
-            k: body[k] for k in ("messages", "tools", "tool_choice") if k in body
+            k: named[k] for k in ("messages", "tools", "tool_choice") if k in named
         }
         status, data = await self._call("/apply-template", payload)
         if status != 200:
@@ -285,7 +286,7 @@ class LlamaCppEngine(Engine):
         if self._gen is None:
             raise ModelUnavailable(f"Model '{self.spec.slug}' is not loaded.")
         payload = json.dumps(
-            {**body, "stream": True, "stream_options": {"include_usage": True}},
+            {**_named_choice(body), "stream": True, "stream_options": {"include_usage": True}},
             ensure_ascii=False,
         ).encode()
         async with self._admission:
@@ -374,6 +375,19 @@ def kv_cache_bytes(path: Path, n_ctx: int) -> int:
     head_dim = meta("embedding_length") // heads
     # K and V, f16 (2 bytes) each, per layer per position.
     return meta("block_count") * n_ctx * kv_heads * head_dim * 2 * 2
+
+
+def _named_choice(body: dict[str, Any]) -> dict[str, Any]:
+    """A named ``tool_choice`` as llama.cpp can honour it: llama.cpp reads the field
+    only as a string (an object falls back to "auto", silently), so the body goes with
+    ``"required"`` and ``tools`` cut to the named function. The prompt is counted from
+    the same body, so the client pays for the tools the model saw."""
+    choice = body.get("tool_choice")
+    if not isinstance(choice, dict):
+        return body
+    name = (choice.get("function") or {}).get("name")
+    tools = [t for t in body.get("tools") or () if t["function"]["name"] == name]
+    return {**body, "tools": tools, "tool_choice": "required"}
 
 
 def _error_detail(raw: bytes, status: int) -> dict[str, Any]:

@@ -148,10 +148,12 @@
               $("conversation").scrollTop = $("conversation").scrollHeight;
             }
             if (chunk.usage && chunk.usage.cost !== undefined) {
-              $("cost").textContent = chunk.usage.cost;
-              $("remaining").textContent = chunk.usage.remaining_credits;
+              // JSON numbers of credits, shown with the six decimals of x-cost.
+              const cost = Number(chunk.usage.cost).toFixed(6);
+              $("cost").textContent = cost;
+              $("remaining").textContent = Number(chunk.usage.remaining_credits).toFixed(6);
               reply.meta.textContent = chunk.usage.prompt_tokens + " prompt + " +
-                chunk.usage.completion_tokens + " output tokens · " + chunk.usage.cost + " credits";
+                chunk.usage.completion_tokens + " output tokens · " + cost + " credits";
               $("usage-line").textContent = reply.meta.textContent;
             }
           }
