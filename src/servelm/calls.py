@@ -10,10 +10,11 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from servelm.api.paths import Dialect
-from servelm.billing.holds import Settlement
+from servelm.billing.holds import Record, Settlement
 from servelm.catalog import ModelSpec
 from servelm.conversation import estimate_prompt_tokens, plain_text
 from servelm.errors import ContextWindowExceeded, InvalidRequest, ServelmError
@@ -101,6 +102,11 @@ class Call:
     last_token: float | None = None  # when the last token arrived (perf_counter)
     finish_reason: str | None = None
     usage: dict[str, Any] | None = None
+    error: ServelmError | None = None  # what ended the generation, if it failed
+    # Queued work (servelm.jobs): a hold that outlives this process (an async
+    # request's), and rows that commit in the settlement's own transaction.
+    hold_ttl: timedelta | None = None
+    record: Record | None = None
 
 
 def output_limit(
