@@ -110,8 +110,8 @@ class Jobs:
             )
             raise
         self.runner.wake()
-        job = await self.billing.run(store.get_job, self.db, job_id)
-        return views.async_links(job, base_url)
+        # As submitted: a runner may have taken it already, which the status URL says.
+        return views.async_links({"id": job_id, "status": "queued"}, base_url)
 
     async def request_status(self, principal: Principal, job_id: str) -> dict[str, Any]:
         return views.async_status(await self._async_job(principal, job_id))
