@@ -112,3 +112,33 @@ def poll(client: httpx.Client, url: str, done: Callable[[dict[str, Any]], bool])
             return body
         time.sleep(0.05)
     raise AssertionError(f"{url} never finished: {body}")
+
+
+def credits(live: LiveServer) -> int:
+    """The test account's balance, in micro-credits, as its key reads it."""
+    r = httpx.get(f"{live.v1}/credits", headers=live.headers())
+    return int(r.json()["micro_credits"])
+
+
+def ledger_clean(live: LiveServer) -> bool:
+    from datetime import timedelta
+
+    from servelm.billing import audit
+
+    ttl = timedelta(seconds=live.settings.hold_ttl_seconds)
+    return audit.ledger_check(live.db, ttl) == []
+
+
+def open_holds(live: LiveServer, batch_id: str) -> int:
+    from sqlalchemy import func, select
+
+    from servelm.store.tables import holds
+
+    with live.db.read() as conn:
+        return int(
+            conn.execute(
+                select(func.count()).where(
+                    holds.c.request_id.like(f"{batch_id}:%"), holds.c.settled_at.is_(None)
+                )
+            ).scalar_one()
+        )

@@ -5,17 +5,15 @@ from __future__ import annotations
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
 from decimal import Decimal
 
 import httpx
 import pytest
 
-from servelm.billing import audit
 from servelm.jobs.webhooks import verify
 from servelm.money import MICRO
 from tests.conftest import LiveServer, provision
-from tests.jobs.conftest import SLUG, Receiver, poll
+from tests.jobs.conftest import SLUG, Receiver, ledger_clean, poll
 
 # 50 in the acceptance (run by hand with SERVELM_TEST_ASYNC_COUNT=50); fewer
 # in the suite, which checks the same things.
@@ -27,7 +25,8 @@ def balance(client: httpx.Client) -> int:
 
 
 def body(i: int, **extra: object) -> dict[str, object]:
-    return {"messages": [{"role": "user", "content": f"Say a word about {i}."}], "max_tokens": 4, **extra}
+    messages = [{"role": "user", "content": f"Say a word about {i}."}]
+    return {"messages": messages, "max_tokens": 4, **extra}
 
 
 @pytest.fixture
@@ -112,4 +111,4 @@ def test_private_webhook_url_is_refused_at_submission(client: httpx.Client) -> N
 
 
 def test_ledger_stays_clean(jobs_live: LiveServer) -> None:
-    assert audit.ledger_check(jobs_live.db, timedelta(seconds=jobs_live.settings.hold_ttl_seconds)) == []
+    assert ledger_clean(jobs_live)

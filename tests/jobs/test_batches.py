@@ -4,20 +4,26 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import timedelta
 from decimal import Decimal
 
 import httpx
 import openai
 import pytest
 
-from servelm.billing import audit
 from servelm.jobs.webhooks import verify
 from servelm.money import MICRO
-from servelm.store.tables import holds, usage
+from servelm.store.tables import usage
 from tests.conftest import LiveServer
-from tests.jobs.conftest import SLUG, Receiver, jobs_catalog
+from tests.jobs.conftest import (
+    SLUG,
+    Receiver,
+    credits,
+    jobs_catalog,
+    ledger_clean,
+    open_holds,
+)
 
+CHAT = "/v1/chat/completions"
 LINES = 50
 BAD = {7, 31}  # lines whose body is wrong: they land in the error file
 
@@ -32,11 +38,8 @@ def jsonl(lines: int, prefix: str) -> bytes:
         }
         if i in BAD:
             body["messages"] = [{"role": "wizard", "content": "x"}]
-        out.append(
-            json.dumps(
-                {"custom_id": f"{prefix}-{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}
-            )
-        )
+        line = {"custom_id": f"{prefix}-{i}", "method": "POST", "url": CHAT, "body": body}
+        out.append(json.dumps(line))
     return ("\n".join(out) + "\n").encode()
 
 
@@ -58,9 +61,7 @@ def wait_batch(client: openai.OpenAI, batch_id: str) -> openai.types.Batch:
 def test_sdk_batch_runs_at_the_batch_price(
     jobs_live: LiveServer, client: openai.OpenAI, receiver: Receiver
 ) -> None:
-    before = jobs_live.app.state.billing
-    credits = httpx.get(f"{jobs_live.v1}/credits", headers=jobs_live.headers()).json()
-    start = int(credits["micro_credits"])
+    start = credits(jobs_live)
     uploaded = client.files.create(file=("in.jsonl", jsonl(LINES, "row")), purpose="batch")
     assert uploaded.purpose == "batch" and uploaded.bytes > 0
     hook = f"{receiver.url}/batch-{jobs_live.settings.data_dir.name}"
@@ -99,35 +100,29 @@ def test_sdk_batch_runs_at_the_batch_price(
         assert cost == half.cost_micro(u["prompt_tokens"], u["completion_tokens"])
         assert cost < spec.cost_micro(u["prompt_tokens"], u["completion_tokens"])
         total += cost
-    after = int(httpx.get(f"{jobs_live.v1}/credits", headers=jobs_live.headers()).json()["micro_credits"])
-    assert start - after == total
+    assert start - credits(jobs_live) == total
     assert done.model_extra is not None and Decimal(done.model_extra["cost"]) * MICRO == total
-    del before
 
     # One charge per line that ran, none for the bad ones (refused before any hold).
     with jobs_live.db.read() as conn:
         rows = conn.execute(usage.select().where(usage.c.request_id.like(f"{batch.id}:%"))).all()
-        open_holds = conn.execute(
-            holds.select().where(holds.c.request_id.like(f"{batch.id}:%"), holds.c.settled_at.is_(None))
-        ).all()
-    assert len(rows) == LINES - len(BAD) and not open_holds
-    assert audit.ledger_check(jobs_live.db, timedelta(seconds=jobs_live.settings.hold_ttl_seconds)) == []
+    assert len(rows) == LINES - len(BAD) and not open_holds(jobs_live, batch.id)
+    assert ledger_clean(jobs_live)
 
     listed = client.batches.list(limit=5)
     assert batch.id in [b.id for b in listed.data]
     # The webhook came, signed.
-    secret = httpx.get(f"{jobs_live.base_url}/v2/webhook-secret", headers=jobs_live.headers()).json()["secret"]
-    calls = receiver.wait_for(lambda cs: any(c.path.startswith(hook[len(receiver.url):]) for c in cs))
-    mine = [c for c in calls if c.path == hook[len(receiver.url) :]]
+    url = f"{jobs_live.base_url}/v2/webhook-secret"
+    secret = httpx.get(url, headers=jobs_live.headers()).json()["secret"]
+    path = hook[len(receiver.url) :]
+    calls = receiver.wait_for(lambda cs: any(c.path == path for c in cs))
+    mine = [c for c in calls if c.path == path]
     assert len(mine) == 1 and verify(secret, mine[0].headers, mine[0].body)
     assert json.loads(mine[0].body)["type"] == "batch.completed"
 
 
 def test_cancel_releases_what_was_not_used(jobs_live: LiveServer, client: openai.OpenAI) -> None:
-    credits = lambda: int(  # noqa: E731
-        httpx.get(f"{jobs_live.v1}/credits", headers=jobs_live.headers()).json()["micro_credits"]
-    )
-    start = credits()
+    start = credits(jobs_live)
     uploaded = client.files.create(file=("c.jsonl", jsonl(200, "cx")), purpose="batch")
     batch = client.batches.create(
         input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
@@ -141,13 +136,12 @@ def test_cancel_releases_what_was_not_used(jobs_live: LiveServer, client: openai
     # What ran paid; the rest held nothing and paid nothing.
     with jobs_live.db.read() as conn:
         paid = conn.execute(usage.select().where(usage.c.request_id.like(f"{batch.id}:%"))).all()
-        still_held = conn.execute(
-            holds.select().where(holds.c.request_id.like(f"{batch.id}:%"), holds.c.settled_at.is_(None))
-        ).all()
-    assert not still_held
-    assert start - credits() == sum(r.cost for r in paid)
-    errors = client.files.content(done.error_file_id).text.splitlines() if done.error_file_id else []
-    assert sum(json.loads(e)["error"]["code"] == "batch_cancelled" for e in errors) == 200 - ran - done.request_counts.failed
+    assert not open_holds(jobs_live, batch.id)
+    assert start - credits(jobs_live) == sum(r.cost for r in paid)
+    assert done.error_file_id
+    errors = [json.loads(e) for e in client.files.content(done.error_file_id).text.splitlines()]
+    unrun = 200 - ran - done.request_counts.failed
+    assert sum(e["error"]["code"] == "batch_cancelled" for e in errors) == unrun
 
 
 def test_bad_batches_are_refused_with_400(jobs_live: LiveServer, client: openai.OpenAI) -> None:
@@ -162,7 +156,7 @@ def test_bad_batches_are_refused_with_400(jobs_live: LiveServer, client: openai.
         client.files.create(file=("x.jsonl", b"{}"), purpose="fine-tune")
     with pytest.raises(openai.NotFoundError):
         client.batches.retrieve("batch_nothing")
-    with pytest.raises(openai.BadRequestError, match="(?i)webhook"):
+    with pytest.raises(openai.BadRequestError, match=r"(?i)webhook"):
         f = client.files.create(file=("y.jsonl", jsonl(1, "y")), purpose="batch")
         client.batches.create(
             input_file_id=f.id,
