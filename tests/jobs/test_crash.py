@@ -91,11 +91,15 @@ def test_sigkill_mid_batch_then_restart(env: dict[str, str], tmp_path: Path) -> 
             assert time.monotonic() < deadline, "a killed attempt's hold was never released"
             time.sleep(0.1)
         with db.read() as conn:
-            charges = conn.execute(
-                select(ledger.c.amount).where(
-                    ledger.c.kind == "charge", ledger.c.request_id.like(f"{batch.id}:%")
+            charges = (
+                conn.execute(
+                    select(ledger.c.amount).where(
+                        ledger.c.kind == "charge", ledger.c.request_id.like(f"{batch.id}:%")
+                    )
                 )
-            ).scalars().all()
+                .scalars()
+                .all()
+            )
             balance = conn.execute(
                 select(accounts.c.balance).where(accounts.c.name == "crash")
             ).scalar_one()

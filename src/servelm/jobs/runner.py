@@ -26,7 +26,7 @@ from servelm.billing.clock import utcnow
 from servelm.billing.service import Billing
 from servelm.calls import Call
 from servelm.errors import ServelmError
-from servelm.jobs import store, views, walk
+from servelm.jobs import queue, store, views, walk
 from servelm.jobs.store import Line
 from servelm.jobs.webhooks import Sender
 from servelm.metrics import Metrics
@@ -102,7 +102,7 @@ class Runner:
                 if self._interactive_waiting():
                     await asyncio.sleep(self.poll)
                     continue
-                lines = await self.billing.run(store.claim, self.db, self.owner, self.lease, 1)
+                lines = await self.billing.run(queue.claim, self.db, self.owner, self.lease, 1)
             except Exception:
                 log.exception("claiming queued work failed")
                 await asyncio.sleep(self.poll)
@@ -120,7 +120,7 @@ class Runner:
         finally:
             self._running.discard((line.job_id, line.line_no))
         try:
-            if await self.billing.run(store.finalize, self.db, line.job_id):
+            if await self.billing.run(queue.finalize, self.db, line.job_id):
                 self._webhooks_due.set()
         except Exception:
             log.exception("ending job %s failed; the housekeeping retries", line.job_id)
@@ -153,11 +153,11 @@ class Runner:
     def _record(self, line: Line, tx: Tx, call: Call, body: dict[str, Any]) -> None:
         charged = call.settlement.charged if call.settlement is not None else 0
         if call.status == "ok":
-            store.record_line(tx, line, self.owner, 200, body, charged)
+            queue.record_line(tx, line, self.owner, 200, body, charged)
             return
         exc = call.error or ServelmError("The generation was stopped before it finished.")
         status = exc.status_for("openai")
-        store.record_line(tx, line, self.owner, status, exc.openai_body(), charged)
+        queue.record_line(tx, line, self.owner, status, exc.openai_body(), charged)
 
     async def _end_unrun(self, line: Line, status: int, body: dict[str, Any]) -> None:
         try:
@@ -169,10 +169,10 @@ class Runner:
                     completion_tokens=0,
                     status="error",
                     latency_ms=0,
-                    record=lambda tx, _s: store.record_line(tx, line, self.owner, status, body, 0),
+                    record=lambda tx, _s: queue.record_line(tx, line, self.owner, status, body, 0),
                 )
             else:
-                await self.billing.run(store.fail_line, self.db, line, self.owner, status, body)
+                await self.billing.run(queue.fail_line, self.db, line, self.owner, status, body)
         except holds.Superseded:
             log.info("line %s:%d was taken over by another runner", line.job_id, line.line_no)
 
@@ -185,10 +185,10 @@ class Runner:
             await asyncio.sleep(period)
             try:
                 await self.billing.run(
-                    store.renew, self.db, self.owner, sorted(self._running), self.lease
+                    queue.renew, self.db, self.owner, sorted(self._running), self.lease
                 )
-                for job_id in await self.billing.run(store.unfinished, self.db):
-                    if await self.billing.run(store.finalize, self.db, job_id):
+                for job_id in await self.billing.run(queue.unfinished, self.db):
+                    if await self.billing.run(queue.finalize, self.db, job_id):
                         self._webhooks_due.set()
                 if rounds % 12 == 0:
                     await self._expire()
@@ -202,7 +202,7 @@ class Runner:
             rounds += 1
 
     async def _expire(self) -> None:
-        for job_id in await self.billing.run(store.expire_and_purge, self.db, self.retention):
+        for job_id in await self.billing.run(queue.expire_and_purge, self.db, self.retention):
             # An async request that never ran in its window: its hold is released
             # (unless it started meanwhile: then its runner settles it).
             await self.billing.settle(
@@ -214,7 +214,7 @@ class Runner:
                 latency_ms=0,
                 record=functools.partial(_expire_record, job_id),
             )
-            await self.billing.run(store.finalize, self.db, job_id)
+            await self.billing.run(queue.finalize, self.db, job_id)
 
     # -- webhooks ------------------------------------------------------------------------
 
@@ -222,7 +222,7 @@ class Runner:
         while True:
             self._webhooks_due.clear()
             try:
-                due = await self.billing.run(store.due_webhooks, self.db, timedelta(minutes=5))
+                due = await self.billing.run(queue.due_webhooks, self.db, timedelta(minutes=5))
                 await asyncio.gather(*(self._deliver(job) for job in due))
             except Exception:
                 log.exception("webhook round failed")
@@ -233,15 +233,15 @@ class Runner:
     async def _deliver(self, job: dict[str, Any]) -> None:
         error = await self.sender.deliver(job, views.event(job))
         if error is None:
-            await self.billing.run(store.webhook_sent, self.db, job["id"])
+            await self.billing.run(queue.webhook_sent, self.db, job["id"])
             return
         retry_at = self.sender.retry_at(job["webhook_attempts"])
         log.warning("webhook for %s failed (%s)", job["id"], error)
-        await self.billing.run(store.webhook_failed, self.db, job["id"], error, retry_at)
+        await self.billing.run(queue.webhook_failed, self.db, job["id"], error, retry_at)
         if retry_at is not None:
             delay = (retry_at - utcnow()).total_seconds()
             asyncio.get_running_loop().call_later(max(0.0, delay), self._webhooks_due.set)
 
 
 def _expire_record(job_id: str, tx: Tx, _settlement: holds.Settlement) -> None:
-    store.expire_async(tx, job_id)
+    queue.expire_async(tx, job_id)

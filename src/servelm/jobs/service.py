@@ -25,7 +25,7 @@ from servelm.billing.clock import utcnow
 from servelm.billing.service import Billing
 from servelm.calls import ChatExchange
 from servelm.errors import InvalidRequest, NotFound, PayloadTooLarge
-from servelm.jobs import store, views, walk, webhooks
+from servelm.jobs import queue, store, views, walk, webhooks
 from servelm.jobs.runner import Runner
 from servelm.media import ImageLoader
 from servelm.serving import ChatService
@@ -253,7 +253,7 @@ class Jobs:
         }
 
     async def cancel(self, principal: Principal, batch_id: str) -> dict[str, Any]:
-        job = await self.billing.run(store.cancel_batch, self.db, batch_id, principal.account_id)
+        job = await self.billing.run(queue.cancel_batch, self.db, batch_id, principal.account_id)
         return views.batch_object(job)
 
     def webhook_secret(self, principal: Principal) -> str:

@@ -1,0 +1,63 @@
+"""Operator commands for the job queue: ``servelm jobs list`` and ``servelm jobs
+cancel``. They work on the database directly, like the money commands."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from servelm.cli.billing import DataDir, open_db
+from servelm.errors import ServelmError
+from servelm.jobs import queue, store, views
+from servelm.money import format_credits
+
+console = Console()
+err_console = Console(stderr=True)
+app = typer.Typer(help="List and cancel async requests and batches.", no_args_is_help=True)
+
+
+@app.command("list")
+def list_jobs(
+    status: Annotated[str | None, typer.Option(help="only jobs in this state")] = None,
+    account: Annotated[int | None, typer.Option(help="only this account's jobs")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=1000)] = 50,
+    data_dir: DataDir = None,
+) -> None:
+    """The newest jobs: kind, state, progress and cost."""
+    db = open_db(data_dir)
+    rows = store.list_jobs(db, account_id=account, status=status, limit=limit)
+    depth, age = store.queue_stats(db)
+    table = Table(
+        "id", "kind", "account", "status", "model", "done", "failed", "total", "cost", "created"
+    )
+    for r in rows:
+        table.add_row(
+            r["id"],
+            r["kind"],
+            str(r["account_id"]),
+            r["status"],
+            r["model"] or "",
+            str(r["completed"]),
+            str(r["failed"]),
+            str(r["total"]),
+            format_credits(r["cost"]),
+            str(views.ts(r["created_at"])),
+        )
+    console.print(table)
+    console.print(f"lines waiting: {depth}, oldest {age:.0f} s")
+
+
+@app.command()
+def cancel(job_id: str, data_dir: DataDir = None) -> None:
+    """Cancel a batch (lines not started are dropped, running ones finish), or an
+    async request that has not started (its hold is released)."""
+    db = open_db(data_dir)
+    try:
+        job = queue.cancel(db, job_id)
+    except ServelmError as exc:
+        err_console.print(f"[red]{exc.message}[/red]")
+        raise typer.Exit(1) from None
+    console.print(f"{job['id']}: {job['status']}")
