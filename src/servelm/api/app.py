@@ -188,6 +188,8 @@ def build_jobs(
         poll=settings.jobs_poll_seconds,
         retention=retention,
         metrics=app.state.metrics,
+        # Draining: live requests finish, and no new queued line starts.
+        draining=lambda: bool(app.state.lifecycle.draining),
     )
     jobs = Jobs(app.state.chat, billing, runner, loader, server_secret, retention)
     return jobs, runner, loader

@@ -52,8 +52,7 @@ def list_jobs(
 
 @app.command()
 def cancel(job_id: str, data_dir: DataDir = None) -> None:
-    """Cancel a batch (lines not started are dropped, running ones finish), or an
-    async request that has not started (its hold is released)."""
+    """Cancel a batch, or an async request that has not started (its hold released)."""
     db = open_db(data_dir)
     try:
         job = queue.cancel(db, job_id)

@@ -137,6 +137,20 @@ def renew(db: Database, owner: str, lines: list[tuple[str, int]], lease: timedel
         )
 
 
+def hand_back(db: Database, owner: str) -> int:
+    """A stopping process's running lines, queued again at once (not after their
+    lease): a later attempt runs them; this one can no longer record them."""
+    with db.write() as conn:
+        return int(
+            conn.execute(
+                update(job_lines)
+                .where(job_lines.c.lease_owner == owner, job_lines.c.status == "running")
+                .values(status="pending", lease_owner=None, lease_until=None)
+            ).rowcount
+            or 0
+        )
+
+
 # -- a line's ending (inside the settlement's transaction) -------------------------------
 
 # Statements prepared once (``Database.prepare``): every value a bind parameter

@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -50,6 +51,7 @@ class Runner:
         poll: float,
         retention: timedelta,
         metrics: Metrics | None = None,
+        draining: Callable[[], bool] = lambda: False,
     ) -> None:
         self.chat = chat
         self.billing = billing
@@ -60,6 +62,8 @@ class Runner:
         self.poll = poll
         self.retention = retention
         self.metrics = metrics
+        self.draining = draining
+        self._closing = False
         self.owner = f"{socket.gethostname()[:30]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._running: set[tuple[str, int]] = set()
         self._tasks: list[asyncio.Task[None]] = []
@@ -77,9 +81,16 @@ class Runner:
         self._tasks.append(asyncio.create_task(self._webhooks()))
 
     async def close(self) -> None:
+        """Stop; lines cut short here are not ended but handed back to the queue (a
+        batch line's hold released, an async request's kept for its next run)."""
+        self._closing = True
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        try:
+            await self.billing.run(queue.hand_back, self.db, self.owner)
+        except Exception:
+            log.exception("handing back running lines failed; their leases will expire")
 
     def wake(self) -> None:
         """New work was queued by this process: look now, not at the next poll."""
@@ -99,7 +110,7 @@ class Runner:
     async def _work(self) -> None:
         while True:
             try:
-                if self._interactive_waiting():
+                if self.draining() or self._interactive_waiting():
                     await asyncio.sleep(self.poll)
                     continue
                 lines = await self.billing.run(queue.claim, self.db, self.owner, self.lease, 1)
@@ -151,6 +162,9 @@ class Runner:
             await self._end_unrun(line, 500, ServelmError(INTERNAL).openai_body())
 
     def _record(self, line: Line, tx: Tx, call: Call, body: dict[str, Any]) -> None:
+        if self._closing and call.status != "ok":
+            # Cut short by our own shutdown: not the line's ending.
+            raise holds.Superseded(release=line.kind != "async")
         charged = call.settlement.charged if call.settlement is not None else 0
         if call.status == "ok":
             queue.record_line(tx, line, self.owner, 200, body, charged)
