@@ -55,7 +55,7 @@ def test_two_claimers_never_take_the_same_line(db: Database) -> None:
 def test_an_expired_lease_is_claimed_again_and_the_old_attempt_cannot_record(
     db: Database,
 ) -> None:
-    job_id, account_id = new_batch(db, 1)
+    job_id, _ = new_batch(db, 1)
     (first,) = queue.claim(db, "dead", timedelta(seconds=-1), 1)  # its lease has passed
     (second,) = queue.claim(db, "alive", LEASE, 1)
     assert (second.line_no, second.attempt) == (first.line_no, first.attempt + 1)
