@@ -11,9 +11,10 @@ import pytest
 from servelm.billing import accounts, holds
 from servelm.billing.clock import utcnow
 from servelm.billing.holds import Superseded
+from servelm.errors import NotFound
 from servelm.jobs import queue, store
 from servelm.store.db import Database
-from servelm.store.tables import job_lines
+from servelm.store.tables import job_lines, jobs
 
 LEASE = timedelta(seconds=60)
 
@@ -111,3 +112,19 @@ def test_cancel_drops_unstarted_lines_and_waits_for_running_ones(db: Database) -
     queue.fail_line(db, running, "me", 400, {"error": {}})
     assert queue.finalize(db, job_id)
     assert store.get_job(db, job_id)["status"] == "cancelled"
+
+
+def test_lines_past_the_window_expire_and_old_results_are_purged(db: Database) -> None:
+    job_id, _ = new_batch(db, 3)
+    (ran,) = queue.claim(db, "me", LEASE, 1)
+    queue.fail_line(db, ran, "me", 400, {"error": {}})
+    with db.write() as conn:
+        conn.execute(jobs.update().where(jobs.c.id == job_id).values(expires_at=utcnow()))
+    assert queue.expire_and_purge(db, timedelta(hours=1)) == []  # no async hold to release
+    assert queue.finalize(db, job_id)
+    job = store.get_job(db, job_id)
+    assert job["status"] == "expired" and job["failed"] == 1
+    assert len(store.result_lines(db, job_id, errors=True)) == 3
+    queue.expire_and_purge(db, timedelta(seconds=-1))  # everything finished is old now
+    with pytest.raises(NotFound):
+        store.get_job(db, job_id)

@@ -230,6 +230,8 @@ def finalize(db: Database, job_id: str) -> bool:
     failed), or cancelled. True when this call ended it (and so queued its webhook)."""
     now = utcnow()
     open_lines = exists().where(job_lines.c.job_id == job_id, job_lines.c.status.in_(OPEN_LINE))
+    # Lines left unrun by the completion window: the job expired (OpenAI's status).
+    expired_lines = exists().where(job_lines.c.job_id == job_id, job_lines.c.status == "expired")
     with db.write() as conn:
         ended = conn.execute(
             update(jobs)
@@ -241,6 +243,7 @@ def finalize(db: Database, job_id: str) -> bool:
             .values(
                 status=case(
                     (jobs.c.status == "cancelling", "cancelled"),
+                    (expired_lines, "expired"),
                     (and_(jobs.c.kind == "async", jobs.c.failed > 0), "failed"),
                     else_="completed",
                 ),
