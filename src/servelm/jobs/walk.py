@@ -13,6 +13,7 @@ request), generation and settlement. Settlement carries the line's output row
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -25,6 +26,8 @@ from servelm.errors import InvalidRequest, ServelmError
 from servelm.protocol import ChatRequest
 from servelm.serving import ChatService
 from servelm.store.db import Tx
+
+log = logging.getLogger(__name__)
 
 # Writes the line's ending in the settlement's transaction: (tx, call, body).
 LineRecord = Callable[[Tx, Call, dict[str, Any]], None]
@@ -97,6 +100,7 @@ async def run(
     try:
         async for chunk in chat.generate(call):
             completion.add(chunk)
-    except ServelmError:
-        pass  # recorded with the settlement (call.status, call.error)
+    except ServelmError as exc:
+        # Already settled, and recorded with the settlement (call.status, call.error).
+        log.info("queued request %s failed while generating: %s", hold_id, exc.message)
     return call
