@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
+from pathlib import Path
 
 import httpx
 import pytest
@@ -13,7 +15,7 @@ import pytest
 from servelm.jobs.webhooks import verify
 from servelm.money import MICRO
 from tests.conftest import LiveServer, provision
-from tests.jobs.conftest import SLUG, Receiver, ledger_clean, poll
+from tests.jobs.conftest import SLUG, Receiver, jobs_server, ledger_clean, poll
 
 # 50 in the issue's acceptance (run by hand with SERVELM_TEST_ASYNC_COUNT=50); fewer
 # in the suite, which checks the same things.
@@ -27,6 +29,15 @@ def balance(client: httpx.Client) -> int:
 def body(i: int, **extra: object) -> dict[str, object]:
     messages = [{"role": "user", "content": f"Say a word about {i}."}]
     return {"messages": messages, "max_tokens": 4, **extra}
+
+
+@pytest.fixture(scope="module")
+def jobs_live(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """SQLite only: the queue's moves on PostgreSQL are test_queue's and
+    test_batches' (the suite's time matters more than a second run of the same walk)."""
+    srv = jobs_server(tmp_path_factory.mktemp("async"), models_dir)
+    yield srv
+    srv.stop()
 
 
 @pytest.fixture
