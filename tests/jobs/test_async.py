@@ -19,7 +19,7 @@ from tests.jobs.conftest import SLUG, Receiver, jobs_server, ledger_clean, poll
 
 # 50 in the acceptance (run by hand with SERVELM_TEST_ASYNC_COUNT=50); fewer
 # in the suite, which checks the same things.
-COUNT = int(os.environ.get("SERVELM_TEST_ASYNC_COUNT", "20"))
+COUNT = int(os.environ.get("SERVELM_TEST_ASYNC_COUNT", "12"))
 
 
 def balance(client: httpx.Client) -> int:
