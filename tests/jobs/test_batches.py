@@ -58,6 +58,7 @@ def wait_batch(client: openai.OpenAI, batch_id: str) -> openai.types.Batch:
     raise AssertionError(f"batch {batch_id} did not finish: {batch}")
 
 
+@pytest.mark.timeout(600)  # 50 generations; a loaded machine takes minutes
 def test_sdk_batch_runs_at_the_batch_price(
     jobs_live: LiveServer, client: openai.OpenAI, receiver: Receiver
 ) -> None:

@@ -45,6 +45,7 @@ def env(tmp_path: Path, models_dir: Path) -> Iterator[dict[str, str]]:
     )
 
 
+@pytest.mark.timeout(600)  # two gateway starts and 40 generations
 def test_sigkill_mid_batch_then_restart(env: dict[str, str], tmp_path: Path) -> None:
     (gw,) = procs.start(env, tmp_path / "logs")
     db = Database(Settings(data_dir=Path(env["SERVELM_DATA_DIR"])).db_url)
