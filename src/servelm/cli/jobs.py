@@ -9,9 +9,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from servelm.billing.clock import as_utc
 from servelm.cli.billing import DataDir, open_db
 from servelm.errors import ServelmError
-from servelm.jobs import queue, store, views
+from servelm.jobs import queue, store
 from servelm.money import format_credits
 
 console = Console()
@@ -44,7 +45,7 @@ def list_jobs(
             str(r["failed"]),
             str(r["total"]),
             format_credits(r["cost"]),
-            str(views.ts(r["created_at"])),
+            f"{as_utc(r['created_at']):%Y-%m-%d %H:%M:%S}",
         )
     console.print(table)
     console.print(f"lines waiting: {depth}, oldest {age:.0f} s")
