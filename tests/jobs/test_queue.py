@@ -128,3 +128,14 @@ def test_lines_past_the_window_expire_and_old_results_are_purged(db: Database) -
     queue.expire_and_purge(db, timedelta(seconds=-1))  # everything finished is old now
     with pytest.raises(NotFound):
         store.get_job(db, job_id)
+
+
+def test_a_stopping_process_hands_its_lines_back_at_once(db: Database) -> None:
+    new_batch(db, 2)
+    mine = queue.claim(db, "stopping", LEASE, 2)
+    assert queue.claim(db, "next", LEASE, 2) == []  # leased, and the lease is young
+    assert queue.hand_back(db, "stopping") == 2
+    again = queue.claim(db, "next", LEASE, 2)
+    assert [x.attempt for x in again] == [x.attempt + 1 for x in mine]
+    with pytest.raises(Superseded):
+        queue.fail_line(db, mine[0], "stopping", 400, {"error": {}})
