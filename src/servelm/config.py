@@ -186,7 +186,33 @@ class Settings(BaseSettings):
         "reach although private; bare: ports 80/443, host:port: that port, host:*: any",
     )
 
-    @field_validator("image_allow_hosts", mode="before")
+    # Queued work (servelm.jobs): async requests, batches, webhooks.
+    jobs_concurrency: int = Field(
+        default=0,
+        ge=0,
+        description="queued lines run at once by this process; 0: half the slots (at "
+        "least 1), so live requests keep the rest",
+    )
+    jobs_lease_seconds: float = Field(
+        default=60.0, gt=0, description="how soon a dead process's running lines run again"
+    )
+    jobs_poll_seconds: float = Field(
+        default=0.5, gt=0, description="how often an idle runner looks for queued work"
+    )
+    jobs_retention_hours: float = Field(
+        default=72.0, gt=0, description="how long finished jobs' results and files are kept"
+    )
+    webhook_retry_seconds: float = Field(
+        default=10.0, gt=0, description="first webhook retry delay, doubled after each failure"
+    )
+    webhook_max_attempts: int = Field(default=8, gt=0, description="webhook deliveries tried")
+    webhook_allow_hosts: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(),
+        description="as image_allow_hosts, for webhook URLs (private addresses are "
+        "refused otherwise)",
+    )
+
+    @field_validator("image_allow_hosts", "webhook_allow_hosts", mode="before")
     @classmethod
     def _split_hosts(cls, v: object) -> object:
         if isinstance(v, str):

@@ -219,12 +219,15 @@ def test_models_say_what_each_model_takes(broken: LiveServer) -> None:
 # -- 8: the images 400 says what to configure ----------------------------------------------
 
 
-def test_images_on_a_text_model_say_what_would_make_it_see(fast: LiveServer) -> None:
+def test_images_on_a_text_model_are_refused_in_the_users_terms(fast: LiveServer) -> None:
     image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
     body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}, image]}]}
     r = post(fast, body, route="segmind")
     assert r.status_code == 400
-    assert "vision = true" in r.json()["error"]
+    # The user learns the model takes no images; how to configure one is the
+    # operator's business (the log), not the API user's (issue 29.16).
+    message = r.json()["error"]
+    assert "takes no images" in message and "servelm.toml" not in message
 
 
 # -- 9 and 15: the models file -------------------------------------------------------------

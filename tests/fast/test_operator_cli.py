@@ -174,7 +174,7 @@ def test_ggufgen_help_prints_usage_and_writes_nothing(tmp_path: Path) -> None:
         ("GET", "/v1/chat/completions", 405),
         ("GET", "/v1/scripted", 405),
         ("POST", "/v1/embeddings", 404),
-        ("GET", "/v1/files", 404),
+        ("GET", "/v1/fine_tuning/jobs", 404),
     ],
 )
 def test_routing_errors_tell_a_valid_key_its_balance(

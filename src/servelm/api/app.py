@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from servelm import __version__, ratelimit
 from servelm.api import account, admin, errors, health, metrics, models, openapi
+from servelm.api import jobs as jobs_routes
 from servelm.api.chat import ChatRoute
 from servelm.api.middleware import RequestContextMiddleware
 from servelm.api.paths import OPENAI_CHAT, OPENAI_RESPONSES, is_reserved
@@ -24,15 +25,19 @@ from servelm.auth.keys import Authenticator
 from servelm.billing.service import Billing
 from servelm.catalog.models_file import load_catalog
 from servelm.catalog.specs import Catalog, ModelSpec
-from servelm.chat.media import ImageLoader
+from servelm.chat.media import ImageLoader, MediaLimits
 from servelm.chat.serving import ChatService
 from servelm.config import Settings
 from servelm.console import operator as console_operator
 from servelm.console import routes as console_routes
+from servelm.console import session as console_session
 from servelm.engines.base import Engine
 from servelm.engines.llamacpp import LlamaCppEngine
 from servelm.engines.upstream import OpenAIUpstreamEngine
 from servelm.errors import ModelUnavailable
+from servelm.jobs.runner import Runner
+from servelm.jobs.service import Jobs
+from servelm.jobs.webhooks import Sender
 from servelm.processes.lifecycle import Lifecycle
 from servelm.store.db import Database
 from servelm.telemetry.metrics import Metrics
@@ -167,6 +172,33 @@ def _public(facts: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def build_jobs(
+    app: FastAPI, settings: Settings, billing: Billing
+) -> tuple[Jobs, Runner, ImageLoader]:
+    """The job queue's runner and its two doors (servelm.jobs), on the app's walk."""
+    # Webhook URLs pass the image fetcher's address checks, with their own allow-list.
+    loader = ImageLoader(MediaLimits(allow_hosts=settings.webhook_allow_hosts))
+    server_secret = console_session.app_secret(app)
+    sender = Sender(
+        loader, server_secret, settings.webhook_retry_seconds, settings.webhook_max_attempts
+    )
+    retention = timedelta(hours=settings.jobs_retention_hours)
+    runner = Runner(
+        app.state.chat,
+        billing,
+        sender,
+        concurrency=settings.jobs_concurrency or max(1, settings.slots // 2),
+        lease=timedelta(seconds=settings.jobs_lease_seconds),
+        poll=settings.jobs_poll_seconds,
+        retention=retention,
+        metrics=app.state.metrics,
+        # Draining: live requests finish, and no new queued line starts.
+        draining=lambda: bool(app.state.lifecycle.draining),
+    )
+    jobs = Jobs(app.state.chat, billing, runner, loader, server_secret, retention)
+    return jobs, runner, loader
+
+
 def create_app(
     settings: Settings,
     catalog: Catalog | None = None,
@@ -214,6 +246,9 @@ def create_app(
             limiter=limiter,
             prompt_count=settings.prompt_count,
         )
+        jobs, runner, webhook_loader = build_jobs(app, settings, billing)
+        app.state.jobs = jobs
+        runner.start()
         lifecycle: Lifecycle = app.state.lifecycle
         # After the engines: llama.cpp installs signal handlers of its own; ours win.
         lifecycle.install_signal_handlers()
@@ -230,6 +265,8 @@ def create_app(
         finally:
             lifecycle.ready = False
             await lifecycle.close()
+            await runner.close()
+            await webhook_loader.aclose()
             await invalidation.close()
             await limiter.close()
             await media.aclose()
@@ -265,6 +302,7 @@ def create_app(
     app.include_router(admin.router)
     app.include_router(account.router)
     app.include_router(models.router)
+    app.include_router(jobs_routes.router)
     app.include_router(console_routes.router)  # the web console's pages
     app.include_router(console_operator.router)  # and its operator pages
     # In the router too, where the fast path does not take a request: a GET there is

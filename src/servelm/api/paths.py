@@ -16,7 +16,9 @@ OPENAI_RESPONSES = "/v1/responses"
 
 # servelm's own paths under /v1/ (OpenAI-style or account routes): never a model slug.
 ACCOUNT_PATHS = frozenset({"credits", "usage", "get-user-credits"})
-OWN_SEGMENTS = frozenset({"models", "chat", "responses", *ACCOUNT_PATHS})
+# OpenAI's Batch API (servelm.jobs).
+BATCH_PATHS = frozenset({"files", "batches"})
+OWN_SEGMENTS = frozenset({"models", "chat", "responses", *ACCOUNT_PATHS, *BATCH_PATHS})
 
 # OpenAI's API paths that servelm does not serve: a 404 in OpenAI's envelope saying
 # so, instead of a Segmind call to a model named "embeddings" (issue: the SDKs then
@@ -25,13 +27,11 @@ UNSUPPORTED_OPENAI = frozenset(
     {
         "assistants",
         "audio",
-        "batches",
         "completions",
         "containers",
         "conversations",
         "embeddings",
         "evals",
-        "files",
         "fine_tuning",
         "images",
         "moderations",
@@ -74,6 +74,8 @@ def dialect_for_path(path: str) -> Dialect:
     parts = _segments(path)
     if len(parts) >= 2 and parts[0] == "v1" and not is_reserved(parts[1]):
         return "segmind"
+    if parts and parts[0] == "v2":  # Segmind's async API
+        return "segmind"
     return "openai"
 
 
@@ -89,8 +91,12 @@ def route_family(path: str) -> str:
             return "models"
         if parts[1] in ACCOUNT_PATHS:
             return "account"
+        if parts[1] in BATCH_PATHS:
+            return "batches"
         if not is_reserved(parts[1]):
             return "segmind_chat"
+    if parts and parts[0] == "v2":
+        return "async"
     if parts and parts[0] == "admin":
         return "admin"
     return "other"

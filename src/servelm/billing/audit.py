@@ -16,11 +16,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Row, case, func, select
+from sqlalchemy import Row, case, exists, func, select
 
 from servelm.billing.clock import as_utc, utcnow
 from servelm.store.db import Database
-from servelm.store.tables import accounts, api_keys, holds, ledger, usage
+from servelm.store.tables import accounts, api_keys, holds, jobs, ledger, usage
+
+_WAITING = ("queued", "in_progress")
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,12 @@ def ledger_check(db: Database, hold_ttl: timedelta | None = None) -> list[Discre
             stale = conn.execute(
                 select(holds.c.account_id, accounts.c.name, holds.c.request_id, holds.c.amount)
                 .join(accounts, accounts.c.id == holds.c.account_id)
-                .where(holds.c.settled_at.is_(None), holds.c.created_at < utcnow() - hold_ttl)
+                .where(
+                    holds.c.settled_at.is_(None),
+                    holds.c.created_at < utcnow() - hold_ttl,
+                    # An async request's hold waits, on purpose, for its job to run.
+                    ~exists().where(jobs.c.id == holds.c.request_id, jobs.c.status.in_(_WAITING)),
+                )
                 .order_by(holds.c.created_at)
             ).all()
     problems: list[Discrepancy] = [

@@ -21,6 +21,7 @@ same statement's row, so nothing is read again after it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NoReturn
@@ -285,6 +286,30 @@ def settle_in(
         },
     )
     return Settlement(int(charged), int(row[0]), already=False)
+
+
+class Superseded(Exception):
+    """Raised by a ``settle_with`` record: the work it would record was recorded by
+    someone else (a lease lost to another process). Its transaction rolls back;
+    ``release`` says whether this attempt's hold is then released (a hold of its own)
+    or left to the one who recorded the work (a hold they share)."""
+
+    def __init__(self, *, release: bool) -> None:
+        super().__init__("superseded")
+        self.release = release
+
+
+Record = Callable[[Tx, Settlement], None]
+
+
+def settle_with(db: Database, request_id: str, record: Record, **kw: Any) -> Settlement:
+    """``settle_in`` and the caller's rows in ONE transaction: a job line's output row
+    commits with its charge, so a crash leaves both or neither (servelm.jobs). The
+    record sees the settlement (what was charged, the balance after)."""
+    with db.transaction() as tx:
+        settlement: Settlement = outcome(settle_in(tx, request_id, **kw))
+        record(tx, settlement)
+        return settlement
 
 
 def _int4(n: int) -> int:

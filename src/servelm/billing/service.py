@@ -114,9 +114,14 @@ class Billing:
         amount: int,
         *,
         need: int | None = None,
+        ttl: timedelta | None = None,
     ) -> int:
         """Hold ``amount`` of the balance, if it is at least ``need`` (default: the
-        amount); the balance left, or NotEnoughCredits."""
+        amount); the balance left, or NotEnoughCredits.
+
+        ``ttl``: a hold that outlives this process on purpose (an async request's,
+        held at submission and settled by whichever process runs it, servelm.jobs):
+        it expires then, and is not kept alive by this process's keep-alive."""
         written = self._commit.write(
             holds.reserve_in,
             account_id=principal.account_id,
@@ -124,7 +129,7 @@ class Billing:
             request_id=request_id,
             model=model,
             amount=amount,
-            ttl=self.hold_ttl,
+            ttl=ttl or self.hold_ttl,
             need=need,
         )
         try:
@@ -134,7 +139,8 @@ class Billing:
             # release it then, charging nothing, rather than leave it to expire.
             written.add_done_callback(functools.partial(self._release_abandoned, request_id))
             raise
-        self._live.add(request_id)
+        if ttl is None:
+            self._live.add(request_id)
         return balance
 
     def _release_abandoned(self, request_id: str, written: asyncio.Future[int]) -> None:
@@ -152,20 +158,37 @@ class Billing:
         completion_tokens: int,
         status: str,
         latency_ms: int,
+        record: holds.Record | None = None,
     ) -> holds.Settlement:
+        """Charge and release, once per request id. ``record``: rows that must commit
+        with the charge (``holds.settle_with``); they go in a transaction of their own
+        rather than a group commit, as queued work is not waited on by anyone."""
+        kw: dict[str, Any] = {
+            "charge": charge,
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "status": status,
+            "latency_ms": latency_ms,
+        }
         try:
-            settlement: holds.Settlement = await self._commit.write(
-                holds.settle_in,
-                request_id,
-                charge=charge,
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                status=status,
-                latency_ms=latency_ms,
-            )
+            if record is None:
+                settlement: holds.Settlement = await self._commit.write(
+                    holds.settle_in, request_id, **kw
+                )
+                return settlement
+            try:
+                settlement = await self.run(holds.settle_with, self.db, request_id, record, **kw)
+                return settlement
+            except holds.Superseded as lost:
+                if not lost.release:
+                    # The hold is the other attempt's to settle: nothing moves here.
+                    return holds.Settlement(0, 0, already=True)
+                settlement = await self._commit.write(
+                    holds.settle_in, request_id, **{**kw, "charge": 0, "status": "superseded"}
+                )
+                return settlement
         finally:
             self._live.discard(request_id)
-        return settlement
 
     async def usage(self, account_id: int) -> list[dict[str, Any]]:
         return await self.run(audit.usage_summary, self.db, account_id)

@@ -95,6 +95,8 @@ class ModelSpec(BaseModel):
     # Credits per million tokens. Decimal, never float: money is exact.
     input_price: Decimal = Decimal("0.1")
     output_price: Decimal = Decimal("0.2")
+    # Batch tokens (OpenAI's Batch API, servelm.jobs) cost the prices times this.
+    batch_discount: Decimal = Field(default=Decimal("1"), gt=0, le=1)
     vision: bool = False
     tools: bool = False
     # response_format json_object / json_schema: llama.cpp enforces them with a grammar
@@ -119,7 +121,7 @@ class ModelSpec(BaseModel):
     def _replica_urls(cls, v: object) -> object:
         return coerce_replicas(v)
 
-    @field_validator("input_price", "output_price", mode="before")
+    @field_validator("input_price", "output_price", "batch_discount", mode="before")
     @classmethod
     def _no_float_money(cls, v: object) -> object:
         # TOML gives floats for 0.2; go through str so 0.2 stays exactly 0.2.
@@ -147,6 +149,17 @@ class ModelSpec(BaseModel):
         """What a request with these token counts costs, in micro-credits."""
         return cost_micro(
             prompt_tokens, completion_tokens, self.input_price_micro, self.output_price_micro
+        )
+
+    def batch_priced(self) -> ModelSpec:
+        """This model at its batch prices (sub-micro prices round up, as always)."""
+        if self.batch_discount == 1:
+            return self
+        return self.model_copy(
+            update={
+                "input_price": self.input_price * self.batch_discount,
+                "output_price": self.output_price * self.batch_discount,
+            }
         )
 
     def names(self) -> tuple[str, ...]:

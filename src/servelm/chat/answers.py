@@ -19,51 +19,68 @@ if TYPE_CHECKING:
 UsageOf = Callable[["Call"], dict[str, Any]]
 
 
+class Completion:
+    """One ``chat.completion`` built from the engine's chunks as they pass."""
+
+    def __init__(self, call: Call) -> None:
+        self.call = call
+        self.content: list[str] = []
+        self.tool_calls: dict[int, dict[str, Any]] = {}
+        self.logprobs: list[Any] = []
+
+    def add(self, chunk: dict[str, Any]) -> None:
+        for choice in chunk.get("choices") or ():
+            delta = choice.get("delta") or {}
+            if delta.get("content"):
+                self.content.append(delta["content"])
+            for tc in delta.get("tool_calls") or ():
+                _merge_tool_call(self.tool_calls, tc)
+            lp = shape_logprobs(self.call, choice.get("logprobs"))
+            if lp and lp.get("content"):
+                self.logprobs.extend(lp["content"])
+
+    def body(self, usage: dict[str, Any]) -> dict[str, Any]:
+        call, tool_calls = self.call, self.tool_calls
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": "".join(self.content) if self.content or not tool_calls else None,
+            "refusal": None,
+        }
+        finish_reason = call.finish_reason or "stop"
+        if tool_calls and call.request.legacy_functions:
+            # The legacy ``functions`` answer: one function_call, no ids.
+            message["function_call"] = tool_calls[min(tool_calls)]["function"]
+            finish_reason = _legacy_finish(finish_reason)
+        elif tool_calls:
+            message["tool_calls"] = [tool_calls[i] for i in sorted(tool_calls)]
+        body = completion_body(
+            completion_id=call.completion_id,
+            model=call.spec.slug,
+            created=call.created,
+            message=message,
+            finish_reason=finish_reason,
+            usage=usage,
+            logprobs=(
+                {"content": self.logprobs, "refusal": None} if call.request.logprobs else None
+            ),
+        )
+        body["system_fingerprint"] = system_fingerprint(call.spec)
+        return body
+
+
 async def assemble_completion(
     call: Call, chunks: AsyncGenerator[dict[str, Any]], usage: UsageOf
 ) -> dict[str, Any]:
     """Run to the end and assemble one ``chat.completion``; ``usage`` is read after
     the chunks are exhausted, i.e. after settlement."""
-    content: list[str] = []
-    tool_calls: dict[int, dict[str, Any]] = {}
-    logprobs: list[Any] = []
+    completion = Completion(call)
     try:
         async for chunk in chunks:
-            for choice in chunk.get("choices") or ():
-                delta = choice.get("delta") or {}
-                if delta.get("content"):
-                    content.append(delta["content"])
-                for tc in delta.get("tool_calls") or ():
-                    _merge_tool_call(tool_calls, tc)
-                lp = shape_logprobs(call, choice.get("logprobs"))
-                if lp and lp.get("content"):
-                    logprobs.extend(lp["content"])
+            completion.add(chunk)
     finally:
         # Settlement runs in the generator's own finally: close it now, not at GC.
         await chunks.aclose()
-    message: dict[str, Any] = {
-        "role": "assistant",
-        "content": "".join(content) if content or not tool_calls else None,
-        "refusal": None,
-    }
-    finish_reason = call.finish_reason or "stop"
-    if tool_calls and call.request.legacy_functions:
-        # The legacy ``functions`` answer: one function_call, no ids.
-        message["function_call"] = tool_calls[min(tool_calls)]["function"]
-        finish_reason = _legacy_finish(finish_reason)
-    elif tool_calls:
-        message["tool_calls"] = [tool_calls[i] for i in sorted(tool_calls)]
-    body = completion_body(
-        completion_id=call.completion_id,
-        model=call.spec.slug,
-        created=call.created,
-        message=message,
-        finish_reason=finish_reason,
-        usage=usage(call),
-        logprobs={"content": logprobs, "refusal": None} if call.request.logprobs else None,
-    )
-    body["system_fingerprint"] = system_fingerprint(call.spec)
-    return body
+    return completion.body(usage(call))
 
 
 async def reorder_stream(

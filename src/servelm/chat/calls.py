@@ -12,9 +12,10 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
-from servelm.billing.holds import Settlement
+from servelm.billing.holds import Record, Settlement
 from servelm.billing.money import format_credits
 from servelm.catalog.specs import ModelSpec
 from servelm.chat.conversation import estimate_prompt_tokens, plain_text
@@ -141,6 +142,11 @@ class Call:
     finish_reason: str | None = None
     usage: dict[str, Any] | None = None
     relayed: Relayed = field(default_factory=Relayed)
+    error: ServelmError | None = None  # what ended the generation, if it failed
+    # Queued work (servelm.jobs): a hold that outlives this process (an async
+    # request's), and rows that commit in the settlement's own transaction.
+    hold_ttl: timedelta | None = None
+    record: Record | None = None
 
 
 def output_limit(

@@ -280,45 +280,64 @@ class ImageLoader:
         return b"".join(chunks)
 
     async def _checked_request(self, url: str) -> tuple[str, httpx.Request]:
+        return await self.checked_request(url)
+
+    async def checked_request(
+        self,
+        url: str,
+        *,
+        method: str = "GET",
+        what: str = "image",
+        content: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[str, httpx.Request]:
         """A request to the checked address of ``url``'s host, with the real Host
-        header (and TLS server name), so DNS cannot change between check and use."""
+        header (and TLS server name), so DNS cannot change between check and use.
+        ``what`` names the URL in refusals (webhooks use these checks too)."""
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
+        label = what[:1].upper() + what[1:]
         if scheme not in ("http", "https"):
+            data_too = " (or a data URI)" if what == "image" else ""
             raise InvalidRequest(
-                f"Image URLs must be http or https (or a data URI), not '{scheme or url[:16]}'."
+                f"{label} URLs must be http or https{data_too}, not '{scheme or url[:16]}'."
             )
         host = parts.hostname
         if not host:
-            raise InvalidRequest("The image URL has no host.")
+            raise InvalidRequest(f"The {what} URL has no host.")
         try:
             port = parts.port or (443 if scheme == "https" else 80)
         except ValueError:
-            raise InvalidRequest("The image URL has an invalid port.") from None
-        address = await self._allowed_address(host, port)
+            raise InvalidRequest(f"The {what} URL has an invalid port.") from None
+        address = await self._allowed_address(host, port, what)
         netloc = f"[{address}]" if ":" in address else address
         target = parts._replace(netloc=f"{netloc}:{port}").geturl()
         host_header = parts.netloc.rsplit("@", 1)[-1]
         extensions: dict[str, Any] = {"sni_hostname": host} if scheme == "https" else {}
         request = self.client().build_request(
-            "GET", target, headers={"Host": host_header}, extensions=extensions
+            method,
+            target,
+            headers={**(headers or {}), "Host": host_header},
+            content=content,
+            extensions=extensions,
         )
         return host, request
 
-    async def _allowed_address(self, host: str, port: int) -> str:
+    async def _allowed_address(self, host: str, port: int, what: str = "image") -> str:
         try:
             addresses = [str(ipaddress.ip_address(host))]
         except ValueError:
             try:
                 addresses = await self.resolver(host, port)
             except OSError:
-                raise InvalidRequest(f"The image host {host} could not be resolved.") from None
+                raise InvalidRequest(f"The {what} host {host} could not be resolved.") from None
         if not addresses:
-            raise InvalidRequest(f"The image host {host} could not be resolved.")
+            raise InvalidRequest(f"The {what} host {host} could not be resolved.")
         for address in addresses:
             reason = self._refusal(host, port, ipaddress.ip_address(address))
             if reason:
-                raise InvalidRequest(f"Image URL refused: host {host} resolves to {reason}.")
+                label = what[:1].upper() + what[1:]
+                raise InvalidRequest(f"{label} URL refused: host {host} resolves to {reason}.")
         return addresses[0]
 
     def _refusal(

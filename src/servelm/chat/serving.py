@@ -305,6 +305,7 @@ class ChatService:
                     amount,
                     # No balance exceeds MAX_ACCOUNT_MICRO: past it, refused (BIGINT-safe).
                     need=min(amount * (1 + BOUND_HOLD_ROOM), MAX_ACCOUNT_MICRO + 1),
+                    ttl=call.hold_ttl,
                 )
                 return
             except NotEnoughCredits:
@@ -312,7 +313,7 @@ class ChatService:
         try:
             amount = spec.cost_micro(call.prompt_tokens, call.max_tokens)
             call.held_balance = await self.billing.hold(
-                principal, call.request_id, spec.slug, amount
+                principal, call.request_id, spec.slug, amount, ttl=call.hold_ttl
             )
         except NotEnoughCredits as exc:
             if call.request.requested_max_tokens is not None:
@@ -329,7 +330,7 @@ class ChatService:
             call.max_tokens = call.body["max_tokens"] = affordable
             amount = spec.cost_micro(call.prompt_tokens, affordable)
             call.held_balance = await self.billing.hold(
-                principal, call.request_id, spec.slug, amount
+                principal, call.request_id, spec.slug, amount, ttl=call.hold_ttl
             )
 
     async def json_reply(self, call: Call) -> JsonReply:
@@ -377,8 +378,9 @@ class ChatService:
             ):
                 await bill_what_was_sent(call, "".join(relayed.text), ending)
             call.status = "ok"
-        except ServelmError:
+        except ServelmError as exc:
             call.status = "error"
+            call.error = exc
             raise
         finally:
             # A client hang-up reaches us as cancellation of this task, and a second
@@ -418,6 +420,7 @@ class ChatService:
                     completion_tokens=call.completion_tokens,
                     status=call.status,
                     latency_ms=int((time.perf_counter() - call.started) * 1000),
+                    record=call.record,
                 )
                 if not call.settlement.already and call.settlement.charged < owed:
                     # A charge never exceeds its hold; an engine that counted more

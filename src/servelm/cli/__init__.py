@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from servelm.cli import bench, billing, models, serve, worker
+from servelm.cli import bench, billing, jobs, models, serve, worker
 
 app = typer.Typer(
     name="servelm",
@@ -17,6 +17,7 @@ app.command()(serve.serve)
 app.command()(worker.worker)
 app.command()(bench.bench)
 app.add_typer(models.app, name="models")
+app.add_typer(jobs.app, name="jobs")
 billing.register(app)
 
 

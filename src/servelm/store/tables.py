@@ -138,3 +138,81 @@ console_sessions = Table(
     Column("expires_at", DateTime(timezone=True), nullable=False),
     Column("ended_at", DateTime(timezone=True), nullable=True),
 )
+
+# -- work without a connection (servelm.jobs) ---------------------------------------------
+
+jobs = Table(
+    "jobs",
+    metadata,
+    # req_… (Segmind async) or batch_… (OpenAI batch).
+    Column("id", String(64), primary_key=True),
+    Column("kind", String(8), nullable=False),  # async, batch
+    Column("account_id", Integer, ForeignKey("accounts.id"), nullable=False),
+    Column("key_id", Integer, ForeignKey("api_keys.id"), nullable=False),
+    # The key's public id: the runner authenticates as the key (revocation applies).
+    Column("key_public", String(32), nullable=False),
+    # queued, in_progress, completed, failed, cancelling, cancelled, expired
+    Column("status", String(16), nullable=False),
+    Column("model", String(200), nullable=True),
+    Column("input_file_id", String(64), nullable=True),
+    Column("output_file_id", String(64), nullable=True),
+    Column("error_file_id", String(64), nullable=True),
+    Column("total", Integer, nullable=False, default=0),
+    Column("completed", Integer, nullable=False, default=0),
+    Column("failed", Integer, nullable=False, default=0),
+    Column("cost", BigInteger, nullable=False, default=0),
+    Column("extra", JSON, nullable=True),  # the batch's metadata, endpoint, window
+    Column("webhook_url", Text, nullable=True),
+    Column("webhook_attempts", Integer, nullable=False, default=0),
+    # When the next delivery is due (null: none due); pushed forward while one is sent.
+    Column("webhook_next_at", DateTime(timezone=True), nullable=True),
+    Column("webhook_done_at", DateTime(timezone=True), nullable=True),
+    Column("webhook_error", Text, nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=True),
+    Column("finished_at", DateTime(timezone=True), nullable=True),
+    # Past this, unstarted lines expire (the completion window); a finished job's
+    # results are deleted this long after it finished (retention).
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Index("ix_jobs_account", "account_id", "created_at"),
+    Index("ix_jobs_webhook", "webhook_next_at"),
+)
+
+job_lines = Table(
+    "job_lines",
+    metadata,
+    Column("job_id", String(64), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+    Column("line_no", Integer, primary_key=True, autoincrement=False),
+    Column("custom_id", String(512), nullable=True),
+    Column("body", Text, nullable=False),  # the request, as sent
+    # pending, running, done, failed, cancelled, expired
+    Column("status", String(16), nullable=False),
+    # Which process runs it and until when; a lease past its time is taken again.
+    Column("lease_owner", String(64), nullable=True),
+    Column("lease_until", DateTime(timezone=True), nullable=True),
+    Column("attempts", Integer, nullable=False, default=0),
+    # An async request's hold was made at submission; its output limit is kept here.
+    Column("held_max_tokens", Integer, nullable=True),
+    Column("status_code", Integer, nullable=True),
+    Column("result", Text, nullable=True),  # the response body (JSON), or the error body
+    Column("cost", BigInteger, nullable=False, default=0),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True), nullable=True),
+    Index("ix_job_lines_claim", "status", "lease_until"),
+)
+
+job_files = Table(
+    "job_files",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("account_id", Integer, ForeignKey("accounts.id"), nullable=False),
+    # batch (an upload), batch_output, batch_error (read from the job's lines)
+    Column("purpose", String(32), nullable=False),
+    Column("filename", String(512), nullable=False),
+    Column("bytes", BigInteger, nullable=False, default=0),
+    Column("content", Text, nullable=True),
+    Column("job_id", String(64), nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=True),
+    Index("ix_job_files_account", "account_id", "created_at"),
+)

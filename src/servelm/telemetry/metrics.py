@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -79,6 +79,17 @@ class Metrics:
             "Engine token counts outside what was relayed, by model, count (prompt or "
             "completion) and direction (high or low); billed at what was delivered.",
             ["model", "count", "direction"],
+            registry=self.registry,
+        )
+        # The job queue (servelm.jobs), as its runner last read it (every few seconds).
+        self.jobs_queued = Gauge(
+            "servelm_jobs_queued_lines",
+            "Async requests and batch lines waiting to run.",
+            registry=self.registry,
+        )
+        self.jobs_oldest = Gauge(
+            "servelm_jobs_oldest_queued_seconds",
+            "Age of the oldest line waiting to run (0 when none).",
             registry=self.registry,
         )
         self.registry.register(_EngineCollector(engines))

@@ -2,7 +2,7 @@
 cookie and the operator can sign everyone out.
 
 Revision ID: 0004
-Revises: 0002
+Revises: 0003
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from alembic import op
 
 revision = "0004"
 # (0003 is the jobs branch's; whichever merges second follows the other.)
-down_revision = "0002"
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 
