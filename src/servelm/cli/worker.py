@@ -17,7 +17,7 @@ from servelm.cli.common import (
     load_catalog_or_exit,
     models_file_option,
 )
-from servelm.config import Settings
+from servelm.config import Settings, is_placeholder
 
 
 def worker(
@@ -73,6 +73,15 @@ def worker(
         err_console.print(
             f"[red]error:[/] refusing to listen on {bind} without an API key; "
             "set --api-key or SERVELM_WORKER_KEY"
+        )
+        raise typer.Exit(2)
+    if is_placeholder(api_key):
+        # Copied from deploy/ or the docs: a key everyone who read them knows.
+        err_console.print(
+            "[red]error:[/] refusing to start: the worker key (--api-key or "
+            "SERVELM_WORKER_KEY) is a placeholder from the deploy files or docs; set it "
+            "to a secret of your own, and the same in the gateways' models file",
+            highlight=False,
         )
         raise typer.Exit(2)
     settings = Settings.from_env(
