@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import typer.main
 import yaml
@@ -104,9 +106,9 @@ def test_the_models_files_load(tmp_path: Path) -> None:
             path.write_text(doc["stringData"]["servelm.toml"])
             files.append(path)
     assert len(files) == 2
-    for path in files:
+    for path, replicas in zip(files, (2, 4), strict=True):
         spec = load_catalog(tmp_path, path).resolve("smollm2-135m-instruct")
-        assert spec.engine == "openai" and len(spec.replicas) == 2
+        assert spec.engine == "openai" and len(spec.replicas) == replicas
 
 
 def test_compose_wires_gateways_to_workers() -> None:
@@ -242,3 +244,104 @@ def test_a_worker_drains_for_the_configured_window(
     result = CliRunner().invoke(app, ["worker", "--model", "smollm2-135m-instruct", *flags])
     assert result.exit_code == 0, result.output
     assert seen["timeout_graceful_shutdown"] == expected
+
+
+# -- autoscaling: the manifest scales workers on metrics /metrics really exports ---------
+
+SCALER = DEPLOY / "k8s" / "autoscaling" / "keda-workers.yaml"
+SERIES = re.compile(r"(servelm_[a-z_]+)\{model=\"([^\"]+)\"\}")
+
+
+def test_the_autoscaler_targets_the_workers_within_the_listed_replicas(tmp_path: Path) -> None:
+    (scaler,) = yaml.safe_load_all(SCALER.read_text())
+    assert scaler["kind"] == "ScaledObject"
+    target = scaler["spec"]["scaleTargetRef"]
+    workers = [
+        d for d in yaml.safe_load_all((DEPLOY / "k8s" / "workers.yaml").read_text())
+        if d["kind"] == "StatefulSet"
+    ]  # fmt: skip
+    assert (target["kind"], target["name"]) == ("StatefulSet", workers[0]["metadata"]["name"])
+    # Without discovery the gateways reach only the listed workers.
+    for doc in yaml.safe_load_all((DEPLOY / "k8s" / "secrets.yaml").read_text()):
+        if "servelm.toml" in doc.get("stringData", {}):
+            (tmp_path / "k8s.toml").write_text(doc["stringData"]["servelm.toml"])
+    spec = load_catalog(tmp_path, tmp_path / "k8s.toml").resolve("smollm2-135m-instruct")
+    lo, hi = scaler["spec"]["minReplicaCount"], scaler["spec"]["maxReplicaCount"]
+    assert 1 <= lo <= workers[0]["spec"]["replicas"] <= hi <= len(spec.replicas)
+    # The threshold is per worker: below its slots, so it scales before requests queue.
+    (container,) = workers[0]["spec"]["template"]["spec"]["containers"]
+    slots = int(container["command"][container["command"].index("--slots") + 1])
+    for trigger in scaler["spec"]["triggers"]:
+        assert trigger["type"] == "prometheus"
+        assert 0 < float(trigger["metadata"]["threshold"]) <= slots
+        assert SERIES.findall(trigger["metadata"]["query"]), trigger
+
+
+def test_the_autoscaler_queries_series_that_gateways_and_workers_export(
+    tmp_path: Path, models_dir: Path
+) -> None:
+    from servelm.catalog.specs import Catalog, ModelSpec
+    from servelm.testing import instant_upstream
+    from tests.conftest import make_settings, start_server
+    from tests.fleet import fleetprocs
+    from tests.servers import serve_in_thread
+
+    (scaler,) = yaml.safe_load_all(SCALER.read_text())
+    wanted = {s for t in scaler["spec"]["triggers"] for s in SERIES.findall(t["metadata"]["query"])}
+    slug = "smollm2-135m-instruct"
+    assert {model for _, model in wanted} == {slug}
+    # A gateway relaying the model (as deploy/k8s's do) and a worker serving it.
+    upstream = serve_in_thread(instant_upstream.make_app())
+    remote = ModelSpec(slug=slug, engine="openai", replicas=[f"{upstream.base_url}/v1"])  # type: ignore[arg-type]
+    gateway = start_server(make_settings(tmp_path, models_dir), Catalog([remote]))
+    worker = fleetprocs.worker(tmp_path, models_dir).start()
+    try:
+        worker.wait_ready()
+        exported = set()
+        for url in (gateway.base_url, worker.url):
+            text = httpx.get(f"{url}/metrics", timeout=10).text
+            exported |= set(SERIES.findall(text))
+    finally:
+        worker.stop()
+        gateway.stop()
+        upstream.stop()
+    assert wanted <= exported, wanted - exported
+
+
+def test_a_gateway_counts_its_requests_in_flight_on_a_remote_model(tmp_path: Path) -> None:
+    """The gateways' half of the signal: a stream held open at a replica is running."""
+    from servelm.catalog.specs import Catalog, ModelSpec
+    from servelm.testing import instant_upstream
+    from tests.conftest import make_settings, start_server
+    from tests.servers import serve_in_thread
+
+    # One chunk every 0.2 s: the stream stays open while the test looks.
+    upstream = serve_in_thread(instant_upstream.make_app(chunk_delay=0.2))
+    spec = ModelSpec(slug="far", engine="openai", replicas=[f"{upstream.base_url}/v1"])  # type: ignore[arg-type]
+    gateway = start_server(make_settings(tmp_path, tmp_path / "models"), Catalog([spec]))
+    running = 'servelm_engine_running{model="far"} '
+
+    def gauge() -> float:
+        text = httpx.get(f"{gateway.base_url}/metrics", timeout=10).text
+        (line,) = [x for x in text.splitlines() if x.startswith(running)]
+        return float(line.removeprefix(running))
+
+    try:
+        assert gauge() == 0
+        body = {"model": "far", "stream": True, "max_tokens": 200,
+                "messages": [{"role": "user", "content": "hi"}]}  # fmt: skip
+        with httpx.stream("POST", f"{gateway.base_url}/v1/chat/completions", json=body,
+                          headers=gateway.headers(), timeout=30) as resp:  # fmt: skip
+            assert resp.status_code == 200
+            lines = resp.iter_lines()  # kept: a dropped iterator closes the response
+            next(lines)  # the first chunk: the request is at the replica
+            assert gauge() == 1
+        deadline = time.monotonic() + 30
+        while gauge() != 0:  # the hang-up reaches the relay
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        gateway.stop()
+        # The upstream would otherwise finish the abandoned stream before stopping.
+        upstream.server.force_exit = True
+        upstream.stop()
