@@ -8,8 +8,10 @@ after start-up.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -28,6 +30,15 @@ def default_data_dir() -> Path:
         return Path(env).expanduser()
     xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(xdg) / "servelm"
+
+
+# The placeholders deploy/ and docs/ show in place of secrets: "change-me..." and the
+# docs' example worker keys.
+_PLACEHOLDER = re.compile(r"change[-_ ]?me.*|worker-key|other-key", re.IGNORECASE)
+
+
+def is_placeholder(secret: str | None) -> bool:
+    return secret is not None and _PLACEHOLDER.fullmatch(secret.strip()) is not None
 
 
 class Settings(BaseSettings):
@@ -59,6 +70,11 @@ class Settings(BaseSettings):
         default=None,
         description="signs the web console's session cookies (default: a random secret "
         "kept in the data dir; gateways behind one load balancer set the same value)",
+    )
+    metrics_token: str | None = Field(
+        default=None,
+        description="`/metrics` asks for this bearer token (default: open, for a "
+        "scraper on a private network)",
     )
     session_ttl_seconds: int = Field(
         default=8 * 3600, gt=0, description="how long a console sign-in lasts"
@@ -232,6 +248,20 @@ class Settings(BaseSettings):
             decode_workers=self.image_decode_workers,
             allow_hosts=self.image_allow_hosts,
         )
+
+    def placeholder_secrets(self) -> list[str]:
+        """The settings holding a placeholder from the deploy files or docs: a gateway
+        started with one would run with a publicly known secret."""
+        named = {
+            "SERVELM_ADMIN_TOKEN": self.admin_token,
+            "SERVELM_SESSION_SECRET": self.session_secret,
+            "SERVELM_METRICS_TOKEN": self.metrics_token,
+        }
+        found = [name for name, value in named.items() if is_placeholder(value)]
+        password = urlsplit(self.database_url or "").password
+        if is_placeholder(password):
+            found.append("SERVELM_DATABASE_URL (its password)")
+        return found
 
     @property
     def json_logs(self) -> bool:

@@ -1,6 +1,6 @@
 """Operator probes: ``/healthz`` (the process is alive and its loop turns) and
-``/readyz`` (database reachable, models loaded, not draining), plus the gate in front
-of the chat routes that sheds requests while draining or over capacity."""
+``/readyz`` (database reachable, a model able to serve, not draining), plus the gate
+in front of the chat routes that sheds requests while draining or over capacity."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from servelm.api.errors import render
 from servelm.api.paths import dialect_for_path
+from servelm.engines.base import Engine
+from servelm.engines.upstream import OpenAIUpstreamEngine
 from servelm.errors import ServelmError
 from servelm.processes.lifecycle import SLOW_CLIENT, Lifecycle
 
@@ -24,6 +26,14 @@ async def healthz() -> dict[str, str]:
     # Nothing to wait on: answered by the loop alone, so it stays fast while engines
     # and the database are busy.
     return {"status": "alive"}
+
+
+def can_serve(engine: Engine) -> bool:
+    """A local engine serves once loaded; a remote model while one of its replicas is
+    in rotation (the health checker readmits them, so this comes back by itself)."""
+    if isinstance(engine, OpenAIUpstreamEngine):
+        return any(r.healthy for r in engine.replicas.all)
+    return True
 
 
 def _ping(request: Request) -> None:
@@ -43,6 +53,8 @@ async def readyz(request: Request) -> JSONResponse:
         chat = request.app.state.chat
         if not chat.engines:
             problems.append("no model loaded")
+        elif not any(can_serve(e) for e in chat.engines.values()):
+            problems.append("no model can serve: every replica is ejected")
         try:
             await asyncio.wait_for(request.app.state.billing.run(_ping, request), 1.0)
         except Exception as exc:

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import inspect
+import logging
+import os
+import sys
 import types
 import typing
 from typing import Any
 
 import typer
 
-from servelm.catalog.models_file import ConfigError
+from servelm.catalog.models_file import ConfigError, load_catalog
+from servelm.catalog.specs import Catalog
 from servelm.cli import server_state
 from servelm.cli.common import console, err_console, models_file_option
-from servelm.config import Settings, default_text
+from servelm.config import Settings, default_text, is_placeholder
+
+log = logging.getLogger(__name__)
 
 
 def _flag_type(annotation: Any) -> Any:
@@ -78,10 +84,12 @@ def serve(**flags: Any) -> None:
         )
         raise typer.Exit(2)
     try:
-        asgi = create_app(settings)
+        catalog = load_catalog(settings.model_dir, settings.models_file)
     except ConfigError as exc:
         err_console.print(f"[red]error:[/] {exc}", highlight=False)
         raise typer.Exit(2) from exc
+    _refuse_placeholders(settings, catalog)
+    asgi = create_app(settings, catalog)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     try:
         default_model.ensure_default_model(settings.model_dir, verify=False)
@@ -122,9 +130,32 @@ def _run(asgi: Any, settings: Settings) -> None:
     server.run()
 
 
+def _refuse_placeholders(settings: Settings, catalog: Catalog) -> None:
+    """A secret left at the deploy files' placeholder is known to everyone who read
+    them: refuse to start, naming every value to set."""
+    found = settings.placeholder_secrets()
+    for spec in catalog:
+        keys = [spec.api_key, *(r.api_key for r in spec.replicas)]
+        if any(is_placeholder(k) for k in keys):
+            found.append(f"api_key of model {spec.slug} in {settings.models_file} (the worker key)")
+    if found:
+        err_console.print(
+            "[red]error:[/] refusing to start: these hold a placeholder from the deploy "
+            f"files or docs, set each to a secret of your own: {'; '.join(found)}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(2)
+
+
+# Where the first start leaves the key when no terminal is there to show it.
+FIRST_KEY_FILE = "first-api-key"
+
+
 def _first_start(settings: Settings) -> None:
     """On an empty database: a default account with starter credits, and its key,
-    printed this once."""
+    shown this once: on the terminal, or where no terminal is (a container's log is
+    read by many), in a file only this user can read, named in one log line."""
     from rich.panel import Panel
 
     from servelm.billing.accounts import bootstrap
@@ -136,6 +167,19 @@ def _first_start(settings: Settings) -> None:
     key = bootstrap(db, settings.starter_credits * MICRO)
     db.dispose()
     if key is None:
+        return
+    if not sys.stdout.isatty():
+        path = settings.data_dir / FIRST_KEY_FILE
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            os.fchmod(fd, 0o600)  # the file may have been there with another mode
+            out.write(key + "\n")
+        log.warning(
+            "first start: the API key of account 'default' (%d credits) is in %s, "
+            "readable by this user only; keep it elsewhere and delete the file",
+            settings.starter_credits,
+            path,
+        )
         return
     url = f"http://{settings.host}:{settings.port}"
     console.print(

@@ -4,6 +4,7 @@ gateways to route to (servelm.fleet); no accounts, no credits."""
 from __future__ import annotations
 
 import ipaddress
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -16,7 +17,7 @@ from servelm.cli.common import (
     load_catalog_or_exit,
     models_file_option,
 )
-from servelm.config import Settings
+from servelm.config import Settings, is_placeholder
 
 
 def worker(
@@ -44,6 +45,13 @@ def worker(
         int | None, typer.Option(help="Requests that may wait before 503.")
     ] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
+    drain_seconds: Annotated[
+        float | None,
+        typer.Option(
+            help="After SIGTERM, how long running requests may finish "
+            "[env: SERVELM_DRAIN_SECONDS; default: 30]."
+        ),
+    ] = None,
     models_file: ModelsFileOpt = None,
 ) -> None:
     """Serve one model as a bare OpenAI-compatible engine for gateways to route to:
@@ -67,12 +75,22 @@ def worker(
             "set --api-key or SERVELM_WORKER_KEY"
         )
         raise typer.Exit(2)
+    if is_placeholder(api_key):
+        # Copied from deploy/ or the docs: a key everyone who read them knows.
+        err_console.print(
+            "[red]error:[/] refusing to start: the worker key (--api-key or "
+            "SERVELM_WORKER_KEY) is a placeholder from the deploy files or docs; set it "
+            "to a secret of your own, and the same in the gateways' models file",
+            highlight=False,
+        )
+        raise typer.Exit(2)
     settings = Settings.from_env(
         data_dir=data_dir,
         slots=slots,
         threads=threads,
         queue_size=queue_size,
         log_level=log_level,
+        drain_seconds=drain_seconds,
         models_file=models_file_option(models_file),
     )
     logs.setup(settings.log_level, settings.json_logs)
@@ -86,5 +104,7 @@ def worker(
         except default_model.FetchError as exc:
             err_console.print(f"[yellow]default model not available:[/] {exc}")
     asgi = worker_app(spec, build_engine(spec, settings), settings, api_key=api_key)
+    # Streams running at SIGTERM get the drain window the deploy files size their
+    # grace periods on (not uvicorn's default of cutting them at once).
     uvicorn.run(asgi, host=bind, port=port, log_config=None, access_log=False,
-                timeout_graceful_shutdown=10)  # fmt: skip
+                timeout_graceful_shutdown=math.ceil(settings.drain_seconds))  # fmt: skip
