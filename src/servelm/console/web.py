@@ -10,6 +10,8 @@ from urllib.parse import parse_qs
 from fastapi import Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from markdown_it import MarkdownIt
+from markupsafe import Markup
 
 from servelm.console import session
 from servelm.errors import CsrfFailed, InvalidRequest, PayloadTooLarge
@@ -25,6 +27,11 @@ _env = Environment(
     lstrip_blocks=True,
 )
 _env.filters["credits"] = format_credits
+# CommonMark with raw HTML off: a description's "<script>" is text, and link targets
+# other than http(s), mailto and relative ones are refused by markdown-it itself.
+_markdown = MarkdownIt("commonmark", {"html": False})
+_env.filters["markdown"] = lambda text: Markup(_markdown.render(text or ""))
+_env.filters["markdown_inline"] = lambda text: Markup(_markdown.renderInline(text or ""))
 
 # Scripts and styles only from our own origin: no inline script can run, whatever
 # text a model or an account name smuggles into a page.
