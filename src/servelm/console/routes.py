@@ -21,6 +21,8 @@ from servelm.catalog import ModelSpec
 from servelm.console import docs, session, web
 from servelm.errors import AuthenticationError, NotFound
 from servelm.money import format_credits
+from servelm.ratelimit.policy import account_plan
+from servelm.ratelimit.records import get_plan
 
 router = APIRouter(include_in_schema=False)
 
@@ -173,6 +175,15 @@ async def account(request: Request) -> Response:
     recent = await billing.run(audit.recent_requests, db, principal.account_id, 20)
     key_rows = await billing.run(accounts.list_keys, db, principal.account_id)
     last_used = await billing.run(audit.keys_last_used, db, principal.account_id)
+    plan_name = await billing.run(get_plan, db, principal.account_id)
+    from servelm.console import account_keys  # (it imports this module)
+
+    chat = request.app.state.chat
+    grantable = [
+        s.slug
+        for s in chat.catalog
+        if principal.allowed_models is None or s.slug in principal.allowed_models
+    ]
     return web.render(
         request,
         "account.html",
@@ -183,6 +194,13 @@ async def account(request: Request) -> Response:
         recent=recent,
         keys=key_rows,
         last_used=last_used,
+        key_usage=account_keys.usage_per_key(rows),
+        grantable=grantable,
+        plan=account_plan(request.app.state.limiter.plans, plan_name),
+        plan_name=plan_name or "default",
+        new_key=request.cookies.get(account_keys.NEW_KEY_COOKIE, ""),
+        message=request.query_params.get("msg", ""),
+        error=request.query_params.get("err", ""),
     )
 
 
