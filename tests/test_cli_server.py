@@ -5,7 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests import procs
+
+pytestmark = pytest.mark.slow  # a real `servelm serve` process
 
 
 def test_models_list_finds_the_server_serve_started(tmp_path: Path, models_dir: Path) -> None:

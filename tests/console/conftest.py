@@ -120,6 +120,11 @@ def console(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         f'[models.{PACED}]\nengine = "openai"\nbase_url = "http://127.0.0.1:{port}/v1"\n'
         "context_window = 4096\nmax_output_tokens = 1024\ninput_price = 1\noutput_price = 2\n"
         'description = "Paced test model"\nvision = true\n'
+        # What an operator writes for a page (issue 29.4): Markdown, hostile HTML too.
+        'display_name = "Paced Test Model"\n'
+        'features = ["**Deterministic** replies", "<img src=x onerror=alert(1)> is text"]\n'
+        # Every account's plan: generous, but a ceiling for the keys users make.
+        "\n[plans.default]\nrpm = 1000\nconcurrency = 50\n"
     )
     settings = make_settings(
         tmp, models_dir, admin_token=ADMIN_TOKEN, key_cache_seconds=1.0, models_file=models_file

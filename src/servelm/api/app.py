@@ -28,6 +28,7 @@ from servelm.catalog.specs import Catalog, ModelSpec
 from servelm.chat.media import ImageLoader, MediaLimits
 from servelm.chat.serving import ChatService
 from servelm.config import Settings
+from servelm.console import account_keys as console_account_keys
 from servelm.console import operator as console_operator
 from servelm.console import routes as console_routes
 from servelm.console import session as console_session
@@ -304,6 +305,7 @@ def create_app(
     app.include_router(models.router)
     app.include_router(jobs_routes.router)
     app.include_router(console_routes.router)  # the web console's pages
+    app.include_router(console_account_keys.router)  # its self-service keys
     app.include_router(console_operator.router)  # and its operator pages
     # In the router too, where the fast path does not take a request: a GET there is
     # a 405. No other route fully matches a POST to /v1/<one segment>, so their place

@@ -16,7 +16,7 @@ router = APIRouter(tags=["models"], dependencies=[Depends(caller)])
 
 def _card(request: Request, spec: ModelSpec) -> dict[str, Any]:
     engines = request.app.state.chat.engines
-    return model_card(
+    card = model_card(
         spec.slug,
         spec.owned_by,
         request.app.state.started_at,
@@ -32,6 +32,9 @@ def _card(request: Request, spec: ModelSpec) -> dict[str, Any]:
             "output_per_million": str(spec.output_price),
         },
     )
+    # What the model page shows (issue 29.4): Markdown text, as the catalog has it.
+    card.update(display_name=spec.title, description=spec.description, features=list(spec.features))
+    return card
 
 
 @router.get("/v1/models")

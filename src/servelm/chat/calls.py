@@ -73,9 +73,9 @@ class ChatExchange:
     api_key: str | None = None  # x-api-key
     authorization: str | None = None
     idempotency_key: str | None = None
-    # A web console session's key id (signature, expiry and CSRF token checked by the
-    # HTTP layer), used only when the request carries no key.
-    # The playground's console session: (API key id, session id).
+    # A web console session (the playground's): its API key id and session id, the
+    # signature, expiry and CSRF token checked by the HTTP layer, whether it is still
+    # live by the walk; used only when the request carries no key.
     session: tuple[str, str] | None = None
     # "responses": the body is a Responses API request, answered in its shapes.
     api: Literal["chat", "responses"] = "chat"

@@ -49,7 +49,7 @@ def worker(
         float | None,
         typer.Option(
             help="After SIGTERM, how long running requests may finish "
-            "[env: SERVELM_DRAIN_SECONDS; default: 30]."
+            "(env: SERVELM_DRAIN_SECONDS; default: 30)."
         ),
     ] = None,
     models_file: ModelsFileOpt = None,

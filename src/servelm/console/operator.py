@@ -21,6 +21,8 @@ from servelm.billing.service import Billing
 from servelm.console import session, web
 from servelm.console.routes import model_state
 from servelm.errors import AuthenticationError, InvalidRequest, ServelmError
+from servelm.ratelimit import records as limit_records
+from servelm.ratelimit.policy import check_plan
 
 router = APIRouter(prefix="/operator", include_in_schema=False)
 
@@ -66,9 +68,12 @@ async def console(request: Request) -> Response:
                 "slots": getattr(engine, "slots", None) or spec.slots or "",
             }
         )
+    plans = request.app.state.limiter.plans
     return web.render(
         request,
         "operator.html",
+        plans={name: plans[name] for name in sorted(plans)},
+        account_plans=await billing.run(limit_records.all_plans, db),
         accounts=rows,
         keys=key_rows,
         names=names,
@@ -143,6 +148,23 @@ async def grant(
     except ServelmError as exc:
         return _done(exc.message, error=True)
     return _done(f"Granted; account {account_id} now has {format_credits(balance)} credits.")
+
+
+@router.post("/accounts/{account_id}/plan", dependencies=_guarded)
+async def set_plan(
+    request: Request, account_id: int, fields: dict[str, str] = Depends(web.form)
+) -> Response:
+    """The same check and change as ``PUT /admin/accounts/{id}/plan``."""
+    billing = _billing(request)
+    plan = fields.get("plan", "").strip() or None
+    try:
+        check_plan(plan, request.app.state.limiter.plans)
+        await billing.run(limit_records.set_plan, billing.db, account_id, plan)
+    except ServelmError as exc:
+        return _done(exc.message, error=True)
+    # Every gateway re-reads the account's limits at its next request.
+    await request.app.state.invalidation.account_changed(account_id)
+    return _done(f"Account {account_id} is on plan {plan or 'default'}.")
 
 
 @router.post("/accounts/{account_id}/keys", dependencies=_guarded)

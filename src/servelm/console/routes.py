@@ -14,13 +14,15 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
-from servelm.auth.keys import Authenticator, Principal
+from servelm.auth.keys import Authenticator
 from servelm.billing import accounts, audit
 from servelm.billing.money import format_credits
 from servelm.billing.service import Billing
 from servelm.catalog.specs import ModelSpec
-from servelm.console import docs, session, web
+from servelm.console import account_keys, docs, session, web
 from servelm.errors import AuthenticationError, NotFound
+from servelm.ratelimit.policy import account_plan
+from servelm.ratelimit.records import get_plan
 
 router = APIRouter(include_in_schema=False)
 
@@ -103,22 +105,12 @@ async def model_page(request: Request, slug: str) -> Response:
         response_example=docs.response_example(spec),
         image_example=docs.IMAGE_EXAMPLE,
         placeholder=docs.KEY_PLACEHOLDER,
+        # The try-it box runs only for a live session (not a signed-out cookie).
+        signed_in=await web.current_principal(request) is not None,
     )
 
 
 # -- the signed-in user ----------------------------------------------------------------
-
-
-async def current_principal(request: Request) -> Principal | None:
-    """The session's key, checked like the key itself (revoked or expired: None)."""
-    payload = await web.live(request, web.session_payload(request))
-    if payload is None:
-        return None
-    authenticator: Authenticator = request.app.state.chat.authenticator
-    try:
-        return await authenticator.authenticate_key_id(str(payload["kid"]))
-    except AuthenticationError:
-        return None
 
 
 def _sign_in_page(request: Request, status_code: int = 200, error: str = "") -> Response:
@@ -161,7 +153,7 @@ async def sign_out(request: Request, fields: dict[str, str] = Depends(web.form))
 
 @router.get("/account")
 async def account(request: Request) -> Response:
-    principal = await current_principal(request)
+    principal = await web.current_principal(request)
     if principal is None:
         return _sign_in_page(request)
     billing: Billing = request.app.state.billing
@@ -171,6 +163,14 @@ async def account(request: Request) -> Response:
     recent = await billing.run(audit.recent_requests, db, principal.account_id, 20)
     key_rows = await billing.run(accounts.list_keys, db, principal.account_id)
     last_used = await billing.run(audit.keys_last_used, db, principal.account_id)
+    plan_name = await billing.run(get_plan, db, principal.account_id)
+
+    chat = request.app.state.chat
+    grantable = [
+        s.slug
+        for s in chat.catalog
+        if principal.allowed_models is None or s.slug in principal.allowed_models
+    ]
     return web.render(
         request,
         "account.html",
@@ -181,13 +181,20 @@ async def account(request: Request) -> Response:
         recent=recent,
         keys=key_rows,
         last_used=last_used,
+        key_usage=account_keys.usage_per_key(rows),
+        grantable=grantable,
+        plan=account_plan(request.app.state.limiter.plans, plan_name),
+        plan_name=plan_name or "default",
+        new_key=request.cookies.get(account_keys.NEW_KEY_COOKIE, ""),
+        message=request.query_params.get("msg", ""),
+        error=request.query_params.get("err", ""),
     )
 
 
 @router.get("/account/balance.json")
 async def balance(request: Request) -> Response:
     """The signed-in account's balance, for the playground after a stopped reply."""
-    principal = await current_principal(request)
+    principal = await web.current_principal(request)
     if principal is None:
         raise AuthenticationError("Not signed in.")
     micro = await request.app.state.billing.balance(principal.account_id)
@@ -252,7 +259,7 @@ def usage_chart(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 @router.get("/playground")
 async def playground(request: Request) -> Response:
-    principal = await current_principal(request)
+    principal = await web.current_principal(request)
     if principal is None:
         return _sign_in_page(request, error="Sign in with an API key to use the playground.")
     chat = request.app.state.chat

@@ -10,10 +10,13 @@ from urllib.parse import parse_qs
 from fastapi import Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from markdown_it import MarkdownIt
+from markupsafe import Markup
 
+from servelm.auth.keys import Authenticator, Principal
 from servelm.billing.money import format_credits
 from servelm.console import session
-from servelm.errors import CsrfFailed, InvalidRequest, PayloadTooLarge
+from servelm.errors import AuthenticationError, CsrfFailed, InvalidRequest, PayloadTooLarge
 
 HERE = Path(__file__).parent
 STATIC = HERE / "static"
@@ -25,6 +28,11 @@ _env = Environment(
     lstrip_blocks=True,
 )
 _env.filters["credits"] = format_credits
+# CommonMark with raw HTML off: a description's "<script>" is text, and link targets
+# other than http(s), mailto and relative ones are refused by markdown-it itself.
+_markdown = MarkdownIt("commonmark", {"html": False})
+_env.filters["markdown"] = lambda text: Markup(_markdown.render(text or ""))
+_env.filters["markdown_inline"] = lambda text: Markup(_markdown.renderInline(text or ""))
 
 # Scripts and styles only from our own origin: no inline script can run, whatever
 # text a model or an account name smuggles into a page.
@@ -165,3 +173,15 @@ def operator_payload(request: Request) -> dict[str, Any] | None:
     if payload.get("tf") != session.admin_fingerprint(token):
         return None
     return payload
+
+
+async def current_principal(request: Request) -> Principal | None:
+    """The session's key, checked like the key itself (revoked or expired: None)."""
+    payload = await live(request, session_payload(request))
+    if payload is None:
+        return None
+    authenticator: Authenticator = request.app.state.chat.authenticator
+    try:
+        return await authenticator.authenticate_key_id(str(payload["kid"]))
+    except AuthenticationError:
+        return None

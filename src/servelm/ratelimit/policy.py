@@ -100,6 +100,23 @@ def check_plan(plan: str | None, plans: dict[str, Plan]) -> None:
     )
 
 
+def account_plan(plans: dict[str, Plan], name: str | None) -> Plan:
+    """The plan an account runs on (its own, or ``default``; none: no limits)."""
+    return plans.get(name or DEFAULT_PLAN) or Plan()
+
+
+def check_within_plan(plan: Plan, limits: dict[str, int | None]) -> None:
+    """A key its owner makes (the console) may limit itself below the account's plan,
+    never above it: a limit the plan has is the most a key may ask for."""
+    for name, value in limits.items():
+        ceiling = getattr(plan, name)
+        if value is not None and ceiling is not None and value > ceiling:
+            raise InvalidRequest(
+                f"{name} {value} is above your plan's {ceiling}; ask for at most {ceiling}.",
+                param=name,
+            )
+
+
 def plan_names(plans: dict[str, Plan]) -> list[str]:
     return sorted(plans)
 

@@ -43,6 +43,12 @@ def get_plan(db: Database, account_id: int) -> str | None:
         return conn.execute(select(accounts.c.plan).where(accounts.c.id == account_id)).scalar()
 
 
+def all_plans(db: Database) -> dict[int, str | None]:
+    """Every account's plan (the operator console's accounts table)."""
+    with db.read() as conn:
+        return {r.id: r.plan for r in conn.execute(select(accounts.c.id, accounts.c.plan))}
+
+
 _UNSET = object()
 
 
