@@ -42,7 +42,7 @@ test: model $(JS_DEPS) browser lint typecheck
 
 # The walk's rules against the scripted engine: no model, no PostgreSQL, seconds.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest tests/fast $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m fast $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

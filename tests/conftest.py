@@ -206,3 +206,35 @@ def seed_live(
     srv = start_server(settings, load_catalog(models_dir, models_file))
     yield srv
     srv.stop()
+
+
+# The fast lane (`make test-fast`): what needs no real engine and starts no process of
+# its own — the walk's rules on the scripted engine (tests/fast/, the malformed-request
+# catalogue), money (holds, group commit, batches), limits, routing, the queue, parsing
+# and the HTTP client. A test in these modules that does start a process is marked slow
+# and stays out.
+FAST_MODULES = frozenset(
+    {
+        "tests/api/test_malformed.py",
+        "tests/billing/test_groupcommit.py",
+        "tests/billing/test_pg_batches.py",
+        "tests/billing/test_store.py",
+        "tests/catalog/test_models_file.py",
+        "tests/chat/test_conversation.py",
+        "tests/chat/test_media.py",
+        "tests/engines/test_http1.py",
+        "tests/fleet/test_capacity.py",
+        "tests/fleet/test_deploy.py",
+        "tests/fleet/test_routing.py",
+        "tests/jobs/test_queue.py",
+        "tests/ratelimit/test_store.py",
+    }
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        path = item.nodeid.split("::")[0]
+        in_lane = path.startswith("tests/fast/") or path in FAST_MODULES
+        if in_lane and item.get_closest_marker("slow") is None and "live" not in item.fixturenames:
+            item.add_marker(pytest.mark.fast)

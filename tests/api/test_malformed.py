@@ -150,10 +150,17 @@ def _send(client: httpx.Client, url: str, case: Case, model: str | None) -> http
 
 @pytest.fixture(scope="module")
 def small_body_server(models_dir, tmp_path_factory):  # type: ignore[no-untyped-def]
+    """The default model's entry on the scripted engine: every case is refused before
+    generation, by the walk's own rules, so no real engine is needed (the fast lane)."""
+    from servelm.catalog.builtins import default_spec
+    from servelm.catalog.specs import Catalog
+    from servelm.testing.scripted_engine import scripted_factory
     from tests.conftest import make_settings, start_server
 
     srv = start_server(
-        make_settings(tmp_path_factory.mktemp("small"), models_dir, max_body_bytes=2 * 1024 * 1024)
+        make_settings(tmp_path_factory.mktemp("small"), models_dir, max_body_bytes=2 * 1024 * 1024),
+        Catalog([default_spec(models_dir)]),
+        engine_factory=scripted_factory,
     )
     yield srv
     srv.stop()
