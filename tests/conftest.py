@@ -236,5 +236,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         path = item.nodeid.split("::")[0]
         in_lane = path.startswith("tests/fast/") or path in FAST_MODULES
-        if in_lane and item.get_closest_marker("slow") is None and "live" not in item.fixturenames:
+        if (
+            in_lane
+            and item.get_closest_marker("slow") is None
+            and "live" not in getattr(item, "fixturenames", ())
+        ):
             item.add_marker(pytest.mark.fast)

@@ -131,7 +131,7 @@ def make_app() -> Any:
         seen.append(bool(body.get("stream")))
         mode = _mode(body)
         usage = USAGE_LIES.get(mode, HONEST)
-        words = WORDS
+        words: tuple[str, ...] = WORDS
         if mode in CLAIMS:
             words, usage = LONG, CLAIMS[mode]
         if not body.get("stream"):

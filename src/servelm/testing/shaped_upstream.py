@@ -18,6 +18,7 @@ reshapes what comes back, so the tokens are a real engine's and so are the count
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 from typing import Any
 
@@ -71,18 +72,35 @@ def make_app(engine: str) -> Any:
             )
             await send({"type": "http.response.body", "body": out})
             return
-        # A client that hangs up cancels this task, which closes the engine's stream.
-        async with client.stream("POST", "/v1/chat/completions", json=body) as resp:
-            await send({"type": "http.response.start", "status": resp.status_code, "headers": _SSE})
-            async for line in resp.aiter_lines():
-                if line.startswith("data: {"):
-                    data = reshape(shape, json.loads(line[6:]), continuous)
-                    line = "data: " + json.dumps(data)
-                chunk = (line + "\n").encode()
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b""})
+        relay = asyncio.ensure_future(_relay(client, shape, body, continuous, send))
+        gone = asyncio.ensure_future(_disconnected(receive))
+        # A client that hangs up closes the engine's stream, which stops generation
+        # (as vLLM does): it must not keep a slot, and its KV cache, busy.
+        await asyncio.wait({relay, gone}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (relay, gone):
+            task.cancel()
+        await asyncio.gather(relay, gone, return_exceptions=True)
 
     return app
+
+
+async def _relay(
+    client: httpx.AsyncClient, shape: str, body: dict[str, Any], continuous: bool, send: Any
+) -> None:
+    async with client.stream("POST", "/v1/chat/completions", json=body) as resp:
+        await send({"type": "http.response.start", "status": resp.status_code, "headers": _SSE})
+        async for line in resp.aiter_lines():
+            if line.startswith("data: {"):
+                data = reshape(shape, json.loads(line[6:]), continuous)
+                line = "data: " + json.dumps(data)
+            chunk = (line + "\n").encode()
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def _disconnected(receive: Any) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def main() -> None:
