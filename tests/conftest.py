@@ -14,6 +14,7 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 
+from servelm import conn_guard
 from servelm.api.app import EngineFactory, build_engine, create_app
 from servelm.billing import accounts
 from servelm.catalog import Catalog
@@ -88,7 +89,13 @@ def start_server(
     port = int(sock.getsockname()[1])
     app = create_app(settings, catalog, engine_factory=engine_factory)
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="on"
+        app,
+        host="127.0.0.1",
+        port=port,
+        lifespan="on",
+        # The connection guards `servelm serve` runs with.
+        http=conn_guard.protocol_for(conn_guard.ConnLimits.from_settings(settings)),
+        **conn_guard.uvicorn_options(settings),
     )
     server = uvicorn.Server(config)
     # uvicorn must not install signal handlers from a non-main thread.

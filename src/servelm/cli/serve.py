@@ -60,7 +60,7 @@ def serve(**flags: Any) -> None:
     """Serve the chat API (Segmind: POST /v1/{model}; OpenAI: POST /v1/chat/completions)."""
     import uvicorn
 
-    from servelm import logs
+    from servelm import conn_guard, logs
     from servelm.api.app import create_app
     from servelm.weights import default_model
 
@@ -88,6 +88,7 @@ def serve(**flags: Any) -> None:
     except default_model.FetchError as exc:
         err_console.print(f"[yellow]default model not available:[/] {exc}")
     _first_start(settings)
+    conn_guard.raise_fd_limit(settings.max_connections + 256)
     if settings.workers > 1:
         # Several processes on one socket, local models in one of their own
         # (servelm.multiproc).
@@ -99,11 +100,9 @@ def serve(**flags: Any) -> None:
         asgi,
         host=settings.host,
         port=settings.port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=10,
-        # Past this many open connections uvicorn answers 503 itself.
-        limit_concurrency=settings.max_connections,
+        # Header time and size, connection caps (servelm.conn_guard).
+        http=conn_guard.protocol_for(conn_guard.ConnLimits.from_settings(settings)),
+        **conn_guard.uvicorn_options(settings),
     )
     server = uvicorn.Server(config)
     # SIGTERM drains first (servelm.lifecycle), then tells uvicorn to stop.
