@@ -88,6 +88,12 @@ STREAM_LIES: dict[str, Any] = {
 }
 
 
+# Bytes no client may ever read back (issue 25 point 7): the leak-* modes put them in
+# a body that is not JSON, a 5xx's error text, an error event.
+SECRET = "SECRET-UPSTREAM-BYTES 10.0.0.7"
+LEAKS = ("leak-not-json", "leak-500", "leak-error-event")
+
+
 def _mode(body: dict[str, Any]) -> str:
     for message in reversed(body.get("messages") or []):
         content = message.get("content")
@@ -113,6 +119,16 @@ def make_app() -> Any:
         seen.append(bool(body.get("stream")))
         mode = _mode(body)
         usage = USAGE_LIES.get(mode, HONEST)
+        if mode == "leak-500":
+            error = {"error": {"message": f"internal failure at {SECRET}", "code": 500}}
+            await _send(send, 500, _JSON, _dumps(error))
+            return
+        if mode == "leak-not-json" and not body.get("stream"):
+            await _send(send, 200, _JSON, f"<html>{SECRET}</html>".encode())
+            return
+        if mode == "leak-error-event" and not body.get("stream"):
+            await _send(send, 200, _JSON, _dumps({"error": {"message": SECRET}}))
+            return
         if not body.get("stream"):
             if mode == "trickle":
                 # Headers, then a byte of JSON whitespace a second, forever.
@@ -146,6 +162,11 @@ def make_app() -> Any:
         await event({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
         for word in WORDS:
             await event({"choices": [{"index": 0, "delta": {"content": word}}]})
+            if mode == "leak-not-json":
+                chunk = f"data: {{not json {SECRET}\n\n".encode()
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if mode == "leak-error-event":
+                await event({"error": {"message": SECRET, "type": "server_error"}})
             if mode in STREAM_LIES:
                 await event(STREAM_LIES[mode])
         if mode == "trickle":
