@@ -144,6 +144,16 @@ class Settings(BaseSettings):
         "the count within it",
     )
 
+    secret_failures_allowed: int = Field(
+        default=10,
+        ge=1,
+        description="wrong admin tokens or sign-ins one address may send per window "
+        "before 429 (shared through Redis when set)",
+    )
+    secret_failure_window_seconds: float = Field(
+        default=300.0, gt=0, description="the window of `secret_failures_allowed`"
+    )
+
     # Overload and shutdown (servelm.lifecycle).
     max_connections: int = Field(
         default=4096,

@@ -8,22 +8,27 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import re
 import socket
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from servelm import logs
 from servelm.testing.lying_upstream import LEAKS, SECRET
-from tests.conftest import LiveServer, make_settings, start_server
+from tests.conftest import ADMIN_TOKEN, LiveServer, make_settings, provision, start_server
+from tests.console.conftest import csrf_from
 from tests.hostile.conftest import LIAR, assert_money_sound, liar_models_file
 
 MAX_HEAD = 8 * 1024
+ALLOWED = 4  # failed secrets per address and window
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +45,43 @@ def gateway(
         header_timeout_seconds=1.0,
         max_header_bytes=MAX_HEAD,
         max_header_count=50,
+        admin_token=ADMIN_TOKEN,
+        secret_failures_allowed=ALLOWED,
     )
     live = start_server(settings)
     yield live
     live.stop()
+
+
+@pytest.fixture(scope="module")
+def pair(
+    liar_port: int, models_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[list[LiveServer]]:
+    """Two gateways sharing the local Redis (a prefix of their own)."""
+    try:
+        redis.Redis(port=6379, socket_timeout=1).ping()
+    except redis.RedisError:
+        pytest.skip("no Redis at 127.0.0.1:6379")
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    gateways = []
+    for i in range(2):
+        tmp = tmp_path_factory.mktemp(f"pair{i}")
+        settings = make_settings(
+            tmp,
+            models_dir,
+            models_file=liar_models_file(tmp, liar_port),
+            admin_token=ADMIN_TOKEN,
+            secret_failures_allowed=ALLOWED,
+            redis_url="redis://127.0.0.1:6379/0",
+            redis_prefix=prefix,
+            # Not the default 0.1 s: a loaded test machine must not fall back to
+            # counting per process, which is what this test tells apart.
+            ratelimit_redis_timeout=2.0,
+        )
+        gateways.append(start_server(settings))
+    yield gateways
+    for live in gateways:
+        live.stop()
 
 
 # -- points 2 and 3: raw heads -------------------------------------------------------
@@ -155,3 +193,63 @@ def test_upstream_bytes_go_to_the_log_never_to_the_client(
             f"no log line of request {rid} holds what the upstream sent"
         )
     assert_money_sound(gateway)
+
+
+# -- point 8: guessed secrets ----------------------------------------------------------
+
+
+def wrong_secret(rng: random.Random) -> str:
+    """A guess: near the token, random printable, or bytes a header can carry."""
+    kind = rng.randrange(3)
+    if kind == 0:
+        return ADMIN_TOKEN[:-1] + rng.choice("xyz")
+    if kind == 1:
+        return "".join(rng.choice("abcdef0123456789-_") for _ in range(rng.randrange(1, 64)))
+    return "".join(chr(rng.randrange(0x21, 0x7F)) for _ in range(rng.randrange(1, 200)))
+
+
+def attempt(client: httpx.Client, how: str, secret: str) -> httpx.Response:
+    """One try of a secret: the admin API, the operator sign-in or the account one."""
+    if how == "admin":
+        return client.get("/admin/accounts", headers={"authorization": f"Bearer {secret}"})
+    page = "/operator" if how == "operator" else "/account"
+    token = csrf_from(client.get(page).text)
+    field = "admin_token" if how == "operator" else "api_key"
+    return client.post(f"{page}/signin", data={"csrf_token": token, field: secret})
+
+
+def guess_until_refused(gateways: list[LiveServer], seed: int) -> None:
+    rng = random.Random(seed)
+    clients = [httpx.Client(base_url=g.base_url, timeout=30) for g in gateways]
+    try:
+        # Wrong secrets, spread over the gateways and the three doors: each is a
+        # plain 401 until the address has used up its tries.
+        for _ in range(ALLOWED):
+            how = rng.choice(["admin", "operator", "account"])
+            r = attempt(rng.choice(clients), how, wrong_secret(rng))
+            assert r.status_code == 401, (how, r.status_code, r.text[:200])
+        # Then every door of every gateway answers 429, the right secret included,
+        # with a Retry-After within the window.
+        for client in clients:
+            for how in ("admin", "operator"):
+                r = attempt(client, how, ADMIN_TOKEN)
+                assert r.status_code == 429, (how, r.text[:200])
+                assert 1 <= int(r.headers["retry-after"]) <= 300
+            assert "Too many failed" in r.text
+        # Another address still gets in.
+        other = httpx.HTTPTransport(local_address="127.0.0.2")
+        with httpx.Client(base_url=gateways[0].base_url, transport=other, timeout=30) as c:
+            assert attempt(c, "admin", ADMIN_TOKEN).status_code == 200
+            key = provision(gateways[0].db, f"guess-{seed}", 1)
+            assert attempt(c, "account", key).status_code == 303
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_guessed_secrets_slow_down_per_address(gateway: LiveServer) -> None:
+    guess_until_refused([gateway], seed=1)
+
+
+def test_guessed_secrets_are_counted_across_gateways(pair: list[LiveServer]) -> None:
+    guess_until_refused(pair, seed=2)

@@ -34,6 +34,7 @@ from servelm.lifecycle import Lifecycle
 from servelm.media import ImageLoader
 from servelm.metrics import Metrics
 from servelm.models_file import load_catalog
+from servelm.ratelimit.guesses import Guesses
 from servelm.serving import ChatService
 from servelm.store.db import Database
 
@@ -196,6 +197,11 @@ def create_app(
         invalidation.start()
         app.state.limiter = limiter
         app.state.invalidation = invalidation
+        app.state.guesses = Guesses(
+            limiter.redis,
+            allowed=settings.secret_failures_allowed,
+            window_seconds=settings.secret_failure_window_seconds,
+        )
         engines, unavailable = await start_engines(catalog, settings, engine_factory)
         media = ImageLoader(settings.media_limits())
         app.state.chat = ChatService(
