@@ -60,6 +60,11 @@ class Settings(BaseSettings):
         description="signs the web console's session cookies (default: a random secret "
         "kept in the data dir; gateways behind one load balancer set the same value)",
     )
+    cookie_secure: bool | None = Field(
+        default=None,
+        description="`Secure` on console cookies (default: when the request came over TLS, "
+        "directly or as a trusted proxy's `X-Forwarded-Proto: https` says)",
+    )
     session_ttl_seconds: int = Field(
         default=8 * 3600, gt=0, description="how long a console sign-in lasts"
     )

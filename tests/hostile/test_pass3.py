@@ -253,3 +253,38 @@ def test_guessed_secrets_slow_down_per_address(gateway: LiveServer) -> None:
 
 def test_guessed_secrets_are_counted_across_gateways(pair: list[LiveServer]) -> None:
     guess_until_refused(pair, seed=2)
+
+
+# -- point 10: Secure cookies ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(("forwarded", "secure"), [(None, False), ("https", True), ("http", False)])
+def test_console_cookies_are_secure_when_the_request_came_over_tls(
+    gateway: LiveServer, forwarded: str | None, secure: bool
+) -> None:
+    """uvicorn trusts X-Forwarded-Proto from 127.0.0.1 (its FORWARDED_ALLOW_IPS default),
+    the address this client sends from. Every console cookie is set by one function
+    (console.web.set_cookie); the CSRF cookie of a first page is one."""
+    headers = {"x-forwarded-proto": forwarded} if forwarded else {}
+    cookie = client_cookies_of_a_page(gateway, headers)
+    assert ("; secure" in cookie.lower()) is secure, cookie
+
+
+def client_cookies_of_a_page(gateway: LiveServer, headers: dict[str, str]) -> str:
+    """The CSRF cookie a fresh browser gets with its first page."""
+    r = httpx.get(f"{gateway.base_url}/operator", headers=headers, timeout=30)
+    return r.headers["set-cookie"]
+
+
+def test_cookie_secure_setting_forces_it(
+    liar_port: int, models_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    tmp = tmp_path_factory.mktemp("secure")
+    settings = make_settings(
+        tmp, models_dir, models_file=liar_models_file(tmp, liar_port), cookie_secure=True
+    )
+    live = start_server(settings)
+    try:
+        assert "; secure" in client_cookies_of_a_page(live, {}).lower()
+    finally:
+        live.stop()
