@@ -42,7 +42,7 @@ from servelm.calls import (
     no_images_message,
 )
 from servelm.catalog import Catalog, ModelSpec
-from servelm.conversation import engine_body, fit_conversation
+from servelm.conversation import engine_body, estimate_prompt_tokens, fit_conversation
 from servelm.engines.base import Engine
 from servelm.errors import (
     InvalidRequest,
@@ -161,16 +161,24 @@ class ChatService:
     async def precheck_credits(
         self, request: ChatRequest, spec: ModelSpec, principal: Principal, body_bytes: int
     ) -> None:
-        """Before costly preparation (image fetches, tokenizing a large prompt), refuse
-        a balance that cannot pay even a lower bound: one token per message and one
-        output token. Small text requests skip it: a balance read would cost them more
-        than counting their prompt, and the hold refuses them exactly anyway."""
-        if body_bytes < COSTLY_BODY_BYTES and not request.has_images():
+        """Before costly preparation refuse a balance that cannot pay for it: for
+        images (fetches, decoding) the hold they may need, for a large text prompt
+        (tokenizing) a lower bound, one token per message and one output token. Small
+        text requests skip it: a balance read would cost them more than counting their
+        prompt, and the hold refuses them exactly anyway."""
+        images = request.has_images()
+        if body_bytes < COSTLY_BODY_BYTES and not images:
             return
-        least = spec.cost_micro(len(request.messages), 1)
+        if images:
+            # Fetching and decoding images is the costly part: only for a balance that
+            # pays the hold they may need, the prompt's upper bound (each image at
+            # what large vision encoders spend on one) and one output token.
+            least = spec.cost_micro(estimate_prompt_tokens(engine_body(request)), 1)
+        else:
+            least = spec.cost_micro(len(request.messages), 1)
         balance = await self.billing.balance(principal.account_id)
         if balance < least:
-            raise NotEnoughCredits(balance, least, at_least=True)
+            raise NotEnoughCredits(balance, least, at_least=not images)
 
     async def prepare(
         self, request_id: str, request: ChatRequest, spec: ModelSpec, engine: Engine

@@ -25,7 +25,7 @@ from servelm import logs
 from servelm.testing.lying_upstream import LEAKS, SECRET
 from tests.conftest import ADMIN_TOKEN, LiveServer, make_settings, provision, start_server
 from tests.console.conftest import csrf_from
-from tests.hostile.conftest import LIAR, assert_money_sound, liar_models_file
+from tests.hostile.conftest import LIAR, Drip, assert_money_sound, liar_models_file
 
 MAX_HEAD = 8 * 1024
 ALLOWED = 4  # failed secrets per address and window
@@ -286,5 +286,59 @@ def test_cookie_secure_setting_forces_it(
     live = start_server(settings)
     try:
         assert "; secure" in client_cookies_of_a_page(live, {}).lower()
+    finally:
+        live.stop()
+
+
+# -- point 9: images only for a balance that pays for them -----------------------------
+
+
+@pytest.mark.parametrize("images", [1, 8])
+def test_images_are_not_fetched_for_a_balance_that_cannot_pay_their_hold(
+    liar_port: int,
+    models_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    drip: Drip,
+    images: int,
+) -> None:
+    tmp = tmp_path_factory.mktemp("images")
+    settings = make_settings(
+        tmp,
+        models_dir,
+        models_file=liar_models_file(tmp, liar_port, vision="true"),
+        image_allow_hosts=(f"127.0.0.1:{drip.port}",),
+    )
+    live = start_server(settings)
+    try:
+        content: list[dict[str, object]] = [{"type": "text", "text": "What is this?"}]
+        content += [
+            {"type": "image_url", "image_url": {"url": f"http://127.0.0.1:{drip.port}/cat.jpg"}}
+        ] * images
+        messages = [{"role": "user", "content": content}]
+        # 4 credits: enough for the text alone, not for an image's hold (4096 tokens at
+        # the liar's 1,000 credits per million input tokens).
+        poor = provision(live.db, "poor", 4)
+        for route, body in (
+            ("/chat/completions", {"model": LIAR, "messages": messages}),
+            (f"/{LIAR}", {"messages": messages}),
+        ):
+            r = httpx.post(f"{live.v1}{route}", json=body, headers={"x-api-key": poor}, timeout=60)
+            assert r.status_code in (402, 406), r.text
+            assert "Not enough credits" in r.text
+        assert drip.started == 0, "an image was fetched for a balance that cannot pay"
+        text_only = {"model": LIAR, "messages": [{"role": "user", "content": "Hi"}]}
+        r = httpx.post(f"{live.v1}/chat/completions", json=text_only, headers={"x-api-key": poor})
+        assert r.status_code == 200, r.text
+        # The same request from a balance that pays: the images are fetched.
+        rich = provision(live.db, "rich", 1000)
+        r = httpx.post(
+            f"{live.v1}/chat/completions",
+            json={"model": LIAR, "messages": messages},
+            headers={"x-api-key": rich},
+            timeout=60,
+        )
+        assert r.status_code == 200, r.text
+        assert drip.started == images
+        assert_money_sound(live)
     finally:
         live.stop()
