@@ -72,7 +72,10 @@ class GuardedHttpTools(HttpToolsProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # One timer per connection, not per request: it fires every header timeout
+        # and checks the head being read (if any) against when it began.
         self._head_timer: asyncio.TimerHandle | None = None
+        self._head_began = 0.0
         self._in_head = True  # from the connection's start until its first head is in
         self._head_bytes = 0  # socket bytes of the head being read (approximately)
         self._head_size = 0  # bytes of the URL and fields parsed so far
@@ -105,6 +108,7 @@ class GuardedHttpTools(HttpToolsProtocol):
                 return
             self.per_ip[ip] = count + 1
             self._ip = ip
+        self._head_began = self.loop.time()
         self._head_timer = self.loop.call_later(limits.header_timeout, self._head_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -150,11 +154,13 @@ class GuardedHttpTools(HttpToolsProtocol):
     # -- parser callbacks (uvicorn's, plus the counting) ---------------------------------
 
     def on_message_begin(self) -> None:
+        if self.headers is not None:
+            # A later request on a kept-alive connection: its head's time starts now
+            # (the first one's started with the connection).
+            self._head_began = self.loop.time()
         super().on_message_begin()
         self._in_head = self._began = True
         self._head_bytes = self._head_size = self._head_fields = 0
-        if self._head_timer is None:
-            self._head_timer = self.loop.call_later(self.limits.header_timeout, self._head_timeout)
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -177,7 +183,6 @@ class GuardedHttpTools(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        self._disarm()
         super().on_headers_complete()
 
     # -- refusals ------------------------------------------------------------------------
@@ -190,6 +195,13 @@ class GuardedHttpTools(HttpToolsProtocol):
     def _head_timeout(self) -> None:
         self._head_timer = None
         if self.transport.is_closing():
+            return
+        timeout = self.limits.header_timeout
+        late = self.loop.time() - self._head_began
+        if not self._in_head or late < timeout:
+            # No head being read, or one that began since: look again later.
+            wait = timeout if not self._in_head else timeout - late
+            self._head_timer = self.loop.call_later(wait, self._head_timeout)
             return
         if self.headers is not None:  # a head began (on_message_begin)
             self._refuse(RequestTimeout("The request's headers did not arrive in time."))

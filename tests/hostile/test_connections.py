@@ -82,7 +82,10 @@ def test_unfinished_heads_from_one_address_do_not_starve_another(guarded: LiveSe
             sock.sendall(f"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow-{i}: ".encode())
             flood.append(sock)
 
-        # Another address is served meanwhile: the health check and a real chat.
+        # The address holds no more than its share...
+        protocol = guarded.server.config.http
+        assert 0 < protocol.per_ip["127.0.0.2"] <= PER_IP
+        # ...and another address is served meanwhile: the health check and a real chat.
         with httpx.Client(base_url=guarded.base_url, timeout=60) as client:
             assert client.get("/health").status_code == 200
             r = client.post(
@@ -122,9 +125,11 @@ def test_unfinished_heads_from_one_address_do_not_starve_another(guarded: LiveSe
                     open_count -= 1
         sel.close()
         assert open_count == 0, f"{open_count} flood connections still open"
+        # Each got 429 (past the share) or 408 (the deadline); how many of each depends
+        # on how fast this machine opened them (a 408 frees a place in the share).
         statuses = [status_of(a) for a in answers.values()]
-        assert statuses.count(408) == PER_IP
-        assert statuses.count(429) == FLOOD - PER_IP
+        assert set(statuses) == {408, 429}, set(statuses)
+        assert statuses.count(408) >= PER_IP
         assert b"retry-after: 1" in next(a for a in answers.values() if status_of(a) == 429)
     finally:
         for sock in flood:
