@@ -159,6 +159,12 @@ class Settings(BaseSettings):
         default=300.0, gt=0, description="the window of `secret_failures_allowed`"
     )
 
+    fair_slots: bool = Field(
+        default=True,
+        description="one account holds at most all but one of a model's slots (a plan's "
+        "`slots` sets its share); its other requests wait for its own to end",
+    )
+
     # Overload and shutdown (servelm.lifecycle).
     max_connections: int = Field(
         default=4096,

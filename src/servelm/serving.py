@@ -43,7 +43,7 @@ from servelm.calls import (
 )
 from servelm.catalog import Catalog, ModelSpec
 from servelm.conversation import engine_body, estimate_prompt_tokens, fit_conversation
-from servelm.engines.base import Engine
+from servelm.engines.base import Engine, SlotShares
 from servelm.errors import (
     InvalidRequest,
     ModelUnavailable,
@@ -79,6 +79,7 @@ class ChatService:
         metrics: Metrics | None = None,
         limiter: Limiter | None = None,
         prompt_count: Literal["auto", "exact", "bound"] = "exact",
+        fair_slots: bool = True,
     ) -> None:
         self.catalog = catalog
         self.engines = engines
@@ -94,6 +95,8 @@ class ChatService:
         self.lazy_count = prompt_count == "auto"
         # slug → why it is not served (missing weights, failed load), said in the 503.
         self.unavailable = unavailable or {}
+        self.fair_slots = fair_slots
+        self.shares = SlotShares()
 
     @property
     def billing(self) -> Billing:
@@ -123,6 +126,7 @@ class ChatService:
             call = await self.prepare(ex.request_id, request, spec, engine)
             await self.check_rate_limit(call, principal)
             await self.hold_credits(call, principal)
+            await self.share_of_slots(call, principal)
             if request.stream:
                 return await self.stream_reply(call)
             return await self.json_reply(call)
@@ -274,6 +278,17 @@ class ChatService:
                 principal, call.request_id, spec.slug, amount
             )
 
+    async def share_of_slots(self, call: Call, principal: Principal) -> None:
+        """Whether this request counts against its account's share of the model's
+        slots (taken in ``generate``, before the engine's own queue)."""
+        slots = getattr(call.engine, "slots", None)
+        if not self.fair_slots or not isinstance(slots, int):
+            return
+        plan = (await self.limiter.policy(principal)).slots if self.limiter else None
+        call.share_size = SlotShares.share(slots, plan) or 0
+        if call.share_size:
+            call.share = (principal.account_id, call.spec.slug)
+
     async def json_reply(self, call: Call) -> JsonReply:
         body = await assemble_completion(call, self.generate(call), self.usage)
         return JsonReply(200, body, money_headers(call))
@@ -299,7 +314,12 @@ class ChatService:
         sent: list[str] = []  # the content text the client receives
         content_chunks = 0
         tool_calls = False
+        shared = False
         try:
+            if call.share is not None:
+                # Past its account's share of the model's slots it waits here.
+                await self.shares.take(call.share, call.share_size)
+                shared = True
             async for raw in stream:
                 usage = raw.get("usage")
                 if usage:
@@ -345,6 +365,8 @@ class ChatService:
             try:
                 await stream.aclose()  # type: ignore[attr-defined]
             finally:
+                if shared and call.share is not None:
+                    self.shares.give(call.share)
                 try:
                     await count_prompt_late(call)
                 finally:

@@ -19,18 +19,21 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 import redis
 
-from servelm.ratelimit.records import set_key_limits
+from servelm.billing import accounts
+from servelm.money import MICRO
+from servelm.ratelimit.records import set_key_limits, set_plan
 from tests.conftest import LiveServer, free_port, make_settings, provision, start_server
 from tests.hostile.conftest import wait_listening
 
 MODEL = "slow"
+SHARED = "shared"  # two slots
 
 pytestmark = pytest.mark.skipif(not shutil.which("redis-server"), reason="needs redis-server")
 
@@ -96,7 +99,11 @@ def gateway(
         f'[models.{MODEL}]\nengine = "openai"\n'
         f'base_url = "http://127.0.0.1:{upstream_port}/v1"\n'
         "context_window = 4096\nmax_output_tokens = 512\n"
+        f'[models.{SHARED}]\nengine = "openai"\n'
+        f'base_url = "http://127.0.0.1:{upstream_port}/v1"\n'
+        "context_window = 4096\nmax_output_tokens = 512\nslots = 2\n"
         "[models.smollm2-135m-instruct]\nenabled = false\n"
+        "[plans.big]\nslots = 2\n"
     )
     settings = make_settings(
         tmp,
@@ -203,10 +210,77 @@ def test_a_refusal_for_requests_in_flight_says_so(gateway: LiveServer) -> None:
         client.stream("POST", url, json=body) as running,
     ):
         assert running.status_code == 200
-        next(running.iter_lines())
+        # Kept: a dropped iterator closes the response, and the stream would end.
+        lines = running.iter_lines()
+        next(lines)
         refused = client.post(url, json={**body, "stream": False})
         assert refused.status_code == 429, refused.text
         assert refused.headers["retry-after"] == "1"
         message = refused.json()["error"]["message"]
         assert "at most 1 request in flight at once" in message
         assert "Retry when one ends" in message
+
+
+def wait_until(check: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 60
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize(("plan", "share"), [(None, 1), ("big", 2)])
+def test_one_account_cannot_hold_every_slot(
+    gateway: LiveServer, plan: str | None, share: int
+) -> None:
+    """Three long streams of one account on a two-slot model: by default they run one
+    at a time (all but one slot), so another account's request is answered while they
+    run; a plan with ``slots = 2`` lets the account use both."""
+    account = accounts.create_account(gateway.db, f"greedy-{plan}")
+    accounts.grant(gateway.db, account.id, 100 * MICRO, note="test")
+    _, greedy = accounts.create_key(gateway.db, account.id, "greedy")
+    if plan is not None:
+        set_plan(gateway.db, account.id, plan)
+    other = provision(gateway.db, f"other-{plan}", credits=100)
+    chat = gateway.app.state.chat
+    engine = chat.engines[SHARED]
+    body = {
+        "model": SHARED,
+        "messages": [{"role": "user", "content": "Go on."}],
+        "max_tokens": 400,  # 20 s of stream each; cut short when the client leaves
+        "stream": True,
+    }
+    url = f"{gateway.v1}/chat/completions"
+    leave = threading.Event()
+
+    def stream() -> None:
+        with (
+            httpx.Client(timeout=120, headers={"x-api-key": greedy}) as client,
+            client.stream("POST", url, json=body) as r,
+        ):
+            for _ in r.iter_lines():
+                if leave.is_set():
+                    return
+
+    threads = [threading.Thread(target=stream) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        key = (account.id, SHARED)
+        if share < 2:
+            wait_until(lambda: chat.shares._shares.get(key, [None, 0])[1] == 3, "3 in share")
+        wait_until(lambda: engine.stats.running == share, f"{share} running")
+        assert engine.stats.running == share
+        # Another account is served at once by the slot left free, while those run.
+        if share < 2:
+            r = httpx.post(
+                url,
+                json={**body, "stream": False, "max_tokens": 2},
+                headers={"x-api-key": other},
+                timeout=120,
+            )
+            assert r.status_code == 200, r.text
+            assert all(t.is_alive() for t in threads), "the long streams ended first"
+    finally:
+        leave.set()
+        for t in threads:
+            t.join(timeout=120)

@@ -214,6 +214,7 @@ def create_app(
             metrics=app.state.metrics,
             limiter=limiter,
             prompt_count=settings.prompt_count,
+            fair_slots=settings.fair_slots,
         )
         lifecycle: Lifecycle = app.state.lifecycle
         # After the engines: llama.cpp installs signal handlers of its own; ours win.

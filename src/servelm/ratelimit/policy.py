@@ -32,6 +32,9 @@ class Plan(BaseModel):
     rpm: int | None = Field(default=None, ge=0)
     tpm: int | None = Field(default=None, ge=0)
     concurrency: int | None = Field(default=None, ge=0)
+    # Slots of one model an account may hold at once (servelm.engines.base.SlotShares);
+    # None: all but one, so that one account never holds every slot.
+    slots: int | None = Field(default=None, ge=1)
     # "per minute" unless the operator says otherwise (tests use a few seconds).
     window: float = Field(default=60.0, gt=0)
 
@@ -50,6 +53,7 @@ class Scope:
 @dataclass(frozen=True)
 class Policy:
     scopes: tuple[Scope, ...]
+    slots: int | None = None  # the plan's share of a model's slots (None: the default)
 
     @property
     def unlimited(self) -> bool:
@@ -110,6 +114,7 @@ def build_policy(key_pk: int, limits: KeyLimits | None, plans: dict[str, Plan]) 
     if limits is None:
         return Policy(())
     plan = plans.get(limits.plan or DEFAULT_PLAN) or Plan()
+    slots = plan.slots
     window_ms = int(plan.window * 1000)
     scopes: list[Scope] = []
     if (limits.rpm, limits.tpm, limits.concurrency) != (None, None, None):
@@ -118,7 +123,7 @@ def build_policy(key_pk: int, limits: KeyLimits | None, plans: dict[str, Plan]) 
         scopes.append(
             Scope(f"a:{limits.account_id}", plan.rpm, plan.tpm, plan.concurrency, window_ms)
         )
-    return Policy(tuple(scopes))
+    return Policy(tuple(scopes), slots)
 
 
 def plan_names(plans: dict[str, Plan]) -> list[str]:
