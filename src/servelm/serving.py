@@ -318,7 +318,7 @@ class ChatService:
         try:
             if call.share is not None:
                 # Past its account's share of the model's slots it waits here.
-                await self.shares.take(call.share, call.share_size)
+                await self.shares.take(call.share, call.share_size, call.engine)
                 shared = True
             async for raw in stream:
                 usage = raw.get("usage")

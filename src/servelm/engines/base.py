@@ -55,7 +55,12 @@ class Admission:
     def check(self) -> None:
         """Refuse (503) if a request arriving now would find every slot busy and the
         queue full."""
-        if self._sem.locked() and self._stats.waiting >= self._queue_size:
+        if self._sem.locked():
+            self.check_queue()
+
+    def check_queue(self) -> None:
+        """Refuse (503) if the queue is full, whatever the slots."""
+        if self._stats.waiting >= self._queue_size:
             raise Overloaded(
                 "The model is at capacity and its queue is full; retry shortly.",
                 retry_after=1,
@@ -95,13 +100,23 @@ class SlotShares:
         share = max(1, plan_slots if plan_slots is not None else slots - 1)
         return share if share < slots else None
 
-    async def take(self, key: tuple[int, str], share: int) -> None:
+    async def take(self, key: tuple[int, str], share: int, engine: Engine) -> None:
+        """Wait for a place in the share; the wait counts as the model's queue (bounded
+        by ``SERVELM_QUEUE_SIZE``: 503 past it, as the engine's own queue)."""
         entry = self._shares.get(key)
         if entry is None:
             entry = self._shares[key] = [asyncio.Semaphore(share), 0]
         entry[1] += 1
         try:
-            await entry[0].acquire()
+            if entry[0].locked() and engine._admission is not None:
+                engine._admission.check_queue()
+                engine.stats.waiting += 1
+                try:
+                    await entry[0].acquire()
+                finally:
+                    engine.stats.waiting -= 1
+            else:
+                await entry[0].acquire()
         except BaseException:
             self._leave(key, entry)
             raise
