@@ -91,7 +91,8 @@ STREAM_LIES: dict[str, Any] = {
 # Bytes no client may ever read back (issue 25 point 7): the leak-* modes put them in
 # a body that is not JSON, a 5xx's error text, an error event.
 SECRET = "SECRET-UPSTREAM-BYTES 10.0.0.7"
-LEAKS = ("leak-not-json", "leak-500", "leak-error-event")
+# leak-500 last: a 5xx ejects the only replica for a while (the fleet's issue 25 point 6).
+LEAKS = ("leak-not-json", "leak-error-event", "leak-500")
 
 
 def _mode(body: dict[str, Any]) -> str:
