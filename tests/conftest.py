@@ -13,6 +13,7 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 
+from servelm.api import conn_guard
 from servelm.api.app import EngineFactory, build_engine, create_app
 from servelm.billing import accounts
 from servelm.billing.money import MICRO
@@ -76,7 +77,13 @@ def start_server(
     The server's database gets an account with ``credits`` and a key (``api_key``).
     """
     app = create_app(settings, catalog, engine_factory=engine_factory)
-    srv = serve_in_thread(app, log_config=None, access_log=False, lifespan="on")
+    srv = serve_in_thread(
+        app,
+        lifespan="on",
+        # The connection guards `servelm serve` runs with.
+        http=conn_guard.protocol_for(conn_guard.ConnLimits.from_settings(settings)),
+        **conn_guard.uvicorn_options(settings),
+    )
     live = LiveServer(app, srv.base_url, srv.thread, srv.server, settings)
     live.api_key = provision(live.db, "tests", credits)
     return live

@@ -76,6 +76,11 @@ class Settings(BaseSettings):
         description="`/metrics` asks for this bearer token (default: open, for a "
         "scraper on a private network)",
     )
+    cookie_secure: bool | None = Field(
+        default=None,
+        description="`Secure` on console cookies (default: when the request came over TLS, "
+        "directly or as a trusted proxy's `X-Forwarded-Proto: https` says)",
+    )
     session_ttl_seconds: int = Field(
         default=8 * 3600, gt=0, description="how long a console sign-in lasts"
     )
@@ -153,14 +158,55 @@ class Settings(BaseSettings):
         default=0.1, gt=0, description="seconds a rate-limit check waits for Redis"
     )
     ratelimit_lease_seconds: float = Field(
-        default=900.0,
-        gt=0,
-        description="a request of a dead process leaves the concurrency count after this",
+        default=6.0,
+        ge=1,
+        description="a request's place in the concurrency count lasts this long, renewed "
+        "while it runs: one whose end was lost (a dead process, a Redis stall) leaves "
+        "the count within it",
+    )
+
+    secret_failures_allowed: int = Field(
+        default=10,
+        ge=1,
+        description="wrong admin tokens or sign-ins one address may send per window "
+        "before 429 (shared through Redis when set)",
+    )
+    secret_failure_window_seconds: float = Field(
+        default=300.0, gt=0, description="the window of `secret_failures_allowed`"
+    )
+
+    fair_slots: bool = Field(
+        default=True,
+        description="one account holds at most all but one of a model's slots (a plan's "
+        "`slots` sets its share); its other requests wait for its own to end",
     )
 
     # Overload and shutdown (servelm.processes.lifecycle).
-    max_connections: int | None = Field(
-        default=None, gt=0, description="open connections before 503 (default: no cap)"
+    max_connections: int = Field(
+        default=4096,
+        gt=0,
+        description="open connections per process; past it a new one gets 503 and is closed",
+    )
+    max_connections_per_ip: int = Field(
+        default=256,
+        gt=0,
+        description="open connections from one address per process (429 past it); behind "
+        "a proxy, every client is the proxy's address: raise it to `max_connections`",
+    )
+    header_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="a request's head (request line and headers) must arrive within this "
+        "of the connection's start or of its first byte (408 and closed otherwise)",
+    )
+    max_header_bytes: int = Field(
+        default=64 * 1024, gt=0, description="largest request head (431 and closed above)"
+    )
+    max_header_count: int = Field(
+        default=100, gt=0, description="most header fields in a request (431 above)"
+    )
+    keep_alive_timeout_seconds: float = Field(
+        default=5.0, gt=0, description="an idle kept-alive connection is closed after this"
     )
     max_inflight: int | None = Field(
         default=None, gt=0, description="chat requests in flight before a quick 503 (no cap)"

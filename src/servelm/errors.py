@@ -9,6 +9,7 @@ Each error knows its HTTP status and the OpenAI ``type``/``code``/``param`` it m
     │   └── ContextWindowExceeded
     ├── RequestTimeout          408  (the body did not arrive in time)
     ├── PayloadTooLarge         413
+    ├── HeadersTooLarge         431  (request head past the cap, before any route)
     ├── AuthenticationError     401
     ├── PermissionDenied        403
     │   └── CsrfFailed          (a console form without its token; browsers get a page)
@@ -89,6 +90,12 @@ class PayloadTooLarge(ServelmError):
     status_code = 413
     error_type = "invalid_request_error"
     code = "payload_too_large"
+
+
+class HeadersTooLarge(ServelmError):
+    status_code = 431
+    error_type = "invalid_request_error"
+    code = "headers_too_large"
 
 
 class AuthenticationError(ServelmError):

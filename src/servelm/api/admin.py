@@ -13,17 +13,30 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from servelm.auth.keys import check_admin_token, key_grants
+from servelm.auth.keys import check_admin_token, client_address, key_grants
 from servelm.billing import accounts, audit
 from servelm.billing.accounts import Account, KeyRecord
 from servelm.billing.money import format_credits, parse_credits
+from servelm.errors import AuthenticationError
 from servelm.ratelimit import records as limits
+from servelm.ratelimit.guesses import Guesses
 from servelm.ratelimit.policy import check_plan
 from servelm.store.db import Database
 
 
 async def require_admin(request: Request) -> None:
-    check_admin_token(request.headers.get("authorization"), request.app.state.settings.admin_token)
+    # Wrong tokens slow down per address (ratelimit.guesses): a weak token cannot be
+    # guessed at line rate.
+    guesses: Guesses = request.app.state.guesses
+    address = client_address(request)
+    await guesses.check(address, "admin token")
+    try:
+        check_admin_token(
+            request.headers.get("authorization"), request.app.state.settings.admin_token
+        )
+    except AuthenticationError:
+        await guesses.failed(address)
+        raise
 
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])

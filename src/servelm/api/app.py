@@ -40,6 +40,7 @@ from servelm.jobs.runner import Runner
 from servelm.jobs.service import Jobs
 from servelm.jobs.webhooks import Sender
 from servelm.processes.lifecycle import Lifecycle
+from servelm.ratelimit.guesses import Guesses
 from servelm.store.db import Database
 from servelm.telemetry.metrics import Metrics
 
@@ -234,6 +235,11 @@ def create_app(
         invalidation.start()
         app.state.limiter = limiter
         app.state.invalidation = invalidation
+        app.state.guesses = Guesses(
+            limiter.redis,
+            allowed=settings.secret_failures_allowed,
+            window_seconds=settings.secret_failure_window_seconds,
+        )
         engines, unavailable = await start_engines(catalog, settings, engine_factory)
         media = ImageLoader(settings.media_limits())
         app.state.chat = ChatService(
@@ -246,6 +252,7 @@ def create_app(
             metrics=app.state.metrics,
             limiter=limiter,
             prompt_count=settings.prompt_count,
+            fair_slots=settings.fair_slots,
         )
         jobs, runner, webhook_loader = build_jobs(app, settings, billing)
         app.state.jobs = jobs

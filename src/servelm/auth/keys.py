@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from servelm.errors import AuthenticationError, InvalidRequest, PermissionDenied
 
@@ -98,6 +98,13 @@ def key_from_headers(x_api_key: str | None, authorization: str | None) -> str:
             return token.strip()
         raise AuthenticationError("The Authorization header must be 'Bearer <key>'.")
     raise AuthenticationError(MISSING_KEY)
+
+
+def client_address(request: Any) -> str:
+    """Who sent a request, for counting failed secrets: the peer, or the client a
+    trusted proxy named (uvicorn's ``forwarded_allow_ips``)."""
+    client = getattr(request, "client", None)
+    return client.host if client is not None else "unknown"
 
 
 def check_admin_token(authorization: str | None, token: str | None) -> None:

@@ -52,6 +52,9 @@ class Plan(BaseModel):
     rpm: int | None = Field(default=None, ge=0)
     tpm: int | None = Field(default=None, ge=0)
     concurrency: int | None = Field(default=None, ge=0)
+    # Slots of one model an account may hold at once (servelm.engines.base.SlotShares);
+    # None: all but one, so that one account never holds every slot.
+    slots: int | None = Field(default=None, ge=1)
     # "per minute" unless the operator says otherwise (tests use a few seconds).
     window: float = Field(default=60.0, gt=0)
 

@@ -132,6 +132,10 @@ class Call:
     settlement: Settlement | None = None
     # The request's place in its rate-limit windows, settled with the credits.
     limit: Reservation | None = None
+    # (account, model) while the request holds one of its account's share of the
+    # model's slots (engines.base.SlotShares).
+    share: tuple[int, str] | None = None
+    share_size: int = 0
     status: str = "ok"
     completion_id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))

@@ -55,14 +55,14 @@ from servelm.chat.calls import (
     settle_usage,
     tally,
 )
-from servelm.chat.conversation import engine_body, fit_conversation
+from servelm.chat.conversation import engine_body, estimate_prompt_tokens, fit_conversation
 from servelm.chat.input_limits import check_logit_bias_vocabulary, check_prompt_size, check_request
 from servelm.chat.media import ImageLoader, MediaLimits, inline_images
 from servelm.chat.protocol import ChatRequest, parse_chat_request, usage_body
 from servelm.chat.responses import parse_responses, responses_params
 from servelm.chat.responses_answers import reshape
 from servelm.console.session import session_live
-from servelm.engines.base import Engine
+from servelm.engines.base import Engine, SlotShares
 from servelm.errors import (
     AuthenticationError,
     InvalidRequest,
@@ -97,6 +97,7 @@ class ChatService:
         metrics: Metrics | None = None,
         limiter: Limiter | None = None,
         prompt_count: Literal["auto", "exact", "bound"] = "exact",
+        fair_slots: bool = True,
     ) -> None:
         self.catalog = catalog
         self.engines = engines
@@ -116,6 +117,8 @@ class ChatService:
         # slug → why it is not served (missing weights, failed load), said in the 503.
         self.unavailable = unavailable or {}
         self.told_no_images: set[str] = set()
+        self.fair_slots = fair_slots
+        self.shares = SlotShares()
 
     @property
     def billing(self) -> Billing:
@@ -162,6 +165,7 @@ class ChatService:
         call = await self.prepare(ex.request_id, request, spec, engine)
         await self.check_rate_limit(call, principal)
         await self.hold_credits(call, principal)
+        await self.share_of_slots(call, principal)
         if request.stream:
             return await self.stream_reply(call)
         return await self.json_reply(call)
@@ -205,18 +209,26 @@ class ChatService:
     async def precheck_credits(
         self, request: ChatRequest, spec: ModelSpec, principal: Principal, body_bytes: int
     ) -> None:
-        """Before costly preparation (image fetches, tokenizing a large prompt), refuse
-        a balance that cannot pay even a lower bound: one token per message and one
-        output token. Small text requests skip it: a balance read would cost them more
-        than counting their prompt, and the hold refuses them exactly anyway."""
+        """Before costly preparation refuse a balance that cannot pay for it: for
+        images (fetches, decoding) the hold they may need, for a large text prompt
+        (tokenizing) a lower bound, one token per message and one output token. Small
+        text requests skip it: a balance read would cost them more than counting their
+        prompt, and the hold refuses them exactly anyway."""
         if not principal.owns_account:
             return
-        if body_bytes < COSTLY_BODY_BYTES and not request.has_images():
+        images = request.has_images()
+        if body_bytes < COSTLY_BODY_BYTES and not images:
             return
-        least = spec.cost_micro(len(request.messages), 1)
+        if images:
+            # Fetching and decoding images is the costly part: only for a balance that
+            # pays the hold they may need, the prompt's upper bound (each image at
+            # what large vision encoders spend on one) and one output token.
+            least = spec.cost_micro(estimate_prompt_tokens(engine_body(request)), 1)
+        else:
+            least = spec.cost_micro(len(request.messages), 1)
         balance = await self.billing.balance(principal.account_id)
         if balance < least:
-            raise not_enough(balance, least, at_least=True)
+            raise not_enough(balance, least, at_least=not images)
 
     def refuse_images(self, spec: ModelSpec) -> None:
         """The user learns which models here see images; the operator, in the log,
@@ -333,6 +345,17 @@ class ChatService:
                 principal, call.request_id, spec.slug, amount, ttl=call.hold_ttl
             )
 
+    async def share_of_slots(self, call: Call, principal: Principal) -> None:
+        """Whether this request counts against its account's share of the model's
+        slots (taken in ``generate``, before the engine's own queue)."""
+        slots = getattr(call.engine, "slots", None)
+        if not self.fair_slots or not isinstance(slots, int):
+            return
+        plan = (await self.limiter.policy(principal)).slots if self.limiter else None
+        call.share_size = SlotShares.share(slots, plan) or 0
+        if call.share_size:
+            call.share = (principal.account_id, call.spec.slug)
+
     async def json_reply(self, call: Call) -> JsonReply:
         body = await assemble_completion(call, self.generate(call), self.usage)
         # A worker's call owns no account: nothing was held or settled, no money to tell.
@@ -362,7 +385,12 @@ class ChatService:
         stream = call.engine.stream(call.body, client_streams=call.request.stream)
         call.status = "cancelled"  # until the engine says it finished
         relayed = call.relayed
+        shared = False
         try:
+            if call.share is not None:
+                # Past its account's share of the model's slots it waits here.
+                await self.shares.take(call.share, call.share_size, call.engine)
+                shared = True
             async for raw in stream:
                 if tally(call, raw):
                     self._token_seen(call)
@@ -391,6 +419,8 @@ class ChatService:
             try:
                 await stream.aclose()  # type: ignore[attr-defined]
             finally:
+                if shared and call.share is not None:
+                    self.shares.give(call.share)
                 try:
                     self._usage_checked(call)
                     await count_prompt_late(call)

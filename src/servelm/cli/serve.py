@@ -107,6 +107,9 @@ def serve(**flags: Any) -> None:
 def _run(asgi: Any, settings: Settings) -> None:
     import uvicorn
 
+    from servelm.api import conn_guard
+
+    conn_guard.raise_fd_limit(settings.max_connections + 256)
     if settings.workers > 1:
         # Several processes on one socket, local models in one of their own
         # (servelm.processes.multiproc).
@@ -118,11 +121,9 @@ def _run(asgi: Any, settings: Settings) -> None:
         asgi,
         host=settings.host,
         port=settings.port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=10,
-        # Past this many open connections uvicorn answers 503 itself.
-        limit_concurrency=settings.max_connections,
+        # Header time and size, connection caps (servelm.api.conn_guard).
+        http=conn_guard.protocol_for(conn_guard.ConnLimits.from_settings(settings)),
+        **conn_guard.uvicorn_options(settings),
     )
     server = uvicorn.Server(config)
     # SIGTERM drains first (servelm.processes.lifecycle), then tells uvicorn to stop.

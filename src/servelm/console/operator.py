@@ -15,13 +15,15 @@ from urllib.parse import quote
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
+from servelm.auth.keys import client_address
 from servelm.billing import accounts, audit
 from servelm.billing.money import format_credits, parse_credits
 from servelm.billing.service import Billing
 from servelm.console import session, web
 from servelm.console.routes import model_state
-from servelm.errors import AuthenticationError, InvalidRequest, ServelmError
+from servelm.errors import AuthenticationError, InvalidRequest, RateLimited, ServelmError
 from servelm.ratelimit import records as limit_records
+from servelm.ratelimit.guesses import Guesses
 from servelm.ratelimit.policy import check_plan
 
 router = APIRouter(prefix="/operator", include_in_schema=False)
@@ -89,7 +91,23 @@ async def console(request: Request) -> Response:
 async def sign_in(request: Request, fields: dict[str, str] = Depends(web.form)) -> Response:
     token: str | None = request.app.state.settings.admin_token
     given = fields.get("admin_token", "")
+    guesses: Guesses = request.app.state.guesses
+    address = client_address(request)
+    try:
+        await guesses.check(address, "sign-in")
+    except RateLimited as exc:
+        refused = web.render(
+            request,
+            "operator_signin.html",
+            status_code=429,
+            enabled=_enabled(request),
+            error=exc.message,
+        )
+        refused.headers.update(exc.headers)
+        return refused
     if not token or not hmac.compare_digest(given.encode(), token.encode()):
+        if token:
+            await guesses.failed(address)
         return web.render(
             request,
             "operator_signin.html",

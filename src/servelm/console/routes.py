@@ -14,13 +14,14 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
-from servelm.auth.keys import Authenticator
+from servelm.auth.keys import Authenticator, client_address
 from servelm.billing import accounts, audit
 from servelm.billing.money import format_credits
 from servelm.billing.service import Billing
 from servelm.catalog.specs import ModelSpec
 from servelm.console import account_keys, docs, session, web
-from servelm.errors import AuthenticationError, NotFound
+from servelm.errors import AuthenticationError, NotFound, RateLimited
+from servelm.ratelimit.guesses import Guesses
 from servelm.ratelimit.policy import account_plan
 from servelm.ratelimit.records import get_plan
 
@@ -123,9 +124,18 @@ def _sign_in_page(request: Request, status_code: int = 200, error: str = "") -> 
 @router.post("/account/signin")
 async def sign_in(request: Request, fields: dict[str, str] = Depends(web.form)) -> Response:
     authenticator: Authenticator = request.app.state.chat.authenticator
+    guesses: Guesses = request.app.state.guesses
+    address = client_address(request)
+    try:
+        await guesses.check(address, "sign-in")
+    except RateLimited as exc:
+        response = _sign_in_page(request, 429, exc.message)
+        response.headers.update(exc.headers)
+        return response
     try:
         principal = await authenticator.authenticate(fields.get("api_key", "").strip())
     except AuthenticationError as exc:
+        await guesses.failed(address)
         return _sign_in_page(request, 401, exc.message)
     # A fresh CSRF nonce at sign-in: a nonce planted before cannot ride the session.
     nonce = session.new_nonce()

@@ -55,7 +55,11 @@ def secret(request: Request) -> bytes:
 
 
 def secure_cookies(request: Request) -> bool:
-    return request.url.scheme == "https"
+    """``Secure`` on the console's cookies: as ``SERVELM_COOKIE_SECURE`` says, else when
+    the request came over TLS (``https``, or a trusted proxy's ``X-Forwarded-Proto``:
+    uvicorn's ``FORWARDED_ALLOW_IPS``, 127.0.0.1 by default)."""
+    forced: bool | None = request.app.state.settings.cookie_secure
+    return forced if forced is not None else request.url.scheme == "https"
 
 
 def csrf_nonce(request: Request) -> tuple[str, bool]:

@@ -55,7 +55,12 @@ class Admission:
     def check(self) -> None:
         """Refuse (503) if a request arriving now would find every slot busy and the
         queue full."""
-        if self._sem.locked() and self._stats.waiting >= self._queue_size:
+        if self._sem.locked():
+            self.check_queue()
+
+    def check_queue(self) -> None:
+        """Refuse (503) if the queue is full, whatever the slots."""
+        if self._stats.waiting >= self._queue_size:
             raise Overloaded(
                 "The model is at capacity and its queue is full; retry shortly.",
                 retry_after=1,
@@ -76,6 +81,55 @@ class Admission:
     async def __aexit__(self, *exc: object) -> None:
         self._stats.running -= 1
         self._sem.release()
+
+
+class SlotShares:
+    """One account holds at most its share of a model's slots; its requests past the
+    share wait here, outside the engine's queue, so another account's request takes
+    the next free slot instead of waiting behind them (issue 25: six long streams of
+    one key held all four slots while another user waited 45 s). The share is all but
+    one slot unless the account's plan says otherwise (``slots``)."""
+
+    def __init__(self) -> None:
+        # (account, model) -> [its semaphore, requests holding or waiting for it]
+        self._shares: dict[tuple[int, str], list[Any]] = {}
+
+    @staticmethod
+    def share(slots: int, plan_slots: int | None) -> int | None:
+        """The share of a model with ``slots``; None when it is all of them."""
+        share = max(1, plan_slots if plan_slots is not None else slots - 1)
+        return share if share < slots else None
+
+    async def take(self, key: tuple[int, str], share: int, engine: Engine) -> None:
+        """Wait for a place in the share; the wait counts as the model's queue (bounded
+        by ``SERVELM_QUEUE_SIZE``: 503 past it, as the engine's own queue)."""
+        entry = self._shares.get(key)
+        if entry is None:
+            entry = self._shares[key] = [asyncio.Semaphore(share), 0]
+        entry[1] += 1
+        try:
+            if entry[0].locked() and engine._admission is not None:
+                engine._admission.check_queue()
+                engine.stats.waiting += 1
+                try:
+                    await entry[0].acquire()
+                finally:
+                    engine.stats.waiting -= 1
+            else:
+                await entry[0].acquire()
+        except BaseException:
+            self._leave(key, entry)
+            raise
+
+    def give(self, key: tuple[int, str]) -> None:
+        entry = self._shares[key]
+        entry[0].release()
+        self._leave(key, entry)
+
+    def _leave(self, key: tuple[int, str], entry: list[Any]) -> None:
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self._shares[key]
 
 
 class Engine(abc.ABC):

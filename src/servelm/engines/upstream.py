@@ -257,8 +257,8 @@ class OpenAIUpstreamEngine(Engine):
         try:
             data = json.loads(raw)
         except ValueError as exc:
-            raise UpstreamError(
-                f"The engine for '{self.spec.slug}' sent a malformed answer: {raw[:200]!r}"
+            raise wire.upstream_failure(
+                f"The engine for '{self.spec.slug}' sent a malformed answer (not JSON).", raw
             ) from exc
         if isinstance(data, dict) and "error" in data:
             raise _upstream_error_body(self.spec.slug, data["error"])
@@ -305,9 +305,8 @@ class OpenAIUpstreamEngine(Engine):
             if isinstance(detail, dict):
                 return map_engine_error({**detail, "code": resp.status_code})
             return InvalidRequest(_message(detail))
-        return UpstreamError(
-            f"The engine for '{self.spec.slug}' answered HTTP {resp.status_code}: "
-            f"{_message(detail)}"
+        return wire.upstream_failure(
+            f"The engine for '{self.spec.slug}' answered HTTP {resp.status_code}.", detail
         )
 
     def describe(self) -> dict[str, Any]:
@@ -356,4 +355,4 @@ def _upstream_error_body(slug: str, err: Any) -> ServelmError:
     code = err.get("code") if isinstance(err, dict) else None
     if isinstance(code, int) and 400 <= code < 500:
         return map_engine_error(err)
-    return UpstreamError(f"The engine for '{slug}' failed: {_message(err)}")
+    return wire.upstream_failure(f"The engine for '{slug}' failed.", err)

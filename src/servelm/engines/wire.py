@@ -22,12 +22,15 @@ Rules for ``usage`` (the README's promise that an upper bound is never billed):
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import AsyncIterator
 from typing import Any
 
 from servelm.engines import http1
 from servelm.errors import StreamCut, UpstreamError
+
+log = logging.getLogger(__name__)
 
 # Also what the usage table's INTEGER columns hold (PostgreSQL int4).
 MAX_TOKENS = 2**31 - 1
@@ -41,15 +44,28 @@ def _bad(slug: str, what: str) -> UpstreamError:
     return UpstreamError(f"The engine for '{slug}' sent a malformed answer: {what}.")
 
 
+def upstream_failure(message: str, detail: object) -> UpstreamError:
+    """A 502 in the user's terms: ``message`` is what the client reads; what the
+    upstream sent (bytes, its error text) goes to the log only, where the request id
+    finds it. An upstream's text may be anything (another tenant's data, internal
+    addresses, bytes crafted to confuse a client), so it is never relayed."""
+    log.warning("%s upstream sent: %.2000r", message, detail)
+    return UpstreamError(
+        f"{message} The server's log has the details under this response's x-request-id."
+    )
+
+
 def _count(slug: str, usage: dict[str, Any], name: str) -> int | None:
     value = usage.get(name)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
         shown = "NaN" if isinstance(value, float) and math.isnan(value) else repr(value)[:40]
-        raise _bad(slug, f"usage.{name} is {shown}, not an integer")
+        log.warning("model %s: usage.%s is %s", slug, name, shown)
+        raise _bad(slug, f"usage.{name} is not an integer")
     if not 0 <= value <= MAX_TOKENS:
-        raise _bad(slug, f"usage.{name} is out of range ({str(value)[:40]})")
+        log.warning("model %s: usage.%s is %.40s", slug, name, value)
+        raise _bad(slug, f"usage.{name} is out of range")
     return value
 
 
@@ -206,6 +222,8 @@ async def sse_json(
         try:
             yield json.loads(data)
         except ValueError as exc:
-            raise UpstreamError(f"The engine sent a malformed event: {data[:200]!r}") from exc
+            raise upstream_failure(
+                "The engine sent a malformed answer (an event that is not JSON).", data
+            ) from exc
     if require_done and not done:
         raise StreamCut("The engine's stream ended before [DONE].")

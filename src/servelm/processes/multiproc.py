@@ -37,7 +37,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, ClassVar
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -45,6 +45,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
+from servelm.api import conn_guard
 from servelm.auth.keys import WorkerKey
 from servelm.catalog.specs import Catalog, ModelSpec
 from servelm.chat.serving import ChatService
@@ -94,9 +95,9 @@ def serve(settings: Settings, workers: int) -> None:
             workers=workers,
             host=settings.host,
             port=settings.port,
-            log_config=None,
-            access_log=False,
-            timeout_graceful_shutdown=10,
+            # By name: the workers are spawned, and each sets its limits (worker_app).
+            http="servelm.processes.multiproc:WorkerProtocol",
+            **conn_guard.uvicorn_options(settings),
         )
     finally:
         if host is not None:
@@ -166,6 +167,13 @@ def _die_with_parent() -> None:
 # -- a worker -----------------------------------------------------------------------
 
 
+class WorkerProtocol(conn_guard.GuardedHttpTools):
+    """A worker's HTTP protocol: uvicorn imports it by name in each worker, whose
+    ``worker_app`` sets its limits before the first connection."""
+
+    per_ip: ClassVar[dict[str, int]] = {}
+
+
 def worker_app() -> ASGIApp:
     """uvicorn's factory in each worker process: the usual app, local models reached
     through the engine process."""
@@ -174,6 +182,7 @@ def worker_app() -> ASGIApp:
 
     settings = Settings.model_validate_json(os.environ[_SETTINGS])
     logs.setup(settings.log_level, settings.log_json)
+    WorkerProtocol.limits = conn_guard.ConnLimits.from_settings(settings)
     # A supervisor that dies, even by SIGKILL, takes its workers along: each gets a
     # SIGTERM and drains, rather than serving on as an orphan that holds the port
     # (uvicorn starts every worker from the supervisor's main thread, the thread
@@ -372,6 +381,7 @@ def host_main() -> None:
 
     settings = Settings.model_validate_json(os.environ[_SETTINGS])
     logs.setup(settings.log_level, settings.log_json)
+    WorkerProtocol.limits = conn_guard.ConnLimits.from_settings(settings)
     catalog = Catalog(_local(load_catalog(settings.model_dir, settings.models_file)))
     app = host_app(catalog, settings, os.environ[_TOKEN])
     sock = socket.socket(fileno=int(os.environ[_FD]))

@@ -22,6 +22,7 @@ request.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
 import time
@@ -34,7 +35,7 @@ from prometheus_client import CollectorRegistry, Counter
 from servelm.catalog.specs import Plan
 from servelm.errors import Overloaded, RateLimited
 from servelm.ratelimit.memory import MemoryStore
-from servelm.ratelimit.policy import Policy, build_policy, read_key_limits
+from servelm.ratelimit.policy import Policy, Scope, build_policy, read_key_limits
 from servelm.ratelimit.redis_store import RedisStore, StoreUnavailable
 from servelm.ratelimit.window import Decision
 from servelm.store.db import Database
@@ -103,7 +104,7 @@ class Limiter:
         *,
         redis: RedisStore | None = None,
         fail: FailMode = "open",
-        lease_seconds: float = 900.0,
+        lease_seconds: float = 6.0,
         cache_seconds: float = 5.0,
         registry: CollectorRegistry | None = None,
         run: Callable[..., Awaitable[Any]] | None = None,
@@ -118,6 +119,12 @@ class Limiter:
         self._run = run  # runs a blocking function off the loop (Billing.run)
         self._policies: dict[str, tuple[Policy, int, float]] = {}  # key id → policy
         self._redis_paused_until = 0.0
+        # Reservations holding a place among requests in flight, renewed by the
+        # keeper while they run; Redis ones whose release did not reach Redis, and
+        # since when (past one lease they are gone on their own).
+        self._live: dict[str, Reservation] = {}
+        self._unreleased: dict[str, tuple[tuple[Scope, ...], float]] = {}
+        self._keeper: asyncio.Task[None] | None = None
         registry = registry or CollectorRegistry()
         self.refusals = Counter(
             "servelm_ratelimit_refusals",
@@ -184,7 +191,12 @@ class Limiter:
             raise RateLimited(
                 _message(decision), headers={"Retry-After": str(decision.retry_after)}
             )
-        return Reservation(self, rid, policy, store, tokens)
+        res = Reservation(self, rid, policy, store, tokens)
+        if any(s.concurrency is not None for s in policy.scopes):
+            self._live[rid] = res
+            if self._keeper is None or self._keeper.done():
+                self._keeper = asyncio.get_running_loop().create_task(self._keep_leases())
+        return res
 
     async def peek(self, principal: Caller) -> None:
         """The rate-limit headers for a response the limit step never decided (an
@@ -229,6 +241,7 @@ class Limiter:
         return await self.memory.acquire(rid, tokens, policy.scopes, self.lease_ms), "memory"
 
     async def _settle(self, res: Reservation, tokens: int) -> None:
+        self._live.pop(res.rid, None)
         if res.store == "memory":
             await self.memory.settle(res.rid, tokens, res.policy.scopes)
             return
@@ -236,13 +249,58 @@ class Limiter:
         try:
             await self.redis.settle(res.rid, tokens, res.policy.scopes)
         except StoreUnavailable as exc:
-            # The lease ends and the reservation leaves the window on their own.
+            # The reservation leaves the window on its own; the lease is released by
+            # the keeper when Redis answers again, or ends by itself within a lease.
             self.fallbacks.labels("settle").inc()
             log.warning("rate-limit settlement not recorded (%s)", exc)
+            if any(s.concurrency is not None for s in res.policy.scopes):
+                self._unreleased[res.rid] = (res.policy.scopes, time.monotonic())
         except Exception:
             log.exception("rate-limit settlement failed")
 
+    # -- leases ------------------------------------------------------------------------
+
+    async def _keep_leases(self) -> None:
+        """While requests hold places in flight: renew their leases three times a
+        lease, so a lease outlives its request by one lease at most, whatever
+        happened to Redis or to this process."""
+        while self._live or self._unreleased:
+            await asyncio.sleep(self.lease_ms / 3000)
+            try:
+                await self.keep_leases()
+            except Exception:
+                log.exception("renewing rate-limit leases failed")
+
+    async def keep_leases(self) -> None:
+        now = time.monotonic()
+        for rid, (_, since) in list(self._unreleased.items()):
+            if now - since > self.lease_ms / 1000:
+                del self._unreleased[rid]
+        renew: list[tuple[str, tuple[Scope, ...]]] = []
+        for rid, res in list(self._live.items()):
+            if res.store == "memory":
+                self.memory.renew(rid, res.policy.scopes, self.lease_ms)
+            else:
+                renew.append((rid, res.policy.scopes))
+        if self.redis is None or not (renew or self._unreleased):
+            return
+        if now < self._redis_paused_until:
+            return
+        release = [(rid, scopes) for rid, (scopes, _) in self._unreleased.items()]
+        try:
+            await self.redis.keep(renew, release, self.lease_ms)
+        except StoreUnavailable as exc:
+            self._redis_paused_until = time.monotonic() + _REDIS_PAUSE
+            self.fallbacks.labels("renew").inc()
+            log.warning("rate-limit leases not renewed (%s)", exc)
+            return
+        for rid, _ in release:
+            self._unreleased.pop(rid, None)
+
     async def close(self) -> None:
+        if self._keeper is not None:
+            self._keeper.cancel()
+            await asyncio.gather(self._keeper, return_exceptions=True)
         if self.redis is not None:
             await self.redis.client.aclose()
 
@@ -256,9 +314,14 @@ def _message(d: Decision) -> str:
             f"Rate limit reached: the request may use more tokens than {whose} may use "
             f"per {per} in all; lower max_tokens or shorten the prompt."
         )
-    what = {
-        "requests": f"requests per {per}",
-        "tokens": f"tokens per {per}",
-        "concurrency": "requests in flight",
-    }.get(d.reason, d.reason)
+    if d.reason == "concurrency":
+        most = next((s.scope.concurrency for s in d.states if s.scope.name == d.scope), None)
+        plural = "" if most == 1 else "s"
+        return (
+            f"Rate limit reached for {whose}: at most {most} request{plural} in flight "
+            "at once. Retry when one ends."
+        )
+    what = {"requests": f"requests per {per}", "tokens": f"tokens per {per}"}.get(
+        d.reason, d.reason
+    )
     return f"Rate limit reached for {whose}: {what}. Try again in {d.retry_after} s."

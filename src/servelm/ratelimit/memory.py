@@ -115,3 +115,11 @@ class MemoryStore:
             if held is not None:
                 c.reserved[rid] = (held[0], tokens)
                 c.tokens += tokens - held[1]
+
+    def renew(self, rid: str, scopes: tuple[Scope, ...], lease_ms: int) -> None:
+        """A running request keeps its place among those in flight."""
+        end = self.now_ms() + lease_ms
+        for s in scopes:
+            c = self._scopes.get(s.name)
+            if c is not None and s.concurrency is not None and rid in c.leases:
+                c.leases[rid] = end

@@ -36,6 +36,7 @@ class Scope:
 @dataclass(frozen=True)
 class Policy:
     scopes: tuple[Scope, ...]
+    slots: int | None = None  # the plan's share of a model's slots (None: the default)
 
     @property
     def unlimited(self) -> bool:
@@ -77,6 +78,7 @@ def build_policy(key_pk: int, limits: KeyLimits | None, plans: dict[str, Plan]) 
     if limits is None:
         return Policy(())
     plan = plans.get(limits.plan or DEFAULT_PLAN) or Plan()
+    slots = plan.slots
     window_ms = int(plan.window * 1000)
     scopes: list[Scope] = []
     if (limits.rpm, limits.tpm, limits.concurrency) != (None, None, None):
@@ -85,7 +87,7 @@ def build_policy(key_pk: int, limits: KeyLimits | None, plans: dict[str, Plan]) 
         scopes.append(
             Scope(f"a:{limits.account_id}", plan.rpm, plan.tpm, plan.concurrency, window_ms)
         )
-    return Policy(tuple(scopes))
+    return Policy(tuple(scopes), slots)
 
 
 def check_plan(plan: str | None, plans: dict[str, Plan]) -> None:

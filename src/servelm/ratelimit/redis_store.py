@@ -9,7 +9,10 @@ clock (``TIME``), so gateways on hosts with skewed clocks still share one window
 
 Per scope, four keys: a sorted set of request ids by arrival (requests), a sorted set
 of request ids by arrival plus a hash of their reserved tokens with the running sum
-in ``_sum`` (tokens), and a sorted set of request ids by lease end (in flight).
+in ``_sum`` (tokens), and a sorted set of request ids by lease end (in flight). A
+lease is short and renewed while its request runs (``keep``), so a request whose end
+Redis never heard of (a stall, a lost settlement, a dead process, an admission the
+gateway gave up waiting for but Redis ran late) leaves the set within one lease.
 """
 
 from __future__ import annotations
@@ -135,6 +138,26 @@ return 1
 """
 
 
+# Keeping leases: the requests still running get a fresh lease end, those whose
+# settlement could not be recorded leave the in-flight set. Plain ZADD, not XX: a
+# lease a Redis stall let lapse comes back while its request runs (a release racing
+# a renewal can at worst keep a finished request one lease long).
+_KEEP = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lease, renewing = tonumber(ARGV[1]), tonumber(ARGV[2])
+for i = 1, #KEYS do
+  if i <= renewing then
+    redis.call('ZADD', KEYS[i], now + lease, ARGV[2 + i])
+    redis.call('PEXPIRE', KEYS[i], lease)
+  else
+    redis.call('ZREM', KEYS[i], ARGV[2 + i])
+  end
+end
+return 1
+"""
+
+
 class StoreUnavailable(Exception):
     """Redis did not answer in time or at all."""
 
@@ -159,6 +182,7 @@ class RedisStore:
         self.timeout = timeout
         self._acquire = client.register_script(_ACQUIRE)
         self._settle = client.register_script(_SETTLE)
+        self._keep = client.register_script(_KEEP)
 
     def _keys(self, scope: Scope) -> list[str]:
         base = f"{self.prefix}:rl:{scope.name}"
@@ -203,6 +227,27 @@ class RedisStore:
             k = self._keys(s)
             keys += [k[2], k[3]]
         await self._call(self._settle, keys, [rid, tokens])
+
+    async def keep(
+        self,
+        renew: list[tuple[str, tuple[Scope, ...]]],
+        release: list[tuple[str, tuple[Scope, ...]]],
+        lease_ms: int,
+    ) -> None:
+        """One round trip for every lease of this process: ``renew`` gets a lease end
+        of now + ``lease_ms``, ``release`` leaves the in-flight sets."""
+        keys: list[str] = []
+        rids: list[str] = []
+        for group in (renew, release):
+            for rid, scopes in group:
+                for s in scopes:
+                    if s.concurrency is not None:
+                        keys.append(self._keys(s)[3])
+                        rids.append(rid)
+            if group is renew:
+                renewing = len(keys)
+        if keys:
+            await self._call(self._keep, keys, [lease_ms, renewing, *rids])
 
 
 def _arg(limit: int | None) -> int:

@@ -106,6 +106,13 @@ STREAM_LIES: dict[str, Any] = {
 }
 
 
+# Bytes no client may ever read back (issue 25 point 7): the leak-* modes put them in
+# a body that is not JSON, a 5xx's error text, an error event.
+SECRET = "SECRET-UPSTREAM-BYTES 10.0.0.7"
+# leak-500 last: a 5xx ejects the only replica for a while (the fleet's issue 25 point 6).
+LEAKS = ("leak-not-json", "leak-error-event", "leak-500")
+
+
 def _mode(body: dict[str, Any]) -> str:
     for message in reversed(body.get("messages") or []):
         content = message.get("content")
@@ -131,6 +138,16 @@ def make_app() -> Any:
         seen.append(bool(body.get("stream")))
         mode = _mode(body)
         usage = USAGE_LIES.get(mode, HONEST)
+        if mode == "leak-500":
+            error = {"error": {"message": f"internal failure at {SECRET}", "code": 500}}
+            await _send(send, 500, _JSON, _dumps(error))
+            return
+        if mode == "leak-not-json" and not body.get("stream"):
+            await _send(send, 200, _JSON, f"<html>{SECRET}</html>".encode())
+            return
+        if mode == "leak-error-event" and not body.get("stream"):
+            await _send(send, 200, _JSON, _dumps({"error": {"message": SECRET}}))
+            return
         words: tuple[str, ...] = WORDS
         if mode in CLAIMS:
             words, usage = LONG, CLAIMS[mode]
@@ -171,6 +188,11 @@ def make_app() -> Any:
             if mode == "usage-early" and i == 0:
                 data["usage"] = usage
             await event(data)
+            if mode == "leak-not-json":
+                chunk = f"data: {{not json {SECRET}\n\n".encode()
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if mode == "leak-error-event":
+                await event({"error": {"message": SECRET, "type": "server_error"}})
             if mode in STREAM_LIES:
                 await event(STREAM_LIES[mode])
         if mode == "trickle":
