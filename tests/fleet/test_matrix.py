@@ -38,6 +38,7 @@ from servelm.store.tables import holds, usage
 from tests import procs
 from tests.conftest import ADMIN_TOKEN, provision
 from tests.fleet import fleetprocs
+from tests.fleet.conftest import MATRIX_TABLE
 from tests.fleet.fleetprocs import Proc
 
 pytestmark = pytest.mark.slow
@@ -182,17 +183,13 @@ def rig(
 
 
 def print_table(rig: Rig, request: pytest.FixtureRequest) -> None:
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    """The table of cells, for the terminal summary (tests/fleet/conftest.py)."""
     lines = ["", "combination matrix (issue 24): topology dialect mode ending: outcome"]
     for cell in CELLS:
         reason = not_applicable(*cell)
         seen = f"n/a: {reason}" if reason else rig.table.get(cell, "not run")
         lines.append(f"  {cell[0]:<9} {cell[1]:<8} {cell[2]:<6} {cell[3]:<10} {seen}")
-    for line in lines:
-        if reporter is not None:
-            reporter.write_line(line)
-        else:
-            print(line)
+    request.config.stash[MATRIX_TABLE] = lines
 
 
 # -- one request per cell ---------------------------------------------------------------
@@ -460,8 +457,11 @@ def test_cell(rig: Rig, phases: set[str], cell: Cell) -> None:
     out = outcome(rig, phases, cell)
     try:
         rig.table[cell] = "ok: " + check(rig, out)
-    except AssertionError:
-        rig.table[cell] = f"FAILED ({out.status}, {out.error or ''})"
+    except AssertionError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        rig.table[cell] = (
+            f"FAILED (HTTP {out.status}{', ' + str(out.error) if out.error else ''}): {first}"[:160]
+        )
         raise
 
 
