@@ -5,7 +5,9 @@ that state (the output limit, what the call is charged, the money headers)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
@@ -16,6 +18,7 @@ from servelm.api.paths import Dialect
 from servelm.billing.holds import Settlement
 from servelm.catalog import ModelSpec
 from servelm.conversation import estimate_prompt_tokens, plain_text
+from servelm.engines.wire import WHOLE_ANSWER
 from servelm.errors import ContextWindowExceeded, InvalidRequest, ServelmError
 from servelm.money import format_credits
 from servelm.protocol import ChatRequest
@@ -28,6 +31,34 @@ log = logging.getLogger(__name__)
 
 # How long settlement waits for a prompt counted after a cut stream (``count_prompt_late``).
 LATE_COUNT_SECONDS = 5.0
+# Bytes per token of English text in the tokenizers servelm serves (about 4 to 4.5):
+# how many tokens a whole answer that came in one piece is taken to hold, when its
+# engine's count of it failed the checks of ``settle_usage``.
+BYTES_PER_TOKEN = 4
+# The most bytes one token is taken to decode to: a whole answer's count below its
+# bytes over this is not a count of it.
+MAX_TOKEN_BYTES = 32
+
+
+@dataclass
+class Relayed:
+    """What the client was sent, and what the engine said of it as it went: the facts
+    ``settle_usage`` checks the engine's counts against."""
+
+    chunks: int = 0  # chunks with content or tool calls: one token each, as engines stream
+    content_chunks: int = 0
+    whole_bytes: int = 0  # text of whole answers (``WHOLE_ANSWER``), not one token a chunk
+    # Bytes of everything sent (content, tool calls as JSON): no token decodes to
+    # less than one byte, so with the ending token this bounds the completion.
+    bytes: int = 0
+    text: list[str] = field(default_factory=list)  # the content, in order
+    tool_calls: bool = False
+    # The engine's latest counts (any chunk's ``usage``) and how many chunks had been
+    # relayed when they came: a stream cut after them pays those plus what followed.
+    prompt: int | None = None
+    completion: int | None = None
+    chunks_at_report: int = 0
+    settled: bool = False  # ``settle_usage`` ran
 
 
 @dataclass(frozen=True)
@@ -101,6 +132,7 @@ class Call:
     last_token: float | None = None  # when the last token arrived (perf_counter)
     finish_reason: str | None = None
     usage: dict[str, Any] | None = None
+    relayed: Relayed = field(default_factory=Relayed)
 
 
 def output_limit(
@@ -177,10 +209,11 @@ def defer_count(call: Call) -> bool:
 async def count_prompt_late(call: Call) -> None:
     """A stream cut short pays its prompt, and the engine's usage, which has the
     exact count, never came: where the prompt was only bounded before admission
-    (``prompt_count`` bound, or auto where it skipped the count), count it now.
-    Bounded in time, since settlement waits for it: an engine that cannot answer
-    within it (gone, or stalled) leaves the prompt unbilled, and a warning says so."""
-    if call.prompt_exact or call.usage is not None or charge(call) == 0:
+    (``prompt_count`` bound or auto, or a remote engine), the engine counts it now if
+    it can. Bounded in time, since settlement waits for it: an engine that cannot
+    answer within it (gone, or stalled) leaves the prompt billed at its upper bound
+    from its bytes, never at 0, and a warning says so."""
+    if call.prompt_exact or charge(call) == 0:
         return
     try:
         async with asyncio.timeout(LATE_COUNT_SECONDS):
@@ -188,13 +221,115 @@ async def count_prompt_late(call: Call) -> None:
     except (ServelmError, TimeoutError) as exc:
         log.warning(
             "request %s: the prompt could not be counted after the stream was cut "
-            "(%s); its prompt is not billed",
+            "(%s); it is billed at its upper bound of %d tokens",
             call.request_id,
             exc,
+            call.prompt_tokens,
         )
         return
     if counted is not None:
         call.prompt_tokens, call.prompt_exact = counted, True
+
+
+def tally(call: Call, raw: dict[str, Any]) -> bool:
+    """One engine chunk on its way to the client, counted; True when it carried
+    output (a token, or a whole answer)."""
+    r = call.relayed
+    whole = bool(raw.get(WHOLE_ANSWER))
+    output = False
+    for choice in raw.get("choices") or ():
+        if choice.get("finish_reason"):
+            call.finish_reason = choice["finish_reason"]
+        delta = choice.get("delta") or {}
+        content = delta.get("content")
+        reasoning = delta.get("reasoning_content")
+        if content:
+            r.text.append(content)
+            size = len(content.encode())
+            r.content_chunks += not whole
+        elif isinstance(reasoning, str) and reasoning:
+            size = len(reasoning.encode())
+        elif delta.get("tool_calls"):
+            r.tool_calls = True
+            size = len(json.dumps(delta["tool_calls"]).encode())
+        else:
+            continue
+        r.bytes += size
+        if whole:
+            r.whole_bytes += size
+        else:
+            r.chunks += 1
+        output = True
+    usage = raw.get("usage")
+    if usage:
+        # After the chunk's own content: a count that comes with a token includes it
+        # (vLLM's continuous usage, llama.cpp's timings).
+        call.usage = usage
+        r.completion = int(usage.get("completion_tokens", 0))
+        prompt = usage.get("prompt_tokens")
+        r.prompt = int(prompt) if prompt is not None else None
+        r.chunks_at_report = r.chunks
+    return output
+
+
+def settle_usage(call: Call) -> list[tuple[str, str]]:
+    """The tokens the call is charged, from the engine's counts checked against what
+    was relayed (README, "Credits"); returns the counts corrected, as (``prompt`` or
+    ``completion``, ``high`` or ``low``), each also logged.
+
+    Completion: the engine's latest count plus the chunks relayed after it, accepted
+    between the content chunks relayed (one token or more each) and the bytes relayed
+    plus the ending token (no token decodes to less than a byte), and never above
+    ``max_tokens``. Outside that, or with no count at all: what was delivered, one
+    token a chunk (a whole answer: its bytes over ``BYTES_PER_TOKEN``).
+
+    Prompt: the engine's count, accepted between one token a message and the upper
+    bound from the prompt's bytes (``estimate_prompt_tokens``, what the hold used);
+    outside that, or with no count: our own count where we made one, else that bound.
+    So a prefilled prompt is never billed 0 and never above its bound."""
+    r = call.relayed
+    if r.settled:
+        return []
+    r.settled = True
+    fixes: list[tuple[str, str]] = []
+    delivered = r.chunks + math.ceil(r.whole_bytes / BYTES_PER_TOKEN)
+    completion = min(delivered, call.max_tokens)
+    if r.completion is not None:
+        claimed = r.completion + r.chunks - r.chunks_at_report
+        low = r.content_chunks + math.ceil(r.whole_bytes / MAX_TOKEN_BYTES)
+        high = min(call.max_tokens, r.bytes + 1)
+        if low <= claimed <= high:
+            completion = claimed
+        else:
+            fixes.append(("completion", "high" if claimed > high else "low"))
+            log.warning(
+                "request %s: engine of %s counted %d completion tokens for %d chunks "
+                "(%d bytes) relayed; billing %d",
+                call.request_id,
+                call.spec.slug,
+                claimed,
+                r.chunks,
+                r.bytes,
+                completion,
+            )
+    call.completion_tokens = completion
+    if r.prompt is not None:
+        floor = len(call.body["messages"])
+        bound = max(call.prompt_tokens, estimate_prompt_tokens(call.body))
+        if floor <= r.prompt <= bound:
+            call.prompt_tokens, call.prompt_exact = r.prompt, True
+        else:
+            fixes.append(("prompt", "high" if r.prompt > bound else "low"))
+            log.warning(
+                "request %s: engine of %s counted %d prompt tokens, outside %d..%d; billing %d",
+                call.request_id,
+                call.spec.slug,
+                r.prompt,
+                floor,
+                bound,
+                call.prompt_tokens,
+            )
+    return fixes
 
 
 async def bill_what_was_sent(call: Call, text: str, ending: int) -> None:
@@ -233,19 +368,21 @@ def no_images_message(spec: ModelSpec) -> str:
 
 
 def charge(call: Call) -> int:
-    """What the user pays: the tokens generated and delivered. A request that failed
-    or was abandoned before any output costs nothing, and so does a non-streaming one
-    that failed or lost its client (no answer reached anyone); a stream cut short pays
-    for what it sent. A prompt count that is only an upper bound (no usage received,
-    no late count) is not billed."""
+    """What the user pays: the prompt and the tokens generated and delivered. A
+    request that failed or was abandoned before any output costs nothing, and so does
+    a non-streaming one that failed or lost its client (no answer reached anyone); a
+    stream cut short pays its prompt and what it sent. The counts are
+    ``settle_usage``'s: the engine's where they agree with what was relayed, else
+    what was delivered and the prompt's count or upper bound."""
     if call.status != "ok" and (call.completion_tokens == 0 or not call.request.stream):
         return 0
     return call.spec.cost_micro(billed_prompt(call), call.completion_tokens)
 
 
 def billed_prompt(call: Call) -> int:
-    """The prompt tokens known exactly (counted, or the engine's usage), else 0."""
-    return call.prompt_tokens if (call.prompt_exact or call.usage) else 0
+    """The prompt tokens billed: counted, the engine's checked count, or the upper
+    bound from the prompt's bytes; never 0 for a prompt that was prefilled."""
+    return call.prompt_tokens
 
 
 def cached_tokens(usage: dict[str, Any] | None) -> int:

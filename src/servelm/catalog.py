@@ -47,6 +47,11 @@ class ModelSpec(BaseModel):
     replicas: tuple[ReplicaSpec, ...] = ()
     routing: Routing = "prefix"
     health_interval: float = Field(default=5.0, gt=0)
+    # What kind of server the upstream is, which says how it reports a prompt's tokens
+    # before its last chunk (``calls.py``, README "Credits"): "vllm" is asked for
+    # usage on every chunk, "llama.cpp" for timings on every token, "servelm" sends
+    # usage on its first chunk; "openai" (any other server) reports only at the end.
+    upstream_kind: Literal["openai", "vllm", "llama.cpp", "servelm"] = "openai"
 
     context_window: int = Field(default=2048, gt=0)
     default_max_tokens: int = Field(default=512, gt=0)

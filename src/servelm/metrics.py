@@ -72,6 +72,15 @@ class Metrics:
             ["model"],
             registry=self.registry,
         )
+        # An engine's token counts that contradicted what it sent (issue 25, point 5):
+        # each was billed as ``calls.settle_usage`` says instead, and logged.
+        self.usage_corrected = Counter(
+            "servelm_usage_corrected",
+            "Engine token counts outside what was relayed, by model, count (prompt or "
+            "completion) and direction (high or low); billed at what was delivered.",
+            ["model", "count", "direction"],
+            registry=self.registry,
+        )
         self.registry.register(_EngineCollector(engines))
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
@@ -85,6 +94,9 @@ class Metrics:
         self.e2e.labels(model, status).observe(seconds)
         if charged:
             self.charged.labels(model).inc(charged)
+
+    def observe_usage_corrected(self, model: str, count: str, direction: str) -> None:
+        self.usage_corrected.labels(model, count, direction).inc()
 
     def observe_tokens(self, model: str, prompt: int, completion: int) -> None:
         """Never raises: it runs while a request settles, and a count no counter can

@@ -40,6 +40,8 @@ from servelm.calls import (
     defer_count,
     money_headers,
     no_images_message,
+    settle_usage,
+    tally,
 )
 from servelm.catalog import Catalog, ModelSpec
 from servelm.conversation import engine_body, fit_conversation
@@ -125,7 +127,7 @@ class ChatService:
             await self.check_rate_limit(call, principal)
             await self.hold_credits(call, principal)
             if request.stream:
-                return await self.stream_reply(call)
+                return await self.stream_reply(call, count_first=not principal.owns_account)
             return await self.json_reply(call)
         except ServelmError as exc:
             await self._tell_balance(exc, principal)
@@ -277,13 +279,18 @@ class ChatService:
         # A worker's call owns no account: nothing was held or settled, no money to tell.
         return JsonReply(200, body, money_headers(call) if call.settlement is not None else {})
 
-    async def stream_reply(self, call: Call) -> StreamReply:
+    async def stream_reply(self, call: Call, *, count_first: bool = False) -> StreamReply:
+        """``count_first``: the caller is a gateway relaying this stream (it owns no
+        account here), told the prompt's count with the first chunk, so that a stream
+        cut before the last one still bills it (``calls.settle_usage``)."""
         chunks = reorder_stream(call, self.generate(call), self.usage)
         try:
             first = await anext(chunks)
         except BaseException:
             await chunks.aclose()
             raise
+        if count_first and call.request.include_usage and call.prompt_exact:
+            first = {**first, "usage": usage_body(call.prompt_tokens, 0)}
         headers: dict[str, str] = {}
         if call.held_balance is not None:
             # Headers leave before generation: they can only say the balance after
@@ -295,42 +302,22 @@ class ChatService:
         """The engine's raw chunks, counted as they pass; settles however it ends."""
         stream = call.engine.stream(call.body, client_streams=call.request.stream)
         call.status = "cancelled"  # until the engine says it finished
-        sent: list[str] = []  # the content text the client receives
-        content_chunks = 0
-        tool_calls = False
+        relayed = call.relayed
         try:
             async for raw in stream:
-                usage = raw.get("usage")
-                if usage:
-                    call.usage = usage
-                    call.completion_tokens = int(usage.get("completion_tokens", 0))
-                    # The engine's own count is the truth for the prompt, too.
-                    call.prompt_tokens = int(usage.get("prompt_tokens", call.prompt_tokens))
-                for choice in raw.get("choices") or ():
-                    if choice.get("finish_reason"):
-                        call.finish_reason = choice["finish_reason"]
-                    delta = choice.get("delta") or {}
-                    content = delta.get("content")
-                    if content:
-                        sent.append(content)
-                        content_chunks += 1
-                    elif delta.get("tool_calls"):
-                        tool_calls = True
-                    else:
-                        continue
+                if tally(call, raw):
                     self._token_seen(call)
-                    if call.usage is None:
-                        call.completion_tokens += 1
                 yield raw
+            self._usage_checked(call)
             # The token that ended the answer (end of turn, a stop string) has no
             # text but was generated: it is billed, as llama.cpp and vLLM count it.
             ending = 1 if call.finish_reason == "stop" else 0
             if (
                 call.usage is not None
-                and not tool_calls
-                and content_chunks + ending < call.completion_tokens
+                and not relayed.tool_calls
+                and relayed.content_chunks + ending < call.completion_tokens
             ):
-                await bill_what_was_sent(call, "".join(sent), ending)
+                await bill_what_was_sent(call, "".join(relayed.text), ending)
             call.status = "ok"
         except ServelmError:
             call.status = "error"
@@ -345,9 +332,19 @@ class ChatService:
                 await stream.aclose()  # type: ignore[attr-defined]
             finally:
                 try:
+                    self._usage_checked(call)
                     await count_prompt_late(call)
                 finally:
                     await self.settle(call)
+
+    def _usage_checked(self, call: Call) -> None:
+        """The engine's counts checked against what was relayed (once); each one
+        corrected is counted for the operator."""
+        for what, direction in settle_usage(call):
+            if self.metrics is not None:
+                self.metrics.observe_usage_corrected(call.spec.slug, what, direction)
+            if what == "completion":
+                call.engine.usage_contradicted()
 
     async def settle(self, call: Call) -> None:
         """Once per generation, however it ended: finished, failed or abandoned. The

@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from servelm.billing import accounts, audit
+from servelm.conversation import estimate_prompt_tokens
 from servelm.money import MICRO, format_credits
 from tests.conftest import ADMIN_TOKEN, LiveServer, provision
 from tests.console.conftest import PACED, SCREENSHOTS, XSS_REPLY
@@ -160,7 +161,12 @@ def test_reply_streams_and_stop_charges_only_what_was_shown(page: Any, console: 
     # in flight when the browser hung up; far from the 400 asked for.
     assert shown_chunks <= row["completion_tokens"] <= shown_chunks + 2
     spec = console.app.state.chat.catalog.resolve(PACED)
-    assert row["cost"] == spec.cost_micro(0, row["completion_tokens"])
+    # The paced upstream sends its usage only at the end: the prompt pays its upper
+    # bound from its bytes (README, "What each ending pays"), never 0.
+    assert row["prompt_tokens"] >= estimate_prompt_tokens(
+        {"messages": [{"role": "user", "content": "count for me"}]}
+    )
+    assert row["cost"] == spec.cost_micro(row["prompt_tokens"], row["completion_tokens"])
     # The page then shows the balance after that charge.
     balance = format_credits(5 * MICRO - row["cost"])
     expect(page.locator("#remaining")).to_have_text(balance, timeout=10_000)

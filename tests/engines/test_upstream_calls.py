@@ -21,6 +21,7 @@ import httpx
 import pytest
 import uvicorn
 
+from servelm.conversation import estimate_prompt_tokens
 from servelm.money import MICRO
 from servelm.testing.instant_upstream import lifespan, read_body
 from tests.conftest import LiveServer, free_port, make_settings, start_server
@@ -132,6 +133,11 @@ def gateway(
         "output_price = 2000\n[models.smollm2-135m-instruct]\nenabled = false\n"
     )
     live = start_server(make_settings(tmp_path, models_dir, models_file=models_file))
+    # The first answer is streamed whatever the client wants, until the upstream has
+    # shown that it reports usage; from then on a plain client gets a plain call.
+    assert chat(live).status_code == 200
+    assert script.seen[-1]["stream"] is True
+    script.seen.clear()
     yield live, script
     live.stop()
     server.should_exit = True
@@ -184,11 +190,13 @@ def test_an_upstream_without_usage_is_streamed_from_then_on(
     script.usage = False
     first = chat(live)
     assert first.status_code == 200, first.text
-    # No usage: the prompt count is only a bound, so it is not billed, and the answer
-    # came in one piece, counted as one token. Never more than was surely produced.
+    # No usage: the prompt is billed at its upper bound from its bytes, and the answer,
+    # which came in one piece, at its bytes over 4 ("abc": 1).
+    bound = estimate_prompt_tokens({"messages": MSGS})
     assert first.json()["usage"]["completion_tokens"] == 1
+    assert first.json()["usage"]["prompt_tokens"] == bound
     spec = live.app.state.chat.catalog.resolve(SLUG)
-    assert Decimal(first.headers["x-cost"]) * MICRO == spec.cost_micro(0, 1)
+    assert Decimal(first.headers["x-cost"]) * MICRO == spec.cost_micro(bound, 1)
     assert script.seen[-1]["stream"] is False
     second = chat(live)
     assert second.status_code == 200, second.text

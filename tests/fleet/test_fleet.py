@@ -226,8 +226,8 @@ def test_a_worker_killed_under_load(fleet: Fleet) -> None:
     # Out of rotation as soon as its streams broke, not a probe interval later.
     assert state_after_error == "ejected"
 
-    # Each broken stream paid for exactly the tokens it received, nothing for the prompt
-    # (no usage ever arrived to count it by).
+    # Each broken stream paid its prompt (the worker's count, sent with its first chunk)
+    # and exactly the tokens it received.
     with fleet.db.read() as conn:
         rows = {
             row.request_id: row
@@ -239,7 +239,8 @@ def test_a_worker_killed_under_load(fleet: Fleet) -> None:
         row = rows[r.request_id]
         assert row.status == "error"
         assert row.completion_tokens == len(r.content) > 0
-        assert row.cost == len(r.content) * MICRO
+        assert row.prompt_tokens > 0
+        assert row.cost == row.prompt_tokens * 1000 + len(r.content) * MICRO
     ledger_check(fleet)
 
     # Back in rotation within one probe interval of answering again.

@@ -67,7 +67,8 @@ REDIS = "redis://127.0.0.1:6379/0"
 INTERVAL = 0.5
 # What the gateway knows of its remote entries: the worker's model and window.
 REMOTE = (
-    f'upstream_model = "{fleetprocs.SLUG}"\nhealth_interval = {INTERVAL}\n'
+    f'upstream_model = "{fleetprocs.SLUG}"\nupstream_kind = "servelm"\n'
+    f"health_interval = {INTERVAL}\n"
     f"context_window = 8192\nmax_output_tokens = 1024\n{PRICES}"
 )
 
@@ -428,26 +429,22 @@ def check(rig: Rig, out: Outcome) -> str:
     )
 
 
-# A remote stream cut before the engine's usage arrived bills no prompt (issue 24's
-# second point, the charge branch's): these cells see prompt 0.
-PROMPT_UNBILLED = {
-    (t, d, "stream", e)
-    for t in ("remote", "fleet")
-    for d in DIALECTS
-    for e in ("hangup", "kill")
-    if not_applicable(t, d, "stream", e) is None
-}
+# Cells known to fail, each with its reason (none since the charge branch's fix of a
+# remote stream cut before its usage, which billed its prompt 0).
+KNOWN_FAILURES: dict[Cell, str] = {}
 
 
 def params() -> list[Any]:
-    out = []
-    for cell in CELLS:
-        marks = []
-        if cell in PROMPT_UNBILLED:
-            reason = "a remote stream cut before its usage is charged prompt 0 (issue 24)"
-            marks.append(pytest.mark.xfail(strict=True, reason=reason))
-        out.append(pytest.param(cell, id="-".join(cell), marks=marks))
-    return out
+    return [
+        pytest.param(
+            cell,
+            id="-".join(cell),
+            marks=[pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[cell])]
+            if cell in KNOWN_FAILURES
+            else [],
+        )
+        for cell in CELLS
+    ]
 
 
 @pytest.mark.parametrize("cell", params())

@@ -13,13 +13,14 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import httpx
 import pytest
 from PIL import Image as PILImage
 from sqlalchemy import func, select
 
 from servelm.store.db import Database
 from servelm.store.tables import holds
-from tests.conftest import LiveServer, free_port, make_settings, start_server
+from tests.conftest import LiveServer, free_port, make_settings, provision, start_server
 from tests.procs import cli
 
 LIAR = "liar"
@@ -83,8 +84,22 @@ def liar_gateway(
 ) -> Iterator[LiveServer]:
     """A gateway (SQLite) whose one model is the lying upstream."""
     live = start_liar_gateway(tmp_path_factory.mktemp("liar"), models_dir, liar_port)
+    warm_up(live)
     yield live
     live.stop()
+
+
+def warm_up(live: LiveServer, model: str = LIAR) -> None:
+    """One honest streamed answer with usage: from then on the gateway makes plain
+    upstream calls for plain clients (``OpenAIUpstreamEngine``), which the tests of
+    malformed plain answers need whatever test runs first."""
+    key = provision(live.db, f"warm-{model}", 1)
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    with httpx.stream(
+        "POST", f"{live.v1}/chat/completions", json=body, headers={"x-api-key": key}, timeout=60
+    ) as r:
+        assert r.status_code == 200
+        assert r.read().endswith(b"data: [DONE]\n\n")
 
 
 def open_holds(db: Database) -> int:

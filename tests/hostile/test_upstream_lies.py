@@ -18,10 +18,11 @@ from typing import Any
 import httpx
 import pytest
 
+from servelm.conversation import estimate_prompt_tokens
 from servelm.money import MICRO
 from servelm.testing.lying_upstream import PLAIN_LIES, STREAM_LIES, USAGE_LIES
 from tests.conftest import LiveServer, drop_pg_database, new_pg_database, provision
-from tests.hostile.conftest import LIAR, assert_money_sound, start_liar_gateway
+from tests.hostile.conftest import LIAR, assert_money_sound, start_liar_gateway, warm_up
 
 
 def new_key(live: LiveServer) -> str:
@@ -71,6 +72,12 @@ def output_cost(live: LiveServer, prompt: int, completion: int) -> Decimal:
     return Decimal(spec.cost_micro(prompt, completion)) / MICRO
 
 
+def bound(content: str) -> int:
+    """The upper bound from the prompt's bytes: what a prompt the engine did not
+    count (or counted absurdly) is billed (README, "Credits")."""
+    return estimate_prompt_tokens({"messages": [{"role": "user", "content": content}]})
+
+
 def test_honest_upstream_is_charged_its_usage(liar_gateway: LiveServer) -> None:
     key = new_key(liar_gateway)
     r = plain(liar_gateway, key, "hello")
@@ -105,19 +112,22 @@ def test_lying_usage_on_a_stream_pays_for_what_was_relayed(
     assert events[-1] != "[DONE]"
     assert "malformed" in json.loads(events[-1])["error"]["message"]
     assert relayed_text(events) == "abc"
-    # Three tokens relayed; the upstream's prompt count is unknown, so not billed.
-    assert balance(liar_gateway, key) == 1 - output_cost(liar_gateway, 0, 3)
+    # Three tokens relayed; the upstream's prompt count is unknown: its upper bound.
+    assert balance(liar_gateway, key) == 1 - output_cost(liar_gateway, bound(f"lie:{mode}"), 3)
     assert_money_sound(liar_gateway)
 
 
-def test_usage_without_prompt_tokens_never_bills_the_estimate(liar_gateway: LiveServer) -> None:
+def test_usage_without_prompt_tokens_bills_the_prompts_bound(liar_gateway: LiveServer) -> None:
+    """Never 0 for a prompt the engine read: with no count of it, its upper bound."""
     key = new_key(liar_gateway)
+    prompt = bound("lie:usage-no-prompt")
     r = plain(liar_gateway, key, "lie:usage-no-prompt")
     assert r.status_code == 200, r.text
-    assert Decimal(r.headers["x-cost"]) == output_cost(liar_gateway, 0, 3)
+    assert r.json()["usage"]["prompt_tokens"] == prompt
+    assert Decimal(r.headers["x-cost"]) == output_cost(liar_gateway, prompt, 3)
     status, events = stream(liar_gateway, key, "lie:usage-no-prompt")
     assert status == 200 and events[-1] == "[DONE]"
-    assert balance(liar_gateway, key) == 1 - 2 * output_cost(liar_gateway, 0, 3)
+    assert balance(liar_gateway, key) == 1 - 2 * output_cost(liar_gateway, prompt, 3)
     assert_money_sound(liar_gateway)
 
 
@@ -144,7 +154,7 @@ def test_malformed_stream_event_is_an_error_event(liar_gateway: LiveServer, mode
     assert error["code"] == "upstream_error"
     # Only the first word got through before the bad event.
     assert relayed_text(events) == "a"
-    assert balance(liar_gateway, key) == 1 - output_cost(liar_gateway, 0, 1)
+    assert balance(liar_gateway, key) == 1 - output_cost(liar_gateway, bound(f"lie:{mode}"), 1)
     assert_money_sound(liar_gateway)
 
 
@@ -173,6 +183,7 @@ def _liar_port(live: LiveServer) -> int:
 def pg_liar(liar_port: int, models_dir: Path, tmp_path: Path) -> Iterator[LiveServer]:
     url = new_pg_database()
     live = start_liar_gateway(tmp_path, models_dir, liar_port, database_url=url)
+    warm_up(live)
     yield live
     live.stop()
     live.db.dispose()
@@ -189,7 +200,7 @@ def test_token_counts_past_int4_never_fail_settlement_on_postgresql(pg_liar: Liv
     assert r.status_code == 502, r.text
     status, events = stream(pg_liar, key, "lie:usage-int4")
     assert status == 200 and relayed_text(events) == "abc"
-    assert balance(pg_liar, key) == 1 - output_cost(pg_liar, 0, 3)
+    assert balance(pg_liar, key) == 1 - output_cost(pg_liar, bound("lie:usage-int4"), 3)
     ok = plain(pg_liar, key, "hello")
     assert ok.status_code == 200
     assert_money_sound(pg_liar)
@@ -203,6 +214,7 @@ def deadline_gateway(liar_port: int, models_dir: Path, tmp_path: Path) -> Iterat
     live = start_liar_gateway(
         tmp_path, models_dir, liar_port, timeout="2", deadline="3", health_interval="0.2"
     )
+    warm_up(live)
     yield live
     live.stop()
 
@@ -224,5 +236,5 @@ def test_a_trickling_upstream_hits_the_calls_deadline(deadline_gateway: LiveServ
     assert status == 200
     assert json.loads(events[-1])["error"]["code"] == "upstream_timeout"
     assert relayed_text(events) == "abc"
-    assert balance(live, key) == 1 - output_cost(live, 0, 3)
+    assert balance(live, key) == 1 - output_cost(live, bound("lie:trickle"), 3)
     assert_money_sound(live)

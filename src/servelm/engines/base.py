@@ -143,6 +143,12 @@ class Engine(abc.ABC):
         tokens whose text it did not send (see ``serving.ChatService.generate``)."""
         return None
 
+    def usage_contradicted(self) -> None:
+        """The engine's counts of one answer contradicted what it sent
+        (``calls.settle_usage``): an engine that can deliver answers in a form whose
+        tokens can be counted one by one (a stream) uses it from now on."""
+        return None
+
     def describe(self) -> dict[str, Any]:
         """Facts for ``servelm models list`` and the metrics endpoint."""
         return {"running": self.stats.running, "waiting": self.stats.waiting}

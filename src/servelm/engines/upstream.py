@@ -3,15 +3,18 @@ llama.cpp's server, or another servelm.
 
 Keys, credits and both dialects stay the gateway's own: the upstream only generates.
 Settlement uses the upstream's own token counts (``usage``; streams are asked for it
-with ``stream_options.include_usage``). A client that hangs up closes our connection
+with ``stream_options.include_usage``, and for the prompt's count with the first token
+the way its kind allows: ``upstream_kind``), checked against what was relayed
+(``calls.settle_usage``). A client that hangs up closes our connection
 to the upstream, which is how every one of those servers learns to stop.
 
 A client that streams gets a streamed upstream call; one that does not gets a plain
 call, reshaped into the chunks a stream would end with. One JSON answer costs the
 relay one wake-up where a stream costs one per token: at one request in flight that
-was a third of the gateway's time per request (docs/benchmarks.md). An upstream that
-answers a plain call without ``usage`` has its answers streamed from then on, where
-tokens can at least be counted.
+was a third of the gateway's time per request (docs/benchmarks.md). Plain calls start
+once a stream has shown that the upstream reports usage; an upstream that answers a
+plain call without it has its answers streamed from then on, where tokens can be
+counted one a chunk.
 
 Several replicas of one engine (``servelm.fleet``): the router orders the healthy
 ones, a request fails over along that order until one sends its first chunk, and a
@@ -65,8 +68,10 @@ class OpenAIUpstreamEngine(Engine):
         super().__init__(spec)
         self.slots = spec.slots or DEFAULT_CONCURRENCY
         self._admission: Admission = Admission(self.slots, queue_size, self.stats)
-        # Cleared (once, for good) by an upstream that leaves usage out of plain answers.
-        self._plain_calls = True
+        # Plain calls for plain clients once a stream has shown that the upstream
+        # reports usage (None: not yet); False, for good, once a plain answer came
+        # without it. The first answer is streamed, where its tokens can be counted.
+        self._plain_calls: bool | None = None
         self.replicas = ReplicaSet(
             [
                 Replica(
@@ -104,13 +109,13 @@ class OpenAIUpstreamEngine(Engine):
     async def stream(
         self, body: dict[str, Any], *, client_streams: bool = True
     ) -> AsyncIterator[dict[str, Any]]:
-        plain = not client_streams and self._plain_calls
+        plain = not client_streams and self._plain_calls is True
         payload = {**body, "model": self.spec.upstream_model or self.spec.slug}
         if plain:
             payload["stream"] = False
         else:
             payload["stream"] = True
-            payload["stream_options"] = {"include_usage": True}
+            payload.update(_ASK_COUNTS[self.spec.upstream_kind])
         encoded = json.dumps(payload).encode()
         async with self._admission:
             self.stats.requests_total += 1
@@ -118,10 +123,14 @@ class OpenAIUpstreamEngine(Engine):
             try:
                 # aclosing: a client hanging up must close the upstream call now, not
                 # whenever the collector gets to the abandoned generator.
+                counted = False
                 async with contextlib.aclosing(self._failover(body, encoded, plain)) as chunks:
                     async for chunk in chunks:
+                        counted = counted or "usage" in chunk
                         yield chunk
                 finished = True
+                if counted and self._plain_calls is None:
+                    self._plain_calls = True
             finally:
                 if not finished:
                     self.stats.cancelled_total += 1
@@ -259,7 +268,7 @@ class OpenAIUpstreamEngine(Engine):
         # malformed answer is a 502 and never switches this engine to streamed calls.
         choice, message = wire.plain_answer(self.spec.slug, data)
         usage = wire.usage(self.spec.slug, data.get("usage"))
-        if not usage and self._plain_calls:
+        if not usage and self._plain_calls is not False:
             self._plain_calls = False
             log.warning(
                 "the engine for %s answered without usage; streaming from it from now on",
@@ -273,10 +282,19 @@ class OpenAIUpstreamEngine(Engine):
         head: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": None}
         if choice.get("logprobs"):
             head["logprobs"] = choice["logprobs"]
-        yield {"choices": [head]}
+        yield {"choices": [head], wire.WHOLE_ANSWER: True}
         reason = choice.get("finish_reason") or "stop"
         tail: dict[str, Any] = {"index": 0, "delta": {}, "finish_reason": reason}
         yield {"choices": [tail], "usage": usage} if usage else {"choices": [tail]}
+
+    def usage_contradicted(self) -> None:
+        if self._plain_calls is not False:
+            self._plain_calls = False
+            log.warning(
+                "the engine for %s sent usage that contradicts its answer; "
+                "streaming from it from now on",
+                self.spec.slug,
+            )
 
     async def _status_error(self, resp: http1.Response) -> ServelmError:
         raw = await resp.read()
@@ -302,6 +320,17 @@ class OpenAIUpstreamEngine(Engine):
             "routing": self.spec.routing,
             "replicas": self.replicas.describe(),
         }
+
+
+# What a stream asks of each kind of upstream (``ModelSpec.upstream_kind``) so that it
+# reports the prompt's tokens with the first token, not only at the end: a stream cut
+# in between then pays the engine's own count, not the bound from the prompt's bytes.
+_ASK_COUNTS: dict[str, dict[str, Any]] = {
+    "openai": {"stream_options": {"include_usage": True}},
+    "servelm": {"stream_options": {"include_usage": True}},  # usage on its first chunk
+    "vllm": {"stream_options": {"include_usage": True, "continuous_usage_stats": True}},
+    "llama.cpp": {"stream_options": {"include_usage": True}, "timings_per_token": True},
+}
 
 
 # Answers that say the replica is sick (a gateway or proxy in front of it, overload,

@@ -13,8 +13,8 @@ Rules for ``usage`` (the README's promise that an upper bound is never billed):
 
 - counts must be integers, ``0 <= n <= MAX_TOKENS``; anything else (negative, 10^400,
   ``"abc"``, NaN, a float) is a lying upstream: 502;
-- ``prompt_tokens`` missing: 0 is billed for the prompt (the gateway's own figure is
-  only an upper bound);
+- ``prompt_tokens`` missing: left out, and the prompt is billed as if no usage had
+  come (``calls.settle_usage``: the upper bound from its bytes, never 0);
 - ``completion_tokens`` missing: the usage is ignored and the tokens relayed are
   counted instead.
 """
@@ -31,6 +31,10 @@ from servelm.errors import UpstreamError
 
 # Also what the usage table's INTEGER columns hold (PostgreSQL int4).
 MAX_TOKENS = 2**31 - 1
+# A chunk that carries a whole answer (a plain upstream call, reshaped) says so with
+# this key, so that ``calls.settle_usage`` does not take it for one token. Never
+# taken from an upstream's own events.
+WHOLE_ANSWER = "servelm_whole_answer"
 
 
 def _bad(slug: str, what: str) -> UpstreamError:
@@ -59,12 +63,31 @@ def usage(slug: str, raw: Any) -> dict[str, int] | None:
     completion = _count(slug, raw, "completion_tokens")
     if completion is None:
         return None
-    prompt = prompt or 0
+    if prompt is None:
+        return {"completion_tokens": completion}
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
     }
+
+
+def timings_usage(slug: str, raw: Any) -> dict[str, int] | None:
+    """llama.cpp's per-token ``timings`` (``timings_per_token``) as a usage so far:
+    the prompt is what it evaluated plus what it took from its cache. None where they
+    are absent or not counts (they are optional facts; the final usage still comes)."""
+    if not isinstance(raw, dict):
+        return None
+    try:
+        evaluated = _count(slug, raw, "prompt_n")
+        cached = _count(slug, raw, "cache_n")
+        predicted = _count(slug, raw, "predicted_n")
+    except UpstreamError:
+        return None
+    if evaluated is None or predicted is None:
+        return None
+    prompt = min(evaluated + (cached or 0), MAX_TOKENS)
+    return {"prompt_tokens": prompt, "completion_tokens": predicted, "total_tokens": prompt}
 
 
 def _optional_str(slug: str, value: Any, where: str) -> None:
@@ -119,7 +142,9 @@ def chunk(slug: str, data: Any) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise _bad(slug, f"an event is a {type(data).__name__}, not an object")
     if "error" in data:
-        return data
+        out: dict[str, Any] = data
+        return out
+    raw: dict[str, Any] = data
     choices = data.get("choices", [])
     if not isinstance(choices, list):
         raise _bad(slug, "choices is not an array")
@@ -133,13 +158,16 @@ def chunk(slug: str, data: Any) -> dict[str, Any]:
         _optional_str(slug, delta.get("content"), f"choices[{i}].delta.content")
         _optional_str(slug, delta.get("role"), f"choices[{i}].delta.role")
         _tool_calls(slug, delta.get("tool_calls"), f"choices[{i}].delta", streamed=True)
-    if "usage" in data:
-        checked = usage(slug, data["usage"])
-        data = {**data, "usage": checked}
-        if checked is None:
-            del data["usage"]
-    out: dict[str, Any] = data
-    return out
+    kept: dict[str, Any] = {
+        k: v for k, v in raw.items() if k not in ("usage", "timings", WHOLE_ANSWER)
+    }
+    checked = usage(slug, raw["usage"]) if "usage" in raw else None
+    if checked is None:
+        # llama.cpp's counts so far, where asked for (``timings_per_token``).
+        checked = timings_usage(slug, raw.get("timings"))
+    if checked is not None:
+        kept["usage"] = checked
+    return kept
 
 
 def plain_answer(slug: str, data: Any) -> tuple[dict[str, Any], dict[str, Any]]:

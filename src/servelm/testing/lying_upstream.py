@@ -1,7 +1,8 @@
 """An OpenAI-compatible upstream that lies on request: a test instrument.
 
 The last user message picks the lie (``lie:<mode>``); anything else gets an honest
-answer of three tokens with exact usage. Streamed or plain follows the request's
+answer of three tokens with exact usage. The ``CLAIMS`` modes answer ``LONG`` (one word
+a streamed chunk) with usage that contradicts it. Streamed or plain follows the request's
 ``stream``. Each mode is one way a real upstream was seen (or could be) broken or
 hostile: token counts that are negative, absurd, missing or not numbers, answers and
 events of the wrong shape, a body that trickles. ``GET /seen`` returns the ``stream``
@@ -37,6 +38,23 @@ USAGE_LIES: dict[str, Any] = {
     "usage-float": {"prompt_tokens": 11.5, "completion_tokens": 3},
     "usage-list": [11, 3],
     "usage-string": "lots",
+}
+
+# Counts that contradict the text (issue 25, point 5): these modes answer LONG, one
+# word a chunk when streamed (as engines stream one token a chunk), so what was
+# delivered is len(LONG) tokens, and the usage says otherwise.
+_LONG_TEXT = (
+    "Servers that relay a model's answer must count what they send, because the engine"
+    " behind them may claim any number of tokens it likes; a gateway that believes it"
+    " bills its users for words nobody received, or for nothing at all"
+)
+LONG = tuple(w if i == 0 else " " + w for i, w in enumerate(_LONG_TEXT.split(" ")))
+CLAIMS: dict[str, Any] = {
+    "claims-huge": {"prompt_tokens": 11, "completion_tokens": 100_000, "total_tokens": 100_011},
+    "claims-zero": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+    # Usage only with the first word, none at the end.
+    "usage-early": {"prompt_tokens": 11, "completion_tokens": 1, "total_tokens": 12},
+    "no-usage": None,
 }
 
 # Plain answers of the wrong shape.
@@ -113,6 +131,9 @@ def make_app() -> Any:
         seen.append(bool(body.get("stream")))
         mode = _mode(body)
         usage = USAGE_LIES.get(mode, HONEST)
+        words: tuple[str, ...] = WORDS
+        if mode in CLAIMS:
+            words, usage = LONG, CLAIMS[mode]
         if not body.get("stream"):
             if mode == "trickle":
                 # Headers, then a byte of JSON whitespace a second, forever.
@@ -129,12 +150,13 @@ def make_app() -> Any:
                     "choices": [
                         {
                             "index": 0,
-                            "message": {"role": "assistant", "content": "".join(WORDS)},
+                            "message": {"role": "assistant", "content": "".join(words)},
                             "finish_reason": "stop",
                         }
                     ],
-                    "usage": usage,
                 }
+                if usage is not None:
+                    answer["usage"] = usage
             await _send(send, 200, _JSON, _dumps(answer))
             return
         await send({"type": "http.response.start", "status": 200, "headers": _SSE})
@@ -144,8 +166,11 @@ def make_app() -> Any:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
 
         await event({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
-        for word in WORDS:
-            await event({"choices": [{"index": 0, "delta": {"content": word}}]})
+        for i, word in enumerate(words):
+            data: dict[str, Any] = {"choices": [{"index": 0, "delta": {"content": word}}]}
+            if mode == "usage-early" and i == 0:
+                data["usage"] = usage
+            await event(data)
             if mode in STREAM_LIES:
                 await event(STREAM_LIES[mode])
         if mode == "trickle":
@@ -154,7 +179,8 @@ def make_app() -> Any:
                 await asyncio.sleep(1.0)
                 await send({"type": "http.response.body", "body": b":", "more_body": True})
         await event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
-        await event({"choices": [], "usage": usage})
+        if usage is not None and mode != "usage-early":
+            await event({"choices": [], "usage": usage})
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
 
     return app
