@@ -4,7 +4,9 @@ used, one is SIGKILLed under load, and the money adds up afterwards."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,8 +226,8 @@ def test_a_worker_killed_under_load(fleet: Fleet) -> None:
     # Out of rotation as soon as its streams broke, not a probe interval later.
     assert state_after_error == "ejected"
 
-    # Each broken stream paid for exactly the tokens it received, nothing for the prompt
-    # (no usage ever arrived to count it by).
+    # Each broken stream paid its prompt (the worker's count, sent with its first chunk)
+    # and exactly the tokens it received.
     with fleet.db.read() as conn:
         rows = {
             row.request_id: row
@@ -237,7 +239,8 @@ def test_a_worker_killed_under_load(fleet: Fleet) -> None:
         row = rows[r.request_id]
         assert row.status == "error"
         assert row.completion_tokens == len(r.content) > 0
-        assert row.cost == len(r.content) * MICRO
+        assert row.prompt_tokens > 0
+        assert row.cost == row.prompt_tokens * 1000 + len(r.content) * MICRO
     ledger_check(fleet)
 
     # Back in rotation within one probe interval of answering again.
@@ -365,3 +368,47 @@ def test_a_body_past_the_limit_is_413_on_a_worker_as_on_the_gateway(fleet: Fleet
     # Without the key, the worker says so before reading anything.
     anonymous = httpx.post(f"{fleet.workers[0].url}/v1/chat/completions", content=huge, timeout=60)
     assert anonymous.status_code == 401
+
+
+@pytest.mark.timeout(300)
+def test_a_worker_drains_on_sigterm(fleet: Fleet) -> None:
+    """A worker's SIGTERM is the gateway's drain: /health says 503 at once (probes take
+    it out of rotation), a new chat gets 503, and the stream under way finishes."""
+    worker = fleet.workers[0]
+    url = f"{worker.url}/v1/chat/completions"
+    headers = {"authorization": f"Bearer {WORKER_KEY}"}
+
+    async def scenario() -> tuple[StreamResult, int, int]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            first = asyncio.Event()
+            result = StreamResult(0, "", [], False)
+
+            async def long_stream() -> None:
+                req = {**body(500, 160), "model": fleetprocs.SLUG}
+                async with client.stream("POST", url, json=req, headers=headers) as r:
+                    result.status = r.status_code
+                    async for line in r.aiter_lines():
+                        if line == "data: [DONE]":
+                            result.done = True
+                        elif line.startswith("data: "):
+                            for c in json.loads(line.removeprefix("data: "))["choices"]:
+                                if c["delta"].get("content"):
+                                    result.content.append(c["delta"]["content"])
+                                    first.set()
+
+            task = asyncio.create_task(long_stream())
+            await first.wait()
+            worker.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+            health = await client.get(f"{worker.url}/health")
+            while health.status_code == 200:  # the signal is handled on the worker's loop
+                health = await client.get(f"{worker.url}/health")
+            fresh = await client.post(url, json={**body(501, 4), "model": fleetprocs.SLUG,
+                                                 "stream": False}, headers=headers)  # fmt: skip
+            await task
+            return result, health.status_code, fresh.status_code
+
+    result, health, fresh = asyncio.run(scenario())
+    assert (health, fresh) == (503, 503)
+    assert result.status == 200 and result.done and len(result.content) == 160
+    # It exits once drained. Last in this module (pytest keeps file order): it stays down.
+    assert worker.proc.wait(timeout=60) == 0  # type: ignore[union-attr]

@@ -167,7 +167,7 @@ class ChatService:
         await self.hold_credits(call, principal)
         await self.share_of_slots(call, principal)
         if request.stream:
-            return await self.stream_reply(call)
+            return await self.stream_reply(call, count_first=not principal.owns_account)
         return await self.json_reply(call)
 
     async def authenticate(self, ex: ChatExchange) -> Principal:
@@ -361,23 +361,23 @@ class ChatService:
         # A worker's call owns no account: nothing was held or settled, no money to tell.
         return JsonReply(200, body, money_headers(call) if call.settlement is not None else {})
 
-    async def stream_reply(self, call: Call) -> StreamReply:
+    async def stream_reply(self, call: Call, *, count_first: bool = False) -> StreamReply:
+        """``count_first``: the caller is a gateway relaying this stream (it owns no
+        account here), told the prompt's count with the first chunk, so that a stream
+        cut before the last one still bills it (``calls.settle_usage``)."""
         chunks = reorder_stream(call, self.generate(call), self.usage)
         try:
             first = await anext(chunks)
         except BaseException:
             await chunks.aclose()
             raise
+        if count_first and call.request.include_usage and call.prompt_exact:
+            first = {**first, "usage": usage_body(call.prompt_tokens, 0)}
         headers: dict[str, str] = {}
         if call.held_balance is not None:
             # Headers leave before generation: they can only say the balance after
             # the hold. The final chunk's usage has the exact cost.
             headers["x-remaining-credits"] = format_credits(call.held_balance)
-        elif self._billing is None and call.request.include_usage and call.prompt_exact:
-            # An engine host (servelm worker, serve --workers' engine process) tells its
-            # gateway the prompt's count with the first chunk: a stream cut before the
-            # last chunk is billed that count (calls.settle_usage), not a bound.
-            first = {**first, "usage": usage_body(call.prompt_tokens, 0)}
         return StreamReply(headers, first, chunks)
 
     async def generate(self, call: Call) -> AsyncGenerator[dict[str, Any]]:

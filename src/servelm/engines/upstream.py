@@ -145,6 +145,8 @@ class OpenAIUpstreamEngine(Engine):
         last healthy one). A 500 or a malformed answer may be the request's own doing:
         it is tried on one more replica, and if that one fails it too, the request is
         to blame: its failure is the client's and counts against neither replica.
+        A malformed answer never counts (the server answered); a 500 that another
+        replica then serves counts towards its replica's run.
         After the first chunk the failure is the client's to see (an SSE error event;
         it pays for what it received).
         """
@@ -155,9 +157,10 @@ class OpenAIUpstreamEngine(Engine):
                 retry_after=max(1, math.ceil(self.spec.health_interval)),
             )
         failure: ServelmError | None = None
-        # Replicas that gave this request a 500 or a malformed answer: theirs to
-        # answer for only if another replica then serves it.
+        # Replicas that gave this request a 500: theirs to answer for only if another
+        # replica then serves it.
         suspects: list[tuple[Replica, str]] = []
+        soft = False  # a replica failed it in a way the request may have caused
         for replica in order:
             sent = False
             replica.in_flight += 1
@@ -174,16 +177,19 @@ class OpenAIUpstreamEngine(Engine):
                 return
             except _Retryable as exc:
                 if sent or exc.sick:
-                    self.replicas.failed(replica, exc.error.message, sick=exc.sick)
+                    if exc.counts:
+                        self.replicas.failed(replica, exc.error.message, sick=exc.sick)
                     if sent:
                         raise exc.error from exc.__cause__
-                elif suspects:
+                elif soft:
                     # A second replica fails this request the same way: the request.
                     log.info("%s: %s failed on two replicas; not the replicas' fault",
                              self.spec.slug, exc.error.message)  # fmt: skip
                     raise exc.error from exc.__cause__
                 else:
-                    suspects.append((replica, exc.error.message))
+                    soft = True
+                    if exc.counts:
+                        suspects.append((replica, exc.error.message))
                 failure = exc.error
                 log.info("%s failed over from %s: %s", self.spec.slug, replica.url, failure)
             except ServelmError:
@@ -248,8 +254,9 @@ class OpenAIUpstreamEngine(Engine):
             ) from exc
         except UpstreamError as exc:
             # A malformed answer or an error event: worth another replica's try, but
-            # the server is up, and the request may be what broke it.
-            raise _Retryable(exc, sick=False) from exc
+            # the server is up (it answered), and the request may be what broke it:
+            # it counts towards no run.
+            raise _Retryable(exc, sick=False, counts=False) from exc
 
     async def _reshape(self, raw: bytes) -> AsyncIterator[dict[str, Any]]:
         """A plain ``chat.completion`` as the two chunks a stream would end with: the
@@ -339,10 +346,11 @@ class _Retryable(Exception):
     """A failure of one replica that another might not have; ``sick`` when it says the
     replica is (not the request)."""
 
-    def __init__(self, error: ServelmError, *, sick: bool) -> None:
+    def __init__(self, error: ServelmError, *, sick: bool, counts: bool = True) -> None:
         super().__init__(error.message)
         self.error = error
         self.sick = sick
+        self.counts = counts  # held against the replica (a malformed answer is not)
 
 
 def _message(detail: Any) -> str:

@@ -3,8 +3,9 @@ and the work it reported.
 
 State changes two ways. Passively, from real traffic, telling the replica from the
 request (as Envoy's outlier detection does): what says the replica is sick (a refused
-or reset connection, a timeout, a 502, 503 or 504) ejects it at once; a 500 or a
-malformed answer may be the request's own doing, so it only counts towards a run
+or reset connection, a timeout, a 502, 503 or 504) ejects it at once; a 500 may be the
+request's own doing, so it only counts towards a run (a malformed answer, not even
+that: the server answered)
 (``RUN`` failures in a row, none older than ``RUN_WINDOW`` seconds, eject); an answer,
 a 4xx included, ends the run. A single failure never ejects a model's last healthy
 replica: that would turn one bad answer, perhaps provoked by one user, into a 503 for

@@ -226,14 +226,16 @@ class HostedEngine(OpenAIUpstreamEngine):
         self, spec: ModelSpec, url: str, token: str, *, queue_size: int, count_prompts: bool = True
     ) -> None:
         # The engine process admits and queues (its slots); each worker only relays.
-        # Its llama.cpp reports the prompt's count with the first token (timings).
+        # The engine process answers through the same front end as a servelm worker:
+        # the prompt's count with the first chunk wherever it counted it before
+        # generating, else the late count (``count_prompt_after``) settles it.
         relay = spec.model_copy(
             update={
                 "engine": "openai",
                 "base_url": url,
                 "api_key": token,
                 "slots": None,
-                "upstream_kind": "llama.cpp",
+                "upstream_kind": "servelm",
             }
         )
         super().__init__(relay, queue_size=queue_size)

@@ -104,7 +104,9 @@ def worker_app(
             {spec.slug: engine},
             authenticator=key,
             media=media,
-            prompt_count=settings.prompt_count,
+            # Counted before generating, always: a gateway bills the prompt by this
+            # count, sent with the first chunk, should the stream be cut before the end.
+            prompt_count="exact",
         )
         # After the engine: llama.cpp installs signal handlers of its own; ours win.
         lifecycle.install_signal_handlers()
