@@ -92,7 +92,7 @@ def test_one_chat_front_end_for_every_process_kind() -> None:
     through api/chat.py, with no body reader, SSE writer or error envelope of their own."""
     src = Path(app_module.__file__).parents[1]
     own = ("http.response.body", "http.disconnect", 'b"data: ', "openai_body(", "receive()")
-    for module in ("worker.py", "multiproc.py"):
+    for module in ("processes/worker.py", "processes/multiproc.py"):
         text = (src / module).read_text()
         assert [marker for marker in own if marker in text] == [], module
         assert "engine_front" in text, module
