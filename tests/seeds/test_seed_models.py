@@ -111,7 +111,7 @@ def test_seed_slug_serves_the_openai_route_streaming_and_not(
     assert chunks[-1].usage.prompt_tokens == done.usage.prompt_tokens
     # Six tokens are generated each time; a random-weight model may end on a byte of
     # an unfinished character, which llama.cpp never sends, and the client then pays
-    # for the text it got (calls.bill_what_was_sent): at most six, never none.
+    # for the text it got (charging.bill_what_was_sent): at most six, never none.
     for usage in (done.usage, chunks[-1].usage):
         assert 1 <= usage.completion_tokens <= 6
 

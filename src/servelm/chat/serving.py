@@ -28,20 +28,23 @@ from servelm.auth.keys import (
     check_model_rights,
 )
 from servelm.billing.money import (
-    MAX_ACCOUNT_MICRO,
-    affordable_max_tokens,
     credits_number,
     format_credits,
     not_enough,
 )
 from servelm.billing.service import Billing
 from servelm.catalog.specs import Catalog, ModelSpec
+from servelm.chat import charging
 from servelm.chat.answers import assemble_completion, reorder_stream
 from servelm.chat.calls import (
     Call,
     ChatExchange,
     JsonReply,
     StreamReply,
+    no_images_hint,
+    no_images_message,
+)
+from servelm.chat.charging import (
     bill_what_was_sent,
     billed_prompt,
     cached_tokens,
@@ -50,12 +53,10 @@ from servelm.chat.calls import (
     count_prompt_late,
     defer_count,
     money_headers,
-    no_images_hint,
-    no_images_message,
     settle_usage,
     tally,
 )
-from servelm.chat.conversation import engine_body, estimate_prompt_tokens, fit_conversation
+from servelm.chat.conversation import engine_body, fit_conversation
 from servelm.chat.input_limits import check_logit_bias_vocabulary, check_prompt_size, check_request
 from servelm.chat.media import ImageLoader, MediaLimits, inline_images
 from servelm.chat.protocol import ChatRequest, parse_chat_request, usage_body
@@ -67,7 +68,6 @@ from servelm.errors import (
     AuthenticationError,
     InvalidRequest,
     ModelNotInstalled,
-    NotEnoughCredits,
     ServelmError,
 )
 from servelm.ratelimit import Limiter
@@ -75,13 +75,6 @@ from servelm.telemetry import logs
 from servelm.telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)
-
-# A body this large costs real CPU to tokenize: check the balance first.
-COSTLY_BODY_BYTES = 64 * 1024
-# ``prompt_count = "auto"`` holds the prompt's upper bound only while the balance
-# covers this many more such holds. A balance near its end is held exactly, so the
-# larger hold can only matter to requests of the same account in flight with it.
-BOUND_HOLD_ROOM = 16
 
 
 class ChatService:
@@ -112,7 +105,7 @@ class ChatService:
         self.metrics = metrics
         self.limiter = limiter
         # "auto": count before admission only where the prompt's upper bound would
-        # decide something (``calls.defer_count``). "bound" is the engine's own switch.
+        # decide something (``charging.defer_count``). "bound" is the engine's own switch.
         self.lazy_count = prompt_count == "auto"
         # slug → why it is not served (missing weights, failed load), said in the 503.
         self.unavailable = unavailable or {}
@@ -209,26 +202,16 @@ class ChatService:
     async def precheck_credits(
         self, request: ChatRequest, spec: ModelSpec, principal: Principal, body_bytes: int
     ) -> None:
-        """Before costly preparation refuse a balance that cannot pay for it: for
-        images (fetches, decoding) the hold they may need, for a large text prompt
-        (tokenizing) a lower bound, one token per message and one output token. Small
-        text requests skip it: a balance read would cost them more than counting their
-        prompt, and the hold refuses them exactly anyway."""
+        """Before costly preparation, refuse a balance that cannot pay for it
+        (``charging.precheck_floor``)."""
         if not principal.owns_account:
             return
-        images = request.has_images()
-        if body_bytes < COSTLY_BODY_BYTES and not images:
+        least = charging.precheck_floor(request, spec, body_bytes)
+        if least is None:
             return
-        if images:
-            # Fetching and decoding images is the costly part: only for a balance that
-            # pays the hold they may need, the prompt's upper bound (each image at
-            # what large vision encoders spend on one) and one output token.
-            least = spec.cost_micro(estimate_prompt_tokens(engine_body(request)), 1)
-        else:
-            least = spec.cost_micro(len(request.messages), 1)
         balance = await self.billing.balance(principal.account_id)
         if balance < least:
-            raise not_enough(balance, least, at_least=not images)
+            raise not_enough(balance, least, at_least=not request.has_images())
 
     def refuse_images(self, spec: ModelSpec) -> None:
         """The user learns which models here see images; the operator, in the log,
@@ -291,59 +274,17 @@ class ChatService:
         call.limit = await self.limiter.acquire(principal, call.prompt_tokens + call.max_tokens)
 
     async def hold_credits(self, call: Call, principal: Principal) -> None:
-        """Reserve the worst case, or, when the client set no limit, as many output
-        tokens as the balance affords. A refused hold gives its rate reservation back.
-        A caller that owns no account holds nothing (and so is settled for nothing)."""
+        """The hold ``charging.hold`` decides. A refused hold gives its rate
+        reservation back. A caller that owns no account holds nothing (and so is
+        settled for nothing)."""
         if not principal.owns_account:
             return
         try:
-            await self._hold(call, principal)
+            await charging.hold(self.billing, call, principal)
         except BaseException:
             if call.limit is not None:
                 await call.limit.release()
             raise
-
-    async def _hold(self, call: Call, principal: Principal) -> None:
-        spec = call.spec
-        if call.count_deferred:
-            # The bound, while the balance has room for many such holds; near its end
-            # the exact count, so the hold refuses or caps exactly what `exact` would.
-            amount = spec.cost_micro(call.prompt_tokens, call.max_tokens)
-            try:
-                call.held_balance = await self.billing.hold(
-                    principal,
-                    call.request_id,
-                    spec.slug,
-                    amount,
-                    # No balance exceeds MAX_ACCOUNT_MICRO: past it, refused (BIGINT-safe).
-                    need=min(amount * (1 + BOUND_HOLD_ROOM), MAX_ACCOUNT_MICRO + 1),
-                    ttl=call.hold_ttl,
-                )
-                return
-            except NotEnoughCredits:
-                await count_prompt(call)
-        try:
-            amount = spec.cost_micro(call.prompt_tokens, call.max_tokens)
-            call.held_balance = await self.billing.hold(
-                principal, call.request_id, spec.slug, amount, ttl=call.hold_ttl
-            )
-        except NotEnoughCredits as exc:
-            if call.request.requested_max_tokens is not None:
-                raise
-            affordable = affordable_max_tokens(
-                exc.balance,
-                call.prompt_tokens,
-                spec.input_price_micro,
-                spec.output_price_micro,
-                call.max_tokens,
-            )
-            if affordable < 1:
-                raise
-            call.max_tokens = call.body["max_tokens"] = affordable
-            amount = spec.cost_micro(call.prompt_tokens, affordable)
-            call.held_balance = await self.billing.hold(
-                principal, call.request_id, spec.slug, amount, ttl=call.hold_ttl
-            )
 
     async def share_of_slots(self, call: Call, principal: Principal) -> None:
         """Whether this request counts against its account's share of the model's
@@ -364,7 +305,7 @@ class ChatService:
     async def stream_reply(self, call: Call, *, count_first: bool = False) -> StreamReply:
         """``count_first``: the caller is a gateway relaying this stream (it owns no
         account here), told the prompt's count with the first chunk, so that a stream
-        cut before the last one still bills it (``calls.settle_usage``)."""
+        cut before the last one still bills it (``charging.settle_usage``)."""
         chunks = reorder_stream(call, self.generate(call), self.usage)
         try:
             first = await anext(chunks)

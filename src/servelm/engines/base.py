@@ -201,7 +201,7 @@ class Engine(abc.ABC):
 
     def usage_contradicted(self) -> None:
         """The engine's counts of one answer contradicted what it sent
-        (``calls.settle_usage``): an engine that can deliver answers in a form whose
+        (``charging.settle_usage``): an engine that can deliver answers in a form whose
         tokens can be counted one by one (a stream) uses it from now on."""
         return None
 

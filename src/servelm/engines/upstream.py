@@ -5,7 +5,7 @@ Keys, credits and both dialects stay the gateway's own: the upstream only genera
 Settlement uses the upstream's own token counts (``usage``; streams are asked for it
 with ``stream_options.include_usage``, and for the prompt's count with the first token
 the way its kind allows: ``upstream_kind``), checked against what was relayed
-(``calls.settle_usage``). A client that hangs up closes our connection
+(``charging.settle_usage``). A client that hangs up closes our connection
 to the upstream, which is how every one of those servers learns to stop.
 
 A client that streams gets a streamed upstream call; one that does not gets a plain

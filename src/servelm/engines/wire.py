@@ -14,7 +14,7 @@ Rules for ``usage`` (the README's promise that an upper bound is never billed):
 - counts must be integers, ``0 <= n <= MAX_TOKENS``; anything else (negative, 10^400,
   ``"abc"``, NaN, a float) is a lying upstream: 502;
 - ``prompt_tokens`` missing: left out, and the prompt is billed as if no usage had
-  come (``calls.settle_usage``: the upper bound from its bytes, never 0);
+  come (``charging.settle_usage``: the upper bound from its bytes, never 0);
 - ``completion_tokens`` missing: the usage is ignored and the tokens relayed are
   counted instead.
 """
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 # Also what the usage table's INTEGER columns hold (PostgreSQL int4).
 MAX_TOKENS = 2**31 - 1
 # A chunk that carries a whole answer (a plain upstream call, reshaped) says so with
-# this key, so that ``calls.settle_usage`` does not take it for one token. Never
+# this key, so that ``charging.settle_usage`` does not take it for one token. Never
 # taken from an upstream's own events.
 WHOLE_ANSWER = "servelm_whole_answer"
 

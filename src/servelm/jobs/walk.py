@@ -21,7 +21,8 @@ from typing import Any
 from servelm.auth.keys import Principal, check_model_rights
 from servelm.billing.holds import Settlement
 from servelm.chat.answers import Completion
-from servelm.chat.calls import Call, ChatExchange, count_prompt
+from servelm.chat.calls import Call, ChatExchange
+from servelm.chat.charging import count_prompt
 from servelm.chat.protocol import ChatRequest
 from servelm.chat.serving import ChatService
 from servelm.errors import InvalidRequest, ServelmError

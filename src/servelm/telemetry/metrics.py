@@ -73,7 +73,7 @@ class Metrics:
             registry=self.registry,
         )
         # An engine's token counts that contradicted what it sent (issue 25, point 5):
-        # each was billed as ``calls.settle_usage`` says instead, and logged.
+        # each was billed as ``charging.settle_usage`` says instead, and logged.
         self.usage_corrected = Counter(
             "servelm_usage_corrected",
             "Engine token counts outside what was relayed, by model, count (prompt or "
