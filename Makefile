@@ -37,8 +37,13 @@ browser:
 	    >/dev/null 2>&1 || echo "could not install chromium: the browser tests will be skipped"; \
 	fi
 
+# The suite in TEST_JOBS processes, a test file per process at a time (module fixtures
+# start once); the time it took is printed at the end.
+TEST_JOBS ?= 3
 test: model $(JS_DEPS) browser lint typecheck
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	@start=$$(date +%s); \
+	$(BIN)/python -m pytest -n $(TEST_JOBS) --dist loadfile $(PYTEST_ARGS); status=$$?; \
+	echo "make test: the suite took $$(( $$(date +%s) - start )) s"; exit $$status
 
 # The walk's rules against the scripted engine: no model, no PostgreSQL, seconds.
 test-fast: $(STAMP)

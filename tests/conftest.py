@@ -249,3 +249,19 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             and "live" not in getattr(item, "fixturenames", ())
         ):
             item.add_marker(pytest.mark.fast)
+
+
+# The combination matrix's table (tests/fleet/conftest.py), printed at the end of the
+# run by whichever process writes the summary.
+_matrix_lines: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    for name, value in report.user_properties:
+        if name == "servelm_matrix_table":
+            _matrix_lines.extend(str(value).split("\n"))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    for line in _matrix_lines:
+        terminalreporter.write_line(line)

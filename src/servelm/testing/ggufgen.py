@@ -17,6 +17,7 @@ A tiny multimodal projector (``mmproj``) makes any of them a vision model.
 
 from __future__ import annotations
 
+import os
 import math
 import sys
 from dataclasses import dataclass, field
@@ -270,7 +271,7 @@ def write_model(arch: TinyArch, vocab: Vocab, out: Path, seed: int = 0) -> Path:
     def ones(n: int) -> np.ndarray:
         return np.ones(n, dtype=np.float32)
 
-    tmp = out.with_suffix(".tmp")
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")  # several test workers may write it at once
     w = gguf.GGUFWriter(tmp, arch="llama")
     w.add_name(arch.name)
     w.add_description(arch.description)
@@ -361,7 +362,7 @@ def write_mmproj(out: Path, n_embd_out: int = 64, seed: int = 1) -> Path:
     def zeros(n: int) -> np.ndarray:
         return np.zeros(n, dtype=np.float32)
 
-    tmp = out.with_suffix(".tmp")
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")  # several test workers may write it at once
     w = gguf.GGUFWriter(tmp, arch="clip")
     w.add_name("tiny-mmproj")
     w.add_bool(gguf.Keys.Clip.HAS_VISION_ENCODER, True)
