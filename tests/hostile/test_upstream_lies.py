@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
+from servelm.api.services import services
 from servelm.billing.money import MICRO
 from servelm.chat.conversation import estimate_prompt_tokens
 from servelm.testing.lying_upstream import PLAIN_LIES, STREAM_LIES, USAGE_LIES
@@ -68,7 +69,7 @@ def relayed_text(events: list[str]) -> str:
 
 
 def output_cost(live: LiveServer, prompt: int, completion: int) -> Decimal:
-    spec = live.app.state.chat.catalog.resolve(LIAR)
+    spec = services(live.app).catalog.resolve(LIAR)
     return Decimal(spec.cost_micro(prompt, completion)) / MICRO
 
 
@@ -175,7 +176,7 @@ def test_malformed_answers_are_502_on_the_segmind_route_too(
 
 
 def _liar_port(live: LiveServer) -> int:
-    base = live.app.state.chat.catalog.resolve(LIAR).base_url
+    base = services(live.app).catalog.resolve(LIAR).base_url
     return int(base.rsplit(":", 1)[1].split("/")[0])
 
 
@@ -227,7 +228,7 @@ def test_a_trickling_upstream_hits_the_calls_deadline(deadline_gateway: LiveServ
     r = plain(live, key, "lie:trickle")
     assert r.status_code == 504, r.text
     assert balance(live, key) == 1
-    replica = live.app.state.chat.engines[LIAR].replicas.all[0]
+    replica = services(live.app).engines[LIAR].replicas.all[0]
     deadline = time.monotonic() + 30
     while not replica.healthy:
         assert time.monotonic() < deadline, "the probe never readmitted the replica"

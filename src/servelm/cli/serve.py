@@ -107,6 +107,8 @@ def serve(**flags: Any) -> None:
 def _run(asgi: Any, settings: Settings) -> None:
     import uvicorn
 
+    from servelm.api.services import front
+
     if settings.workers > 1:
         # Several processes on one socket, local models in one of their own
         # (servelm.processes.multiproc).
@@ -126,7 +128,7 @@ def _run(asgi: Any, settings: Settings) -> None:
     )
     server = uvicorn.Server(config)
     # SIGTERM drains first (servelm.processes.lifecycle), then tells uvicorn to stop.
-    asgi.state.lifecycle.server = server
+    front(asgi).lifecycle.server = server
     server.run()
 
 
