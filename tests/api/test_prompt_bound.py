@@ -24,6 +24,7 @@ from servelm.catalog.builtins import default_spec
 from servelm.catalog.specs import Catalog
 from servelm.chat.conversation import estimate_prompt_tokens
 from servelm.engines.base import Engine
+from servelm.engines.llamacpp import LlamaCppEngine
 from tests.conftest import LiveServer, make_settings, start_server
 
 SLUG = "smollm2-135m-instruct"
@@ -139,7 +140,7 @@ def test_bound_mode_stream_cut_short_pays_its_exact_prompt(
     assert last.prompt_tokens == exact_prompt > 10
     assert last.completion_tokens >= 2  # the role chunk carries no token
     spec_cost = (
-        services(bound.app).catalog.get(SLUG).cost_micro(exact_prompt, last.completion_tokens)
+        services(bound.app).catalog.resolve(SLUG).cost_micro(exact_prompt, last.completion_tokens)
     )
     assert last.cost == spec_cost
     assert accounts.get_account(bound.db, "tests").held == 0
@@ -164,6 +165,7 @@ def _counted(srv: LiveServer, monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 def _exact_count(srv: LiveServer, messages: list[dict[str, str]]) -> int:
     engine = services(srv.app).engines[SLUG]
+    assert isinstance(engine, LlamaCppEngine)
     run = asyncio.run_coroutine_threadsafe(
         engine.count_prompt({"messages": messages}), services(srv.app).loop
     )

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from servelm.api.services import services
+from servelm.engines.llamacpp import LlamaCppEngine
 from tests.conftest import LiveServer, make_settings, start_server
 
 pytestmark = pytest.mark.slow  # real engine processes or models: seconds each
@@ -59,6 +60,7 @@ async def test_sixteen_concurrent_streams_complete_and_are_batched(wide: LiveSer
         single_tps = single / (time.perf_counter() - t0)
 
         engine = services(wide.app).engines[SLUG]
+        assert isinstance(engine, LlamaCppEngine)
         before = engine.metrics()
         t0 = time.perf_counter()
         counts = await asyncio.gather(*(_stream_tokens(client, n_tokens) for _ in range(16)))
@@ -79,6 +81,7 @@ async def test_sixteen_concurrent_streams_complete_and_are_batched(wide: LiveSer
 
 async def test_disconnect_after_three_chunks_stops_generation(live: LiveServer) -> None:
     engine = services(live.app).engines[SLUG]
+    assert isinstance(engine, LlamaCppEngine)
     before_cancelled = engine.stats.cancelled_total
     before_chunks = engine.stats.chunks_total
     body = {
@@ -125,6 +128,7 @@ async def test_full_queue_answers_503_with_retry_after(
     try:
         body = {"model": SLUG, "messages": STORY, "max_tokens": 400, "stream": True}
         engine = services(srv.app).engines[SLUG]
+        assert isinstance(engine, LlamaCppEngine)
         async with httpx.AsyncClient(
             base_url=srv.base_url, timeout=60, headers=srv.headers()
         ) as client:

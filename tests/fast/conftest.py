@@ -71,7 +71,8 @@ def fast(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
 
 @pytest.fixture
 def engine(fast: LiveServer) -> Iterator[ScriptedEngine]:
-    eng: ScriptedEngine = services(fast.app).engines[SLUG]
+    eng = services(fast.app).engines[SLUG]
+    assert isinstance(eng, ScriptedEngine)
     yield eng
     eng.clear()  # nothing left over for the next test
 

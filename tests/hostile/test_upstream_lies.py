@@ -21,6 +21,7 @@ import pytest
 from servelm.api.services import services
 from servelm.billing.money import MICRO
 from servelm.chat.conversation import estimate_prompt_tokens
+from servelm.engines.upstream import OpenAIUpstreamEngine
 from servelm.testing.lying_upstream import PLAIN_LIES, STREAM_LIES, USAGE_LIES
 from tests.conftest import LiveServer, drop_pg_database, new_pg_database, provision
 from tests.hostile.conftest import LIAR, assert_money_sound, start_liar_gateway, warm_up
@@ -177,6 +178,7 @@ def test_malformed_answers_are_502_on_the_segmind_route_too(
 
 def _liar_port(live: LiveServer) -> int:
     base = services(live.app).catalog.resolve(LIAR).base_url
+    assert base is not None
     return int(base.rsplit(":", 1)[1].split("/")[0])
 
 
@@ -228,7 +230,9 @@ def test_a_trickling_upstream_hits_the_calls_deadline(deadline_gateway: LiveServ
     r = plain(live, key, "lie:trickle")
     assert r.status_code == 504, r.text
     assert balance(live, key) == 1
-    replica = services(live.app).engines[LIAR].replicas.all[0]
+    engine = services(live.app).engines[LIAR]
+    assert isinstance(engine, OpenAIUpstreamEngine)
+    replica = engine.replicas.all[0]
     deadline = time.monotonic() + 30
     while not replica.healthy:
         assert time.monotonic() < deadline, "the probe never readmitted the replica"
