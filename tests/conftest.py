@@ -15,6 +15,7 @@ from fastapi import FastAPI
 
 from servelm.api import conn_guard
 from servelm.api.app import EngineFactory, build_engine, create_app
+from servelm.api.services import services
 from servelm.billing import accounts
 from servelm.billing.money import MICRO
 from servelm.catalog.specs import Catalog
@@ -55,7 +56,7 @@ class LiveServer:
 
     @property
     def db(self) -> Database:
-        db: Database = self.app.state.billing.db
+        db: Database = services(self.app).db
         return db
 
     def headers(self) -> dict[str, str]:

@@ -9,6 +9,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
+from servelm.api.services import services
 from servelm.engines.base import Engine
 from tests.conftest import LiveServer
 
@@ -104,7 +105,7 @@ def test_prompt_count_before_generation_matches_engine_usage(live: LiveServer) -
     from servelm.chat.conversation import engine_body
     from servelm.chat.protocol import parse_chat_request
 
-    engine: Engine = live.app.state.chat.engines[SLUG]
+    engine: Engine = services(live.app).engines[SLUG]
     req = parse_chat_request(json.dumps({"messages": JOKE}).encode())
     body = engine_body(req)
 
@@ -122,7 +123,7 @@ def test_prompt_count_before_generation_matches_engine_usage(live: LiveServer) -
 
 
 def _server_loop(live: LiveServer):  # type: ignore[no-untyped-def]
-    return live.app.state.loop
+    return services(live.app).loop
 
 
 def test_json_schema_response_parses_and_validates(client: openai.OpenAI) -> None:

@@ -17,12 +17,14 @@ from pathlib import Path
 import httpx
 import pytest
 
+from servelm.api.services import services
 from servelm.billing import accounts
 from servelm.billing.money import MICRO
 from servelm.catalog.builtins import default_spec
 from servelm.catalog.specs import Catalog
 from servelm.chat.conversation import estimate_prompt_tokens
 from servelm.engines.base import Engine
+from servelm.engines.llamacpp import LlamaCppEngine
 from tests.conftest import LiveServer, make_settings, start_server
 
 SLUG = "smollm2-135m-instruct"
@@ -48,7 +50,7 @@ def _cost(models_dir: Path, usage: dict[str, int]) -> Decimal:
 def test_bound_mode_skips_the_count_and_charges_the_engines_usage(
     bound: LiveServer, live: LiveServer, models_dir: Path
 ) -> None:
-    engine = bound.app.state.chat.engines[SLUG]
+    engine = services(bound.app).engines[SLUG]
     # The setting reached the engine: it does not count (no call into llama.cpp).
     assert asyncio.run(engine.count_prompt_tokens({"messages": MESSAGES})) is None
     ask = {"model": SLUG, "messages": MESSAGES, "max_tokens": 6, "temperature": 0}
@@ -137,8 +139,8 @@ def test_bound_mode_stream_cut_short_pays_its_exact_prompt(
     assert last is not None and last.status == "cancelled"
     assert last.prompt_tokens == exact_prompt > 10
     assert last.completion_tokens >= 2  # the role chunk carries no token
-    spec_cost = bound.app.state.chat.catalog.get(SLUG).cost_micro(
-        exact_prompt, last.completion_tokens
+    spec_cost = (
+        services(bound.app).catalog.resolve(SLUG).cost_micro(exact_prompt, last.completion_tokens)
     )
     assert last.cost == spec_cost
     assert accounts.get_account(bound.db, "tests").held == 0
@@ -149,7 +151,7 @@ def test_bound_mode_stream_cut_short_pays_its_exact_prompt(
 
 def _counted(srv: LiveServer, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Record each count the walk asks the server's engine for before admission."""
-    engine: Engine = srv.app.state.chat.engines[SLUG]
+    engine: Engine = services(srv.app).engines[SLUG]
     original = engine.count_prompt_tokens
     calls: list[int] = []
 
@@ -162,9 +164,10 @@ def _counted(srv: LiveServer, monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 def _exact_count(srv: LiveServer, messages: list[dict[str, str]]) -> int:
-    engine = srv.app.state.chat.engines[SLUG]
+    engine = services(srv.app).engines[SLUG]
+    assert isinstance(engine, LlamaCppEngine)
     run = asyncio.run_coroutine_threadsafe(
-        engine.count_prompt({"messages": messages}), srv.app.state.loop
+        engine.count_prompt({"messages": messages}), services(srv.app).loop
     )
     return int(run.result(timeout=30))
 
@@ -172,7 +175,7 @@ def _exact_count(srv: LiveServer, messages: list[dict[str, str]]) -> int:
 def test_auto_mode_skips_the_count_where_the_bound_decides_nothing(
     live: LiveServer, models_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert live.app.state.chat.lazy_count
+    assert services(live.app).chat.lazy_count
     counted = _counted(live, monkeypatch)
     ask = {"model": SLUG, "messages": MESSAGES, "max_tokens": 6, "temperature": 0}
     with httpx.Client(base_url=live.base_url, timeout=60, headers=live.headers()) as http:

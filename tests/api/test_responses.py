@@ -13,6 +13,7 @@ import openai
 import pytest
 from openai.types.responses import ResponseIncompleteEvent
 
+from servelm.api.services import services
 from servelm.billing import accounts, audit
 from tests.conftest import LiveServer, provision
 
@@ -49,7 +50,7 @@ def test_a_plain_response_is_charged_as_its_usage_says(live: LiveServer) -> None
     assert usage.total_tokens == usage.input_tokens + 8
     extra = usage.model_extra or {}
     cost = Decimal(raw.headers["x-cost"])
-    spec = live.app.state.chat.catalog.resolve(SLUG)
+    spec = services(live.app).catalog.resolve(SLUG)
     assert cost * 1_000_000 == spec.cost_micro(usage.input_tokens, usage.output_tokens)
     assert Decimal(str(extra["cost"])) == cost
     assert Decimal(str(extra["remaining_credits"])) == balance(live, key) == 1 - cost

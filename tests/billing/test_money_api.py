@@ -15,6 +15,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
+from servelm.api.services import services
 from servelm.billing import accounts, audit
 from servelm.billing.money import MICRO
 from tests.conftest import ADMIN_TOKEN, LiveServer, provision
@@ -51,7 +52,7 @@ def credits_of(r: httpx.Response) -> Decimal:
 
 def test_remaining_credits_fall_by_exactly_the_cost_of_each_request(live: LiveServer) -> None:
     key = provision(live.db, "arith", 1)
-    spec = live.app.state.chat.catalog.resolve(SLUG)
+    spec = services(live.app).catalog.resolve(SLUG)
     before = Decimal(1)
     for send in (segmind, openai_route, segmind, openai_route):
         r = send(live, key)
@@ -108,7 +109,7 @@ def test_without_max_tokens_generation_is_capped_at_what_the_balance_affords(
     live: LiveServer,
 ) -> None:
     """No max_tokens: not a 406 but as many tokens as the balance pays for."""
-    spec = live.app.state.chat.catalog.resolve(SLUG)
+    spec = services(live.app).catalog.resolve(SLUG)
     probe = segmind(live, live.api_key, {"messages": HELLO["messages"], "max_tokens": 1})
     prompt = probe.json()["usage"]["prompt_tokens"]
     grant = spec.cost_micro(prompt, 3)

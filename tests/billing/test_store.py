@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from datetime import timedelta
 
@@ -269,3 +270,18 @@ def test_affordable_max_tokens(
         assert cost(n) <= balance
     if n < wanted:
         assert cost(n + 1) > balance
+
+
+def test_run_does_store_work_on_the_database_threads_not_the_loop(db: Database) -> None:
+    """``Database.run``, the thread hop the admin API, the probes and the console use:
+    the store function runs on the database's own pool and its result comes back."""
+    account_id = funded(db, 5 * MICRO)
+
+    async def main() -> tuple[str, str, int]:
+        where = await db.run(lambda: threading.current_thread().name)
+        acct = await db.run(accounts.get_account, db, account_id)
+        return threading.current_thread().name, where, acct.balance
+
+    loop_thread, where, balance = asyncio.run(main())
+    assert where != loop_thread and where.startswith("db")
+    assert balance == 5 * MICRO

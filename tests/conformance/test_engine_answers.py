@@ -9,6 +9,8 @@ from typing import Any
 import httpx
 import pytest
 
+from servelm.api.services import services
+from servelm.engines.llamacpp import LlamaCppEngine
 from tests.conftest import LiveServer
 
 MODEL = "smollm2-135m-instruct"
@@ -24,7 +26,8 @@ def chat(http: httpx.Client, **body: Any) -> dict[str, Any]:
 
 def tokens_of(live: LiveServer, text: str) -> int:
     """What the model's own tokenizer makes of ``text`` (the embedded server's route)."""
-    engine = live.app.state.chat.engines[MODEL]
+    engine = services(live.app).engines[MODEL]
+    assert isinstance(engine, LlamaCppEngine)
     address = engine._server.listening_address
     r = httpx.post(f"{address}/tokenize", json={"content": text, "add_special": False})
     return len(r.json()["tokens"])

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
+from servelm.api.services import services
 from servelm.billing import accounts, audit
 from servelm.billing.money import MICRO, format_credits
 from servelm.chat.conversation import estimate_prompt_tokens
@@ -108,7 +109,7 @@ def test_playground_reply_shows_the_exact_cost_and_balance(page: Any, console: L
     account_id = account_of(console, key)
     (row,) = settled(console, account_id, 1)
     assert format_credits(row["cost"]) == shown_cost
-    spec = console.app.state.chat.catalog.resolve(SMOL)
+    spec = services(console.app).catalog.resolve(SMOL)
     assert row["cost"] == spec.cost_micro(row["prompt_tokens"], row["completion_tokens"])
     api = httpx.post(
         f"{console.v1}/{SMOL}",
@@ -161,7 +162,7 @@ def test_reply_streams_and_stop_charges_only_what_was_shown(page: Any, console: 
     # Charged for what was sent: what the page shows, plus at most the chunk or two
     # in flight when the browser hung up; far from the 400 asked for.
     assert shown_chunks <= row["completion_tokens"] <= shown_chunks + 2
-    spec = console.app.state.chat.catalog.resolve(PACED)
+    spec = services(console.app).catalog.resolve(PACED)
     # The paced upstream sends its usage only at the end: the prompt pays its upper
     # bound from its bytes (README, "What each ending pays"), never 0.
     assert row["prompt_tokens"] >= estimate_prompt_tokens(

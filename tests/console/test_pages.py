@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from servelm.api.services import services
 from servelm.billing import accounts
 from servelm.chat.protocol import ChatRequest
 from servelm.console import docs, session
@@ -37,7 +38,7 @@ def test_every_page_has_a_csp_without_inline_scripts(console: LiveServer) -> Non
 
 
 def test_model_page_documents_the_model(console: LiveServer) -> None:
-    spec = console.app.state.chat.catalog.resolve("smollm2-135m-instruct")
+    spec = services(console.app).catalog.resolve("smollm2-135m-instruct")
     page = httpx.get(f"{console.base_url}/models/{spec.slug}").text
     assert f"{console.base_url}/v1/{spec.slug}" in page
     assert f"{console.base_url}/v1/chat/completions" in page
@@ -108,7 +109,7 @@ def test_playground_chat_needs_the_session_and_its_csrf_header(console: LiveServ
     assert r.status_code == 200, r.text
     assert Decimal(str(r.json()["usage"]["cost"])) == Decimal(r.headers["x-cost"])
     # An expired session is no session, even with the right token.
-    secret = session.app_secret(console.app)
+    secret = session.app_secret(console.app, services(console.app).settings)
     nonce = client.cookies[session.CSRF_COOKIE]
     live_payload = session.unsign(secret, client.cookies[session.SESSION_COOKIE])
     assert live_payload is not None

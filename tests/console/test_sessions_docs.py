@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+from servelm.api.services import services
 from servelm.console import session
 from tests.conftest import ADMIN_TOKEN, LiveServer, provision
 from tests.console.conftest import SCREENSHOTS
@@ -60,7 +61,8 @@ def test_a_copied_cookie_dies_when_its_owner_signs_out(browser: Any, console: Li
         assert theirs.locator("#api_key").is_visible()
         assert theirs.locator("#account-name").count() == 0
         # Nor does it open the playground's chat (the session's other door).
-        token = session.csrf_token(session.app_secret(console.app), stolen[session.CSRF_COOKIE])
+        secret = session.app_secret(console.app, services(console.app).settings)
+        token = session.csrf_token(secret, stolen[session.CSRF_COOKIE])
         r = httpx.post(
             f"{console.v1}/chat/completions",
             json={"model": "paced", "messages": [{"role": "user", "content": "hi"}]},

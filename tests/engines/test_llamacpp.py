@@ -11,6 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from servelm.api.services import services
+from servelm.engines.llamacpp import LlamaCppEngine
 from tests.conftest import LiveServer, make_settings, start_server
 
 pytestmark = pytest.mark.slow  # real engine processes or models: seconds each
@@ -57,7 +59,8 @@ async def test_sixteen_concurrent_streams_complete_and_are_batched(wide: LiveSer
         single = await _stream_tokens(client, n_tokens)
         single_tps = single / (time.perf_counter() - t0)
 
-        engine = wide.app.state.chat.engines[SLUG]
+        engine = services(wide.app).engines[SLUG]
+        assert isinstance(engine, LlamaCppEngine)
         before = engine.metrics()
         t0 = time.perf_counter()
         counts = await asyncio.gather(*(_stream_tokens(client, n_tokens) for _ in range(16)))
@@ -77,7 +80,8 @@ async def test_sixteen_concurrent_streams_complete_and_are_batched(wide: LiveSer
 
 
 async def test_disconnect_after_three_chunks_stops_generation(live: LiveServer) -> None:
-    engine = live.app.state.chat.engines[SLUG]
+    engine = services(live.app).engines[SLUG]
+    assert isinstance(engine, LlamaCppEngine)
     before_cancelled = engine.stats.cancelled_total
     before_chunks = engine.stats.chunks_total
     body = {
@@ -123,7 +127,8 @@ async def test_full_queue_answers_503_with_retry_after(
     )
     try:
         body = {"model": SLUG, "messages": STORY, "max_tokens": 400, "stream": True}
-        engine = srv.app.state.chat.engines[SLUG]
+        engine = services(srv.app).engines[SLUG]
+        assert isinstance(engine, LlamaCppEngine)
         async with httpx.AsyncClient(
             base_url=srv.base_url, timeout=60, headers=srv.headers()
         ) as client:

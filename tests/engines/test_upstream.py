@@ -16,6 +16,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
+from servelm.api.services import services
 from servelm.billing.money import MICRO
 from servelm.fleet.replicas import RUN
 from tests.conftest import LiveServer, free_port, make_settings, provision, start_server
@@ -149,7 +150,7 @@ def test_remote_slug_streams_on_the_segmind_route(gateway: LiveServer) -> None:
 def test_remote_charges_follow_the_upstreams_usage(gateway: LiveServer) -> None:
     """Non-streaming and streaming: the charge is the upstream's reported tokens at the
     entry's prices, and the balance falls by exactly that."""
-    spec = gateway.app.state.chat.catalog.resolve(REMOTE)
+    spec = services(gateway.app).catalog.resolve(REMOTE)
     key = provision(gateway.db, "remote-payer", 1)
     r = httpx.post(
         f"{gateway.v1}/{REMOTE}",

@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
+from servelm.api.services import services
 from servelm.billing.money import MICRO
 from servelm.chat.conversation import estimate_prompt_tokens
 from servelm.testing.instant_upstream import lifespan, read_body
@@ -152,7 +153,7 @@ def test_plain_client_gets_a_plain_call_and_a_streaming_one_a_stream(
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["content"] == "abc"
     assert r.json()["usage"]["prompt_tokens"] == 11
-    spec = live.app.state.chat.catalog.resolve(SLUG)
+    spec = services(live.app).catalog.resolve(SLUG)
     assert Decimal(r.headers["x-cost"]) * MICRO == spec.cost_micro(11, 3)
     assert script.seen[-1]["stream"] is False
     assert "stream_options" not in script.seen[-1]
@@ -186,7 +187,7 @@ def test_an_upstream_without_usage_is_streamed_from_then_on(
     bound = estimate_prompt_tokens({"messages": MSGS})
     assert first.json()["usage"]["completion_tokens"] == 1
     assert first.json()["usage"]["prompt_tokens"] == bound
-    spec = live.app.state.chat.catalog.resolve(SLUG)
+    spec = services(live.app).catalog.resolve(SLUG)
     assert Decimal(first.headers["x-cost"]) * MICRO == spec.cost_micro(bound, 1)
     assert script.seen[-1]["stream"] is False
     second = chat(live)

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from servelm.api.services import services
 from servelm.billing import accounts
 from servelm.catalog.models_file import load_plans
 from servelm.catalog.specs import Catalog, ModelSpec
@@ -70,7 +71,8 @@ def fast(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
 
 @pytest.fixture
 def engine(fast: LiveServer) -> Iterator[ScriptedEngine]:
-    eng: ScriptedEngine = fast.app.state.chat.engines[SLUG]
+    eng = services(fast.app).engines[SLUG]
+    assert isinstance(eng, ScriptedEngine)
     yield eng
     eng.clear()  # nothing left over for the next test
 

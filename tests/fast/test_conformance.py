@@ -15,6 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from servelm.api.app import build_engine
+from servelm.api.services import services
 from servelm.catalog.models_file import ConfigError, load_catalog
 from servelm.catalog.specs import Catalog, ModelSpec
 from servelm.chat.request_fields import HONOURED, IGNORED, REFUSED
@@ -224,7 +225,7 @@ def test_images_on_a_text_model_say_what_would_make_it_see(
 ) -> None:
     image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
     body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}, image]}]}
-    fast.app.state.chat.told_no_images.discard(SLUG)  # the log line comes once per model
+    services(fast.app).chat.told_no_images.discard(SLUG)  # the log line comes once per model
     with caplog.at_level("WARNING", logger="servelm.chat.serving"):
         r = post(fast, body, route="segmind")
     assert r.status_code == 400

@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from servelm.api.services import services
 from servelm.catalog.specs import Catalog
 from servelm.errors import UpstreamError
 from servelm.testing.scripted_engine import Script, ScriptedEngine, scripted_factory
@@ -42,7 +43,8 @@ def sent(srv: LiveServer, body: dict[str, object]) -> dict[str, object]:
         timeout=30,
     )
     assert r.status_code == 200, r.text
-    engine: ScriptedEngine = srv.app.state.chat.engines["tooly"]
+    engine = services(srv.app).engines["tooly"]
+    assert isinstance(engine, ScriptedEngine)
     return engine.bodies[-1]
 
 
@@ -63,7 +65,8 @@ def test_a_responses_stream_cut_by_its_engine_ends_with_an_error_event(
 ) -> None:
     """After the headers, a failure is the Responses ``error`` event, numbered after
     the events before it, and nothing after it (no response.completed)."""
-    engine: ScriptedEngine = tooly.app.state.chat.engines["tooly"]
+    engine = services(tooly.app).engines["tooly"]
+    assert isinstance(engine, ScriptedEngine)
     engine.push(Script(error=UpstreamError("the upstream went away"), fail_after=2))
     with httpx.stream(
         "POST",

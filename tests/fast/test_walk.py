@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
+from servelm.api.services import services
 from servelm.billing import audit
 from servelm.billing.money import MICRO
 from servelm.catalog.specs import Catalog
@@ -343,7 +344,8 @@ def test_clients_that_stop_reading_lose_their_slots(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, tmp_path / "models", slots=2, send_timeout=1.0)
     srv = start_server(settings, Catalog([SPEC]), engine_factory=scripted_factory)
     try:
-        engine: ScriptedEngine = srv.app.state.chat.engines[SLUG]
+        engine = services(srv.app).engines[SLUG]
+        assert isinstance(engine, ScriptedEngine)
         # 512 KiB a token, 32 tokens: 16 MiB per stream, past any loopback buffer.
         huge = Script(tokens=("x" * 524288,) * 32)
         engine.push(huge, huge)

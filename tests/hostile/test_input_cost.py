@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
+from servelm.api.services import services
 from servelm.catalog.specs import DEFAULT_MODEL_SLUG
 from servelm.chat.input_limits import MAX_ENUM_VALUES
 from servelm.errors import InvalidRequest
@@ -193,7 +194,7 @@ def test_a_huge_prompt_is_refused_before_it_is_tokenized(live: LiveServer, megab
 def test_engine_refusal_of_input_is_a_400_not_a_500(live: LiveServer) -> None:
     """Past the gateway's own checks, whatever llama.cpp refuses as input is the
     client's fault: ``map_engine_error`` says 400."""
-    engine = live.app.state.chat.engines[DEFAULT_MODEL_SLUG]
+    engine = services(live.app).engines[DEFAULT_MODEL_SLUG]
     body = {
         "messages": [{"role": "user", "content": "hi"}],
         "max_tokens": 2,
@@ -204,6 +205,6 @@ def test_engine_refusal_of_input_is_a_400_not_a_500(live: LiveServer) -> None:
         async for _ in engine.stream(body):
             pass
 
-    future = asyncio.run_coroutine_threadsafe(run(), live.app.state.loop)
+    future = asyncio.run_coroutine_threadsafe(run(), services(live.app).loop)
     with pytest.raises(InvalidRequest, match="unrecognized type foo"):
         future.result(timeout=60)

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from PIL import Image as PILImage
 
+from servelm.api.services import services
 from servelm.chat.media import ImageLoader, MediaLimits, inline_images, non_global_reason
 from servelm.errors import InvalidRequest
 from tests.conftest import LiveServer
@@ -103,7 +104,7 @@ def test_image_decoding_runs_off_the_event_loop(
     """Eight large JPEGs in one request stalled /health for seconds: Pillow ran on the
     loop. The server's own loader decodes them; Pillow must never run on the loop's
     thread, and the loop keeps answering while it works."""
-    loop = live.app.state.loop
+    loop = services(live.app).loop
     loop_thread: list[int] = []
     loop.call_soon_threadsafe(lambda: loop_thread.append(threading.get_ident()))
     threads: set[int] = set()
@@ -131,7 +132,7 @@ def test_image_decoding_runs_off_the_event_loop(
     async def go() -> int:
         ticker = asyncio.ensure_future(tick())
         try:
-            return await inline_images(body, live.app.state.chat.media)
+            return await inline_images(body, services(live.app).chat.media)
         finally:
             ticker.cancel()
 

@@ -18,8 +18,10 @@ from typing import Any
 import httpx
 import pytest
 
+from servelm.api.services import services
 from servelm.billing.money import MICRO
 from servelm.chat.conversation import estimate_prompt_tokens
+from servelm.engines.upstream import OpenAIUpstreamEngine
 from servelm.testing.lying_upstream import PLAIN_LIES, STREAM_LIES, USAGE_LIES
 from tests.conftest import LiveServer, drop_pg_database, new_pg_database, provision
 from tests.hostile.conftest import LIAR, assert_money_sound, start_liar_gateway, warm_up
@@ -68,7 +70,7 @@ def relayed_text(events: list[str]) -> str:
 
 
 def output_cost(live: LiveServer, prompt: int, completion: int) -> Decimal:
-    spec = live.app.state.chat.catalog.resolve(LIAR)
+    spec = services(live.app).catalog.resolve(LIAR)
     return Decimal(spec.cost_micro(prompt, completion)) / MICRO
 
 
@@ -175,7 +177,8 @@ def test_malformed_answers_are_502_on_the_segmind_route_too(
 
 
 def _liar_port(live: LiveServer) -> int:
-    base = live.app.state.chat.catalog.resolve(LIAR).base_url
+    base = services(live.app).catalog.resolve(LIAR).base_url
+    assert base is not None
     return int(base.rsplit(":", 1)[1].split("/")[0])
 
 
@@ -227,7 +230,9 @@ def test_a_trickling_upstream_hits_the_calls_deadline(deadline_gateway: LiveServ
     r = plain(live, key, "lie:trickle")
     assert r.status_code == 504, r.text
     assert balance(live, key) == 1
-    replica = live.app.state.chat.engines[LIAR].replicas.all[0]
+    engine = services(live.app).engines[LIAR]
+    assert isinstance(engine, OpenAIUpstreamEngine)
+    replica = engine.replicas.all[0]
     deadline = time.monotonic() + 30
     while not replica.healthy:
         assert time.monotonic() < deadline, "the probe never readmitted the replica"

@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
+from servelm.api.services import services
 from servelm.billing.money import MICRO
 from servelm.chat.conversation import estimate_prompt_tokens
 from servelm.testing.lying_upstream import LONG
@@ -68,7 +69,7 @@ def spent(live: LiveServer, key: str) -> Decimal:
 
 
 def cost(live: LiveServer, prompt: int, completion: int) -> Decimal:
-    spec = live.app.state.chat.catalog.resolve(LIAR)
+    spec = services(live.app).catalog.resolve(LIAR)
     return Decimal(spec.cost_micro(prompt, completion)) / MICRO
 
 
@@ -106,7 +107,7 @@ def streamed(live: LiveServer, key: str, mode: str) -> tuple[str, dict[str, Any]
 
 def seen(live: LiveServer) -> list[bool]:
     """The ``stream`` flag of every call the lying upstream got."""
-    base = live.app.state.chat.catalog.resolve(LIAR).base_url
+    base = services(live.app).catalog.resolve(LIAR).base_url
     assert base is not None
     return list(httpx.get(base.removesuffix("/v1") + "/seen", timeout=10).json())
 

@@ -13,8 +13,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from servelm.api.services import services
 from servelm.catalog.models_file import load_catalog
 from servelm.catalog.specs import DEFAULT_MODEL_SLUG
+from servelm.engines.llamacpp import LlamaCppEngine
 from tests.conftest import LiveServer, make_settings, provision, start_server
 from tests.hostile.conftest import LIAR, Drip, assert_money_sound
 
@@ -112,7 +114,8 @@ def test_preparation_stops_when_the_client_leaves(walk_live: LiveServer, drip: D
 
 
 def test_a_hang_up_during_prefill_cancels_it(walk_live: LiveServer) -> None:
-    engine = walk_live.app.state.chat.engines[DEFAULT_MODEL_SLUG]
+    engine = services(walk_live.app).engines[DEFAULT_MODEL_SLUG]
+    assert isinstance(engine, LlamaCppEngine)
     before = engine.metrics().get("prompt_tokens_total", 0.0)
     # About 1,250 tokens, seconds of prefill on two busy cores (the report's 7,800
     # took minutes here): three of the engine's 512-token batches, and a hang-up is

@@ -26,6 +26,7 @@ import httpx
 import pytest
 import redis
 
+from servelm.api.services import services
 from servelm.billing import accounts
 from servelm.billing.money import MICRO
 from servelm.ratelimit.records import set_key_limits, set_plan
@@ -241,7 +242,7 @@ def test_one_account_cannot_hold_every_slot(
     if plan is not None:
         set_plan(gateway.db, account.id, plan)
     other = provision(gateway.db, f"other-{plan}", credits=100)
-    chat = gateway.app.state.chat
+    chat = services(gateway.app).chat
     engine = chat.engines[SHARED]
     body = {
         "model": SHARED,

@@ -13,6 +13,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
+from servelm.api.services import services
 from servelm.chat.conversation import engine_body, estimate_prompt_tokens, fit_conversation
 from servelm.chat.protocol import parse_chat_request
 from servelm.engines.llamacpp import LlamaCppEngine
@@ -35,11 +36,11 @@ SEED_MESSAGES: list[ChatCompletionMessageParam] = [
 
 def on_loop(live: LiveServer, coro: Any) -> Any:
     """Run a coroutine on the server's event loop (its engines belong to that loop)."""
-    return asyncio.run_coroutine_threadsafe(coro, live.app.state.loop).result(timeout=60)
+    return asyncio.run_coroutine_threadsafe(coro, services(live.app).loop).result(timeout=60)
 
 
 def engine(live: LiveServer, slug: str) -> LlamaCppEngine:
-    eng = live.app.state.chat.engines[slug]
+    eng = services(live.app).engines[slug]
     assert isinstance(eng, LlamaCppEngine)
     return eng
 
@@ -48,7 +49,7 @@ def prepared(live: LiveServer, slug: str, request: dict[str, Any]) -> dict[str, 
     """The engine body servelm builds for a request (conversation fitted, roles mapped)."""
     req = parse_chat_request(json.dumps(request).encode())
     body = engine_body(req)
-    body["messages"] = fit_conversation(body["messages"], live.app.state.chat.catalog.resolve(slug))
+    body["messages"] = fit_conversation(body["messages"], services(live.app).catalog.resolve(slug))
     return body
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from servelm.api.services import services
 from servelm.billing.money import MICRO
 from tests.conftest import LiveServer, provision
 
@@ -41,7 +42,7 @@ def check_charge(live: LiveServer, slug: str, status: int, headers: Any, body: A
     """Asserts cost = usage × prices; returns the remaining credits."""
     assert status == 200, body
     assert body["model"] == slug and body["choices"][0]["message"]["content"]
-    spec = live.app.state.chat.catalog.resolve(slug)
+    spec = services(live.app).catalog.resolve(slug)
     usage = body["usage"]
     cost = Decimal(headers["x-cost"])
     assert cost * MICRO == spec.cost_micro(usage["prompt_tokens"], usage["completion_tokens"])

@@ -16,6 +16,7 @@ import httpx
 import pytest
 from PIL import Image as PILImage
 
+from servelm.api.services import services
 from servelm.billing.money import MICRO
 from servelm.catalog.models_file import load_catalog
 from servelm.testing import ggufgen
@@ -115,7 +116,7 @@ def test_the_seed_python_example_works_against_a_vision_model(
 
 def test_image_tokens_are_prompt_tokens_and_are_paid_for(vision: LiveServer) -> None:
     key = provision(vision.db, "image-payer", 1)
-    spec = vision.app.state.chat.catalog.resolve(SLUG)
+    spec = services(vision.app).catalog.resolve(SLUG)
     text_only = chat(vision, [{"type": "text", "text": "What is this?"}], key)
     with_image = chat(
         vision, [{"type": "text", "text": "What is this?"}, image_part(DATA_URI)], key

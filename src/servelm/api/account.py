@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 
 from servelm.api.deps import caller
+from servelm.api.services import services
 from servelm.auth.keys import Principal
 from servelm.billing.money import MICRO, format_credits
 
@@ -31,7 +32,7 @@ async def segmind_credits(
 
 @router.get("/v1/usage")
 async def usage(request: Request, principal: Principal = Depends(caller)) -> dict[str, Any]:
-    rows = await request.app.state.billing.usage(principal.account_id)
+    rows = await services(request).billing.usage(principal.account_id)
     return {
         "object": "list",
         "data": [{**r, "cost": format_credits(r["cost"])} for r in rows],

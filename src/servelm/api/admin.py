@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from servelm.api.services import services
 from servelm.auth.keys import check_admin_token, client_address, key_grants
 from servelm.billing import accounts, audit
 from servelm.billing.accounts import Account, KeyRecord
@@ -27,12 +28,12 @@ from servelm.store.db import Database
 async def require_admin(request: Request) -> None:
     # Wrong tokens slow down per address (ratelimit.guesses): a weak token cannot be
     # guessed at line rate.
-    guesses: Guesses = request.app.state.guesses
+    guesses: Guesses = services(request).guesses
     address = client_address(request)
     await guesses.check(address, "admin token")
     try:
         check_admin_token(
-            request.headers.get("authorization"), request.app.state.settings.admin_token
+            request.headers.get("authorization"), services(request).settings.admin_token
         )
     except AuthenticationError:
         await guesses.failed(address)
@@ -43,12 +44,12 @@ router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(requir
 
 
 def _db(request: Request) -> Database:
-    db: Database = request.app.state.billing.db
+    db: Database = services(request).db
     return db
 
 
 async def _run(request: Request, fn: Any, *args: Any, **kw: Any) -> Any:
-    return await request.app.state.billing.run(fn, *args, **kw)
+    return await services(request).db.run(fn, *args, **kw)
 
 
 def account_out(a: Account) -> dict[str, Any]:
@@ -109,7 +110,7 @@ class Grant(BaseModel):
 
 def _check_plan(request: Request, plan: str | None) -> None:
     """The plans this server loaded from its models file; any other is refused."""
-    check_plan(plan, request.app.state.limiter.plans)
+    check_plan(plan, services(request).limiter.plans)
 
 
 @router.post("/accounts", status_code=201)
@@ -125,7 +126,7 @@ async def create_account(request: Request, body: NewAccount) -> dict[str, Any]:
 async def set_plan(request: Request, account_id: int, body: PlanChange) -> dict[str, Any]:
     _check_plan(request, body.plan)
     await _run(request, limits.set_plan, _db(request), account_id, body.plan)
-    await request.app.state.invalidation.account_changed(account_id)
+    await services(request).invalidation.account_changed(account_id)
     return {"account_id": account_id, "plan": body.plan}
 
 
@@ -161,7 +162,7 @@ async def grant(request: Request, account: str, body: Grant) -> dict[str, Any]:
 @router.post("/accounts/{account}/keys", status_code=201)
 async def create_key(request: Request, account: str, body: NewKey) -> dict[str, Any]:
     account_id = await _account_id(request, account)
-    catalog = request.app.state.chat.catalog
+    catalog = services(request).catalog
     models, expires = key_grants(body.allowed_models, body.expires_at, catalog, datetime.now(UTC))
     record, plaintext = await _run(
         request, accounts.create_key, _db(request), account_id, body.name, models, expires
@@ -184,7 +185,7 @@ async def get_key_limits(request: Request, key_id: str) -> dict[str, Any]:
 async def set_key_limits(request: Request, key_id: str, body: KeyLimits) -> dict[str, Any]:
     given = body.model_dump(include=body.model_fields_set)
     over = await _run(request, limits.set_key_limits, _db(request), key_id, **given)
-    await request.app.state.invalidation.key_changed(key_id)
+    await services(request).invalidation.key_changed(key_id)
     return {"key_id": key_id, **over.as_dict()}
 
 
@@ -200,7 +201,7 @@ async def revoke_key(request: Request, key_id: str) -> dict[str, Any]:
     key_id = key_id.removeprefix("slm_").split("_")[0]
     record = await _run(request, accounts.revoke_key, _db(request), key_id)
     # Every gateway sharing Redis drops the key from its cache now, not in 5 s.
-    await request.app.state.invalidation.key_changed(key_id)
+    await services(request).invalidation.key_changed(key_id)
     return key_out(record)
 
 
@@ -208,16 +209,16 @@ async def revoke_key(request: Request, key_id: str) -> dict[str, Any]:
 async def list_models(request: Request) -> dict[str, Any]:
     """Every catalog entry, loaded or not, and for the others why: what API users are
     not told (file paths, load errors, upstream addresses)."""
-    chat = request.app.state.chat
+    parts = services(request)
     data = []
-    for spec in chat.catalog:
-        engine = chat.engines.get(spec.slug)
+    for spec in parts.catalog:
+        engine = parts.engines.get(spec.slug)
         data.append(
             {
                 "id": spec.slug,
                 "engine": spec.engine,
                 "state": "loaded" if engine is not None else "unavailable",
-                "reason": chat.unavailable.get(spec.slug),
+                "reason": parts.chat.unavailable.get(spec.slug),
                 "weights": str(spec.path) if spec.path is not None else None,
                 "mmproj": str(spec.mmproj) if spec.mmproj is not None else None,
                 "upstream": spec.base_url,
@@ -235,6 +236,6 @@ async def usage(request: Request, account_id: int | None = None) -> dict[str, An
 
 @router.get("/ledger/check")
 async def ledger_check(request: Request) -> dict[str, Any]:
-    ttl = timedelta(seconds=request.app.state.settings.hold_ttl_seconds)
+    ttl = timedelta(seconds=services(request).settings.hold_ttl_seconds)
     problems = await _run(request, audit.ledger_check, _db(request), ttl)
     return {"ok": not problems, "problems": [p.__dict__ for p in problems]}

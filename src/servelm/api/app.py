@@ -21,6 +21,15 @@ from servelm.api import jobs as jobs_routes
 from servelm.api.chat import ChatRoute
 from servelm.api.middleware import RequestContextMiddleware
 from servelm.api.paths import OPENAI_CHAT, OPENAI_RESPONSES, is_reserved
+from servelm.api.services import (
+    Front,
+    Services,
+    find_front,
+    front,
+    install_front,
+    install_services,
+    services,
+)
 from servelm.auth.keys import Authenticator
 from servelm.billing.service import Billing
 from servelm.catalog.models_file import load_catalog
@@ -175,30 +184,37 @@ def _public(facts: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_jobs(
-    app: FastAPI, settings: Settings, billing: Billing
+    app: FastAPI, settings: Settings, billing: Billing, chat: ChatService
 ) -> tuple[Jobs, Runner, ImageLoader]:
     """The job queue's runner and its two doors (servelm.jobs), on the app's walk."""
     # Webhook URLs pass the image fetcher's address checks, with their own allow-list.
     loader = ImageLoader(MediaLimits(allow_hosts=settings.webhook_allow_hosts))
-    server_secret = console_session.app_secret(app)
+    server_secret = console_session.app_secret(app, settings)
     sender = Sender(
         loader, server_secret, settings.webhook_retry_seconds, settings.webhook_max_attempts
     )
     retention = timedelta(hours=settings.jobs_retention_hours)
+    parts = front(app)
     runner = Runner(
-        app.state.chat,
+        chat,
         billing,
         sender,
         concurrency=settings.jobs_concurrency or max(1, settings.slots // 2),
         lease=timedelta(seconds=settings.jobs_lease_seconds),
         poll=settings.jobs_poll_seconds,
         retention=retention,
-        metrics=app.state.metrics,
+        metrics=parts.metrics,
         # Draining: live requests finish, and no new queued line starts.
-        draining=lambda: bool(app.state.lifecycle.draining),
+        draining=lambda: bool(parts.lifecycle.draining),
     )
-    jobs = Jobs(app.state.chat, billing, runner, loader, server_secret, retention)
+    jobs = Jobs(chat, billing, runner, loader, server_secret, retention)
     return jobs, runner, loader
+
+
+def _engines(app: FastAPI) -> dict[str, Engine]:
+    """The engines, once started (the metrics ask from the start: none yet then)."""
+    parts = find_front(app)
+    return parts.chat.engines if parts is not None and parts.chat is not None else {}
 
 
 def create_app(
@@ -219,50 +235,67 @@ def create_app(
         await asyncio.to_thread(db.upgrade)
         billing = Billing(db, hold_ttl=timedelta(seconds=settings.hold_ttl_seconds))
         await billing.start()
-        app.state.billing = billing
         authenticator = Authenticator(billing.find_key, cache_seconds=settings.key_cache_seconds)
         # Rate limits, and the channel that tells every gateway about revoked keys.
         limiter, invalidation = ratelimit.build(
             settings,
             db,
-            app.state.metrics.registry,
-            billing.run,
+            app_metrics.registry,
+            db.run,
             plans=catalog.plans,
             forget=authenticator.forget,
             forget_account=authenticator.forget_account,
             forget_all=authenticator.forget_all,
         )
         invalidation.start()
-        app.state.limiter = limiter
-        app.state.invalidation = invalidation
-        app.state.guesses = Guesses(
+        guesses = Guesses(
             limiter.redis,
             allowed=settings.secret_failures_allowed,
             window_seconds=settings.secret_failure_window_seconds,
         )
         engines, unavailable = await start_engines(catalog, settings, engine_factory)
         media = ImageLoader(settings.media_limits())
-        app.state.chat = ChatService(
+        chat = ChatService(
             catalog,
             engines,
             billing=billing,
             authenticator=authenticator,
             media=media,
             unavailable=unavailable,
-            metrics=app.state.metrics,
+            metrics=app_metrics,
             limiter=limiter,
             prompt_count=settings.prompt_count,
             fair_slots=settings.fair_slots,
         )
-        jobs, runner, webhook_loader = build_jobs(app, settings, billing)
-        app.state.jobs = jobs
+        install_front(app, front(app).serving(chat))
+        jobs, runner, webhook_loader = build_jobs(app, settings, billing, chat)
+        install_services(
+            app,
+            Services(
+                settings=settings,
+                catalog=catalog,
+                engines=engines,
+                chat=chat,
+                billing=billing,
+                db=db,
+                authenticator=authenticator,
+                limiter=limiter,
+                invalidation=invalidation,
+                guesses=guesses,
+                metrics=app_metrics,
+                lifecycle=lifecycle,
+                media=media,
+                jobs=jobs,
+                # Engines belong to this loop; tools that reach in from other threads
+                # need it.
+                loop=asyncio.get_running_loop(),
+                started_at=started_at,
+            ),
+        )
         runner.start()
-        lifecycle: Lifecycle = app.state.lifecycle
         # After the engines: llama.cpp installs signal handlers of its own; ours win.
         lifecycle.install_signal_handlers()
         lifecycle.ready = True
-        # Engines belong to this loop; tools that reach in from other threads need it.
-        app.state.loop = asyncio.get_running_loop()
         # Everything built so far (modules, the app, the engines) lives as long as the
         # process: out of the collector's reach, a full collection no longer walks
         # those hundreds of thousands of objects in the middle of someone's request.
@@ -292,17 +325,16 @@ def create_app(
         docs_url=None,
         redoc_url=None,
     )
-    app.state.settings = settings
-    app.state.metrics = Metrics(
-        lambda: app.state.chat.engines if hasattr(app.state, "chat") else {}
-    )
-    app.state.started_at = int(time.time())
-    app.state.lifecycle = Lifecycle(
+    app_metrics = Metrics(lambda: _engines(app))
+    started_at = int(time.time())
+    lifecycle = Lifecycle(
         settings.drain_seconds,
         settings.max_inflight,
         settings.request_timeout,
         settings.send_timeout,
     )
+    # What exists before start-up; the lifespan adds the walk, then the services.
+    install_front(app, Front(settings, lifecycle, metrics=app_metrics))
     app.router.redirect_slashes = False  # a redirect would turn a POST into a GET
     errors.install(app)
     app.include_router(metrics.router)
@@ -323,7 +355,7 @@ def create_app(
 
     @app.get("/health", include_in_schema=False)
     async def health_models() -> dict[str, object]:
-        engines = app.state.chat.engines
+        engines = services(app).engines
         return {"status": "ok", "models": {s: _public(e.describe()) for s, e in engines.items()}}
 
     return app

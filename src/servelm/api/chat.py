@@ -24,6 +24,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from servelm.api.errors import INTERNAL, render
 from servelm.api.paths import Dialect
+from servelm.api.services import front
 from servelm.chat.calls import ChatExchange, JsonReply, StreamReply
 from servelm.chat.protocol import sse
 from servelm.chat.responses_answers import sse_event
@@ -96,7 +97,7 @@ class _Connection:
         self._watcher: asyncio.Task[None] | None = None
 
     async def serve(self) -> None:
-        service: ChatService = self.scope["app"].state.chat
+        service: ChatService = front(self.scope["app"]).walk
         exchange = ChatExchange(
             request_id=self.scope["state"]["request_id"],
             read_body=self._read_body,
@@ -130,22 +131,24 @@ class _Connection:
         headers = self.headers
         if "cookie" not in headers or "x-api-key" in headers or "authorization" in headers:
             return None
+        app = self.scope["app"]
         return console_session.session_key_id(
-            headers, console_session.app_secret(self.scope["app"])
+            headers, console_session.app_secret(app, front(app).settings)
         )
 
     async def _read_body(self) -> bytes:
         ctype = self.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype and not (ctype in _JSONISH or ctype.endswith("+json")):
             raise InvalidRequest(f"Content-Type must be application/json, not '{ctype}'.")
-        limit = self.scope["app"].state.settings.max_body_bytes
+        settings = front(self.scope["app"]).settings
+        limit = settings.max_body_bytes
         too_large = f"The request body is larger than the limit of {limit} bytes."
         declared = self.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise PayloadTooLarge(too_large)
         chunks: list[bytes] = []
         size = 0
-        seconds = self.scope["app"].state.settings.body_read_timeout_seconds
+        seconds = settings.body_read_timeout_seconds
         try:
             # A client trickling its body must not hold memory and a task forever.
             async with asyncio.timeout(seconds):
@@ -238,7 +241,7 @@ class _Connection:
             if not self._gone or task is None:
                 # Stopped by the drain or the request's deadline: an error (an event on
                 # a stream), not a dropped connection. Otherwise the server is exiting.
-                self.scope["app"].state.lifecycle.raise_if_stopped()
+                front(self.scope["app"]).lifecycle.raise_if_stopped()
                 raise
             task.uncancel()
             raise ClientGone from None

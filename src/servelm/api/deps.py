@@ -6,18 +6,18 @@ from __future__ import annotations
 
 from fastapi import Request, Response
 
+from servelm.api.services import find_services, services
 from servelm.auth.keys import Principal, key_from_headers
 from servelm.billing.money import format_credits
 from servelm.errors import ServelmError
 
 
 async def caller(request: Request, response: Response) -> Principal:
-    chat = request.app.state.chat
-    principal: Principal = await chat.authenticator.authenticate(
+    parts = services(request)
+    principal: Principal = await parts.authenticator.authenticate(
         key_from_headers(request.headers.get("x-api-key"), request.headers.get("authorization"))
     )
-    billing = request.app.state.billing
-    balance: int = await billing.balance(principal.account_id)
+    balance: int = await parts.billing.balance(principal.account_id)
     request.state.balance = balance
     response.headers["x-remaining-credits"] = format_credits(balance)
 
@@ -33,15 +33,16 @@ async def balance_if_known(request: Request) -> dict[str, str]:
     """``x-remaining-credits`` for a request no route took (a 405, an OpenAI endpoint
     this server lacks) that carries a valid key; nothing otherwise. The request still
     fails as it would: a wrong path is not made a 401 by a bad key."""
-    if not request.url.path.startswith("/v1/") or not hasattr(request.app.state, "chat"):
+    parts = find_services(request)
+    if not request.url.path.startswith("/v1/") or parts is None:
         return {}
     headers = request.headers
     if not headers.get("x-api-key") and not headers.get("authorization"):
         return {}
     try:
         raw = key_from_headers(headers.get("x-api-key"), headers.get("authorization"))
-        principal = await request.app.state.chat.authenticator.authenticate(raw)
+        principal = await parts.authenticator.authenticate(raw)
     except ServelmError:
         return {}  # no key or a bad one: the routing error alone says enough
-    balance: int = await request.app.state.billing.balance(principal.account_id)
+    balance: int = await parts.billing.balance(principal.account_id)
     return {"x-remaining-credits": format_credits(balance)}

@@ -13,10 +13,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from servelm.api.errors import render
 from servelm.api.paths import dialect_for_path
+from servelm.api.services import find_front, front, services
 from servelm.engines.base import Engine
 from servelm.engines.upstream import OpenAIUpstreamEngine
 from servelm.errors import ServelmError
-from servelm.processes.lifecycle import SLOW_CLIENT, Lifecycle
+from servelm.processes.lifecycle import SLOW_CLIENT
+from servelm.store.db import Database
 
 router = APIRouter()
 
@@ -36,27 +38,29 @@ def can_serve(engine: Engine) -> bool:
     return True
 
 
-def _ping(request: Request) -> None:
-    with request.app.state.billing.db.read() as conn:
+def _ping(db: Database) -> None:
+    with db.read() as conn:
         conn.execute(text("SELECT 1"))
 
 
 @router.get("/readyz", include_in_schema=False)
 async def readyz(request: Request) -> JSONResponse:
-    life: Lifecycle = request.app.state.lifecycle
+    parts = front(request)
+    life = parts.lifecycle
     problems: list[str] = []
     if life.draining:
         problems.append("draining")
     elif not life.ready:
         problems.append("starting")
     else:
-        chat = request.app.state.chat
-        if not chat.engines:
+        gateway = services(request)
+        if not gateway.engines:
             problems.append("no model loaded")
-        elif not any(can_serve(e) for e in chat.engines.values()):
+        elif not any(can_serve(e) for e in gateway.engines.values()):
             problems.append("no model can serve: every replica is ejected")
         try:
-            await asyncio.wait_for(request.app.state.billing.run(_ping, request), 1.0)
+            db = gateway.db
+            await asyncio.wait_for(db.run(_ping, db), 1.0)
         except Exception as exc:
             problems.append(f"database: {type(exc).__name__}")
     if problems:
@@ -74,10 +78,11 @@ class Gate:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        life: Lifecycle | None = getattr(scope["app"].state, "lifecycle", None)
-        if life is None:
+        parts = find_front(scope["app"])
+        if parts is None:
             await self.app(scope, receive, send)
             return
+        life = parts.lifecycle
         try:
             life.admit()
         except ServelmError as exc:

@@ -1,6 +1,6 @@
 """Routes of work without a connection: Segmind's async API (``/v2``) and OpenAI's
 Files and Batches (``/v1/files``, ``/v1/batches``). HTTP only: the logic is
-``servelm.jobs.service.Jobs`` (``app.state.jobs``)."""
+``servelm.jobs.service.Jobs`` (``services(request).jobs``)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 
 from servelm.api.deps import caller
+from servelm.api.services import services
 from servelm.auth.keys import Principal
 from servelm.billing.money import format_credits
 from servelm.chat.calls import ChatExchange
@@ -21,7 +22,7 @@ router = APIRouter()
 
 
 def _jobs(request: Request) -> Jobs:
-    jobs: Jobs = request.app.state.jobs
+    jobs = services(request).jobs
     return jobs
 
 
@@ -82,7 +83,7 @@ async def request_result(
 async def submit(model: str, request: Request) -> JSONResponse:
     """Segmind's async inference: the body of ``POST /v1/{model}`` (and an optional
     ``webhook_url``); answered at once with the request's id and where to poll."""
-    settings = request.app.state.settings
+    settings = services(request).settings
     headers = request.headers
 
     async def read_body() -> bytes:
@@ -129,7 +130,7 @@ async def file_content(
 
 @router.post("/v1/batches", tags=["batches"])
 async def create_batch(request: Request, principal: Principal = Depends(caller)) -> dict[str, Any]:
-    raw = await _body(request, request.app.state.settings.max_body_bytes)
+    raw = await _body(request, services(request).settings.max_body_bytes)
     try:
         data = json.loads(raw)
     except ValueError:

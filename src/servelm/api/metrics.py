@@ -10,6 +10,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.exposition import generate_latest
 
+from servelm.api.services import services
 from servelm.errors import AuthenticationError
 
 router = APIRouter()
@@ -17,7 +18,7 @@ router = APIRouter()
 
 @router.get("/metrics", include_in_schema=False)
 async def metrics(request: Request) -> Response:
-    token: str | None = request.app.state.settings.metrics_token
+    token: str | None = services(request).settings.metrics_token
     if token:
         scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(
@@ -26,5 +27,5 @@ async def metrics(request: Request) -> Response:
             raise AuthenticationError(
                 "GET /metrics needs the metrics token: Authorization: Bearer <token>."
             )
-    registry = request.app.state.metrics.registry
+    registry = services(request).metrics.registry
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -9,6 +9,7 @@ import time
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from servelm.api.paths import route_family
+from servelm.api.services import find_front
 from servelm.ratelimit import response_headers
 from servelm.telemetry.logs import request_fields, request_id_var
 
@@ -56,7 +57,8 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             elapsed = time.perf_counter() - started
-            metrics = getattr(scope["app"].state, "metrics", None) if "app" in scope else None
+            parts = find_front(scope["app"]) if "app" in scope else None
+            metrics = parts.metrics if parts is not None else None
             if metrics is not None:
                 metrics.observe_request(route_family(scope["path"]), status, elapsed)
             log.info(

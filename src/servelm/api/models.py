@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 
 from servelm.api.deps import caller
+from servelm.api.services import services
 from servelm.catalog.specs import ModelSpec
 from servelm.chat.protocol import model_card
 from servelm.errors import ModelNotFound
@@ -15,11 +16,11 @@ router = APIRouter(tags=["models"], dependencies=[Depends(caller)])
 
 
 def _card(request: Request, spec: ModelSpec) -> dict[str, Any]:
-    engines = request.app.state.chat.engines
+    engines = services(request).engines
     card = model_card(
         spec.slug,
         spec.owned_by,
-        request.app.state.started_at,
+        services(request).started_at,
         aliases=list(spec.aliases),
         context_window=spec.context_window,
         max_output_tokens=spec.max_output_tokens,
@@ -39,13 +40,13 @@ def _card(request: Request, spec: ModelSpec) -> dict[str, Any]:
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
-    catalog = request.app.state.chat.catalog
+    catalog = services(request).catalog
     return {"object": "list", "data": [_card(request, s) for s in catalog]}
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(request: Request, model_id: str) -> dict[str, Any]:
-    spec = request.app.state.chat.catalog.get(model_id)
+    spec = services(request).catalog.get(model_id)
     if spec is None:
         raise ModelNotFound(f"The model '{model_id}' does not exist.", param="model")
     return _card(request, spec)

@@ -3,7 +3,8 @@
 The common request costs two short writes: reserve and settle. They go through
 ``GroupCommit`` (writes of requests in flight together share a transaction; on
 SQLite it runs on the loop while the write lock is free). Everything else runs on a
-small dedicated thread pool, so the loop never waits on a lock or a network.
+small thread pool (the database's, ``Database.run``), so the loop never waits on a
+lock or a network.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import asyncio
 import functools
 import logging
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -39,19 +39,16 @@ class Billing:
         db: Database,
         *,
         hold_ttl: timedelta = timedelta(minutes=2),
-        workers: int = 4,
     ) -> None:
         self.db = db
         self.hold_ttl = hold_ttl
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="billing")
         self._live: set[str] = set()  # request ids with open holds in this process
         self._tasks: list[asyncio.Task[None]] = []
         self._commit = GroupCommit(db, self.run)
 
     async def run(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
-        """Run a synchronous store function on the billing pool."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kw))
+        """Run a synchronous store function on the database's thread pool."""
+        return await self.db.run(fn, *args, **kw)
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -68,7 +65,6 @@ class Billing:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._pool.shutdown(wait=True)
         await self._commit.close()
 
     async def _keepalive(self, period: float) -> None:

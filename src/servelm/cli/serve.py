@@ -110,6 +110,8 @@ def _run(asgi: Any, settings: Settings) -> None:
     from servelm.api import conn_guard
 
     conn_guard.raise_fd_limit(settings.max_connections + 256)
+    from servelm.api.services import front
+
     if settings.workers > 1:
         # Several processes on one socket, local models in one of their own
         # (servelm.processes.multiproc).
@@ -127,7 +129,7 @@ def _run(asgi: Any, settings: Settings) -> None:
     )
     server = uvicorn.Server(config)
     # SIGTERM drains first (servelm.processes.lifecycle), then tells uvicorn to stop.
-    asgi.state.lifecycle.server = server
+    front(asgi).lifecycle.server = server
     server.run()
 
 

@@ -17,6 +17,7 @@ from urllib.parse import quote
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
+from servelm.api.services import services
 from servelm.auth.keys import Principal, key_grants
 from servelm.billing import accounts
 from servelm.console import web
@@ -84,24 +85,24 @@ async def create_key(
     fields: dict[str, str] = Depends(web.form),
     principal: Principal = Depends(signed_in),
 ) -> Response:
-    billing = request.app.state.billing
-    chat = request.app.state.chat
+    db = services(request).db
+    parts = services(request)
     chosen = [name.removeprefix("model:") for name in fields if name.startswith("model:")]
     try:
         wanted = {name: _number(fields, name) for name in LIMITS}
-        plan_name = await billing.run(limits.get_plan, billing.db, principal.account_id)
-        check_within_plan(account_plan(request.app.state.limiter.plans, plan_name), wanted)
+        plan_name = await db.run(limits.get_plan, db, principal.account_id)
+        check_within_plan(account_plan(services(request).limiter.plans, plan_name), wanted)
         models, expires = grants_for(
             principal, chosen or None, _expiry(fields.get("expires", "").strip())
         )
-        models, expires = key_grants(models, expires, chat.catalog, datetime.now(UTC))
+        models, expires = key_grants(models, expires, parts.catalog, datetime.now(UTC))
         name = fields.get("name", "").strip()[:200]
-        record, plaintext = await billing.run(
-            accounts.create_key, billing.db, principal.account_id, name, models, expires
+        record, plaintext = await db.run(
+            accounts.create_key, db, principal.account_id, name, models, expires
         )
         given = {k: v for k, v in wanted.items() if v is not None}
         if given:
-            await billing.run(limits.set_key_limits, billing.db, record.key_id, **given)
+            await db.run(limits.set_key_limits, db, record.key_id, **given)
     except ServelmError as exc:
         return _back(exc.message, error=True)
     # Shown once, on the page this lands on, from a short-lived HttpOnly cookie rather
@@ -126,13 +127,13 @@ async def revoke_key(
     fields: dict[str, str] = Depends(web.form),
     principal: Principal = Depends(signed_in),
 ) -> Response:
-    billing = request.app.state.billing
-    own = await billing.run(accounts.list_keys, billing.db, principal.account_id)
+    db = services(request).db
+    own = await db.run(accounts.list_keys, db, principal.account_id)
     if key_id not in {k.key_id for k in own}:
         # Another account's key looks exactly like one that does not exist.
         raise NotFound(f"No key {key_id!r} on your account.")
-    await billing.run(accounts.revoke_key, billing.db, key_id)
-    await request.app.state.invalidation.key_changed(key_id)
+    await db.run(accounts.revoke_key, db, key_id)
+    await services(request).invalidation.key_changed(key_id)
     if key_id == principal.key_id:
         return web.redirect("/account")  # the session's own key: the session ends too
     return _back(f"Revoked key {key_id}.")

@@ -15,10 +15,10 @@ from urllib.parse import quote
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
+from servelm.api.services import services
 from servelm.auth.keys import client_address
 from servelm.billing import accounts, audit
 from servelm.billing.money import format_credits, parse_credits
-from servelm.billing.service import Billing
 from servelm.console import session, web
 from servelm.console.routes import model_state
 from servelm.errors import AuthenticationError, InvalidRequest, RateLimited, ServelmError
@@ -34,32 +34,26 @@ async def require_operator(request: Request) -> None:
         raise AuthenticationError("Sign in to the operator console first.")
 
 
-def _billing(request: Request) -> Billing:
-    billing: Billing = request.app.state.billing
-    return billing
-
-
 def _enabled(request: Request) -> bool:
-    return bool(request.app.state.settings.admin_token)
+    return bool(services(request).settings.admin_token)
 
 
 @router.get("")
 async def console(request: Request) -> Response:
     if await web.live(request, web.operator_payload(request)) is None:
         return web.render(request, "operator_signin.html", enabled=_enabled(request))
-    billing = _billing(request)
-    db = billing.db
-    rows = await billing.run(accounts.list_accounts, db)
-    key_rows = await billing.run(accounts.list_keys, db, None)
+    db = services(request).db
+    rows = await db.run(accounts.list_accounts, db)
+    key_rows = await db.run(accounts.list_keys, db, None)
     names = {a.id: a.name for a in rows}
     ledger = None
     if request.query_params.get("check") == "ledger":
-        ledger = await billing.run(audit.ledger_check, db)
-    chat = request.app.state.chat
+        ledger = await db.run(audit.ledger_check, db)
+    parts = services(request)
     models = []
-    for spec in chat.catalog:
+    for spec in parts.catalog:
         available, state = model_state(request, spec)
-        engine = chat.engines.get(spec.slug)
+        engine = parts.engines.get(spec.slug)
         models.append(
             {
                 "spec": spec,
@@ -70,12 +64,12 @@ async def console(request: Request) -> Response:
                 "slots": getattr(engine, "slots", None) or spec.slots or "",
             }
         )
-    plans = request.app.state.limiter.plans
+    plans = services(request).limiter.plans
     return web.render(
         request,
         "operator.html",
         plans={name: plans[name] for name in sorted(plans)},
-        account_plans=await billing.run(limit_records.all_plans, db),
+        account_plans=await db.run(limit_records.all_plans, db),
         accounts=rows,
         keys=key_rows,
         names=names,
@@ -89,9 +83,9 @@ async def console(request: Request) -> Response:
 
 @router.post("/signin")
 async def sign_in(request: Request, fields: dict[str, str] = Depends(web.form)) -> Response:
-    token: str | None = request.app.state.settings.admin_token
+    token: str | None = services(request).settings.admin_token
     given = fields.get("admin_token", "")
-    guesses: Guesses = request.app.state.guesses
+    guesses: Guesses = services(request).guesses
     address = client_address(request)
     try:
         await guesses.check(address, "sign-in")
@@ -116,7 +110,7 @@ async def sign_in(request: Request, fields: dict[str, str] = Depends(web.form)) 
             error="Invalid admin token." if token else "",
         )
     nonce = session.new_nonce()
-    ttl = request.app.state.settings.session_ttl_seconds
+    ttl = services(request).settings.session_ttl_seconds
     response = web.redirect("/operator")
     sid = await web.start_session(request, "admin", None, ttl)
     value = session.operator_session(web.secret(request), sid, token, nonce, ttl)
@@ -144,11 +138,9 @@ def _done(message: str, error: bool = False) -> Response:
 
 @router.post("/accounts", dependencies=_guarded)
 async def create_account(request: Request, fields: dict[str, str] = Depends(web.form)) -> Response:
-    billing = _billing(request)
+    db = services(request).db
     try:
-        acct = await billing.run(
-            accounts.create_account, billing.db, fields.get("name", "").strip()
-        )
+        acct = await db.run(accounts.create_account, db, fields.get("name", "").strip())
     except ServelmError as exc:
         return _done(exc.message, error=True)
     return _done(f"Created account {acct.name} (id {acct.id}).")
@@ -158,11 +150,11 @@ async def create_account(request: Request, fields: dict[str, str] = Depends(web.
 async def grant(
     request: Request, account_id: int, fields: dict[str, str] = Depends(web.form)
 ) -> Response:
-    billing = _billing(request)
+    db = services(request).db
     note = fields.get("note", "").strip() or "granted in the operator console"
     try:
         micro = parse_credits(fields.get("credits", "").strip())
-        balance = await billing.run(accounts.grant, billing.db, account_id, micro, note)
+        balance = await db.run(accounts.grant, db, account_id, micro, note)
     except ServelmError as exc:
         return _done(exc.message, error=True)
     return _done(f"Granted; account {account_id} now has {format_credits(balance)} credits.")
@@ -173,15 +165,15 @@ async def set_plan(
     request: Request, account_id: int, fields: dict[str, str] = Depends(web.form)
 ) -> Response:
     """The same check and change as ``PUT /admin/accounts/{id}/plan``."""
-    billing = _billing(request)
+    db = services(request).db
     plan = fields.get("plan", "").strip() or None
     try:
-        check_plan(plan, request.app.state.limiter.plans)
-        await billing.run(limit_records.set_plan, billing.db, account_id, plan)
+        check_plan(plan, services(request).limiter.plans)
+        await db.run(limit_records.set_plan, db, account_id, plan)
     except ServelmError as exc:
         return _done(exc.message, error=True)
     # Every gateway re-reads the account's limits at its next request.
-    await request.app.state.invalidation.account_changed(account_id)
+    await services(request).invalidation.account_changed(account_id)
     return _done(f"Account {account_id} is on plan {plan or 'default'}.")
 
 
@@ -189,14 +181,12 @@ async def set_plan(
 async def create_key(
     request: Request, account_id: int, fields: dict[str, str] = Depends(web.form)
 ) -> Response:
-    billing = _billing(request)
+    db = services(request).db
     models = [m.strip() for m in fields.get("models", "").split(",") if m.strip()] or None
     name = fields.get("name", "").strip()
     try:
         expires = _date(fields.get("expires", "").strip())
-        record, plaintext = await billing.run(
-            accounts.create_key, billing.db, account_id, name, models, expires
-        )
+        record, plaintext = await db.run(accounts.create_key, db, account_id, name, models, expires)
     except ServelmError as exc:
         return _done(exc.message, error=True)
     # The plaintext is shown once, on the page this redirect lands on, from a
@@ -227,8 +217,8 @@ def _date(value: str) -> datetime | None:
 async def revoke(
     request: Request, key_id: str, fields: dict[str, str] = Depends(web.form)
 ) -> Response:
-    billing = _billing(request)
-    await billing.run(accounts.revoke_key, billing.db, key_id)
+    db = services(request).db
+    await db.run(accounts.revoke_key, db, key_id)
     return _done(f"Revoked key {key_id}.")
 
 
@@ -237,8 +227,8 @@ async def sign_out_everywhere(
     request: Request, fields: dict[str, str] = Depends(web.form)
 ) -> Response:
     """Every console session ends, users' and operators' (this one too)."""
-    billing = _billing(request)
-    await billing.run(session.end_all_sessions, billing.db)
+    db = services(request).db
+    await db.run(session.end_all_sessions, db)
     response = web.redirect("/operator")
     response.delete_cookie(session.OPERATOR_COOKIE, path="/")
     return response
@@ -254,7 +244,7 @@ async def forget_new_key(request: Request, fields: dict[str, str] = Depends(web.
 @router.get("/live.json", dependencies=_guarded)
 async def live(request: Request) -> Response:
     """Counters for the page's live figures; the page turns them into rates."""
-    metrics = request.app.state.metrics
+    metrics = services(request).metrics
     # Chat requests only: the console's own polling is not traffic.
     requests = sum(
         s.value
@@ -265,7 +255,7 @@ async def live(request: Request) -> Response:
     tokens = sum(
         s.value for m in metrics.tokens.collect() for s in m.samples if s.name.endswith("_total")
     )
-    engines = request.app.state.chat.engines.values()
+    engines = services(request).engines.values()
     body: dict[str, Any] = {
         "requests": requests,
         "tokens": tokens,

@@ -14,10 +14,10 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
+from servelm.api.services import services
 from servelm.auth.keys import Authenticator, client_address
 from servelm.billing import accounts, audit
 from servelm.billing.money import format_credits
-from servelm.billing.service import Billing
 from servelm.catalog.specs import ModelSpec
 from servelm.console import account_keys, docs, session, web
 from servelm.errors import AuthenticationError, NotFound, RateLimited
@@ -71,10 +71,10 @@ async def swagger_asset(name: str) -> Response:
 
 def model_state(request: Request, spec: ModelSpec) -> tuple[bool, str]:
     """(available, what to say about it)."""
-    chat = request.app.state.chat
-    if spec.slug in chat.engines:
+    parts = services(request)
+    if spec.slug in parts.engines:
         return True, "Available"
-    return False, chat.unavailable.get(spec.slug, "Not loaded.")
+    return False, parts.chat.unavailable.get(spec.slug, "Not loaded.")
 
 
 def _card(request: Request, spec: ModelSpec) -> dict[str, Any]:
@@ -84,13 +84,13 @@ def _card(request: Request, spec: ModelSpec) -> dict[str, Any]:
 
 @router.get("/")
 async def index(request: Request) -> Response:
-    cards = [_card(request, s) for s in request.app.state.chat.catalog]
+    cards = [_card(request, s) for s in services(request).catalog]
     return web.render(request, "index.html", models=cards)
 
 
 @router.get("/models/{slug}")
 async def model_page(request: Request, slug: str) -> Response:
-    spec = request.app.state.chat.catalog.get(slug)
+    spec = services(request).catalog.get(slug)
     if spec is None:
         return web.render(request, "notfound.html", status_code=404, what=f"model {slug!r}")
     if spec.slug != slug:
@@ -123,8 +123,8 @@ def _sign_in_page(request: Request, status_code: int = 200, error: str = "") -> 
 
 @router.post("/account/signin")
 async def sign_in(request: Request, fields: dict[str, str] = Depends(web.form)) -> Response:
-    authenticator: Authenticator = request.app.state.chat.authenticator
-    guesses: Guesses = request.app.state.guesses
+    authenticator: Authenticator = services(request).authenticator
+    guesses: Guesses = services(request).guesses
     address = client_address(request)
     try:
         await guesses.check(address, "sign-in")
@@ -139,7 +139,7 @@ async def sign_in(request: Request, fields: dict[str, str] = Depends(web.form)) 
         return _sign_in_page(request, 401, exc.message)
     # A fresh CSRF nonce at sign-in: a nonce planted before cannot ride the session.
     nonce = session.new_nonce()
-    ttl = request.app.state.settings.session_ttl_seconds
+    ttl = services(request).settings.session_ttl_seconds
     response = web.redirect(_safe_next(fields.get("next", "")) or "/account")
     sid = await web.start_session(request, "key", principal.key_id, ttl)
     value = session.user_session(web.secret(request), sid, principal.key_id, nonce, ttl)
@@ -166,19 +166,18 @@ async def account(request: Request) -> Response:
     principal = await web.current_principal(request)
     if principal is None:
         return _sign_in_page(request)
-    billing: Billing = request.app.state.billing
-    db = billing.db
-    acct = await billing.run(accounts.get_account, db, principal.account_id)
-    rows = await billing.run(audit.usage_summary, db, principal.account_id)
-    recent = await billing.run(audit.recent_requests, db, principal.account_id, 20)
-    key_rows = await billing.run(accounts.list_keys, db, principal.account_id)
-    last_used = await billing.run(audit.keys_last_used, db, principal.account_id)
-    plan_name = await billing.run(get_plan, db, principal.account_id)
+    db = services(request).db
+    acct = await db.run(accounts.get_account, db, principal.account_id)
+    rows = await db.run(audit.usage_summary, db, principal.account_id)
+    recent = await db.run(audit.recent_requests, db, principal.account_id, 20)
+    key_rows = await db.run(accounts.list_keys, db, principal.account_id)
+    last_used = await db.run(audit.keys_last_used, db, principal.account_id)
+    plan_name = await db.run(get_plan, db, principal.account_id)
 
-    chat = request.app.state.chat
+    parts = services(request)
     grantable = [
         s.slug
-        for s in chat.catalog
+        for s in parts.catalog
         if principal.allowed_models is None or s.slug in principal.allowed_models
     ]
     return web.render(
@@ -193,7 +192,7 @@ async def account(request: Request) -> Response:
         last_used=last_used,
         key_usage=account_keys.usage_per_key(rows),
         grantable=grantable,
-        plan=account_plan(request.app.state.limiter.plans, plan_name),
+        plan=account_plan(services(request).limiter.plans, plan_name),
         plan_name=plan_name or "default",
         new_key=request.cookies.get(account_keys.NEW_KEY_COOKIE, ""),
         message=request.query_params.get("msg", ""),
@@ -207,7 +206,7 @@ async def balance(request: Request) -> Response:
     principal = await web.current_principal(request)
     if principal is None:
         raise AuthenticationError("Not signed in.")
-    micro = await request.app.state.billing.balance(principal.account_id)
+    micro = await services(request).billing.balance(principal.account_id)
     return JSONResponse({"credits": format_credits(micro)}, headers={"cache-control": "no-store"})
 
 
@@ -272,11 +271,11 @@ async def playground(request: Request) -> Response:
     principal = await web.current_principal(request)
     if principal is None:
         return _sign_in_page(request, error="Sign in with an API key to use the playground.")
-    chat = request.app.state.chat
-    models = [_card(request, s) for s in chat.catalog if s.slug in chat.engines]
+    parts = services(request)
+    models = [_card(request, s) for s in parts.catalog if s.slug in parts.engines]
     if principal.allowed_models is not None:
         models = [m for m in models if m["spec"].slug in principal.allowed_models]
-    micro = await request.app.state.billing.balance(principal.account_id)
+    micro = await services(request).billing.balance(principal.account_id)
     chosen = request.query_params.get("model", "")
     return web.render(
         request,

@@ -75,12 +75,13 @@ def load_secret(settings: Settings) -> bytes:
     return value.encode()
 
 
-def app_secret(app: Any) -> bytes:
-    """The app's session secret, loaded on first use and kept on ``app.state``."""
+def app_secret(app: Any, settings: Settings) -> bytes:
+    """The app's session secret, loaded (from ``settings``) on first use and kept with
+    the app."""
     state = app.state
     secret: bytes | None = getattr(state, "console_secret", None)
     if secret is None:
-        secret = load_secret(state.settings)
+        secret = load_secret(settings)
         state.console_secret = secret
     return secret
 

@@ -13,6 +13,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from markdown_it import MarkdownIt
 from markupsafe import Markup
 
+from servelm.api.services import services
 from servelm.auth.keys import Authenticator, Principal
 from servelm.billing.money import format_credits
 from servelm.console import session
@@ -51,14 +52,14 @@ SECURITY_HEADERS = {
 
 
 def secret(request: Request) -> bytes:
-    return session.app_secret(request.app)
+    return session.app_secret(request.app, services(request).settings)
 
 
 def secure_cookies(request: Request) -> bool:
     """``Secure`` on the console's cookies: as ``SERVELM_COOKIE_SECURE`` says, else when
     the request came over TLS (``https``, or a trusted proxy's ``X-Forwarded-Proto``:
     uvicorn's ``FORWARDED_ALLOW_IPS``, 127.0.0.1 by default)."""
-    forced: bool | None = request.app.state.settings.cookie_secure
+    forced: bool | None = services(request).settings.cookie_secure
     return forced if forced is not None else request.url.scheme == "https"
 
 
@@ -126,22 +127,22 @@ async def live(request: Request, payload: dict[str, Any] | None) -> dict[str, An
     ended by the operator); a valid signature alone opens nothing."""
     if payload is None or not isinstance(payload.get("sid"), str):
         return None
-    billing = request.app.state.billing
-    if not await billing.run(session.session_live, billing.db, payload["sid"]):
+    db = services(request).db
+    if not await db.run(session.session_live, db, payload["sid"]):
         return None
     return payload
 
 
 async def start_session(request: Request, kind: str, key_id: str | None, ttl: int) -> str:
-    billing = request.app.state.billing
-    sid: str = await billing.run(session.start_session, billing.db, kind, key_id, ttl)
+    db = services(request).db
+    sid: str = await db.run(session.start_session, db, kind, key_id, ttl)
     return sid
 
 
 async def end_session(request: Request, payload: dict[str, Any] | None) -> None:
     if payload is not None and isinstance(payload.get("sid"), str):
-        billing = request.app.state.billing
-        await billing.run(session.end_session, billing.db, payload["sid"])
+        db = services(request).db
+        await db.run(session.end_session, db, payload["sid"])
 
 
 def wants_html(request: Request) -> bool:
@@ -168,7 +169,7 @@ def session_payload(request: Request) -> dict[str, Any] | None:
 
 
 def operator_payload(request: Request) -> dict[str, Any] | None:
-    token: str | None = request.app.state.settings.admin_token
+    token: str | None = services(request).settings.admin_token
     if not token:
         return None
     payload = session.unsign(secret(request), request.cookies.get(session.OPERATOR_COOKIE))
@@ -184,7 +185,7 @@ async def current_principal(request: Request) -> Principal | None:
     payload = await live(request, session_payload(request))
     if payload is None:
         return None
-    authenticator: Authenticator = request.app.state.chat.authenticator
+    authenticator: Authenticator = services(request).authenticator
     try:
         return await authenticator.authenticate_key_id(str(payload["kid"]))
     except AuthenticationError:

@@ -309,6 +309,7 @@ def host_app(catalog: Catalog, settings: Settings, token: str) -> Starlette:
     (``servelm.processes.worker.engine_front``), its caller owning no account: keys and credits
     are the workers'."""
     from servelm.api.app import start_engines
+    from servelm.api.services import front, install_front
     from servelm.processes.worker import engine_front
 
     key = WorkerKey(token)
@@ -352,7 +353,7 @@ def host_app(catalog: Catalog, settings: Settings, token: str) -> Starlette:
         started, left_out = await start_engines(catalog, counting)
         engines.update(started)
         unavailable.update(left_out)
-        app.state.chat = chat
+        install_front(app, front(app).serving(chat))
         lifecycle.ready = True
         try:
             yield

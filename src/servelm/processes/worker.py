@@ -32,6 +32,7 @@ from servelm.api import errors, health
 from servelm.api.chat import ChatRoute
 from servelm.api.middleware import RequestContextMiddleware
 from servelm.api.paths import OPENAI_CHAT
+from servelm.api.services import Front, front, install_front
 from servelm.auth.keys import WorkerKey
 from servelm.catalog.specs import Catalog, ModelSpec
 from servelm.chat.media import ImageLoader
@@ -51,8 +52,8 @@ def engine_front(
 ) -> Starlette:
     """The app of a process that serves chat without accounts: OpenAI's chat route,
     exactly as the gateway's (``api.chat.ChatRoute`` behind the drain gate), plus
-    ``routes``. ``lifespan`` puts the ``ChatService`` (with a ``WorkerKey``) on
-    ``app.state.chat`` before the first request."""
+    ``routes``. ``lifespan`` puts the ``ChatService`` (with a ``WorkerKey``) in its
+    ``Front`` (``api.services``) before the first request."""
     chat = health.Gate(ChatRoute("openai"))
     app = Starlette(
         routes=[
@@ -62,8 +63,7 @@ def engine_front(
         ],
         lifespan=lifespan,
     )
-    app.state.settings = settings
-    app.state.lifecycle = lifecycle
+    install_front(app, Front(settings, lifecycle))
     errors.install(app)
     app.add_middleware(RequestContextMiddleware)
     return app
@@ -99,7 +99,7 @@ def worker_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await engine.start()  # a ServelmError here fails the start-up, with its message
         media = ImageLoader(settings.media_limits())
-        app.state.chat = ChatService(
+        chat = ChatService(
             Catalog([spec]),
             {spec.slug: engine},
             authenticator=key,
@@ -108,6 +108,7 @@ def worker_app(
             # count, sent with the first chunk, should the stream be cut before the end.
             prompt_count="exact",
         )
+        install_front(app, front(app).serving(chat))
         # After the engine: llama.cpp installs signal handlers of its own; ours win.
         lifecycle.install_signal_handlers()
         lifecycle.ready = True

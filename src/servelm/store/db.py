@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import sqlite3
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
@@ -41,6 +43,7 @@ from servelm.store.pgloop import LoopConnection
 MIGRATIONS = Path(__file__).parent / "migrations"
 # An arbitrary constant naming our advisory lock ("servelm" in ASCII, truncated).
 _MIGRATION_LOCK = 0x7365_7276_656C
+T = TypeVar("T")
 
 
 def normalize_url(url: str) -> str:
@@ -263,10 +266,13 @@ class WriterConnection:
 
 
 class Database:
-    def __init__(self, url: str, *, pool_size: int = 8) -> None:
+    def __init__(self, url: str, *, pool_size: int = 8, workers: int = 4) -> None:
         self.url = normalize_url(url)
         self.is_sqlite = self.url.startswith("sqlite")
         self._prepared: dict[int, Prepared] = {}
+        self._workers = workers
+        # Made on the first run(): the CLI's one-shot uses of a Database never need it.
+        self._pool: ThreadPoolExecutor | None = None
         if self.is_sqlite:
             path = self.url.split("///", 1)[-1]
             if path and path != ":memory:":
@@ -279,6 +285,14 @@ class Database:
             self.engine = create_engine(
                 self.url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
             )
+
+    async def run(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+        """Run a synchronous store function on this database's small thread pool, so
+        the loop never waits on a lock or a network."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="db")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kw))
 
     @contextlib.contextmanager
     def write(self) -> Iterator[Connection]:
@@ -360,6 +374,9 @@ class Database:
             command.upgrade(cfg, "head")
 
     def dispose(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         self.engine.dispose()
 
 

@@ -17,8 +17,8 @@ A tiny multimodal projector (``mmproj``) makes any of them a vision model.
 
 from __future__ import annotations
 
-import os
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
