@@ -214,7 +214,7 @@ def test_missing_model_on_openai_route(http: httpx.Client) -> None:
 
 
 def test_unknown_path_is_json_404(http: httpx.Client) -> None:
-    r = http.get("/v2/whatever")
+    r = http.get("/v9/whatever")
     assert r.status_code == 404
     assert r.json()["error"]["message"]
 

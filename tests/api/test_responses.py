@@ -173,5 +173,5 @@ def test_an_image_for_a_text_model_is_refused_naming_the_input(live: LiveServer)
     }
     r = httpx.post(f"{live.v1}/responses", json=body, headers={"x-api-key": key}, timeout=60)
     assert r.status_code == 400, r.text
-    assert r.json()["error"]["param"] == "input" and "does not accept images" in r.text
+    assert r.json()["error"]["param"] == "input" and "takes no images" in r.text
     assert balance(live, key) == 1
