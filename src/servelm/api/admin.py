@@ -203,7 +203,10 @@ async def list_models(request: Request) -> dict[str, Any]:
             {
                 "id": spec.slug,
                 "engine": spec.engine,
-                "state": "loaded" if engine is not None else "unavailable",
+                "state": "unavailable"
+                if not chat.models.servable(spec.slug)
+                else chat.models.state(spec.slug),
+                "pool": chat.models.describe(spec.slug),
                 "reason": chat.unavailable.get(spec.slug),
                 "weights": str(spec.path) if spec.path is not None else None,
                 "mmproj": str(spec.mmproj) if spec.mmproj is not None else None,

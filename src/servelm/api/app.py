@@ -7,7 +7,7 @@ import contextlib
 import gc
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
@@ -23,67 +23,19 @@ from servelm.api.paths import OPENAI_CHAT, OPENAI_RESPONSES, is_reserved
 from servelm.auth.keys import Authenticator
 from servelm.billing.service import Billing
 from servelm.catalog.models_file import load_catalog
-from servelm.catalog.specs import Catalog, ModelSpec
+from servelm.catalog.specs import Catalog
 from servelm.chat.media import ImageLoader
 from servelm.chat.serving import ChatService
 from servelm.config import Settings
 from servelm.console import operator as console_operator
 from servelm.console import routes as console_routes
-from servelm.engines.base import Engine
-from servelm.engines.llamacpp import LlamaCppEngine
-from servelm.engines.upstream import OpenAIUpstreamEngine
-from servelm.errors import ModelUnavailable
+from servelm.engines.pool import ModelPool
+from servelm.engines.registry import EngineFactory, build_engine
 from servelm.processes.lifecycle import Lifecycle
 from servelm.store.db import Database
 from servelm.telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)
-
-
-def build_engine(spec: ModelSpec, settings: Settings) -> Engine:
-    """The engine a catalog entry names; ModelUnavailable when it cannot run here."""
-    if spec.engine == "llama.cpp" and (spec.path is None or not spec.path.is_file()):
-        how = (
-            f"run `servelm models pull {spec.slug}`"
-            if spec.hf_repo
-            else "set its path in the models file"
-        )
-        raise ModelUnavailable(f"its weights are not installed at {spec.path}; {how}.")
-    if spec.engine == "openai":
-        return OpenAIUpstreamEngine(spec, queue_size=settings.queue_size)
-    return LlamaCppEngine(
-        spec,
-        threads=settings.threads,
-        slots=settings.slots,
-        queue_size=settings.queue_size,
-        verbose=settings.log_level == "debug",
-        prompt_cache_mib=settings.prompt_cache_mib,
-        count_prompts=settings.prompt_count != "bound",
-    )
-
-
-EngineFactory = Callable[[ModelSpec, Settings], Engine]
-
-
-async def start_engines(
-    catalog: Catalog, settings: Settings, factory: EngineFactory = build_engine
-) -> tuple[dict[str, Engine], dict[str, str]]:
-    """Load every model that can be loaded; one that cannot is reported, not fatal.
-
-    Returns the engines and, for each model left out, the reason (said in its 503).
-    """
-    engines: dict[str, Engine] = {}
-    unavailable: dict[str, str] = {}
-    for spec in catalog:
-        try:
-            engine = factory(spec, settings)
-            await engine.start()
-        except ModelUnavailable as exc:
-            log.warning("model %s unavailable: %s", spec.slug, exc.message)
-            unavailable[spec.slug] = exc.message
-            continue
-        engines[spec.slug] = engine
-    return engines, unavailable
 
 
 class ServelmApp(FastAPI):
@@ -201,20 +153,28 @@ def create_app(
         invalidation.start()
         app.state.limiter = limiter
         app.state.invalidation = invalidation
-        engines, unavailable = await start_engines(catalog, settings, engine_factory)
+        lifecycle: Lifecycle = app.state.lifecycle
+        # Remote engines and pinned local models start now; the others at their first
+        # request (engines.pool), within that request's deadline.
+        models = ModelPool(
+            catalog,
+            settings,
+            engine_factory,
+            metrics=app.state.metrics,
+            deadline=lifecycle.current_deadline,
+        )
+        await models.start()
         media = ImageLoader(settings.media_limits())
         app.state.chat = ChatService(
             catalog,
-            engines,
+            models,
             billing=billing,
             authenticator=authenticator,
             media=media,
-            unavailable=unavailable,
             metrics=app.state.metrics,
             limiter=limiter,
             prompt_count=settings.prompt_count,
         )
-        lifecycle: Lifecycle = app.state.lifecycle
         # After the engines: llama.cpp installs signal handlers of its own; ours win.
         lifecycle.install_signal_handlers()
         lifecycle.ready = True
@@ -233,8 +193,7 @@ def create_app(
             await invalidation.close()
             await limiter.close()
             await media.aclose()
-            for engine in engines.values():
-                await engine.close()
+            await models.close()
             await billing.close()
             db.dispose()
 

@@ -41,8 +41,8 @@ async def readyz(request: Request) -> JSONResponse:
         problems.append("starting")
     else:
         chat = request.app.state.chat
-        if not chat.engines:
-            problems.append("no model loaded")
+        if not any(chat.models.servable(spec.slug) for spec in chat.catalog):
+            problems.append("no model can be served")
         try:
             await asyncio.wait_for(request.app.state.billing.run(_ping, request), 1.0)
         except Exception as exc:

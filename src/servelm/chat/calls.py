@@ -24,6 +24,7 @@ from servelm.errors import ContextWindowExceeded, InvalidRequest, ServelmError
 
 if TYPE_CHECKING:
     from servelm.engines.base import Engine
+    from servelm.engines.pool import Lease
     from servelm.ratelimit import Reservation
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,9 @@ class Call:
     settlement: Settlement | None = None
     # The request's place in its rate-limit windows, settled with the credits.
     limit: Reservation | None = None
+    # The model's hold (``engines.pool``): released after settlement, so a model is
+    # never unloaded under a generation.
+    lease: Lease | None = None
     status: str = "ok"
     completion_id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))

@@ -69,8 +69,9 @@ async def swagger_asset(name: str) -> Response:
 def model_state(request: Request, spec: ModelSpec) -> tuple[bool, str]:
     """(available, what to say about it)."""
     chat = request.app.state.chat
-    if spec.slug in chat.engines:
-        return True, "Available"
+    if chat.models.servable(spec.slug):
+        state = chat.models.state(spec.slug)
+        return True, "Available" if state == "loaded" else f"Available ({state})"
     return False, chat.unavailable.get(spec.slug, "Not loaded.")
 
 
@@ -256,7 +257,7 @@ async def playground(request: Request) -> Response:
     if principal is None:
         return _sign_in_page(request, error="Sign in with an API key to use the playground.")
     chat = request.app.state.chat
-    models = [_card(request, s) for s in chat.catalog if s.slug in chat.engines]
+    models = [_card(request, s) for s in chat.catalog if chat.models.servable(s.slug)]
     if principal.allowed_models is not None:
         models = [m for m in models if m["spec"].slug in principal.allowed_models]
     micro = await request.app.state.billing.balance(principal.account_id)

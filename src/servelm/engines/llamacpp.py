@@ -24,7 +24,7 @@ import signal
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gguf
 
@@ -32,6 +32,9 @@ from servelm.catalog.specs import ModelSpec
 from servelm.engines import http1, wire
 from servelm.engines.base import Admission, Engine, map_engine_error
 from servelm.errors import EngineError, ModelUnavailable, StreamCut
+
+if TYPE_CHECKING:
+    from servelm.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -345,9 +348,39 @@ class LlamaCppEngine(Engine):
         this model costs. llama.cpp reports no memory figures of its own."""
         if self.spec.path is None or not self.spec.path.is_file():
             return None
-        return weights_bytes(self.spec.path) + kv_cache_bytes(
-            self.spec.path, self.spec.context_window
+        return footprint(self.spec)
+
+
+def build(spec: ModelSpec, settings: Settings) -> LlamaCppEngine:
+    """The registry's builder (``engines.registry``)."""
+    if spec.path is None or not spec.path.is_file():
+        how = (
+            f"run `servelm models pull {spec.slug}`"
+            if spec.hf_repo
+            else "set its path in the models file"
         )
+        raise ModelUnavailable(f"its weights are not installed at {spec.path}; {how}.")
+    return LlamaCppEngine(
+        spec,
+        threads=settings.threads,
+        slots=settings.slots,
+        queue_size=settings.queue_size,
+        verbose=settings.log_level == "debug",
+        prompt_cache_mib=settings.prompt_cache_mib,
+        count_prompts=settings.prompt_count != "bound",
+    )
+
+
+def footprint(spec: ModelSpec, settings: Settings | None = None) -> int | None:
+    """What loading the model costs: its weights (every shard), its projector and the
+    f16 KV cache for its context window (the slots share one window: ``_params``).
+    None while its weights are not installed."""
+    if spec.path is None or not spec.path.is_file():
+        return None
+    total = weights_bytes(spec.path) + kv_cache_bytes(spec.path, spec.context_window)
+    if spec.mmproj is not None and spec.mmproj.is_file():
+        total += spec.mmproj.stat().st_size
+    return total
 
 
 def weights_bytes(path: Path) -> int:

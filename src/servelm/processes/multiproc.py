@@ -51,6 +51,7 @@ from servelm.chat.serving import ChatService
 from servelm.config import Settings
 from servelm.engines import http1
 from servelm.engines.base import Engine
+from servelm.engines.pool import ModelPool
 from servelm.engines.upstream import OpenAIUpstreamEngine
 from servelm.errors import EngineError, InvalidRequest, ModelUnavailable, Overloaded, ServelmError
 from servelm.processes.lifecycle import Lifecycle
@@ -67,7 +68,9 @@ _SUPERVISOR = "_SERVELM_MP_SUPERVISOR"  # the supervisor's pid
 
 
 def _local(catalog: Catalog) -> list[ModelSpec]:
-    return [spec for spec in catalog if spec.engine == "llama.cpp"]
+    from servelm.engines.registry import is_local
+
+    return [spec for spec in catalog if is_local(spec)]
 
 
 # -- the supervisor -----------------------------------------------------------------
@@ -169,7 +172,8 @@ def _die_with_parent() -> None:
 def worker_app() -> ASGIApp:
     """uvicorn's factory in each worker process: the usual app, local models reached
     through the engine process."""
-    from servelm.api.app import build_engine, create_app
+    from servelm.api.app import create_app
+    from servelm.engines.registry import build_engine, is_local
     from servelm.telemetry import logs
 
     settings = Settings.model_validate_json(os.environ[_SETTINGS])
@@ -184,7 +188,7 @@ def worker_app() -> ASGIApp:
     hosted = json.loads(os.environ.get(_HOSTED, '{"loaded": [], "unavailable": {}}'))
 
     def engines(spec: ModelSpec, s: Settings) -> Engine:
-        if spec.engine != "llama.cpp":
+        if not is_local(spec):
             return build_engine(spec, s)
         if spec.slug in hosted["loaded"]:
             return HostedEngine(
@@ -297,15 +301,20 @@ def host_app(catalog: Catalog, settings: Settings, token: str) -> Starlette:
     prompt (``/v1/count``), and chat through the same front end as every process
     (``servelm.processes.worker.engine_front``), its caller owning no account: keys and credits
     are the workers'."""
-    from servelm.api.app import start_engines
     from servelm.processes.worker import engine_front
 
     key = WorkerKey(token)
-    engines: dict[str, Engine] = {}
-    unavailable: dict[str, str] = {}
+    # Its engines count whenever asked: whether to ask (``prompt_count``) is the
+    # workers' decision, and a worker in "bound" mode still asks after a stream cut
+    # short (``count_prompt_after``). Every local model loads at start-up: the
+    # workers learn once which models this process hosts (on-demand loading here,
+    # issue 27, point 6, is not done yet).
+    counting = settings.model_copy(update={"prompt_count": "exact"})
+    models = ModelPool(_local(catalog), counting, on_demand=False)
+    engines, unavailable = models.engines, models.unavailable
     # The workers ask for the prompt count before they hold credits (``/v1/count``):
     # "auto" spares a second count here wherever the bound decides nothing.
-    chat = ChatService(catalog, engines, authenticator=key, prompt_count="auto")
+    chat = ChatService(catalog, models, authenticator=key, prompt_count="auto")
     # A worker sends the body it prepared, with its images fetched and inlined as data
     # URIs: room for those on top of the client's own limit.
     limits = settings.media_limits()
@@ -334,21 +343,14 @@ def host_app(catalog: Catalog, settings: Settings, token: str) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        # Its engines count whenever asked: whether to ask (``prompt_count``) is the
-        # workers' decision, and a worker in "bound" mode still asks after a stream cut
-        # short (``count_prompt_after``).
-        counting = settings.model_copy(update={"prompt_count": "exact"})
-        started, left_out = await start_engines(catalog, counting)
-        engines.update(started)
-        unavailable.update(left_out)
+        await models.start()
         app.state.chat = chat
         lifecycle.ready = True
         try:
             yield
         finally:
             await lifecycle.close()
-            for engine in engines.values():
-                await engine.close()
+            await models.close()
 
     front_settings = settings.model_copy(
         update={"max_body_bytes": settings.max_body_bytes + inlined}
