@@ -216,6 +216,16 @@ class ModelPool:
         cold_ms = int((time.perf_counter() - started) * 1000) if cold else None
         return Lease(model.engine, cold_ms, lambda: self._release(model))
 
+    def memory_in_use(self) -> int:
+        """Estimated bytes of the local models loaded or loading (what the budget
+        counts)."""
+        return sum(
+            m.footprint
+            for m in list(self._models.values())
+            if m.local
+            and (m.engine is not None or (m.state == "loading" and not m.waiting_for_room))
+        )
+
     def describe(self, slug: str) -> dict[str, object]:
         """State and memory, for ``/v1/models``, the console and ``servelm models list``."""
         model = self._models.get(slug)

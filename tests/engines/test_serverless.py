@@ -1,0 +1,262 @@
+"""Serverless local models (issue 27) with the real engine: five copies of the tiny
+Llama 3.1 GGUF (8.2 MB each; with the f16 KV cache for a 131,072-token window the
+estimated footprint is about 42 MB) behind a memory budget that fits two of them.
+One server for the module; the tests run in order and each says what it expects of
+the models' state before it starts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from servelm.catalog.models_file import load_catalog
+from servelm.engines.llamacpp import footprint
+from servelm.engines.pool import Lease, ModelPool
+from tests.conftest import LiveServer, make_settings, start_server
+
+SLUGS = ("a", "b", "c", "d")
+IDLE = "e"  # keep_alive of one second
+CONTEXT = 131072
+
+
+def rss() -> int:
+    """This process's resident memory (the server runs in a thread of it)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.fixture(scope="module")
+def pool_server(
+    seed_models: dict[str, Path], models_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[LiveServer, int]]:
+    tmp = tmp_path_factory.mktemp("serverless")
+    entries = []
+    for slug in (*SLUGS, IDLE):
+        # Separate files: a mapping of one shared file would be counted once.
+        path = shutil.copy(seed_models["llama-v3p1-8b-instruct"], tmp / f"{slug}.gguf")
+        keep = "1" if slug == IDLE else '"10m"'
+        entries.append(
+            f'[models.{slug}]\npath = "{path}"\ncontext_window = {CONTEXT}\n'
+            f"max_output_tokens = 1024\nkeep_alive = {keep}\n"
+        )
+    models_file = tmp / "servelm.toml"
+    # The default model stays out: only these five count against the budget.
+    models_file.write_text(
+        "\n".join(entries) + "\n[models.smollm2-135m-instruct]\nenabled = false\n"
+    )
+    catalog = load_catalog(models_dir, models_file)
+    each = footprint(catalog.resolve("a"))
+    assert each is not None and each > 40_000_000
+    settings = make_settings(
+        tmp, models_dir, slots=2, models_file=models_file, model_memory=str(each * 5 // 2)
+    )
+    srv = start_server(settings, catalog)
+    yield srv, each
+    srv.stop()
+
+
+def ask(srv: LiveServer, slug: str, timeout: float | None = None, **kw: Any) -> httpx.Response:
+    headers = srv.headers()
+    if timeout is not None:
+        headers["x-request-timeout"] = str(timeout)
+    body = {"model": slug, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **kw}
+    return httpx.post(f"{srv.v1}/chat/completions", json=body, headers=headers, timeout=120)
+
+
+def states(srv: LiveServer) -> dict[str, str]:
+    r = httpx.get(f"{srv.v1}/models", headers=srv.headers(), timeout=10)
+    return {m["id"]: m["state"] for m in r.json()["data"]}
+
+
+def pool(srv: LiveServer) -> ModelPool:
+    models: ModelPool = srv.app.state.chat.models
+    return models
+
+
+def on_server_loop(srv: LiveServer, coro: Any) -> Any:
+    return asyncio.run_coroutine_threadsafe(coro, srv.app.state.loop).result(60)
+
+
+def wait_for(predicate: Any, what: str, limit: float = 30.0) -> None:
+    """Poll until true; the limit only bounds a broken run."""
+    end = time.monotonic() + limit
+    while not predicate():
+        assert time.monotonic() < end, what
+        time.sleep(0.05)
+
+
+def test_nothing_loads_before_its_first_request_which_says_it_paid_a_cold_start(
+    pool_server: tuple[LiveServer, int],
+) -> None:
+    srv, _ = pool_server
+    assert set(states(srv).values()) == {"unloaded"}
+    first = ask(srv, "a")
+    assert first.status_code == 200, first.text
+    assert int(first.headers["x-servelm-cold-start-ms"]) >= 0
+    assert states(srv)["a"] == "loaded"
+    warm = ask(srv, "a")
+    assert warm.status_code == 200 and "x-servelm-cold-start-ms" not in warm.headers
+    metrics = httpx.get(f"{srv.base_url}/metrics", timeout=10).text
+    assert 'servelm_model_loads_total{model="a",outcome="ok"} 1.0' in metrics
+    assert 'servelm_model_load_duration_seconds_count{model="a"} 1.0' in metrics
+
+
+def test_a_budget_for_two_serves_four_models_evicting_the_least_recently_used(
+    pool_server: tuple[LiveServer, int],
+) -> None:
+    """Four clients, each calling the four models in a different order. Every request
+    is served; what the pool holds, sampled every 100 ms, never passes the budget (two
+    models); the process's RSS over the same samples is printed for the report (in
+    this process it also holds the clients and what the allocator keeps)."""
+    srv, each = pool_server
+    models = pool(srv)
+    samples: list[int] = []
+    held: list[int] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.1):
+            samples.append(rss())
+            held.append(models.memory_in_use())
+
+    results: list[int] = []
+    lock = threading.Lock()
+
+    def client(order: tuple[str, ...]) -> None:
+        for slug in order:
+            code = ask(srv, slug).status_code
+            with lock:
+                results.append(code)
+
+    orders = [SLUGS, SLUGS[::-1], SLUGS[1:] + SLUGS[:1], SLUGS[2:] + SLUGS[:2]]
+
+    def run() -> None:
+        threads = [threading.Thread(target=client, args=(o,)) for o in orders]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+
+    # A first round grows what four client threads and the server's allocator keep
+    # in this process whatever the models; then two models loaded is the baseline.
+    run()
+    for slug in ("a", "b"):
+        assert ask(srv, slug).status_code == 200
+    two_loaded = rss()
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    run()
+    done.set()
+    sampler.join()
+    assert results == [200] * 32, results
+    loaded = [s for s, st in states(srv).items() if st == "loaded"]
+    assert len(loaded) <= 2, loaded
+    metrics = httpx.get(f"{srv.base_url}/metrics", timeout=10).text
+    assert 'reason="evicted"' in metrics
+    peak = max(samples)
+    print(f"RSS with two loaded {two_loaded:,} B, peak {peak:,} B over {len(samples)} samples")
+    assert max(held) <= 2 * each and models.budget == each * 5 // 2, max(held)
+
+
+def test_a_model_in_use_is_not_evicted_and_a_load_that_needs_it_waits(
+    pool_server: tuple[LiveServer, int],
+) -> None:
+    """Two models held in flight fill the budget: a request for a third gets a 503
+    saying it waited for memory when its own (short) deadline passes; once one of the
+    two is released the third loads in its place, the other one untouched."""
+    srv, _ = pool_server
+    models = pool(srv)
+    catalog = srv.app.state.chat.catalog
+    held: list[Lease] = [
+        on_server_loop(srv, models.acquire(catalog.resolve(s))) for s in ("a", "b")
+    ]
+    try:
+        refused = ask(srv, "c", timeout=1)
+        assert refused.status_code == 503, refused.text
+        assert "waiting for memory" in refused.json()["error"]["message"]
+        assert states(srv)["a"] == "loaded" and states(srv)["b"] == "loaded"
+    finally:
+        srv.app.state.loop.call_soon_threadsafe(held[0].release)
+    served = ask(srv, "c")
+    assert served.status_code == 200, served.text
+    assert "x-servelm-cold-start-ms" in served.headers
+    now = states(srv)
+    assert now["a"] == "unloaded" and now["b"] == "loaded" and now["c"] == "loaded"
+    srv.app.state.loop.call_soon_threadsafe(held[1].release)
+
+
+def test_a_stream_keeps_going_while_other_models_need_its_memory(
+    pool_server: tuple[LiveServer, int],
+) -> None:
+    srv, _ = pool_server
+    body = {
+        "model": "d",
+        "messages": [{"role": "user", "content": "tell me a long story"}],
+        "max_tokens": 1000,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    others: list[httpx.Response] = []
+    seen_states: list[str] = []
+    finish = None
+    chunks = 0
+    with httpx.stream(
+        "POST", f"{srv.v1}/chat/completions", json=body, headers=srv.headers(), timeout=120
+    ) as r:
+        assert r.status_code == 200
+        starters = [
+            threading.Thread(target=lambda s=s: others.append(ask(srv, s))) for s in ("a", "b")
+        ]
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            assert "error" not in event, event
+            if event["choices"]:
+                chunks += 1
+                finish = event["choices"][0].get("finish_reason") or finish
+            if chunks == 1 and starters[0].ident is None:
+                for t in starters:
+                    t.start()
+            if chunks % 50 == 1:
+                seen_states.append(states(srv)["d"])
+    for t in starters:
+        t.join(120)
+    assert finish in ("stop", "length") and chunks > 1
+    assert set(seen_states) == {"loaded"}, seen_states
+    assert [o.status_code for o in others] == [200, 200], [o.text for o in others]
+
+
+def test_an_idle_model_unloads_and_gives_its_memory_back(
+    pool_server: tuple[LiveServer, int], caplog: pytest.LogCaptureFixture
+) -> None:
+    srv, each = pool_server
+    caplog.set_level(logging.INFO, logger="servelm.access")
+    assert ask(srv, IDLE).status_code == 200
+    loaded = rss()
+    wait_for(lambda: states(srv)[IDLE] == "unloaded", "e never unloaded")
+    # The KV cache is freed by llama.cpp's thread as it stops: wait for the memory.
+    wait_for(lambda: loaded - rss() >= each * 0.8, f"RSS fell only {loaded - rss():,} B")
+    print(f"footprint {each:,} B; RSS fell {loaded - rss():,} B after the idle unload")
+    again = ask(srv, IDLE)
+    assert again.status_code == 200 and "x-servelm-cold-start-ms" in again.headers
+    cold = [
+        getattr(r, "fields", {}).get("cold_start_ms")
+        for r in caplog.records
+        if r.name == "servelm.access"
+    ]
+    assert any(ms is not None for ms in cold), cold
+    metrics = httpx.get(f"{srv.base_url}/metrics", timeout=10).text
+    assert 'servelm_model_unloads_total{model="e",reason="idle"} 1.0' in metrics
