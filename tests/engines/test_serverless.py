@@ -260,3 +260,50 @@ def test_an_idle_model_unloads_and_gives_its_memory_back(
     assert any(ms is not None for ms in cold), cold
     metrics = httpx.get(f"{srv.base_url}/metrics", timeout=10).text
     assert 'servelm_model_unloads_total{model="e",reason="idle"} 1.0' in metrics
+
+
+def test_a_failed_load_answers_503_and_backs_off(
+    tmp_path: Path, models_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Weights llama.cpp cannot load: a 503 whose cause is in the operator's log, and
+    the next request within the back-off is refused without a second try."""
+    from servelm.catalog.specs import Catalog, ModelSpec
+    from servelm.errors import ModelUnavailable
+
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\0" * 64)
+    spec = ModelSpec(slug="broken", path=broken, context_window=512, max_output_tokens=256)
+    settings = make_settings(tmp_path, models_dir)
+    caplog.set_level(logging.ERROR, logger="servelm.engines.pool")
+
+    async def go() -> tuple[ModelUnavailable, ModelUnavailable]:
+        models = ModelPool(Catalog([spec]), settings)
+        await models.start()
+        assert models.state("broken") == "unloaded"
+        with pytest.raises(ModelUnavailable) as first:
+            await models.acquire(spec)
+        with pytest.raises(ModelUnavailable) as second:
+            await models.acquire(spec)
+        assert models.state("broken") == "failed"
+        await models.close()
+        return first.value, second.value
+
+    first, second = asyncio.run(go())
+    assert first.status_code == 503 and "could not be loaded" in first.message
+    assert "not retried" in second.message and int(second.headers["Retry-After"]) >= 1
+    failures = [r for r in caplog.records if "failed to load" in r.getMessage()]
+    assert len(failures) == 1 and str(broken) in failures[0].getMessage()
+
+
+def test_a_model_that_can_never_fit_is_refused_at_start_up(
+    tmp_path: Path, models_dir: Path, seed_models: dict[str, Path]
+) -> None:
+    from servelm.catalog.specs import Catalog, ModelSpec
+    from servelm.engines.pool import ModelsConfigError
+
+    spec = ModelSpec(slug="big", path=seed_models["llama-v3p1-8b-instruct"], context_window=4096)
+    settings = make_settings(tmp_path, models_dir, model_memory="1M")
+    with pytest.raises(
+        ModelsConfigError, match="big needs about .* more than SERVELM_MODEL_MEMORY"
+    ):
+        asyncio.run(ModelPool(Catalog([spec]), settings).start())

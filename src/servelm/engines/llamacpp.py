@@ -378,7 +378,12 @@ def footprint(spec: ModelSpec, settings: Settings | None = None) -> int | None:
     None while its weights are not installed."""
     if spec.path is None or not spec.path.is_file():
         return None
-    total = weights_bytes(spec.path) + kv_cache_bytes(spec.path, spec.context_window)
+    total = weights_bytes(spec.path)
+    try:
+        total += kv_cache_bytes(spec.path, spec.context_window)
+    except (OSError, ValueError, KeyError, AssertionError, struct.error) as exc:
+        # Weights llama.cpp may not load either: the load says why, in its own words.
+        log.warning("model %s: no KV cache estimate from %s (%r)", spec.slug, spec.path, exc)
     if spec.mmproj is not None and spec.mmproj.is_file():
         total += spec.mmproj.stat().st_size
     return total
@@ -398,7 +403,9 @@ def kv_cache_bytes(path: Path, n_ctx: int) -> int:
     arch = str(meta["general.architecture"])
 
     def field(key: str) -> int:
-        return int(meta[f"{arch}.{key}"])
+        value = meta[f"{arch}.{key}"]
+        assert isinstance(value, int), f"{path}: {arch}.{key} is not an integer"
+        return value
 
     heads = field("attention.head_count")
     kv_heads = (
