@@ -304,6 +304,6 @@ def test_a_model_that_can_never_fit_is_refused_at_start_up(
     spec = ModelSpec(slug="big", path=seed_models["llama-v3p1-8b-instruct"], context_window=4096)
     settings = make_settings(tmp_path, models_dir, model_memory="1M")
     with pytest.raises(
-        ModelsConfigError, match="big needs about .* more than SERVELM_MODEL_MEMORY"
+        ModelsConfigError, match=r"big needs about .* more than SERVELM_MODEL_MEMORY"
     ):
         asyncio.run(ModelPool(Catalog([spec]), settings).start())
