@@ -64,6 +64,7 @@ from servelm.chat.responses_answers import reshape
 from servelm.console.session import session_live
 from servelm.engines.base import Engine
 from servelm.engines.pool import Lease, ModelPool
+from servelm.engines.registry import is_local
 from servelm.errors import (
     AuthenticationError,
     InvalidRequest,
@@ -228,7 +229,7 @@ class ChatService:
         if not self.models.servable(spec.slug):
             # The reason (a file path, a load error) is the operator's: it went to the
             # log at start-up and is in `servelm models list` and GET /admin/models.
-            missing = spec.engine == "llama.cpp" and not (spec.path and spec.path.is_file())
+            missing = is_local(spec) and not (spec.path and spec.path.is_file())
             state = "is not installed" if missing else "could not be loaded"
             raise ModelNotInstalled(
                 f"Model '{spec.slug}' {state} on this server; ask its operator.",
