@@ -22,7 +22,8 @@ import pytest
 from servelm.catalog.models_file import load_catalog
 from servelm.engines.llamacpp import footprint
 from servelm.engines.pool import Lease, ModelPool
-from tests.conftest import LiveServer, make_settings, start_server
+from tests import procs
+from tests.conftest import ADMIN_TOKEN, LiveServer, make_settings, start_server
 
 SLUGS = ("a", "b", "c", "d")
 IDLE = "e"  # keep_alive of one second
@@ -60,7 +61,12 @@ def pool_server(
     each = footprint(catalog.resolve("a"))
     assert each is not None and each > 40_000_000
     settings = make_settings(
-        tmp, models_dir, slots=2, models_file=models_file, model_memory=str(each * 5 // 2)
+        tmp,
+        models_dir,
+        slots=2,
+        models_file=models_file,
+        model_memory=str(each * 5 // 2),
+        admin_token=ADMIN_TOKEN,
     )
     srv = start_server(settings, catalog)
     yield srv, each
@@ -111,6 +117,24 @@ def test_nothing_loads_before_its_first_request_which_says_it_paid_a_cold_start(
     metrics = httpx.get(f"{srv.base_url}/metrics", timeout=10).text
     assert 'servelm_model_loads_total{model="a",outcome="ok"} 1.0' in metrics
     assert 'servelm_model_load_duration_seconds_count{model="a"} 1.0' in metrics
+
+
+def test_models_list_says_which_models_are_loaded(
+    pool_server: tuple[LiveServer, int],
+) -> None:
+    srv, _ = pool_server
+    assert states(srv)["a"] == "loaded" and states(srv)[IDLE] == "unloaded"
+    env = procs.gateway_env(
+        srv.settings.data_dir,
+        srv.settings.models_dir,
+        SERVELM_ADMIN_TOKEN=ADMIN_TOKEN,
+        COLUMNS="200",
+    )
+    models_file = str(srv.settings.models_file)
+    listed = procs.cli(env, "models", "list", "--models-file", models_file, "--url", srv.base_url)
+    assert listed.returncode == 0, listed.stderr
+    rows = {line.split()[1]: line for line in listed.stdout.splitlines() if line.count("│") > 3}
+    assert "loaded" in rows["a"] and "ready, unloaded" in rows[IDLE], listed.stdout
 
 
 def test_a_budget_for_two_serves_four_models_evicting_the_least_recently_used(

@@ -59,6 +59,7 @@ def models_list(
     catalog = load_catalog_or_exit(settings)
     url = (url or server_state.running_url(settings) or server_url(settings)).rstrip("/")
     reasons: dict[str, str] = {}
+    pool_states: dict[str, str] = {}
     try:
         live = httpx.get(f"{url}/health", timeout=1.0).json().get("models", {})
         if settings.admin_token:
@@ -68,7 +69,10 @@ def models_list(
                 headers={"authorization": f"Bearer {settings.admin_token}"},
             )
             if admin.status_code == 200:
-                reasons = {m["id"]: m["reason"] for m in admin.json()["data"] if m["reason"]}
+                data = admin.json()["data"]
+                reasons = {m["id"]: m["reason"] for m in data if m["reason"]}
+                # loaded / loading / unloaded / failed (engines.pool).
+                pool_states = {m["id"]: m["state"] for m in data}
     except (httpx.HTTPError, ValueError):
         live = None
     table = Table(title="servelm models")
@@ -88,6 +92,10 @@ def models_list(
         if live is not None:
             info = live.get(spec.slug)
             state = "[green]loaded[/]" if info else f"{state}, not loaded"
+            if spec.slug in pool_states and not info:
+                # Local models load at their first request: say which ones are
+                # loading or unloaded rather than "not loaded".
+                state = f"{state.split(',')[0]}, {pool_states[spec.slug]}"
             if info and info.get("replicas"):
                 # A fleet: each replica's state and the requests this gateway has there
                 # (/health lists them in the models file's order, without addresses).
