@@ -17,6 +17,7 @@ the only awaits that take long, and they run llama.cpp on a worker thread.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -412,6 +413,18 @@ class ModelPool:
         if engine is None:
             return
         await engine.close()
+        await asyncio.to_thread(_return_freed_memory)
         if self.metrics is not None:
             self.metrics.model_unloads.labels(model.spec.slug, reason).inc()
         log.info("model %s unloaded (%s)", model.spec.slug, reason)
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap pages an unloaded model freed back to the system: glibc keeps
+    them in the arenas of the threads that allocated them (llama.cpp's server runs
+    a dozen), where the process's RSS would hold them after the model is gone."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return  # not glibc: nothing to trim
+    libc.malloc_trim(0)
