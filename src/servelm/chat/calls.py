@@ -19,6 +19,7 @@ from servelm.billing.money import format_credits
 from servelm.catalog.specs import ModelSpec
 from servelm.chat.conversation import estimate_prompt_tokens, plain_text
 from servelm.chat.protocol import ChatRequest
+from servelm.engines.registry import is_local
 from servelm.engines.wire import WHOLE_ANSWER
 from servelm.errors import ContextWindowExceeded, InvalidRequest, ServelmError
 
@@ -379,7 +380,7 @@ def no_images_message(spec: ModelSpec, seeing: list[str]) -> str:
 
 def no_images_hint(spec: ModelSpec) -> str:
     """For the operator's log: what would let this entry see images."""
-    if spec.engine == "openai":
+    if not is_local(spec):
         return "if its upstream model sees images, set `vision = true` on its entry"
     return (
         "a llama.cpp model sees through a multimodal projector made for its weights: "

@@ -16,6 +16,7 @@ from servelm.cli.common import (
     models_file_option,
 )
 from servelm.config import Settings
+from servelm.engines.registry import is_local
 
 app = typer.Typer(help="List and fetch models.", no_args_is_help=True)
 
@@ -80,7 +81,7 @@ def models_list(
         table.add_column(col, overflow="fold")
     hints: list[str] = []
     for spec in catalog:
-        if spec.engine == "openai":
+        if not is_local(spec):
             state = "remote"
             where = "\n".join(r.url for r in spec.replicas) or spec.base_url or ""
         elif spec.path is not None and spec.path.is_file():

@@ -256,6 +256,8 @@ class ModelPool:
                     retry_after=max(1, int(model.retry_at - now + 0.999)),
                 )
             model.load = loop.create_task(self._load(model), name=f"load {slug}")
+            # Its failure is every waiter's answer; with none left it is in the log.
+            model.load.add_done_callback(lambda t: t.cancelled() or t.exception())
         task = model.load
         try:
             if deadline is None:
