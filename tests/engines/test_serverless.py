@@ -334,3 +334,58 @@ def test_a_model_that_can_never_fit_is_refused_at_start_up(
         ModelsConfigError, match=r"big needs about .* more than SERVELM_MODEL_MEMORY"
     ):
         asyncio.run(ModelPool(Catalog([spec]), settings).start())
+
+
+def test_under_workers_the_engine_process_loads_on_demand_within_the_budget(
+    tmp_path: Path, models_dir: Path, seed_models: dict[str, Path]
+) -> None:
+    """``serve --workers 2`` with two models and a budget for one: the engine process
+    owns the pool, so whichever worker takes a request, the model loads there once and
+    the other is evicted."""
+    import uuid
+
+    from servelm.store.db import Database
+    from tests.conftest import provision
+
+    entries = []
+    for slug in ("a", "b"):
+        path = shutil.copy(seed_models["llama-v3p1-8b-instruct"], tmp_path / f"{slug}.gguf")
+        entries.append(f'[models.{slug}]\npath = "{path}"\ncontext_window = {CONTEXT}\n')
+    models_file = tmp_path / "servelm.toml"
+    models_file.write_text(
+        "\n".join(entries) + "\n[models.smollm2-135m-instruct]\nenabled = false\n"
+    )
+    db_url = f"sqlite:///{tmp_path / 'servelm.db'}"
+    env = procs.gateway_env(
+        tmp_path,
+        models_dir,
+        SERVELM_MODELS_FILE=str(models_file),
+        SERVELM_DATABASE_URL=db_url,
+        SERVELM_REDIS_URL="redis://127.0.0.1:6379/0",
+        SERVELM_REDIS_PREFIX=f"t{uuid.uuid4().hex[:8]}",
+        SERVELM_MODEL_MEMORY="60000000",  # one tiny model (~42 MB), not two
+    )
+    (gw,) = procs.start(env, tmp_path / "logs", 1, "--workers", "2")
+    try:
+        db = Database(db_url)
+        key = provision(db, "w", 100)
+        db.dispose()
+        codes = []
+        for slug in ("a", "b", "a", "b"):
+            r = httpx.post(
+                f"{gw.base_url}/v1/chat/completions",
+                headers={"x-api-key": key},
+                json={
+                    "model": slug,
+                    "messages": [{"role": "user", "content": "hi"}],
+                    "max_tokens": 4,
+                },
+                timeout=120,
+            )
+            codes.append(r.status_code)
+    finally:
+        gw.stop()
+    assert codes == [200] * 4, codes
+    log = gw.log.read_text()
+    assert log.count("model a loaded") == 2 and log.count("model b loaded") == 2, log
+    assert log.count("unloaded (evicted)") == 3, log

@@ -35,6 +35,10 @@ async def balance_if_known(request: Request) -> dict[str, str]:
     fails as it would: a wrong path is not made a 401 by a bad key."""
     if not request.url.path.startswith("/v1/") or not hasattr(request.app.state, "chat"):
         return {}
+    if not hasattr(request.app.state, "billing"):
+        # A process without accounts (the engine process, a worker): no balance to
+        # tell, and its WorkerKey does not authenticate account keys.
+        return {}
     headers = request.headers
     if not headers.get("x-api-key") and not headers.get("authorization"):
         return {}

@@ -304,14 +304,15 @@ def host_app(catalog: Catalog, settings: Settings, token: str) -> Starlette:
     from servelm.processes.worker import engine_front
 
     key = WorkerKey(token)
+    lifecycle = Lifecycle(request_timeout=settings.request_timeout)
     # Its engines count whenever asked: whether to ask (``prompt_count``) is the
     # workers' decision, and a worker in "bound" mode still asks after a stream cut
-    # short (``count_prompt_after``). Every local model loads at start-up: the
-    # workers learn once which models this process hosts (on-demand loading here,
-    # issue 27, point 6, is not done yet).
+    # short (``count_prompt_after``). This process owns the model pool: local models
+    # load at their first request from any worker, within that request's deadline
+    # here, and unload when idle (``engines.pool``).
     counting = settings.model_copy(update={"prompt_count": "exact"})
-    models = ModelPool(_local(catalog), counting, on_demand=False)
-    engines, unavailable = models.engines, models.unavailable
+    models = ModelPool(_local(catalog), counting, deadline=lifecycle.current_deadline)
+    unavailable = models.unavailable
     # The workers ask for the prompt count before they hold credits (``/v1/count``):
     # "auto" spares a second count here wherever the bound decides nothing.
     chat = ChatService(catalog, models, authenticator=key, prompt_count="auto")
@@ -319,14 +320,16 @@ def host_app(catalog: Catalog, settings: Settings, token: str) -> Starlette:
     # URIs: room for those on top of the client's own limit.
     limits = settings.media_limits()
     inlined = limits.max_images * limits.max_image_bytes * 4 // 3
-    lifecycle = Lifecycle(request_timeout=settings.request_timeout)
 
     def check(request: Request) -> None:
         key.check(None, request.headers.get("authorization"))
 
     async def hosted(request: Request) -> Response:
         check(request)
-        return JSONResponse({"loaded": sorted(engines), "unavailable": unavailable})
+        # What the workers may relay: every model this process can serve, loaded
+        # now or at its first request.
+        served = sorted(spec.slug for spec in catalog if models.servable(spec.slug))
+        return JSONResponse({"loaded": served, "unavailable": unavailable})
 
     async def count(request: Request) -> Response:
         check(request)
@@ -334,11 +337,15 @@ def host_app(catalog: Catalog, settings: Settings, token: str) -> Starlette:
             body = json.loads(await request.body())
         except ValueError as exc:
             raise InvalidRequest("The body is not JSON.") from exc
-        engine = chat.engines.get(str(body.get("model")))
-        if engine is None:
+        spec = catalog.get(str(body.get("model")))
+        if spec is None or not models.servable(spec.slug):
             raise ModelUnavailable(f"the engine process has no model '{body.get('model')}'")
-        tokens = await engine.count_prompt_tokens(body)
-        images_exact = getattr(engine, "image_tokens", None) is not None
+        lease = await models.acquire(spec)  # counting needs the model loaded too
+        try:
+            tokens = await lease.engine.count_prompt_tokens(body)
+        finally:
+            lease.release()
+        images_exact = getattr(lease.engine, "image_tokens", None) is not None
         return JSONResponse({"tokens": tokens, "images_exact": images_exact})
 
     @asynccontextmanager
