@@ -14,13 +14,14 @@ import uvicorn
 from fastapi import FastAPI
 
 from servelm.api import conn_guard
-from servelm.api.app import EngineFactory, build_engine, create_app
+from servelm.api.app import create_app
 from servelm.api.services import services
 from servelm.billing import accounts
 from servelm.billing.money import MICRO
 from servelm.catalog.specs import Catalog
 from servelm.catalog.weights import default_model
 from servelm.config import Settings, default_data_dir
+from servelm.engines.registry import EngineFactory, build_engine
 from servelm.store.db import Database
 from tests.servers import serve_in_thread
 

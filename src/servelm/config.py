@@ -111,6 +111,22 @@ class Settings(BaseSettings):
         description="host memory for llama.cpp's cache of finished prompts, for prefix "
         "reuse across requests (default: llama.cpp's, 8 GiB; 0 turns it off)",
     )
+    # Serverless local models (servelm.engines.pool).
+    keep_alive: float = Field(
+        default=300.0,
+        ge=0,
+        description="seconds a local model stays loaded after its last request (a "
+        "model's own `keep_alive` in the models file wins; `preload = true` or "
+        '`keep_alive = "forever"` keep it loaded from start-up)',
+    )
+    model_memory: str | None = Field(
+        default=None,
+        description='memory local models may take, in bytes or a share of RAM ("70%"); '
+        "past it the least recently used idle model is unloaded first (no limit)",
+    )
+    max_loaded_models: int | None = Field(
+        default=None, gt=0, description="local models loaded at once (no limit)"
+    )
     prompt_count: Literal["auto", "exact", "bound"] = Field(
         default="auto",
         description="how an embedded model's prompt is counted for the credit hold: "
@@ -284,6 +300,16 @@ class Settings(BaseSettings):
                 split_allow_entry(str(entry))  # a typo in a port fails at start-up
         return v
 
+    @field_validator("model_memory")
+    @classmethod
+    def _memory_budget(cls, v: str | None) -> str | None:
+        if v is not None:
+            memory_budget_bytes(v)  # a typo fails at start-up
+        return v
+
+    def model_memory_bytes(self) -> int | None:
+        return None if self.model_memory is None else memory_budget_bytes(self.model_memory)
+
     def media_limits(self) -> MediaLimits:
         return MediaLimits(
             max_image_bytes=self.image_max_bytes,
@@ -356,3 +382,20 @@ def settings_table() -> str:
             f"{field.description or ''} | {'' if default is None else f'`{default}`'} |"
         )
     return "\n".join(rows)
+
+
+def memory_budget_bytes(value: str) -> int:
+    """``SERVELM_MODEL_MEMORY``: bytes ("8000000000", "8G") or a share of RAM ("70%")."""
+    text = value.strip()
+    if text.endswith("%"):
+        share = float(text[:-1])
+        if not 0 < share <= 100:
+            raise ValueError(f"model_memory {value!r}: a share of RAM is above 0% and at most 100%")
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return int(total * share / 100)
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    scale = units.get(text[-1:].upper(), 1)
+    number = text[:-1] if scale > 1 else text
+    if not number.isdigit() or int(number) <= 0:
+        raise ValueError(f"model_memory {value!r}: bytes (8000000000, 8G) or a share of RAM (70%)")
+    return int(number) * scale

@@ -82,7 +82,7 @@ def test_a_loaded_local_engine_keeps_the_gateway_ready(tmp_path: Path) -> None:
     catalog = Catalog([local, remote("far", dead)])
 
     def factory(spec: ModelSpec, settings: Any) -> Any:
-        from servelm.api.app import build_engine
+        from servelm.engines.registry import build_engine
 
         return (
             scripted_factory(spec, settings)

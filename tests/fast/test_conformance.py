@@ -14,7 +14,6 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from servelm.api.app import build_engine
 from servelm.api.services import services
 from servelm.catalog.models_file import ConfigError, load_catalog
 from servelm.catalog.specs import Catalog, ModelSpec
@@ -22,6 +21,7 @@ from servelm.chat.request_fields import HONOURED, IGNORED, REFUSED
 from servelm.cli import app as cli_app
 from servelm.cli.docs_tables import render
 from servelm.config import Settings, settings_table
+from servelm.engines.registry import build_engine
 from servelm.testing.scripted_engine import ScriptedEngine, scripted_factory
 from tests.conftest import ADMIN_TOKEN, LiveServer, free_port, make_settings, start_server
 from tests.fast.conftest import SLUG, SPEC, new_key

@@ -217,7 +217,10 @@ async def list_models(request: Request) -> dict[str, Any]:
             {
                 "id": spec.slug,
                 "engine": spec.engine,
-                "state": "loaded" if engine is not None else "unavailable",
+                "state": "unavailable"
+                if not parts.models.servable(spec.slug)
+                else parts.models.state(spec.slug),
+                "pool": parts.models.describe(spec.slug),
                 "reason": parts.chat.unavailable.get(spec.slug),
                 "weights": str(spec.path) if spec.path is not None else None,
                 "mmproj": str(spec.mmproj) if spec.mmproj is not None else None,

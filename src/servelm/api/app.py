@@ -7,7 +7,7 @@ import contextlib
 import gc
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
@@ -33,7 +33,7 @@ from servelm.api.services import (
 from servelm.auth.keys import Authenticator
 from servelm.billing.service import Billing
 from servelm.catalog.models_file import load_catalog
-from servelm.catalog.specs import Catalog, ModelSpec
+from servelm.catalog.specs import Catalog
 from servelm.chat.media import ImageLoader, MediaLimits
 from servelm.chat.serving import ChatService
 from servelm.config import Settings
@@ -42,9 +42,8 @@ from servelm.console import operator as console_operator
 from servelm.console import routes as console_routes
 from servelm.console import session as console_session
 from servelm.engines.base import Engine
-from servelm.engines.llamacpp import LlamaCppEngine
-from servelm.engines.upstream import OpenAIUpstreamEngine
-from servelm.errors import ModelUnavailable
+from servelm.engines.pool import ModelPool
+from servelm.engines.registry import EngineFactory, build_engine
 from servelm.jobs.runner import Runner
 from servelm.jobs.service import Jobs
 from servelm.jobs.webhooks import Sender
@@ -54,52 +53,6 @@ from servelm.store.db import Database
 from servelm.telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)
-
-
-def build_engine(spec: ModelSpec, settings: Settings) -> Engine:
-    """The engine a catalog entry names; ModelUnavailable when it cannot run here."""
-    if spec.engine == "llama.cpp" and (spec.path is None or not spec.path.is_file()):
-        how = (
-            f"run `servelm models pull {spec.slug}`"
-            if spec.hf_repo
-            else "set its path in the models file"
-        )
-        raise ModelUnavailable(f"its weights are not installed at {spec.path}; {how}.")
-    if spec.engine == "openai":
-        return OpenAIUpstreamEngine(spec, queue_size=settings.queue_size)
-    return LlamaCppEngine(
-        spec,
-        threads=settings.threads,
-        slots=settings.slots,
-        queue_size=settings.queue_size,
-        verbose=settings.log_level == "debug",
-        prompt_cache_mib=settings.prompt_cache_mib,
-        count_prompts=settings.prompt_count != "bound",
-    )
-
-
-EngineFactory = Callable[[ModelSpec, Settings], Engine]
-
-
-async def start_engines(
-    catalog: Catalog, settings: Settings, factory: EngineFactory = build_engine
-) -> tuple[dict[str, Engine], dict[str, str]]:
-    """Load every model that can be loaded; one that cannot is reported, not fatal.
-
-    Returns the engines and, for each model left out, the reason (said in its 503).
-    """
-    engines: dict[str, Engine] = {}
-    unavailable: dict[str, str] = {}
-    for spec in catalog:
-        try:
-            engine = factory(spec, settings)
-            await engine.start()
-        except ModelUnavailable as exc:
-            log.warning("model %s unavailable: %s", spec.slug, exc.message)
-            unavailable[spec.slug] = exc.message
-            continue
-        engines[spec.slug] = engine
-    return engines, unavailable
 
 
 class ServelmApp(FastAPI):
@@ -253,15 +206,23 @@ def create_app(
             allowed=settings.secret_failures_allowed,
             window_seconds=settings.secret_failure_window_seconds,
         )
-        engines, unavailable = await start_engines(catalog, settings, engine_factory)
+        # Remote engines and pinned local models start now; the others at their first
+        # request (engines.pool), within that request's deadline.
+        models = ModelPool(
+            catalog,
+            settings,
+            engine_factory,
+            metrics=app_metrics,
+            deadline=lifecycle.current_deadline,
+        )
+        await models.start()
         media = ImageLoader(settings.media_limits())
         chat = ChatService(
             catalog,
-            engines,
+            models,
             billing=billing,
             authenticator=authenticator,
             media=media,
-            unavailable=unavailable,
             metrics=app_metrics,
             limiter=limiter,
             prompt_count=settings.prompt_count,
@@ -274,7 +235,8 @@ def create_app(
             Services(
                 settings=settings,
                 catalog=catalog,
-                engines=engines,
+                engines=chat.engines,
+                models=models,
                 chat=chat,
                 billing=billing,
                 db=db,
@@ -311,8 +273,7 @@ def create_app(
             await invalidation.close()
             await limiter.close()
             await media.aclose()
-            for engine in engines.values():
-                await engine.close()
+            await models.close()
             await billing.close()
             db.dispose()
 

@@ -35,6 +35,8 @@ async def balance_if_known(request: Request) -> dict[str, str]:
     fails as it would: a wrong path is not made a 401 by a bad key."""
     parts = find_services(request)
     if not request.url.path.startswith("/v1/") or parts is None:
+        # No services: a process without accounts (the engine process, a worker) has
+        # no balance to tell, and its WorkerKey does not authenticate account keys.
         return {}
     headers = request.headers
     if not headers.get("x-api-key") and not headers.get("authorization"):

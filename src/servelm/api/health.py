@@ -54,9 +54,14 @@ async def readyz(request: Request) -> JSONResponse:
         problems.append("starting")
     else:
         gateway = services(request)
-        if not gateway.engines:
-            problems.append("no model loaded")
-        elif not any(can_serve(e) for e in gateway.engines.values()):
+        servable = [s.slug for s in gateway.catalog if gateway.models.servable(s.slug)]
+        if not servable:
+            problems.append("no model can be served")
+        # A local model not loaded yet loads at its first request; a loaded engine
+        # whose every replica is ejected serves nothing until a probe readmits one.
+        elif not any(
+            slug not in gateway.engines or can_serve(gateway.engines[slug]) for slug in servable
+        ):
             problems.append("no model can serve: every replica is ejected")
         try:
             db = gateway.db

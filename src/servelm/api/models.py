@@ -16,7 +16,7 @@ router = APIRouter(tags=["models"], dependencies=[Depends(caller)])
 
 
 def _card(request: Request, spec: ModelSpec) -> dict[str, Any]:
-    engines = services(request).engines
+    models = services(request).models
     card = model_card(
         spec.slug,
         spec.owned_by,
@@ -26,7 +26,10 @@ def _card(request: Request, spec: ModelSpec) -> dict[str, Any]:
         max_output_tokens=spec.max_output_tokens,
         vision=spec.vision,
         capabilities=spec.capabilities(),
-        available=spec.slug in engines,
+        available=models.servable(spec.slug),
+        # Serverless local models: "unloaded" ones load at their first request
+        # (engines.pool), which then waits for the load (x-servelm-cold-start-ms).
+        state=models.state(spec.slug),
         engine=spec.engine,
         pricing={
             "input_per_million": str(spec.input_price),

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from servelm.chat.serving import ChatService
     from servelm.config import Settings
     from servelm.engines.base import Engine
+    from servelm.engines.pool import ModelPool
     from servelm.jobs.service import Jobs
     from servelm.processes.lifecycle import Lifecycle
     from servelm.ratelimit import Invalidation, Limiter
@@ -68,7 +69,8 @@ class Services:
 
     settings: Settings
     catalog: Catalog
-    engines: dict[str, Engine]
+    engines: dict[str, Engine]  # loaded now (models.engines, kept current by the pool)
+    models: ModelPool  # every model's state: loaded, loading, unloaded (engines.pool)
     chat: ChatService  # the walk
     billing: Billing
     db: Database

@@ -34,6 +34,8 @@ def default_spec(models_dir: Path) -> ModelSpec:
             "English chat, short answers and simple instructions",
             "Open weights (Apache 2.0)",
         ),
+        # Loaded at start-up: the first request a new server gets is not a cold start.
+        preload=True,
     )
 
 

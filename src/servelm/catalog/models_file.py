@@ -24,6 +24,7 @@ from pydantic import ValidationError
 
 from servelm.catalog.builtins import builtin_specs
 from servelm.catalog.specs import Catalog, ModelSpec, Plan
+from servelm.engines.registry import ENGINE_TYPES, engine_types
 
 
 class ConfigError(Exception):
@@ -46,6 +47,9 @@ def _resolve_paths(spec: ModelSpec, models_dir: Path, base: Path) -> ModelSpec:
 
 
 def _check_engine_fields(where: str, spec: ModelSpec) -> None:
+    if spec.engine not in ENGINE_TYPES:
+        known = ", ".join(engine_types())
+        raise ConfigError(f"{where}.engine: unknown engine type {spec.engine!r} (known: {known})")
     if spec.engine == "openai" and not (spec.base_url or spec.replicas):
         raise ConfigError(f'{where}.base_url: required when engine = "openai" (or replicas)')
     if spec.engine == "llama.cpp" and spec.path is None:

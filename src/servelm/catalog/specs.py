@@ -64,7 +64,8 @@ class ModelSpec(BaseModel):
 
     slug: str
     aliases: tuple[str, ...] = ()
-    engine: Literal["llama.cpp", "openai"] = "llama.cpp"
+    # An engine type of ``engines.registry`` (checked when the models file is read).
+    engine: str = "llama.cpp"
     # Local GGUF weights (llama.cpp). Relative paths resolve against the models dir.
     path: Path | None = None
     # Where `servelm models pull` fetches the weights from; several files for split GGUFs
@@ -122,6 +123,33 @@ class ModelSpec(BaseModel):
     # False leaves the entry out altogether: e.g. a gateway node that only fronts GPU
     # servers and should not load the built-in default model.
     enabled: bool = True
+    # A local model (llama.cpp) loads at its first request and unloads after this many
+    # seconds without one (``engines.pool``); None takes SERVELM_KEEP_ALIVE, "forever"
+    # keeps it loaded from start-up on. ``preload`` loads it at start-up too.
+    keep_alive: float | Literal["forever"] | None = None
+    preload: bool = False
+
+    @field_validator("keep_alive", mode="before")
+    @classmethod
+    def _keep_alive(cls, v: object) -> object:
+        # "5m", "30s", "1h" as Ollama writes them; numbers are seconds.
+        if isinstance(v, str) and v != "forever":
+            units = {"s": 1, "m": 60, "h": 3600}
+            if v[-1:] in units and v[:-1].replace(".", "", 1).isdigit():
+                return float(v[:-1]) * units[v[-1]]
+        return v
+
+    @field_validator("keep_alive")
+    @classmethod
+    def _keep_alive_positive(cls, v: object) -> object:
+        if isinstance(v, float) and v < 0:
+            raise ValueError("keep_alive must not be negative")
+        return v
+
+    @property
+    def pinned(self) -> bool:
+        """Loaded at start-up and never unloaded for being idle."""
+        return self.preload or self.keep_alive == "forever"
 
     @field_validator("replicas", mode="before")
     @classmethod

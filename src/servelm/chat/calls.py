@@ -15,10 +15,12 @@ from typing import TYPE_CHECKING, Any, Literal
 from servelm.billing.holds import Record, Settlement
 from servelm.catalog.specs import ModelSpec
 from servelm.chat.protocol import ChatRequest
+from servelm.engines.registry import is_local
 from servelm.errors import ServelmError
 
 if TYPE_CHECKING:
     from servelm.engines.base import Engine
+    from servelm.engines.pool import Lease
     from servelm.ratelimit import Reservation
 
 log = logging.getLogger(__name__)
@@ -120,6 +122,9 @@ class Call:
     # model's slots (engines.base.SlotShares).
     share: tuple[int, str] | None = None
     share_size: int = 0
+    # The model's hold (``engines.pool``): released after settlement, so a model is
+    # never unloaded under a generation.
+    lease: Lease | None = None
     status: str = "ok"
     completion_id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
@@ -151,7 +156,7 @@ def no_images_message(spec: ModelSpec, seeing: list[str]) -> str:
 
 def no_images_hint(spec: ModelSpec) -> str:
     """For the operator's log: what would let this entry see images."""
-    if spec.engine == "openai":
+    if not is_local(spec):
         return "if its upstream model sees images, set `vision = true` on its entry"
     return (
         "a llama.cpp model sees through a multimodal projector made for its weights: "

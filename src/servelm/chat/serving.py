@@ -64,6 +64,8 @@ from servelm.chat.responses import parse_responses, responses_params
 from servelm.chat.responses_answers import reshape
 from servelm.console.session import session_live
 from servelm.engines.base import Engine, SlotShares
+from servelm.engines.pool import Lease, ModelPool
+from servelm.engines.registry import is_local
 from servelm.errors import (
     AuthenticationError,
     InvalidRequest,
@@ -81,7 +83,7 @@ class ChatService:
     def __init__(
         self,
         catalog: Catalog,
-        engines: dict[str, Engine],
+        engines: dict[str, Engine] | ModelPool,
         *,
         billing: Billing | None = None,
         authenticator: Authenticator | WorkerKey | None = None,
@@ -93,7 +95,8 @@ class ChatService:
         fair_slots: bool = True,
     ) -> None:
         self.catalog = catalog
-        self.engines = engines
+        # Which models are loaded, and loading them on demand (engines.pool).
+        self.models = engines if isinstance(engines, ModelPool) else ModelPool.of(engines)
         # A gateway has both; a bare worker (servelm.processes.worker) runs the walk's later
         # steps without money, and never calls handle().
         # A gateway has both. A process without accounts (``servelm worker``, the
@@ -107,11 +110,21 @@ class ChatService:
         # "auto": count before admission only where the prompt's upper bound would
         # decide something (``charging.defer_count``). "bound" is the engine's own switch.
         self.lazy_count = prompt_count == "auto"
-        # slug → why it is not served (missing weights, failed load), said in the 503.
-        self.unavailable = unavailable or {}
+        if unavailable:
+            self.models.unavailable.update(unavailable)
         self.told_no_images: set[str] = set()
         self.fair_slots = fair_slots
         self.shares = SlotShares()
+
+    @property
+    def engines(self) -> dict[str, Engine]:
+        """The models loaded now (a local one may be servable and not loaded)."""
+        return self.models.engines
+
+    @property
+    def unavailable(self) -> dict[str, str]:
+        """slug → why it is not served (missing weights, a failed start)."""
+        return self.models.unavailable
 
     @property
     def billing(self) -> Billing:
@@ -149,13 +162,37 @@ class ChatService:
         # Bound what the options may cost the engine before it sees them (issue 17),
         # whichever API's body the request came in.
         check_request(request)
-        spec, engine = self.resolve(request, ex.slug)
+        spec = self.resolve(request, ex.slug)
         check_model_rights(principal, spec.slug)
+        # The model, loaded now if it was not; it stays loaded until the lease ends
+        # (the generation settled, or this walk failed before it).
+        lease = await self.models.acquire(spec)
+        try:
+            reply = await self._generate_reply(ex, raw, request, spec, lease, principal)
+        except BaseException:
+            lease.release()
+            raise
+        if lease.cold_start_ms is not None:
+            reply.headers["x-servelm-cold-start-ms"] = str(lease.cold_start_ms)
+            logs.annotate(cold_start_ms=lease.cold_start_ms)
+        return reply
+
+    async def _generate_reply(
+        self,
+        ex: ChatExchange,
+        raw: bytes,
+        request: ChatRequest,
+        spec: ModelSpec,
+        lease: Lease,
+        principal: Principal,
+    ) -> JsonReply | StreamReply:
+        engine = lease.engine
         engine.check_capacity()
         await self.precheck_credits(request, spec, principal, len(raw))
         if ex.idempotency_key is not None and principal.owns_account:
-            return await self._idempotent(ex, raw, request, spec, engine, principal)
+            return await self._idempotent(ex, raw, request, spec, lease, principal)
         call = await self.prepare(ex.request_id, request, spec, engine)
+        call.lease = lease
         await self.check_rate_limit(call, principal)
         await self.hold_credits(call, principal)
         await self.share_of_slots(call, principal)
@@ -180,24 +217,23 @@ class ChatService:
     def parse(self, raw: bytes) -> ChatRequest:
         return parse_chat_request(raw)
 
-    def resolve(self, request: ChatRequest, slug: str | None) -> tuple[ModelSpec, Engine]:
+    def resolve(self, request: ChatRequest, slug: str | None) -> ModelSpec:
         if slug is None:
             if not request.model:
                 raise InvalidRequest("Missing required parameter: 'model'.", param="model")
             slug = request.model
         spec = self.catalog.resolve(slug)
-        engine = self.engines.get(spec.slug)
-        if engine is None:
+        if not self.models.servable(spec.slug):
             # The reason (a file path, a load error) is the operator's: it went to the
             # log at start-up and is in `servelm models list` and GET /admin/models.
-            missing = spec.engine == "llama.cpp" and not (spec.path and spec.path.is_file())
+            missing = is_local(spec) and not (spec.path and spec.path.is_file())
             state = "is not installed" if missing else "could not be loaded"
             raise ModelNotInstalled(
                 f"Model '{spec.slug}' {state} on this server; ask its operator.",
                 param="model",
                 code="model_not_installed" if missing else "model_load_failed",
             )
-        return spec, engine
+        return spec
 
     async def precheck_credits(
         self, request: ChatRequest, spec: ModelSpec, principal: Principal, body_bytes: int
@@ -216,7 +252,7 @@ class ChatService:
     def refuse_images(self, spec: ModelSpec) -> None:
         """The user learns which models here see images; the operator, in the log,
         what would make this one see."""
-        seeing = [s.slug for s in self.catalog if s.vision and s.slug in self.engines]
+        seeing = [s.slug for s in self.catalog if s.vision and self.models.servable(s.slug)]
         if spec.slug not in self.told_no_images:  # once per model, not once per request
             self.told_no_images.add(spec.slug)
             hint = no_images_hint(spec)
@@ -366,7 +402,11 @@ class ChatService:
                     self._usage_checked(call)
                     await count_prompt_late(call)
                 finally:
-                    await self.settle(call)
+                    try:
+                        await self.settle(call)
+                    finally:
+                        if call.lease is not None:
+                            call.lease.release()  # the model may unload from now on
 
     def _usage_checked(self, call: Call) -> None:
         """The engine's counts checked against what was relayed (once); each one
@@ -462,7 +502,7 @@ class ChatService:
         raw: bytes,
         request: ChatRequest,
         spec: ModelSpec,
-        engine: Engine,
+        lease: Lease,
         principal: Principal,
     ) -> JsonReply:
         """A retried request with the same Idempotency-Key and body is charged once and
@@ -488,7 +528,8 @@ class ChatService:
                 await self.limiter.peek(principal)
             return JsonReply(replay.status_code, replay.body, headers)
         try:
-            call = await self.prepare(ex.request_id, request, spec, engine)
+            call = await self.prepare(ex.request_id, request, spec, lease.engine)
+            call.lease = lease
             await self.check_rate_limit(call, principal)
             await self.hold_credits(call, principal)
             reply = await self.json_reply(call)

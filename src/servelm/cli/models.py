@@ -16,6 +16,7 @@ from servelm.cli.common import (
     models_file_option,
 )
 from servelm.config import Settings
+from servelm.engines.registry import is_local
 
 app = typer.Typer(help="List and fetch models.", no_args_is_help=True)
 
@@ -59,6 +60,7 @@ def models_list(
     catalog = load_catalog_or_exit(settings)
     url = (url or server_state.running_url(settings) or server_url(settings)).rstrip("/")
     reasons: dict[str, str] = {}
+    pool_states: dict[str, str] = {}
     try:
         live = httpx.get(f"{url}/health", timeout=1.0).json().get("models", {})
         if settings.admin_token:
@@ -68,7 +70,10 @@ def models_list(
                 headers={"authorization": f"Bearer {settings.admin_token}"},
             )
             if admin.status_code == 200:
-                reasons = {m["id"]: m["reason"] for m in admin.json()["data"] if m["reason"]}
+                data = admin.json()["data"]
+                reasons = {m["id"]: m["reason"] for m in data if m["reason"]}
+                # loaded / loading / unloaded / failed (engines.pool).
+                pool_states = {m["id"]: m["state"] for m in data}
     except (httpx.HTTPError, ValueError):
         live = None
     table = Table(title="servelm models")
@@ -76,7 +81,7 @@ def models_list(
         table.add_column(col, overflow="fold")
     hints: list[str] = []
     for spec in catalog:
-        if spec.engine == "openai":
+        if not is_local(spec):
             state = "remote"
             where = "\n".join(r.url for r in spec.replicas) or spec.base_url or ""
         elif spec.path is not None and spec.path.is_file():
@@ -88,6 +93,10 @@ def models_list(
         if live is not None:
             info = live.get(spec.slug)
             state = "[green]loaded[/]" if info else f"{state}, not loaded"
+            if spec.slug in pool_states and not info:
+                # Local models load at their first request: say which ones are
+                # loading or unloaded rather than "not loaded".
+                state = f"{state.split(',')[0]}, {pool_states[spec.slug]}"
             if info and info.get("replicas"):
                 # A fleet: each replica's state and the requests this gateway has there
                 # (/health lists them in the models file's order, without addresses).

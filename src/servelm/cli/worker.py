@@ -58,8 +58,8 @@ def worker(
     /v1/chat/completions, /v1/models, /health, /metrics; no accounts, no credits."""
     import uvicorn
 
-    from servelm.api.app import build_engine
     from servelm.catalog.weights import default_model
+    from servelm.engines.registry import build_engine
     from servelm.processes.worker import worker_app
     from servelm.telemetry import logs
 

@@ -72,8 +72,9 @@ async def swagger_asset(name: str) -> Response:
 def model_state(request: Request, spec: ModelSpec) -> tuple[bool, str]:
     """(available, what to say about it)."""
     parts = services(request)
-    if spec.slug in parts.engines:
-        return True, "Available"
+    if parts.models.servable(spec.slug):
+        state = parts.models.state(spec.slug)
+        return True, "Available" if state == "loaded" else f"Available ({state})"
     return False, parts.chat.unavailable.get(spec.slug, "Not loaded.")
 
 
@@ -272,7 +273,7 @@ async def playground(request: Request) -> Response:
     if principal is None:
         return _sign_in_page(request, error="Sign in with an API key to use the playground.")
     parts = services(request)
-    models = [_card(request, s) for s in parts.catalog if s.slug in parts.engines]
+    models = [_card(request, s) for s in parts.catalog if parts.models.servable(s.slug)]
     if principal.allowed_models is not None:
         models = [m for m in models if m["spec"].slug in principal.allowed_models]
     micro = await services(request).billing.balance(principal.account_id)

@@ -21,10 +21,11 @@ import json
 import logging
 import re
 import signal
+import struct
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gguf
 
@@ -32,6 +33,9 @@ from servelm.catalog.specs import ModelSpec
 from servelm.engines import http1, wire
 from servelm.engines.base import Admission, Engine, map_engine_error
 from servelm.errors import EngineError, ModelUnavailable, StreamCut
+
+if TYPE_CHECKING:
+    from servelm.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -345,9 +349,44 @@ class LlamaCppEngine(Engine):
         this model costs. llama.cpp reports no memory figures of its own."""
         if self.spec.path is None or not self.spec.path.is_file():
             return None
-        return weights_bytes(self.spec.path) + kv_cache_bytes(
-            self.spec.path, self.spec.context_window
+        return footprint(self.spec)
+
+
+def build(spec: ModelSpec, settings: Settings) -> LlamaCppEngine:
+    """The registry's builder (``engines.registry``)."""
+    if spec.path is None or not spec.path.is_file():
+        how = (
+            f"run `servelm models pull {spec.slug}`"
+            if spec.hf_repo
+            else "set its path in the models file"
         )
+        raise ModelUnavailable(f"its weights are not installed at {spec.path}; {how}.")
+    return LlamaCppEngine(
+        spec,
+        threads=settings.threads,
+        slots=settings.slots,
+        queue_size=settings.queue_size,
+        verbose=settings.log_level == "debug",
+        prompt_cache_mib=settings.prompt_cache_mib,
+        count_prompts=settings.prompt_count != "bound",
+    )
+
+
+def footprint(spec: ModelSpec, settings: Settings | None = None) -> int | None:
+    """What loading the model costs: its weights (every shard), its projector and the
+    f16 KV cache for its context window (the slots share one window: ``_params``).
+    None while its weights are not installed."""
+    if spec.path is None or not spec.path.is_file():
+        return None
+    total = weights_bytes(spec.path)
+    try:
+        total += kv_cache_bytes(spec.path, spec.context_window)
+    except (OSError, ValueError, KeyError, AssertionError, struct.error) as exc:
+        # Weights llama.cpp may not load either: the load says why, in its own words.
+        log.warning("model %s: no KV cache estimate from %s (%r)", spec.slug, spec.path, exc)
+    if spec.mmproj is not None and spec.mmproj.is_file():
+        total += spec.mmproj.stat().st_size
+    return total
 
 
 def weights_bytes(path: Path) -> int:
@@ -360,21 +399,80 @@ def weights_bytes(path: Path) -> int:
 
 
 def kv_cache_bytes(path: Path, n_ctx: int) -> int:
-    reader = gguf.GGUFReader(path)
-    arch = str(reader.fields["general.architecture"].contents())
+    meta = gguf_header(path)
+    arch = str(meta["general.architecture"])
 
-    def meta(key: str) -> int:
-        return int(reader.fields[f"{arch}.{key}"].contents())
+    def field(key: str) -> int:
+        value = meta[f"{arch}.{key}"]
+        assert isinstance(value, int), f"{path}: {arch}.{key} is not an integer"
+        return value
 
-    heads = meta("attention.head_count")
+    heads = field("attention.head_count")
     kv_heads = (
-        meta("attention.head_count_kv")
-        if (f"{arch}.attention.head_count_kv" in reader.fields)
-        else heads
+        field("attention.head_count_kv") if f"{arch}.attention.head_count_kv" in meta else heads
     )
-    head_dim = meta("embedding_length") // heads
+    head_dim = field("embedding_length") // heads
     # K and V, f16 (2 bytes) each, per layer per position.
-    return meta("block_count") * n_ctx * kv_heads * head_dim * 2 * 2
+    return field("block_count") * n_ctx * kv_heads * head_dim * 2 * 2
+
+
+# GGUF metadata value types with a fixed size: type → struct format.
+_GGUF_SCALARS = {
+    0: "B",
+    1: "b",
+    2: "H",
+    3: "h",
+    4: "I",
+    5: "i",
+    6: "f",
+    7: "?",
+    10: "Q",
+    11: "q",
+    12: "d",
+}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def gguf_header(path: Path) -> dict[str, object]:
+    """A GGUF's metadata scalars and strings (arrays skipped), read from its header
+    alone: the pool estimates a footprint before every load, and gguf's reader parses
+    the whole file (seconds for a 49k-token vocabulary)."""
+    out: dict[str, object] = {}
+    with path.open("rb") as f:
+
+        def read(fmt: str) -> Any:
+            size = struct.calcsize("<" + fmt)
+            return struct.unpack("<" + fmt, f.read(size))[0]
+
+        def string() -> str:
+            return f.read(read("Q")).decode("utf-8", "replace")
+
+        def skip(kind: int) -> None:
+            if kind == _GGUF_STRING:
+                f.seek(read("Q"), 1)
+            elif kind == _GGUF_ARRAY:
+                inner, count = read("I"), read("Q")
+                if inner in _GGUF_SCALARS:
+                    f.seek(struct.calcsize("<" + _GGUF_SCALARS[inner]) * count, 1)
+                else:
+                    for _ in range(count):
+                        skip(inner)
+            else:
+                f.seek(struct.calcsize("<" + _GGUF_SCALARS[kind]), 1)
+
+        if f.read(4) != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file")
+        read("I")  # version
+        read("Q")  # tensor count
+        for _ in range(read("Q")):
+            key, kind = string(), read("I")
+            if kind in _GGUF_SCALARS:
+                out[key] = read(_GGUF_SCALARS[kind])
+            elif kind == _GGUF_STRING:
+                out[key] = string()
+            else:
+                skip(kind)
+    return out
 
 
 def _named_choice(body: dict[str, Any]) -> dict[str, Any]:

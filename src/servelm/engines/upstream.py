@@ -32,7 +32,7 @@ import json
 import logging
 import math
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from servelm.catalog.specs import ModelSpec, replica_specs
 from servelm.engines import http1, wire
@@ -47,6 +47,9 @@ from servelm.errors import (
 from servelm.fleet.health import HealthChecker
 from servelm.fleet.replicas import Replica, ReplicaSet
 from servelm.fleet.routing import make_router
+
+if TYPE_CHECKING:
+    from servelm.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -364,3 +367,8 @@ def _upstream_error_body(slug: str, err: Any) -> ServelmError:
     if isinstance(code, int) and 400 <= code < 500:
         return map_engine_error(err)
     return wire.upstream_failure(f"The engine for '{slug}' failed.", err)
+
+
+def build(spec: ModelSpec, settings: Settings) -> OpenAIUpstreamEngine:
+    """The registry's builder (``engines.registry``)."""
+    return OpenAIUpstreamEngine(spec, queue_size=settings.queue_size)

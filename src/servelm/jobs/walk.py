@@ -51,12 +51,18 @@ async def submit(
         raw = await ex.read_body()
         request = chat.parse(raw)
         _no_stream(request)
-        spec, engine = chat.resolve(request, ex.slug)
+        spec = chat.resolve(request, ex.slug)
         check_model_rights(principal, spec.slug)
         await chat.precheck_credits(request, spec, principal, len(raw))
-        call = await chat.prepare(ex.request_id, request, spec, engine)
-        if call.count_deferred:
-            await count_prompt(call)
+        # The model counts the prompt now; it runs the request later, under a lease of
+        # its own (``run``), so this one ends here.
+        lease = await chat.models.acquire(spec)
+        try:
+            call = await chat.prepare(ex.request_id, request, spec, lease.engine)
+            if call.count_deferred:
+                await count_prompt(call)
+        finally:
+            lease.release()
         call.hold_ttl = hold_ttl
         await chat.hold_credits(call, principal)
         return principal, call, raw
@@ -80,17 +86,25 @@ async def run(
     (nothing was held), errors after it are recorded with the settlement."""
     request = chat.parse(raw)
     _no_stream(request)
-    spec, engine = chat.resolve(request, slug)
+    spec = chat.resolve(request, slug)
     check_model_rights(principal, spec.slug)
-    call = await chat.prepare(hold_id, request, spec.batch_priced() if batch else spec, engine)
-    if call.count_deferred:
-        await count_prompt(call)
-    if held_max_tokens is None:
-        await chat.hold_credits(call, principal)
-    else:
-        # Held at submission for exactly this output limit.
-        call.max_tokens = call.body["max_tokens"] = held_max_tokens
-        call.held_balance = 0
+    # The model stays loaded until this line settles (settlement ends the lease).
+    lease = await chat.models.acquire(spec)
+    try:
+        priced = spec.batch_priced() if batch else spec
+        call = await chat.prepare(hold_id, request, priced, lease.engine)
+        if call.count_deferred:
+            await count_prompt(call)
+        if held_max_tokens is None:
+            await chat.hold_credits(call, principal)
+        else:
+            # Held at submission for exactly this output limit.
+            call.max_tokens = call.body["max_tokens"] = held_max_tokens
+            call.held_balance = 0
+    except BaseException:
+        lease.release()
+        raise
+    call.lease = lease
     completion = Completion(call)
 
     def settled(tx: Tx, settlement: Settlement) -> None:

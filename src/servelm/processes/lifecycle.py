@@ -196,6 +196,12 @@ class Lifecycle:
             if not self.inflight and self._idle is not None:
                 self._idle.set()
 
+    def current_deadline(self) -> float | None:
+        """The deadline (loop time) of the request this task serves, if tracked."""
+        task = asyncio.current_task()
+        flight = self.inflight.get(task) if task is not None else None
+        return None if flight is None else flight.deadline
+
     def admit(self) -> None:
         """Before a chat request starts: refuse it quickly while draining or full."""
         if self.draining:

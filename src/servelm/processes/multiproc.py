@@ -52,6 +52,7 @@ from servelm.chat.serving import ChatService
 from servelm.config import Settings
 from servelm.engines import http1
 from servelm.engines.base import Engine
+from servelm.engines.pool import ModelPool
 from servelm.engines.upstream import OpenAIUpstreamEngine
 from servelm.errors import EngineError, InvalidRequest, ModelUnavailable, Overloaded, ServelmError
 from servelm.processes.lifecycle import Lifecycle
@@ -68,7 +69,9 @@ _SUPERVISOR = "_SERVELM_MP_SUPERVISOR"  # the supervisor's pid
 
 
 def _local(catalog: Catalog) -> list[ModelSpec]:
-    return [spec for spec in catalog if spec.engine == "llama.cpp"]
+    from servelm.engines.registry import is_local
+
+    return [spec for spec in catalog if is_local(spec)]
 
 
 # -- the supervisor -----------------------------------------------------------------
@@ -177,7 +180,8 @@ class WorkerProtocol(conn_guard.GuardedHttpTools):
 def worker_app() -> ASGIApp:
     """uvicorn's factory in each worker process: the usual app, local models reached
     through the engine process."""
-    from servelm.api.app import build_engine, create_app
+    from servelm.api.app import create_app
+    from servelm.engines.registry import build_engine, is_local
     from servelm.telemetry import logs
 
     settings = Settings.model_validate_json(os.environ[_SETTINGS])
@@ -193,7 +197,7 @@ def worker_app() -> ASGIApp:
     hosted = json.loads(os.environ.get(_HOSTED, '{"loaded": [], "unavailable": {}}'))
 
     def engines(spec: ModelSpec, s: Settings) -> Engine:
-        if spec.engine != "llama.cpp":
+        if not is_local(spec):
             return build_engine(spec, s)
         if spec.slug in hosted["loaded"]:
             return HostedEngine(
@@ -308,28 +312,36 @@ def host_app(catalog: Catalog, settings: Settings, token: str) -> Starlette:
     prompt (``/v1/count``), and chat through the same front end as every process
     (``servelm.processes.worker.engine_front``), its caller owning no account: keys and credits
     are the workers'."""
-    from servelm.api.app import start_engines
     from servelm.api.services import front, install_front
     from servelm.processes.worker import engine_front
 
     key = WorkerKey(token)
-    engines: dict[str, Engine] = {}
-    unavailable: dict[str, str] = {}
+    lifecycle = Lifecycle(request_timeout=settings.request_timeout)
+    # Its engines count whenever asked: whether to ask (``prompt_count``) is the
+    # workers' decision, and a worker in "bound" mode still asks after a stream cut
+    # short (``count_prompt_after``). This process owns the model pool: local models
+    # load at their first request from any worker, within that request's deadline
+    # here, and unload when idle (``engines.pool``).
+    counting = settings.model_copy(update={"prompt_count": "exact"})
+    models = ModelPool(_local(catalog), counting, deadline=lifecycle.current_deadline)
+    unavailable = models.unavailable
     # The workers ask for the prompt count before they hold credits (``/v1/count``):
     # "auto" spares a second count here wherever the bound decides nothing.
-    chat = ChatService(catalog, engines, authenticator=key, prompt_count="auto")
+    chat = ChatService(catalog, models, authenticator=key, prompt_count="auto")
     # A worker sends the body it prepared, with its images fetched and inlined as data
     # URIs: room for those on top of the client's own limit.
     limits = settings.media_limits()
     inlined = limits.max_images * limits.max_image_bytes * 4 // 3
-    lifecycle = Lifecycle(request_timeout=settings.request_timeout)
 
     def check(request: Request) -> None:
         key.check(None, request.headers.get("authorization"))
 
     async def hosted(request: Request) -> Response:
         check(request)
-        return JSONResponse({"loaded": sorted(engines), "unavailable": unavailable})
+        # What the workers may relay: every model this process can serve, loaded
+        # now or at its first request.
+        served = sorted(spec.slug for spec in catalog if models.servable(spec.slug))
+        return JSONResponse({"loaded": served, "unavailable": unavailable})
 
     async def count(request: Request) -> Response:
         check(request)
@@ -337,30 +349,27 @@ def host_app(catalog: Catalog, settings: Settings, token: str) -> Starlette:
             body = json.loads(await request.body())
         except ValueError as exc:
             raise InvalidRequest("The body is not JSON.") from exc
-        engine = chat.engines.get(str(body.get("model")))
-        if engine is None:
+        spec = catalog.get(str(body.get("model")))
+        if spec is None or not models.servable(spec.slug):
             raise ModelUnavailable(f"the engine process has no model '{body.get('model')}'")
-        tokens = await engine.count_prompt_tokens(body)
-        images_exact = getattr(engine, "image_tokens", None) is not None
+        lease = await models.acquire(spec)  # counting needs the model loaded too
+        try:
+            tokens = await lease.engine.count_prompt_tokens(body)
+        finally:
+            lease.release()
+        images_exact = getattr(lease.engine, "image_tokens", None) is not None
         return JSONResponse({"tokens": tokens, "images_exact": images_exact})
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        # Its engines count whenever asked: whether to ask (``prompt_count``) is the
-        # workers' decision, and a worker in "bound" mode still asks after a stream cut
-        # short (``count_prompt_after``).
-        counting = settings.model_copy(update={"prompt_count": "exact"})
-        started, left_out = await start_engines(catalog, counting)
-        engines.update(started)
-        unavailable.update(left_out)
+        await models.start()
         install_front(app, front(app).serving(chat))
         lifecycle.ready = True
         try:
             yield
         finally:
             await lifecycle.close()
-            for engine in engines.values():
-                await engine.close()
+            await models.close()
 
     front_settings = settings.model_copy(
         update={"max_body_bytes": settings.max_body_bytes + inlined}

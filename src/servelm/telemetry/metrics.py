@@ -94,6 +94,27 @@ class Metrics:
         )
         self.registry.register(_EngineCollector(engines))
 
+        # Serverless local models (engines.pool): what loading and unloading cost.
+        self.model_loads = Counter(
+            "servelm_model_loads",
+            "Local model loads, by model and outcome (ok or failed).",
+            ["model", "outcome"],
+            registry=self.registry,
+        )
+        self.model_unloads = Counter(
+            "servelm_model_unloads",
+            "Local model unloads, by model and reason (idle, evicted, shutdown).",
+            ["model", "reason"],
+            registry=self.registry,
+        )
+        self.model_load_seconds = Histogram(
+            "servelm_model_load_duration_seconds",
+            "Time to load a local model, by model.",
+            ["model"],
+            buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+            registry=self.registry,
+        )
+
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         self.requests.labels(route, str(status)).inc()
         self.latency.labels(route).observe(seconds)

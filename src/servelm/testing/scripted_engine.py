@@ -114,3 +114,8 @@ def _text(message: dict[str, Any]) -> str:
 def scripted_factory(spec: ModelSpec, settings: Settings) -> ScriptedEngine:
     """An ``EngineFactory``: every catalog entry becomes a scripted engine."""
     return ScriptedEngine(spec, slots=settings.slots, queue_size=settings.queue_size)
+
+
+# The registry's builder: ``registry.register("scripted", "servelm.testing.scripted_engine")``
+# makes ``engine = "scripted"`` an engine type (issue 27.5).
+build = scripted_factory
