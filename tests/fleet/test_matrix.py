@@ -32,7 +32,7 @@ from sqlalchemy import select
 
 from servelm.billing import accounts
 from servelm.billing.audit import ledger_check
-from servelm.billing.money import MICRO, format_credits
+from servelm.billing.money import MICRO, credits_number, format_credits
 from servelm.store.db import Database
 from servelm.store.tables import holds, usage
 from tests import procs
@@ -413,8 +413,9 @@ def check(rig: Rig, out: Outcome) -> str:
         assert int(told.replace(".", "")) <= account.balance
         if out.done:
             assert out.usage is not None
-            assert out.usage["remaining_credits"] == format_credits(account.balance)
-            assert out.usage["cost"] == format_credits(row.cost)
+            # usage carries numbers (credits_number); the headers the exact decimals.
+            assert out.usage["remaining_credits"] == credits_number(account.balance)
+            assert out.usage["cost"] == credits_number(row.cost)
     assert ledger_check(out.db) == []
     # No replica still running was ejected (the killed one is out, as it should be);
     # after a drain the gateway is gone, and nothing was ejected before it began.

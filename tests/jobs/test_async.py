@@ -70,7 +70,7 @@ def test_async_requests_complete_and_cost_exactly_what_they_say(
         assert answer["object"] == "chat.completion" and answer["model"] == SLUG
         assert answer["choices"][0]["message"]["role"] == "assistant"
         assert answer["usage"]["completion_tokens"] >= 1
-        costs += int(Decimal(answer["usage"]["cost"]) * MICRO)
+        costs += int(Decimal(str(answer["usage"]["cost"])) * MICRO)
     assert costs > 0
     assert before - balance(client) == costs
     sync = client.post(f"/v1/{SLUG}", json=body(0)).json()

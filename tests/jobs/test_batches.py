@@ -98,12 +98,12 @@ def test_sdk_batch_runs_at_the_batch_price(
     for o in output:
         assert o["response"]["status_code"] == 200
         u = o["response"]["body"]["usage"]
-        cost = int(Decimal(u["cost"]) * MICRO)
+        cost = int(Decimal(str(u["cost"])) * MICRO)
         assert cost == half.cost_micro(u["prompt_tokens"], u["completion_tokens"])
         assert cost < spec.cost_micro(u["prompt_tokens"], u["completion_tokens"])
         total += cost
     assert start - credits(jobs_live) == total
-    assert done.model_extra is not None and Decimal(done.model_extra["cost"]) * MICRO == total
+    assert done.model_extra is not None and Decimal(str(done.model_extra["cost"])) * MICRO == total
 
     # One charge per line that ran, none for the bad ones (refused before any hold).
     with jobs_live.db.read() as conn:

@@ -77,7 +77,7 @@ def test_sigkill_mid_batch_then_restart(env: dict[str, str], tmp_path: Path) -> 
         bad = [i for i in range(LINES) if i in BAD]
         paid = [x for x in lines if x["response"] and x["response"]["status_code"] == 200]
         assert len(paid) == LINES - len(bad)
-        total = sum(int(Decimal(x["response"]["body"]["usage"]["cost"]) * MICRO) for x in paid)
+        total = sum(int(Decimal(str(x["response"]["body"]["usage"]["cost"])) * MICRO) for x in paid)
 
         # The killed attempts' holds expire and are released by the restarted gateway.
         while True:
