@@ -193,9 +193,12 @@ def test_a_budget_for_two_serves_four_models_evicting_the_least_recently_used(
     peak = max(samples)
     print(f"RSS with two loaded {two_loaded:,} B, peak {peak:,} B over {len(samples)} samples")
     assert max(held) <= 2 * each and models.budget == each * 5 // 2, max(held)
-    # Issue 27.1's bound: the RSS with two models loaded plus 10 %, less than one more
-    # model's footprint here (freed heap goes back to the system: pool._unload).
-    assert peak <= two_loaded * 1.10 and two_loaded * 0.10 < each, (two_loaded, peak)
+    # Issue 27.1's bound: the RSS with two models loaded plus 10 %. This process also
+    # holds whatever the tests before it grew (the suite runs files in a few
+    # processes), so the 10 % can be more than a model: the growth must also stay
+    # below one more model's footprint (freed heap goes back to the system:
+    # pool._unload), i.e. a third model was never resident.
+    assert peak <= two_loaded * 1.10 and peak - two_loaded < each, (two_loaded, peak, each)
 
 
 def test_a_model_in_use_is_not_evicted_and_a_load_that_needs_it_waits(
