@@ -235,6 +235,7 @@ FAST_MODULES = frozenset(
         "tests/fleet/test_capacity.py",
         "tests/fleet/test_deploy.py",
         "tests/fleet/test_routing.py",
+        "tests/hostile/test_media_hostile.py",
         "tests/jobs/test_queue.py",
         "tests/ratelimit/test_store.py",
     }
