@@ -97,8 +97,6 @@ class ChatService:
         self.catalog = catalog
         # Which models are loaded, and loading them on demand (engines.pool).
         self.models = engines if isinstance(engines, ModelPool) else ModelPool.of(engines)
-        # A gateway has both; a bare worker (servelm.processes.worker) runs the walk's later
-        # steps without money, and never calls handle().
         # A gateway has both. A process without accounts (``servelm worker``, the
         # engine process of ``serve --workers``) has a ``WorkerKey``, no billing, and
         # callers that own no account: the same walk without its money steps.

@@ -105,19 +105,8 @@ async def create_key(
             await db.run(limits.set_key_limits, db, record.key_id, **given)
     except ServelmError as exc:
         return _back(exc.message, error=True)
-    # Shown once, on the page this lands on, from a short-lived HttpOnly cookie rather
-    # than the URL (which history and logs keep).
     response = _back(f"Created key {record.key_id}; copy it now, it is not shown again.")
-    response.set_cookie(
-        NEW_KEY_COOKIE,
-        plaintext,
-        max_age=60,
-        httponly=True,
-        samesite="strict",
-        secure=web.secure_cookies(request),
-        path="/account",
-    )
-    return response
+    return web.show_key_once(response, request, NEW_KEY_COOKIE, plaintext, "/account")
 
 
 @router.post("/keys/{key_id}/revoke")

@@ -27,6 +27,8 @@ from servelm.ratelimit.guesses import Guesses
 from servelm.ratelimit.policy import check_plan
 
 router = APIRouter(prefix="/operator", include_in_schema=False)
+# A key the operator just made, shown once on the page the form lands on.
+NEW_KEY_COOKIE = "servelm_new_key"
 
 
 async def require_operator(request: Request) -> None:
@@ -77,7 +79,7 @@ async def console(request: Request) -> Response:
         ledger=ledger,
         message=request.query_params.get("msg", ""),
         error=request.query_params.get("err", ""),
-        new_key=request.cookies.get("servelm_new_key", ""),
+        new_key=request.cookies.get(NEW_KEY_COOKIE, ""),
     )
 
 
@@ -189,19 +191,8 @@ async def create_key(
         record, plaintext = await db.run(accounts.create_key, db, account_id, name, models, expires)
     except ServelmError as exc:
         return _done(exc.message, error=True)
-    # The plaintext is shown once, on the page this redirect lands on, from a
-    # short-lived HttpOnly cookie rather than the URL (which logs and history keep).
     response = _done(f"Created key {record.key_id}; copy it now, it is not shown again.")
-    response.set_cookie(
-        "servelm_new_key",
-        plaintext,
-        max_age=60,
-        httponly=True,
-        samesite="strict",
-        secure=web.secure_cookies(request),
-        path="/operator",
-    )
-    return response
+    return web.show_key_once(response, request, NEW_KEY_COOKIE, plaintext, "/operator")
 
 
 def _date(value: str) -> datetime | None:
@@ -237,7 +228,7 @@ async def sign_out_everywhere(
 @router.post("/new-key/seen", dependencies=_guarded)
 async def forget_new_key(request: Request, fields: dict[str, str] = Depends(web.form)) -> Response:
     response = web.redirect("/operator")
-    response.delete_cookie("servelm_new_key", path="/operator")
+    response.delete_cookie(NEW_KEY_COOKIE, path="/operator")
     return response
 
 

@@ -63,6 +63,23 @@ def secure_cookies(request: Request) -> bool:
     return forced if forced is not None else request.url.scheme == "https"
 
 
+def show_key_once(
+    response: Response, request: Request, cookie: str, plaintext: str, path: str
+) -> Response:
+    """A new key's plaintext for the page this redirect lands on, from a short-lived
+    HttpOnly cookie rather than the URL (which history and logs keep)."""
+    response.set_cookie(
+        cookie,
+        plaintext,
+        max_age=60,
+        httponly=True,
+        samesite="strict",
+        secure=secure_cookies(request),
+        path=path,
+    )
+    return response
+
+
 def csrf_nonce(request: Request) -> tuple[str, bool]:
     """This browser's CSRF nonce, and whether it is new (to be set as a cookie)."""
     nonce = request.cookies.get(session.CSRF_COOKIE)
