@@ -16,7 +16,7 @@ from servelm.billing.holds import Record, Settlement
 from servelm.catalog.specs import ModelSpec
 from servelm.chat.protocol import ChatRequest
 from servelm.engines.registry import is_local
-from servelm.errors import ServelmError
+from servelm.errors import InvalidRequest, ServelmError
 
 if TYPE_CHECKING:
     from servelm.engines.base import Engine
@@ -163,3 +163,26 @@ def no_images_hint(spec: ModelSpec) -> str:
         f'add `mmproj = "/path/to/mmproj.gguf"` to [models."{spec.slug}"] in the models '
         "file (Mixtral has no published projector; serve a vision model for images)"
     )
+
+
+def check_capabilities(
+    request: ChatRequest, spec: ModelSpec, seeing: Callable[[], list[str]], told: set[str]
+) -> None:
+    """Images, tools and structured output only to a model that takes them. The user
+    learns which models here see images; the operator, in the log (once per model),
+    what would make this one see."""
+    if request.has_images() and not spec.vision:
+        if spec.slug not in told:
+            told.add(spec.slug)
+            log.warning(
+                "model %s was sent images and takes none; %s", spec.slug, no_images_hint(spec)
+            )
+        raise InvalidRequest(no_images_message(spec, seeing()), param="messages")
+    if request.tools and not spec.tools:
+        raise InvalidRequest(f"Model '{spec.slug}' does not support tools.", param="tools")
+    fmt = request.response_format
+    if fmt is not None and fmt.type != "text" and not spec.structured_output:
+        raise InvalidRequest(
+            f"Model '{spec.slug}' does not support structured output ({fmt.type}).",
+            param="response_format",
+        )

@@ -31,13 +31,14 @@ from servelm.auth.keys import Principal
 from servelm.billing.money import (
     MAX_ACCOUNT_MICRO,
     affordable_max_tokens,
+    credits_number,
     format_credits,
 )
 from servelm.billing.service import Billing
 from servelm.catalog.specs import ModelSpec
 from servelm.chat.calls import Call
 from servelm.chat.conversation import engine_body, estimate_prompt_tokens, plain_text
-from servelm.chat.protocol import ChatRequest
+from servelm.chat.protocol import ChatRequest, usage_body
 from servelm.engines.wire import WHOLE_ANSWER
 from servelm.errors import ContextWindowExceeded, InvalidRequest, NotEnoughCredits, ServelmError
 
@@ -372,3 +373,42 @@ def money_headers(call: Call) -> dict[str, str]:
         "x-remaining-credits": format_credits(call.settlement.balance),
         "x-cost": format_credits(call.settlement.charged),
     }
+
+
+def usage_of(call: Call) -> dict[str, Any]:
+    """The usage a client is told: the tokens billed and, where money moved, what it
+    cost and what is left."""
+    extra: dict[str, Any] = {}
+    if call.settlement is not None:
+        # JSON numbers, as clients that read OpenRouter's usage.cost expect;
+        # the exact decimals are in x-cost / x-remaining-credits and the ledger.
+        extra["cost"] = credits_number(call.settlement.charged)
+        extra["remaining_credits"] = credits_number(call.settlement.balance)
+    return usage_body(
+        call.prompt_tokens,
+        call.completion_tokens,
+        prompt_tokens_details={"cached_tokens": cached_tokens(call.usage)},
+        completion_tokens_details={
+            "reasoning_tokens": 0,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        },
+        **extra,
+    )
+
+
+async def tell_balance(billing: Billing | None, exc: ServelmError, principal: Principal) -> None:
+    """An error after authentication carries ``x-remaining-credits`` too."""
+    if billing is None or "x-remaining-credits" in exc.headers or not principal.owns_account:
+        return
+    # A refused hold already knows the balance: no second query.
+    balance = getattr(exc, "balance", None)
+    if balance is None:
+        try:
+            balance = await billing.balance(principal.account_id)
+        except Exception:
+            # The error the client is owed matters more than the header.
+            log.warning("could not read the balance for an error response", exc_info=True)
+            return
+    exc.headers["x-remaining-credits"] = format_credits(balance)

@@ -27,11 +27,7 @@ from servelm.auth.keys import (
     WorkerKey,
     check_model_rights,
 )
-from servelm.billing.money import (
-    credits_number,
-    format_credits,
-    not_enough,
-)
+from servelm.billing.money import format_credits, not_enough
 from servelm.billing.service import Billing
 from servelm.catalog.specs import Catalog, ModelSpec
 from servelm.chat import charging
@@ -41,13 +37,11 @@ from servelm.chat.calls import (
     ChatExchange,
     JsonReply,
     StreamReply,
-    no_images_hint,
-    no_images_message,
+    check_capabilities,
 )
 from servelm.chat.charging import (
     bill_what_was_sent,
     billed_prompt,
-    cached_tokens,
     charge,
     count_prompt,
     count_prompt_late,
@@ -55,6 +49,8 @@ from servelm.chat.charging import (
     money_headers,
     settle_usage,
     tally,
+    tell_balance,
+    usage_of,
 )
 from servelm.chat.conversation import engine_body, fit_conversation
 from servelm.chat.input_limits import check_logit_bias_vocabulary, check_prompt_size, check_request
@@ -148,7 +144,7 @@ class ChatService:
                     return reshape(wire, await self._answer(ex, raw, request, principal))
             return await self._answer(ex, raw, self.parse(raw), principal)
         except ServelmError as exc:
-            await self._tell_balance(exc, principal)
+            await tell_balance(self._billing, exc, principal)
             if self.limiter is not None:
                 await self.limiter.peek(principal)
             raise
@@ -247,15 +243,9 @@ class ChatService:
         if balance < least:
             raise not_enough(balance, least, at_least=not request.has_images())
 
-    def refuse_images(self, spec: ModelSpec) -> None:
-        """The user learns which models here see images; the operator, in the log,
-        what would make this one see."""
-        seeing = [s.slug for s in self.catalog if s.vision and self.models.servable(s.slug)]
-        if spec.slug not in self.told_no_images:  # once per model, not once per request
-            self.told_no_images.add(spec.slug)
-            hint = no_images_hint(spec)
-            log.warning("model %s was sent images and takes none; %s", spec.slug, hint)
-        raise InvalidRequest(no_images_message(spec, seeing), param="messages")
+    def _seeing(self) -> list[str]:
+        """The models here that take images, for the refusal of images elsewhere."""
+        return [s.slug for s in self.catalog if s.vision and self.models.servable(s.slug)]
 
     async def prepare(
         self, request_id: str, request: ChatRequest, spec: ModelSpec, engine: Engine
@@ -263,16 +253,7 @@ class ChatService:
         """Images inlined and checked, the conversation fitted to the model, the prompt
         counted (exactly where the engine can, and under ``prompt_count = "auto"`` only
         where its upper bound would decide something) and the output limit decided."""
-        if request.has_images() and not spec.vision:
-            self.refuse_images(spec)
-        if request.tools and not spec.tools:
-            raise InvalidRequest(f"Model '{spec.slug}' does not support tools.", param="tools")
-        fmt = request.response_format
-        if fmt is not None and fmt.type != "text" and not spec.structured_output:
-            raise InvalidRequest(
-                f"Model '{spec.slug}' does not support structured output ({fmt.type}).",
-                param="response_format",
-            )
+        check_capabilities(request, spec, self._seeing, self.told_no_images)
         # A prompt too big for the window by its bytes alone is refused
         # before seconds of CPU go into tokenizing it.
         check_prompt_size(request, spec)
@@ -332,7 +313,7 @@ class ChatService:
             call.share = (principal.account_id, call.spec.slug)
 
     async def json_reply(self, call: Call) -> JsonReply:
-        body = await assemble_completion(call, self.generate(call), self.usage)
+        body = await assemble_completion(call, self.generate(call), usage_of)
         # A worker's call owns no account: nothing was held or settled, no money to tell.
         return JsonReply(200, body, money_headers(call) if call.settlement is not None else {})
 
@@ -340,7 +321,7 @@ class ChatService:
         """``count_first``: the caller is a gateway relaying this stream (it owns no
         account here), told the prompt's count with the first chunk, so that a stream
         cut before the last one still bills it (``charging.settle_usage``)."""
-        chunks = reorder_stream(call, self.generate(call), self.usage)
+        chunks = reorder_stream(call, self.generate(call), usage_of)
         try:
             first = await anext(chunks)
         except BaseException:
@@ -472,27 +453,7 @@ class ChatService:
             outcome=call.status,
         )
 
-    def usage(self, call: Call) -> dict[str, Any]:
-        extra: dict[str, Any] = {}
-        if call.settlement is not None:
-            # JSON numbers, as clients that read OpenRouter's usage.cost expect;
-            # the exact decimals are in x-cost / x-remaining-credits and the ledger.
-            extra["cost"] = credits_number(call.settlement.charged)
-            extra["remaining_credits"] = credits_number(call.settlement.balance)
-        return usage_body(
-            call.prompt_tokens,
-            call.completion_tokens,
-            prompt_tokens_details={"cached_tokens": cached_tokens(call.usage)},
-            completion_tokens_details={
-                "reasoning_tokens": 0,
-                "audio_tokens": 0,
-                "accepted_prediction_tokens": 0,
-                "rejected_prediction_tokens": 0,
-            },
-            **extra,
-        )
-
-    # -- idempotency and the balance on errors ----------------------------------------
+    # -- idempotency -------------------------------------------------------------------
 
     async def _idempotent(
         self,
@@ -530,6 +491,7 @@ class ChatService:
             call.lease = lease
             await self.check_rate_limit(call, principal)
             await self.hold_credits(call, principal)
+            await self.share_of_slots(call, principal)
             reply = await self.json_reply(call)
         except BaseException:
             await billing.idempotency_abort(account, key)
@@ -537,17 +499,3 @@ class ChatService:
         assert call.settlement is not None
         await billing.idempotency_finish(account, key, 200, reply.body, call.settlement.charged)
         return reply
-
-    async def _tell_balance(self, exc: ServelmError, principal: Principal) -> None:
-        if "x-remaining-credits" in exc.headers or not principal.owns_account:
-            return
-        # A refused hold already knows the balance: no second query.
-        balance = getattr(exc, "balance", None)
-        if balance is None:
-            try:
-                balance = await self.billing.balance(principal.account_id)
-            except Exception:
-                # The error the client is owed matters more than the header.
-                log.warning("could not read the balance for an error response", exc_info=True)
-                return
-        exc.headers["x-remaining-credits"] = format_credits(balance)

@@ -22,7 +22,7 @@ from servelm.auth.keys import Principal, check_model_rights
 from servelm.billing.holds import Settlement
 from servelm.chat.answers import Completion
 from servelm.chat.calls import Call, ChatExchange
-from servelm.chat.charging import count_prompt
+from servelm.chat.charging import count_prompt, tell_balance, usage_of
 from servelm.chat.protocol import ChatRequest
 from servelm.chat.serving import ChatService
 from servelm.errors import InvalidRequest, ServelmError
@@ -67,7 +67,7 @@ async def submit(
         await chat.hold_credits(call, principal)
         return principal, call, raw
     except ServelmError as exc:
-        await chat._tell_balance(exc, principal)
+        await tell_balance(chat.billing, exc, principal)
         raise
 
 
@@ -109,7 +109,7 @@ async def run(
 
     def settled(tx: Tx, settlement: Settlement) -> None:
         call.settlement = settlement
-        record(tx, call, completion.body(chat.usage(call)))
+        record(tx, call, completion.body(usage_of(call)))
 
     call.record = settled
     try:
