@@ -62,8 +62,18 @@ class TextFormatter(logging.Formatter):
         return f"{t}.{int(record.msecs):03d}"
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to ``sys.stderr`` as it is when a line is written, not as it was at
+    set-up: where stderr is swapped later (pytest's capture, a daemonising wrapper),
+    lines go to the current one instead of a closed file."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def setup(level: str = "info", json_lines: bool = False) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.addFilter(_RequestIdFilter())
     handler.setFormatter(JSONFormatter() if json_lines else TextFormatter())
     root = logging.getLogger()
