@@ -40,7 +40,16 @@ def on_loop(live: LiveServer, coro: Any) -> Any:
 
 
 def engine(live: LiveServer, slug: str) -> LlamaCppEngine:
-    eng = services(live.app).engines[slug]
+    """The model's engine, loaded first if no request has loaded it yet (models load
+    on demand, and which test of a worker's share comes first is not fixed)."""
+    svc = services(live.app)
+
+    async def load() -> None:  # a lease is released on the loop it was taken on
+        (await svc.models.acquire(svc.catalog.resolve(slug))).release()
+
+    if slug not in svc.engines:
+        on_loop(live, load())
+    eng = svc.engines[slug]
     assert isinstance(eng, LlamaCppEngine)
     return eng
 
