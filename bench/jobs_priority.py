@@ -128,11 +128,17 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16, help="per interactive request")
     ap.add_argument("--threads", default="2")
     ap.add_argument("--sync", default="1,2,4,8", help="concurrencies of the synchronous sends")
+    ap.add_argument("--slots", default="4")
+    ap.add_argument("--jobs-concurrency", default="0", help="0: the default (half the slots)")
     ap.add_argument("--out", default=str(RESULTS / "jobs_priority.json"))
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp())
     env = procs.gateway_env(
-        tmp / "data", default_data_dir() / "models", SERVELM_THREADS=args.threads
+        tmp / "data",
+        default_data_dir() / "models",
+        SERVELM_THREADS=args.threads,
+        SERVELM_SLOTS=args.slots,
+        SERVELM_JOBS_CONCURRENCY=args.jobs_concurrency,
     )
     (gw,) = procs.start(env, tmp / "logs")
     try:
