@@ -219,6 +219,61 @@ def test_operator_grants_and_revokes_and_the_user_sees_it(
         operator.close()
 
 
+def test_the_account_page_lists_async_requests_and_batches(page: Any, console: LiveServer) -> None:
+    key = provision(console.db, "queued-user", 5)
+    api = httpx.Client(base_url=console.base_url, headers={"x-api-key": key}, timeout=60)
+    ask = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    sub = api.post(f"/v2/{PACED}", json=ask).json()
+    lines = [
+        {
+            "custom_id": "ok",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"model": PACED, **ask},
+        },
+        {
+            "custom_id": "bad",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"model": PACED, "messages": [{"role": "wizard", "content": "x"}]},
+        },
+    ]
+    data = "".join(json.dumps(line) + "\n" for line in lines)
+    f = api.post("/v1/files", data={"purpose": "batch"}, files={"file": ("b.jsonl", data)})
+    batch = api.post(
+        "/v1/batches",
+        json={
+            "input_file_id": f.json()["id"],
+            "endpoint": "/v1/chat/completions",
+            "completion_window": "24h",
+        },
+    ).json()
+    deadline = time.monotonic() + 60
+    while True:
+        status = api.get(sub["status_url"]).json()
+        done = api.get(f"/v1/batches/{batch['id']}").json()
+        if status["status"] == "COMPLETED" and done["status"] == "completed":
+            break
+        assert time.monotonic() < deadline, (status, done)
+        time.sleep(0.1)
+    sign_in(page, console, key)
+    rows = page.locator("#jobs tbody tr")
+    expect(rows).to_have_count(2)
+    req = page.locator(f'#jobs tr[data-job-id="{sub["request_id"]}"]')
+    assert req.locator(".status").inner_text() == "COMPLETED"
+    assert req.locator(".cost").inner_text() == status["cost"]
+    assert Decimal(status["cost"]) > 0
+    row = page.locator(f'#jobs tr[data-job-id="{batch["id"]}"]')
+    assert row.locator(".status").inner_text() == "completed"
+    counts = [row.locator(c).inner_text() for c in (".done", ".failed", ".total")]
+    assert counts == ["1", "1", "2"]
+    assert row.locator(".cost").inner_text() == done["cost"]
+    assert Decimal(done["cost"]) > 0
+    # What the page says is what the account paid: its grant less its balance.
+    paid = Decimal(5) - Decimal(api.get("/v1/credits").json()["credits"])
+    assert paid == Decimal(status["cost"]) + Decimal(done["cost"])
+
+
 def test_hostile_text_stays_text(page: Any, browser: Any, console: LiveServer) -> None:
     # An account name with markup, created through the operator console itself.
     name = '<img src=x id="name-xss" onerror="alert(3)">'

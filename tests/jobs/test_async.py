@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
@@ -11,9 +13,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import select
 
+from servelm.api.services import services
 from servelm.billing.money import MICRO
 from servelm.jobs.webhooks import verify
+from servelm.store.tables import holds
 from tests.conftest import LiveServer, provision
 from tests.jobs.conftest import SLUG, Receiver, jobs_server, ledger_clean, poll
 
@@ -119,6 +124,81 @@ def test_private_webhook_url_is_refused_at_submission(client: httpx.Client) -> N
         assert r.status_code == 400, url
         assert "webhook" in r.json()["error"].lower()
     assert balance(client) == before  # nothing held
+
+
+# SmolLM2's <|endoftext|>, <|im_start|> and <|im_end|>: banned, a stream runs to
+# max_tokens, holding its slot while the test looks.
+NO_END = {"0": -100, "1": -100, "2": -100}
+
+
+def open_hold(live: LiveServer, request_id: str) -> bool:
+    with live.db.read() as conn:
+        row = conn.execute(
+            select(holds.c.settled_at).where(holds.c.request_id == request_id)
+        ).first()
+    assert row is not None, f"no hold for {request_id}"
+    return row.settled_at is None
+
+
+def test_the_owner_cancels_a_queued_request_and_gets_its_hold_back(
+    jobs_live: LiveServer,
+) -> None:
+    key = provision(jobs_live.db, "cancel-owner", 1)
+    owner = httpx.Client(base_url=jobs_live.base_url, headers={"x-api-key": key}, timeout=60)
+    start = balance(owner)
+    engine = services(jobs_live.app).engines
+    with contextlib.ExitStack() as streams:
+        # Every slot taken by a live stream (a key each: one key holds all but one):
+        # queued work is not claimed while live traffic uses the slots.
+        for n in range(jobs_live.settings.slots):
+            live_key = provision(jobs_live.db, f"cancel-live{n}", 1)
+            stream = streams.enter_context(
+                httpx.stream(
+                    "POST",
+                    f"{jobs_live.v1}/chat/completions",
+                    json={
+                        **body(n),
+                        "model": SLUG,
+                        "max_tokens": 400,
+                        "stream": True,
+                        "logit_bias": NO_END,
+                    },
+                    headers={"x-api-key": live_key},
+                    timeout=60,
+                )
+            )
+            assert stream.status_code == 200
+        deadline = time.monotonic() + 120
+        while engine[SLUG].stats.running < jobs_live.settings.slots:
+            assert time.monotonic() < deadline, "the live streams never took every slot"
+            time.sleep(0.02)
+        sub = owner.post(f"/v2/{SLUG}", json=body(5)).json()
+        rid = sub["request_id"]
+        assert balance(owner) < start and open_hold(jobs_live, rid)  # held at submission
+        assert owner.get(sub["status_url"]).json()["status"] == "QUEUED"
+        # Another account's key does not see it.
+        other = httpx.post(
+            f"{jobs_live.base_url}/v2/requests/{rid}/cancel", headers=jobs_live.headers()
+        )
+        assert other.status_code == 404
+        cancelled = owner.post(f"/v2/requests/{rid}/cancel")
+        assert cancelled.status_code == 200, cancelled.text
+        assert cancelled.json()["status"] == "CANCELLED"
+        # Again: the same answer, nothing released twice.
+        assert owner.post(f"/v2/requests/{rid}/cancel").json()["status"] == "CANCELLED"
+    assert balance(owner) == start  # the hold released exactly
+    assert not open_hold(jobs_live, rid)
+    assert owner.get(sub["status_url"]).json()["status"] == "CANCELLED"
+    gone = owner.get(sub["response_url"])
+    assert gone.status_code == 410 and "cancelled by its owner" in gone.json()["error"]
+    # A request that has finished cannot be cancelled; it paid what it cost.
+    done = owner.post(f"/v2/{SLUG}", json=body(6)).json()
+    poll(owner, done["status_url"], lambda s: s["status"] == "COMPLETED")
+    late = owner.post(f"/v2/requests/{done['request_id']}/cancel")
+    assert late.status_code == 409 and "cannot be cancelled" in late.json()["error"]
+    cost = Decimal(str(owner.get(done["response_url"]).json()["usage"]["cost"]))
+    assert start - balance(owner) == int(cost * MICRO) > 0
+    assert owner.post("/v2/requests/req_nothing/cancel").status_code == 404
 
 
 def test_ledger_stays_clean(jobs_live: LiveServer) -> None:

@@ -61,6 +61,15 @@ async def request_status(
     return await _jobs(request).request_status(principal, request_id)
 
 
+@router.post("/v2/requests/{request_id}/cancel", tags=["async"])
+async def cancel_request(
+    request_id: str, request: Request, principal: Principal = Depends(caller)
+) -> dict[str, Any]:
+    """Cancel an async request that has not started: its status becomes CANCELLED and
+    its hold is released in full; 409 once it is PROCESSING or finished."""
+    return await _jobs(request).cancel_request(principal, request_id)
+
+
 @router.get("/v2/requests/{request_id}", tags=["async"])
 async def request_result(
     request_id: str, request: Request, principal: Principal = Depends(caller)

@@ -52,6 +52,9 @@ class Plan(BaseModel):
     rpm: int | None = Field(default=None, ge=0)
     tpm: int | None = Field(default=None, ge=0)
     concurrency: int | None = Field(default=None, ge=0)
+    # Tokens per window of queued work (async requests and batch lines), counted apart
+    # from ``tpm``: queued work never uses the interactive budget. None: not limited.
+    batch_tpm: int | None = Field(default=None, ge=0)
     # Slots of one model an account may hold at once (servelm.engines.base.SlotShares);
     # None: all but one, so that one account never holds every slot.
     slots: int | None = Field(default=None, ge=1)

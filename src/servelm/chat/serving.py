@@ -288,6 +288,15 @@ class ChatService:
             await count_prompt(call)
         call.limit = await self.limiter.acquire(principal, call.prompt_tokens + call.max_tokens)
 
+    async def queued_rate_limit(self, call: Call, principal: Principal) -> None:
+        """Queued work's tokens (prompt + max output, the unused part refunded at
+        settlement) against the account's ``batch_tpm``, apart from the interactive
+        limits: waits for room; 429 only for a line larger than the whole budget."""
+        if self.limiter is None:
+            return
+        tokens = call.prompt_tokens + call.max_tokens
+        call.limit = await self.limiter.acquire_queued(principal, tokens)
+
     async def hold_credits(self, call: Call, principal: Principal) -> None:
         """The hold ``charging.hold`` decides. A refused hold gives its rate
         reservation back. A caller that owns no account holds nothing (and so is

@@ -21,6 +21,8 @@ from servelm.billing.money import format_credits
 from servelm.catalog.specs import ModelSpec
 from servelm.console import account_keys, docs, session, web
 from servelm.errors import AuthenticationError, NotFound, RateLimited
+from servelm.jobs import store as jobs_store
+from servelm.jobs import views as jobs_views
 from servelm.ratelimit.guesses import Guesses
 from servelm.ratelimit.policy import account_plan
 from servelm.ratelimit.records import get_plan
@@ -174,6 +176,7 @@ async def account(request: Request) -> Response:
     key_rows = await db.run(accounts.list_keys, db, principal.account_id)
     last_used = await db.run(audit.keys_last_used, db, principal.account_id)
     plan_name = await db.run(get_plan, db, principal.account_id)
+    queued = await db.run(jobs_store.list_jobs, db, account_id=principal.account_id, limit=20)
 
     parts = services(request)
     grantable = [
@@ -189,6 +192,7 @@ async def account(request: Request) -> Response:
         chart=usage_chart(rows),
         by_model=usage_by_day_model(rows),
         recent=recent,
+        jobs=[jobs_views.console_row(j) for j in queued],
         keys=key_rows,
         last_used=last_used,
         key_usage=account_keys.usage_per_key(rows),

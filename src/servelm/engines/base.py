@@ -66,6 +66,10 @@ class Admission:
                 retry_after=1,
             )
 
+    def has_room(self) -> bool:
+        """A request arriving now would run at once: a slot is free and nobody waits."""
+        return not self._sem.locked() and self._stats.waiting == 0
+
     async def __aenter__(self) -> None:
         if self._sem.locked():
             self.check()
@@ -151,6 +155,11 @@ class Engine(abc.ABC):
         the counts it skips are work the saturated engine would have had to do."""
         if self._admission is not None:
             self._admission.check()
+
+    def has_room(self) -> bool:
+        """Whether a request arriving now would take a slot at once (queued work runs
+        only then, so it never waits in the slots' queue ahead of a live request)."""
+        return self._admission is None or self._admission.has_room()
 
     @abc.abstractmethod
     async def start(self) -> None:

@@ -274,16 +274,35 @@ def cancel(db: Database, job_id: str) -> dict[str, Any]:
     job = get_job(db, job_id)
     if job["kind"] == "batch":
         return cancel_batch(db, job_id, None)
+    return cancel_async_request(db, job_id, None)
+
+
+def cancel_async_request(db: Database, job_id: str, account_id: int | None) -> dict[str, Any]:
+    """An async request cancelled before it starts: its hold from submission released
+    in full in the transaction that ends its line (409 once it has started: it runs to
+    its end and settles as usual). Cancelling a cancelled request changes nothing."""
+    job = get_job(db, job_id, account_id)
+    if job["kind"] != "async":
+        raise NotFound(f"No request {job_id}.")
+    by = "an operator" if account_id is None else "its owner"
     if job["status"] == "queued":
         try:
             settle_with(
-                db, job_id, lambda tx, _s: cancel_async(tx, job_id), charge=0, status="cancelled"
+                db,
+                job_id,
+                lambda tx, _s: cancel_async(tx, job_id, by),
+                charge=0,
+                status="cancelled",
             )
         except Superseded:
             started = f"Request {job_id} has started; it can no longer be cancelled."
             raise Conflict(started) from None
         finalize(db, job_id)
-    return get_job(db, job_id)
+    elif job["status"] not in ("cancelling", "cancelled"):
+        raise Conflict(
+            f"Request {job_id} has {job['status'].replace('_', ' ')}; it cannot be cancelled."
+        )
+    return get_job(db, job_id, account_id)
 
 
 def cancel_batch(db: Database, job_id: str, account_id: int | None) -> dict[str, Any]:
@@ -385,9 +404,9 @@ def expire_async(tx: Tx, job_id: str) -> None:
     _end_unstarted(tx, job_id, "expired", 408, "The request was not run in time.")
 
 
-def cancel_async(tx: Tx, job_id: str) -> None:
+def cancel_async(tx: Tx, job_id: str, by: str = "an operator") -> None:
     tx.execute(_CANCEL_JOB, {"job_id": job_id})
-    _end_unstarted(tx, job_id, "cancelled", 499, "The request was cancelled by an operator.")
+    _end_unstarted(tx, job_id, "cancelled", 499, f"The request was cancelled by {by}.")
 
 
 # -- webhooks --------------------------------------------------------------------------

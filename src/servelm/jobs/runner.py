@@ -2,10 +2,10 @@
 sends webhooks, and keeps leases, expiries and metrics up to date.
 
 Interactive first: a process runs at most ``jobs_concurrency`` lines at once (by
-default half its slots), and claims no new line while any engine has live requests
-waiting for a slot, so queued work fills the capacity live traffic leaves and a
-burst of live requests is never queued behind a batch for more than the lines
-already running.
+default half its slots), and claims a new line only while every loaded engine has a
+free slot and nobody waiting for one, so queued work fills the capacity live traffic
+leaves, a claimed line never queues for a slot ahead of a live request, and a burst
+of live requests waits behind a batch for at most the lines already running.
 """
 
 from __future__ import annotations
@@ -101,8 +101,8 @@ class Runner:
 
     # -- running lines -------------------------------------------------------------------
 
-    def _interactive_waiting(self) -> bool:
-        return any(e.stats.waiting > 0 for e in self.chat.engines.values())
+    def _interactive_busy(self) -> bool:
+        return not all(e.has_room() for e in self.chat.engines.values())
 
     async def _idle(self) -> None:
         self._wake.clear()
@@ -113,7 +113,7 @@ class Runner:
     async def _work(self) -> None:
         while True:
             try:
-                if self.draining() or self._interactive_waiting():
+                if self.draining() or self._interactive_busy():
                     await asyncio.sleep(self.poll)
                     continue
                 lines = await self.billing.run(queue.claim, self.db, self.owner, self.lease, 1)

@@ -120,10 +120,22 @@ class Jobs:
     ) -> tuple[int, dict[str, Any] | None, dict[str, Any]]:
         """(status code, the answer or its error, the status) of an async request."""
         job = await self._async_job(principal, job_id)
-        if job["status"] not in ("completed", "failed", "expired"):
+        if job["status"] not in ("completed", "failed", "expired", "cancelled"):
             return 202, None, views.async_status(job)
         line = await self.billing.run(store.first_line, self.db, job_id)
-        return int(line["status_code"] or 500), json.loads(line["result"]), views.async_status(job)
+        # A cancelled request's answer is gone for good (its line's 499 is the log's).
+        code = 410 if job["status"] == "cancelled" else int(line["status_code"] or 500)
+        return code, json.loads(line["result"]), views.async_status(job)
+
+    async def cancel_request(self, principal: Principal, job_id: str) -> dict[str, Any]:
+        """The owner's cancel of an async request that has not started (409 after)."""
+        try:
+            job = await self.billing.run(
+                queue.cancel_async_request, self.db, job_id, principal.account_id
+            )
+        except NotFound:
+            raise NotFound(f"No request {job_id}.") from None
+        return views.async_status(job)
 
     async def _async_job(self, principal: Principal, job_id: str) -> dict[str, Any]:
         try:

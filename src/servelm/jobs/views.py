@@ -126,3 +126,21 @@ def event(job: dict[str, Any]) -> dict[str, Any]:
         "created_at": ts(job["finished_at"]),
         "data": data,
     }
+
+
+def console_row(job: dict[str, Any]) -> dict[str, Any]:
+    """A job as the account console lists it: the status its own API says (Segmind's
+    for an async request, OpenAI's for a batch), its lines and its cost so far."""
+    is_async = job["kind"] == "async"
+    return {
+        "id": job["id"],
+        "kind": "async request" if is_async else "batch",
+        "model": job["model"] or "",
+        "key": job["key_public"],
+        "status": SEGMIND_STATUS[job["status"]] if is_async else job["status"],
+        "total": job["total"],
+        "completed": job["completed"],
+        "failed": job["failed"],
+        "cost": job["cost"],
+        "created_at": job["created_at"],
+    }

@@ -95,12 +95,14 @@ async def run(
         call = await chat.prepare(hold_id, request, priced, lease.engine)
         if call.count_deferred:
             await count_prompt(call)
-        if held_max_tokens is None:
-            await chat.hold_credits(call, principal)
-        else:
+        if held_max_tokens is not None:
             # Held at submission for exactly this output limit.
             call.max_tokens = call.body["max_tokens"] = held_max_tokens
             call.held_balance = 0
+        # The line stays claimed (its lease renewed) while it waits for batch_tpm.
+        await chat.queued_rate_limit(call, principal)
+        if held_max_tokens is None:
+            await chat.hold_credits(call, principal)
     except BaseException:
         lease.release()
         raise

@@ -132,6 +132,11 @@ class Limiter:
             ["scope", "reason"],
             registry=registry,
         )
+        self.queued_waits = Counter(
+            "servelm_ratelimit_queued_waits",
+            "Times a queued line waited for room in its account's batch_tpm.",
+            registry=registry,
+        )
         self.fallbacks = Counter(
             "servelm_ratelimit_fallbacks",
             "Rate-limit checks or settlements Redis did not answer (fail-open: decided "
@@ -197,6 +202,27 @@ class Limiter:
             if self._keeper is None or self._keeper.done():
                 self._keeper = asyncio.get_running_loop().create_task(self._keep_leases())
         return res
+
+    async def acquire_queued(self, principal: Caller, tokens: int) -> Reservation:
+        """Admit a queued line (async request or batch line) against its account's
+        ``batch_tpm``, waiting for room instead of refusing: queued work has no client
+        to retry it. ``RateLimited`` only for a line larger than the whole budget."""
+        policy = await self.policy(principal)
+        queued = Policy((policy.batch,)) if policy.batch is not None else Policy(())
+        while True:
+            rid = uuid.uuid4().hex
+            if queued.unlimited:
+                return Reservation(self, rid, queued, "memory", tokens)
+            decision, store = await self._decide(rid, tokens, queued)
+            if decision.allowed:
+                return Reservation(self, rid, queued, store, tokens)
+            if decision.reason == "tokens_too_large":
+                self.refusals.labels("batch", decision.reason).inc()
+                raise RateLimited(_message(decision))
+            self.queued_waits.inc()
+            await asyncio.sleep(
+                max(0.05, min(decision.retry_after, queued.scopes[0].window_ms / 1000))
+            )
 
     async def peek(self, principal: Caller) -> None:
         """The rate-limit headers for a response the limit step never decided (an
@@ -306,7 +332,9 @@ class Limiter:
 
 
 def _message(d: Decision) -> str:
-    whose = "this API key" if d.scope.startswith("k:") else "this account"
+    whose = {"k": "this API key", "b": "this account's queued work"}.get(
+        d.scope[:1], "this account"
+    )
     window = next((s.scope.window_ms for s in d.states if s.scope.name == d.scope), 60_000)
     per = "minute" if window == 60_000 else f"{window / 1000:g} s"
     if d.reason == "tokens_too_large":

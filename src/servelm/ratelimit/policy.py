@@ -5,6 +5,8 @@ An account has a plan (``[plans.<name>]`` in the models file; an account without
 gets the plan named ``default`` if there is one). The plan limits the account as a
 whole; a key's own ``rpm`` / ``tpm`` / ``concurrency`` limit that key on top, so
 several keys of one account share the account's plan and each stays within its own.
+Queued work (async requests, batch lines) is counted apart, against the plan's
+``batch_tpm`` for the account (scope ``b:<account id>``), never against ``tpm``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ class Scope:
 class Policy:
     scopes: tuple[Scope, ...]
     slots: int | None = None  # the plan's share of a model's slots (None: the default)
+    # Queued work's own token budget (the plan's ``batch_tpm``), per account.
+    batch: Scope | None = None
 
     @property
     def unlimited(self) -> bool:
@@ -87,7 +91,10 @@ def build_policy(key_pk: int, limits: KeyLimits | None, plans: dict[str, Plan]) 
         scopes.append(
             Scope(f"a:{limits.account_id}", plan.rpm, plan.tpm, plan.concurrency, window_ms)
         )
-    return Policy(tuple(scopes), slots)
+    batch = None
+    if plan.batch_tpm is not None:
+        batch = Scope(f"b:{limits.account_id}", None, plan.batch_tpm, None, window_ms)
+    return Policy(tuple(scopes), slots, batch)
 
 
 def check_plan(plan: str | None, plans: dict[str, Plan]) -> None:
