@@ -1,7 +1,8 @@
-"""Issue 24, acceptance 2: a long prompt (~4,000 tokens in the issue, ~2,500 here) abandoned after its first token pays
-its prompt tokens, within ±1 % of the engine's own count, for every kind of remote
-engine; and an upstream that never reports usage pays the prompt's upper bound from
-its bytes (never 0, never less than the engine's count).
+"""Issue 24, acceptance 2: a long prompt (~4,000 tokens in the issue, ~2,500 here)
+abandoned after its first token pays its prompt tokens, within ±1 % of the engine's
+own count, for every kind of remote engine; and an upstream that never reports usage
+pays the prompt's upper bound from its bytes (never 0, never less than the engine's
+count).
 
 Real processes: one llama.cpp server (``servelm.testing.llama_server``), a ``servelm
 worker``, and ``servelm.testing.shaped_upstream`` in front of the llama.cpp server for
