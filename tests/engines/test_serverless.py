@@ -340,12 +340,16 @@ def test_a_model_that_can_never_fit_is_refused_at_start_up(
         asyncio.run(ModelPool(Catalog([spec]), settings).start())
 
 
+@pytest.mark.parametrize("prompt_count", ["auto", "exact"])
 def test_under_workers_the_engine_process_loads_on_demand_within_the_budget(
-    tmp_path: Path, models_dir: Path, seed_models: dict[str, Path]
+    tmp_path: Path, models_dir: Path, seed_models: dict[str, Path], prompt_count: str
 ) -> None:
     """``serve --workers 2`` with two models and a budget for one: the engine process
     owns the pool, so whichever worker takes a request, the model loads there once and
-    the other is evicted."""
+    the other is evicted. Each cold request says so to its client, through the worker
+    hop: in the header and in the worker's access line. Under ``prompt_count = "exact"``
+    the worker asks the engine process for the prompt's count first, and the load is
+    paid in that call; under "auto" (plain text) in the chat call itself."""
     import uuid
 
     from servelm.store.db import Database
@@ -368,28 +372,53 @@ def test_under_workers_the_engine_process_loads_on_demand_within_the_budget(
         SERVELM_REDIS_URL="redis://127.0.0.1:6379/0",
         SERVELM_REDIS_PREFIX=f"t{uuid.uuid4().hex[:8]}",
         SERVELM_MODEL_MEMORY="60000000",  # one tiny model (~42 MB), not two
+        SERVELM_PROMPT_COUNT=prompt_count,
+        SERVELM_LOG_JSON="true",
     )
     (gw,) = procs.start(env, tmp_path / "logs", 1, "--workers", "2")
+    cold: list[str | None] = []
+    codes: list[int] = []
+    ids: list[str] = []
     try:
         db = Database(db_url)
         key = provision(db, "w", 100)
         db.dispose()
-        codes = []
-        for slug in ("a", "b", "a", "b"):
-            r = httpx.post(
+        # a, b, a, b: each one cold (the other evicted it); then b once more, warm.
+        for slug, stream in (("a", False), ("b", True), ("a", True), ("b", False), ("b", True)):
+            body = {
+                "model": slug,
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 4,
+                "stream": stream,
+            }
+            with httpx.stream(
+                "POST",
                 f"{gw.base_url}/v1/chat/completions",
                 headers={"x-api-key": key},
-                json={
-                    "model": slug,
-                    "messages": [{"role": "user", "content": "hi"}],
-                    "max_tokens": 4,
-                },
+                json=body,
                 timeout=120,
-            )
-            codes.append(r.status_code)
+            ) as r:
+                r.read()
+                codes.append(r.status_code)
+                cold.append(r.headers.get("x-servelm-cold-start-ms"))
+                ids.append(r.headers["x-request-id"])
     finally:
         gw.stop()
-    assert codes == [200] * 4, codes
+    assert codes == [200] * 5, codes
+    assert all(ms is not None and int(ms) >= 0 for ms in cold[:4]), cold
+    assert cold[4] is None, cold
     log = gw.log.read_text()
     assert log.count("model a loaded") == 2 and log.count("model b loaded") == 2, log
     assert log.count("unloaded (evicted)") == 3, log
+    # The worker's access line (the one with the account: the engine process's caller
+    # owns none) carries the same field.
+    access = {}
+    for line in log.splitlines():
+        if not line.startswith("{"):
+            continue
+        entry = json.loads(line)
+        if entry.get("logger") == "servelm.access" and "account_id" in entry:
+            access[entry["request_id"]] = entry
+    assert [access[i].get("cold_start_ms") for i in ids] == [
+        int(ms) if ms is not None else None for ms in cold
+    ], [access.get(i) for i in ids]
