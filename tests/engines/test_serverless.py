@@ -138,6 +138,35 @@ def test_models_list_says_which_models_are_loaded(
     assert "loaded" in rows["a"] and "ready, unloaded" in rows[IDLE], listed.stdout
 
 
+def test_console_pages_show_each_models_state_memory_and_the_budget(
+    pool_server: tuple[LiveServer, int],
+) -> None:
+    """The operator's page: each model's state, estimated memory and keep-alive, and
+    what the loaded ones take of the budget; the public model page: whether the model
+    is loaded or loads at its next request."""
+    from tests.console.conftest import operator_client
+
+    srv, each = pool_server
+    assert states(srv)["a"] == "loaded" and states(srv)["b"] == "unloaded"
+    mib = 1 << 20
+    op = operator_client(srv)
+    try:
+        page = op.get("/operator").text
+    finally:
+        op.close()
+    assert '<tr data-model="a" data-state="loaded">' in page, page
+    assert '<tr data-model="b" data-state="unloaded">' in page
+    assert page.count(f"{each / mib:,.1f} MiB</td>") == 5, page  # a..e, one row each
+    assert f'id="memory-in-use">{each / mib:,.1f} MiB<' in page  # a alone
+    assert f'id="memory-budget-bytes">{each * 5 // 2 / mib:,.1f} MiB<' in page
+    assert 'id="memory-loaded">1<' in page
+    assert "<td>1 s</td>" in page and "<td>600 s</td>" in page  # e's keep-alive, a's
+    loaded = httpx.get(f"{srv.base_url}/models/a", timeout=10).text
+    assert '<td id="model-state">Available: loaded</td>' in loaded
+    cold = httpx.get(f"{srv.base_url}/models/b", timeout=10).text
+    assert "Available: unloaded, loads at its next request" in cold
+
+
 def test_a_budget_for_two_serves_four_models_evicting_the_least_recently_used(
     pool_server: tuple[LiveServer, int],
 ) -> None:

@@ -249,6 +249,16 @@ class ModelPool:
             and (m.engine is not None or (m.state == "loading" and not m.waiting_for_room))
         )
 
+    def usage(self) -> dict[str, int | None]:
+        """The budget and what uses it, for the operator's console and ``/admin``."""
+        loaded = sum(1 for m in list(self._models.values()) if m.local and m.engine is not None)
+        return {
+            "memory_in_use_bytes": self.memory_in_use(),
+            "memory_budget_bytes": self.budget,
+            "loaded": loaded,
+            "max_loaded": self.max_loaded,
+        }
+
     def describe(self, slug: str) -> dict[str, object]:
         """State and memory, for ``/v1/models``, the console and ``servelm models list``."""
         model = self._models.get(slug)
