@@ -299,6 +299,71 @@ def test_a_stream_keeps_going_while_other_models_need_its_memory(
     assert [o.status_code for o in others] == [200, 200], [o.text for o in others]
 
 
+def test_loads_that_need_a_streaming_models_memory_wait_for_its_end_then_succeed(
+    pool_server: tuple[LiveServer, int],
+) -> None:
+    """Issue 27.3, strictly: ``c`` held in flight and a stream on ``d`` fill the budget,
+    so ``a`` and ``b`` can only load into ``d``'s memory. Both are seen waiting for
+    memory while the stream is unfinished; the stream runs to its end, uncut; then
+    both are served (``d`` evicted only once idle)."""
+    srv, _ = pool_server
+    models = pool(srv)
+    held = on_server_loop(srv, models.acquire(services(srv.app).catalog.resolve("c")))
+    body = {
+        "model": "d",
+        "messages": [{"role": "user", "content": "tell me a long story"}],
+        "max_tokens": 1000,
+        "stream": True,
+    }
+    others: dict[str, httpx.Response] = {}
+    order: list[str] = []
+    waited = False
+    finish = None
+    try:
+        with httpx.stream(
+            "POST", f"{srv.v1}/chat/completions", json=body, headers=srv.headers(), timeout=120
+        ) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            for line in lines:
+                if line.startswith("data: {"):
+                    break  # the first chunk: d is generating, its lease held
+
+            def call(slug: str) -> None:
+                others[slug] = ask(srv, slug)
+                order.append(slug)
+
+            starters = [threading.Thread(target=call, args=(s,)) for s in ("a", "b")]
+            for t in starters:
+                t.start()
+            # Both wait for memory (the stream's rest sits unread meanwhile).
+            wait_for(
+                lambda: (
+                    models.describe("a").get("waiting_for_memory") is True
+                    or models.describe("b").get("waiting_for_memory") is True
+                ),
+                "neither a nor b waited for memory",
+            )
+            waited = states(srv)["d"] == "loaded" and not order
+            for line in lines:
+                if not line.startswith("data: {"):
+                    continue
+                event = json.loads(line[6:])
+                assert "error" not in event, event
+                for choice in event["choices"]:
+                    finish = choice.get("finish_reason") or finish
+            order.append("d ended")
+        for t in starters:
+            t.join(120)
+    finally:
+        services(srv.app).loop.call_soon_threadsafe(held.release)
+    assert waited, "a load began before the stream on d ended"
+    assert finish in ("stop", "length"), finish
+    assert order[0] == "d ended", order
+    assert {s: r.status_code for s, r in others.items()} == {"a": 200, "b": 200}, others
+    assert all("x-servelm-cold-start-ms" in r.headers for r in others.values())
+
+
 def test_an_idle_model_unloads_and_gives_its_memory_back(
     pool_server: tuple[LiveServer, int], caplog: pytest.LogCaptureFixture
 ) -> None:

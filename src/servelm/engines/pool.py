@@ -268,6 +268,8 @@ class ModelPool:
         if model.local:
             out["memory_bytes"] = model.footprint
             out["keep_alive"] = model.keep_alive if model.keep_alive is not None else "forever"
+        if model.waiting_for_room:
+            out["waiting_for_memory"] = True  # a load held back by models in use
         if model.error is not None:
             out["last_error"] = model.error
         return out
