@@ -281,6 +281,7 @@ def test_short_deadlines_only_those_requests_get_a_503_saying_they_waited(
             assert status in (200, 504), (status, seen)
             if status == 504:
                 assert "deadline" in json.dumps(seen), seen
+    print(f"\n{len(short)} requests with a short deadline: {len(refused)} answered 503")
     # Most of the short ones found their model unloaded (a budget of two for eight).
     assert refused, results
     ledger_clean(srv)
