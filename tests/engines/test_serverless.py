@@ -516,3 +516,76 @@ def test_under_workers_the_engine_process_loads_on_demand_within_the_budget(
     assert [access[i].get("cold_start_ms") for i in ids] == [
         int(ms) if ms is not None else None for ms in cold
     ], [access.get(i) for i in ids]
+
+
+def test_a_gateway_relays_a_servelm_upstreams_cold_start_and_only_a_servelm_ones(
+    tmp_path: Path, models_dir: Path
+) -> None:
+    """A replica of kind ``servelm`` (a ``servelm worker``, or the engine process of
+    ``serve --workers``) that says it paid a cold start: the gateway's client hears of
+    it in the header (the access line takes the same value: the workers test); the
+    same header from an upstream of another kind is not trusted. (A ``servelm worker``
+    keeps its model loaded and never says so: this upstream stands in for one that
+    did.)"""
+    from servelm.catalog.models_file import load_catalog
+    from servelm.testing.instant_upstream import make_app
+    from tests.servers import serve_in_thread
+
+    inner = make_app()
+
+    async def says_cold(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] == "/health":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b'{"status":"ok"}'})
+            return
+
+        async def with_header(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                headers = [*message.get("headers", []), (b"x-servelm-cold-start-ms", b"417")]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await inner(scope, receive, with_header)
+
+    upstream = serve_in_thread(says_cold)
+    models_file = tmp_path / "servelm.toml"
+    models_file.write_text(
+        "".join(
+            f'[models.{slug}]\nengine = "openai"\nupstream_kind = "{kind}"\n'
+            f'base_url = "http://127.0.0.1:{upstream.port}/v1"\n'
+            "context_window = 4096\nmax_output_tokens = 1024\n\n"
+            for slug, kind in (("behind-servelm", "servelm"), ("behind-openai", "openai"))
+        )
+        + "[models.smollm2-135m-instruct]\nenabled = false\n"
+    )
+    settings = make_settings(tmp_path, models_dir, models_file=models_file)
+    srv = start_server(settings, load_catalog(models_dir, models_file))
+    try:
+        got = {}
+        for slug in ("behind-servelm", "behind-openai"):
+            for stream in (False, True):
+                body = {
+                    "model": slug,
+                    "messages": [{"role": "user", "content": "hi"}],
+                    "max_tokens": 3,
+                    "stream": stream,
+                }
+                with httpx.stream(
+                    "POST",
+                    f"{srv.v1}/chat/completions",
+                    json=body,
+                    headers=srv.headers(),
+                    timeout=60,
+                ) as r:
+                    r.read()
+                    assert r.status_code == 200
+                    got[slug, stream] = r.headers.get("x-servelm-cold-start-ms")
+    finally:
+        srv.stop()
+        upstream.stop()
+    assert got == {
+        ("behind-servelm", False): "417",
+        ("behind-servelm", True): "417",
+        ("behind-openai", False): None,
+        ("behind-openai", True): None,
+    }, got
