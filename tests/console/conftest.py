@@ -127,7 +127,13 @@ def console(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         "\n[plans.default]\nrpm = 1000\nconcurrency = 50\n"
     )
     settings = make_settings(
-        tmp, models_dir, admin_token=ADMIN_TOKEN, key_cache_seconds=1.0, models_file=models_file
+        tmp,
+        models_dir,
+        admin_token=ADMIN_TOKEN,
+        key_cache_seconds=1.0,
+        models_file=models_file,
+        # A budget for the operator page to show (issue 27): room for the default model.
+        model_memory="2G",
     )
     # The first start's "default" account and key, as `servelm serve` makes them.
     db = Database(settings.db_url)

@@ -274,6 +274,39 @@ def test_the_account_page_lists_async_requests_and_batches(page: Any, console: L
     assert paid == Decimal(status["cost"]) + Decimal(done["cost"])
 
 
+def test_operator_sees_each_models_state_memory_and_the_budget(
+    page: Any, console: LiveServer
+) -> None:
+    """Serverless models on the operator's page (issue 27): a local model's state and
+    estimated memory, a remote one's none, and what the loaded ones take of the
+    budget; after a request the default model shows loaded and counted."""
+    served = httpx.post(
+        f"{console.v1}/chat/completions",
+        headers={"x-api-key": console.api_key},
+        json={"model": SMOL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+        timeout=120,
+    )
+    assert served.status_code == 200, served.text
+    footprint = services(console.app).models.describe(SMOL)["memory_bytes"]
+    assert isinstance(footprint, int) and footprint > 0
+    mib = f"{footprint / (1 << 20):,.1f} MiB"
+    page.goto(f"{console.base_url}/operator")
+    page.fill("#admin_token", ADMIN_TOKEN)
+    page.click("#operator-signin")
+    page.wait_for_selector("#models")
+    row = page.locator(f'tr[data-model="{SMOL}"]')
+    expect(row).to_have_attribute("data-state", "loaded")
+    expect(row.locator(".load-state")).to_have_text("loaded")
+    expect(row.locator(".memory")).to_have_text(mib)
+    remote = page.locator(f'tr[data-model="{PACED}"]')
+    expect(remote.locator(".load-state")).to_have_text("remote")
+    expect(page.locator("#memory-in-use")).to_have_text(mib)
+    expect(page.locator("#memory-budget-bytes")).to_have_text("2,048.0 MiB")
+    expect(page.locator("#memory-loaded")).to_have_text("1")
+    page.goto(f"{console.base_url}/models/{SMOL}")
+    expect(page.locator("#model-state")).to_have_text("Available: loaded")
+
+
 def test_hostile_text_stays_text(page: Any, browser: Any, console: LiveServer) -> None:
     # An account name with markup, created through the operator console itself.
     name = '<img src=x id="name-xss" onerror="alert(3)">'

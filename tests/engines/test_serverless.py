@@ -138,6 +138,35 @@ def test_models_list_says_which_models_are_loaded(
     assert "loaded" in rows["a"] and "ready, unloaded" in rows[IDLE], listed.stdout
 
 
+def test_console_pages_show_each_models_state_memory_and_the_budget(
+    pool_server: tuple[LiveServer, int],
+) -> None:
+    """The operator's page: each model's state, estimated memory and keep-alive, and
+    what the loaded ones take of the budget; the public model page: whether the model
+    is loaded or loads at its next request."""
+    from tests.console.conftest import operator_client
+
+    srv, each = pool_server
+    assert states(srv)["a"] == "loaded" and states(srv)["b"] == "unloaded"
+    mib = 1 << 20
+    op = operator_client(srv)
+    try:
+        page = op.get("/operator").text
+    finally:
+        op.close()
+    assert '<tr data-model="a" data-state="loaded">' in page, page
+    assert '<tr data-model="b" data-state="unloaded">' in page
+    assert page.count(f"{each / mib:,.1f} MiB</td>") == 5, page  # a..e, one row each
+    assert f'id="memory-in-use">{each / mib:,.1f} MiB<' in page  # a alone
+    assert f'id="memory-budget-bytes">{each * 5 // 2 / mib:,.1f} MiB<' in page
+    assert 'id="memory-loaded">1<' in page
+    assert "<td>1 s</td>" in page and "<td>600 s</td>" in page  # e's keep-alive, a's
+    loaded = httpx.get(f"{srv.base_url}/models/a", timeout=10).text
+    assert '<td id="model-state">Available: loaded</td>' in loaded
+    cold = httpx.get(f"{srv.base_url}/models/b", timeout=10).text
+    assert "Available: unloaded, loads at its next request" in cold
+
+
 def test_a_budget_for_two_serves_four_models_evicting_the_least_recently_used(
     pool_server: tuple[LiveServer, int],
 ) -> None:
@@ -270,6 +299,71 @@ def test_a_stream_keeps_going_while_other_models_need_its_memory(
     assert [o.status_code for o in others] == [200, 200], [o.text for o in others]
 
 
+def test_loads_that_need_a_streaming_models_memory_wait_for_its_end_then_succeed(
+    pool_server: tuple[LiveServer, int],
+) -> None:
+    """Issue 27.3, strictly: ``c`` held in flight and a stream on ``d`` fill the budget,
+    so ``a`` and ``b`` can only load into ``d``'s memory. Both are seen waiting for
+    memory while the stream is unfinished; the stream runs to its end, uncut; then
+    both are served (``d`` evicted only once idle)."""
+    srv, _ = pool_server
+    models = pool(srv)
+    held = on_server_loop(srv, models.acquire(services(srv.app).catalog.resolve("c")))
+    body = {
+        "model": "d",
+        "messages": [{"role": "user", "content": "tell me a long story"}],
+        "max_tokens": 1000,
+        "stream": True,
+    }
+    others: dict[str, httpx.Response] = {}
+    order: list[str] = []
+    waited = False
+    finish = None
+    try:
+        with httpx.stream(
+            "POST", f"{srv.v1}/chat/completions", json=body, headers=srv.headers(), timeout=120
+        ) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            for line in lines:
+                if line.startswith("data: {"):
+                    break  # the first chunk: d is generating, its lease held
+
+            def call(slug: str) -> None:
+                others[slug] = ask(srv, slug)
+                order.append(slug)
+
+            starters = [threading.Thread(target=call, args=(s,)) for s in ("a", "b")]
+            for t in starters:
+                t.start()
+            # Both wait for memory (the stream's rest sits unread meanwhile).
+            wait_for(
+                lambda: (
+                    models.describe("a").get("waiting_for_memory") is True
+                    or models.describe("b").get("waiting_for_memory") is True
+                ),
+                "neither a nor b waited for memory",
+            )
+            waited = states(srv)["d"] == "loaded" and not order
+            for line in lines:
+                if not line.startswith("data: {"):
+                    continue
+                event = json.loads(line[6:])
+                assert "error" not in event, event
+                for choice in event["choices"]:
+                    finish = choice.get("finish_reason") or finish
+            order.append("d ended")
+        for t in starters:
+            t.join(120)
+    finally:
+        services(srv.app).loop.call_soon_threadsafe(held.release)
+    assert waited, "a load began before the stream on d ended"
+    assert finish in ("stop", "length"), finish
+    assert order[0] == "d ended", order
+    assert {s: r.status_code for s, r in others.items()} == {"a": 200, "b": 200}, others
+    assert all("x-servelm-cold-start-ms" in r.headers for r in others.values())
+
+
 def test_an_idle_model_unloads_and_gives_its_memory_back(
     pool_server: tuple[LiveServer, int], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -338,58 +432,3 @@ def test_a_model_that_can_never_fit_is_refused_at_start_up(
         ModelsConfigError, match=r"big needs about .* more than SERVELM_MODEL_MEMORY"
     ):
         asyncio.run(ModelPool(Catalog([spec]), settings).start())
-
-
-def test_under_workers_the_engine_process_loads_on_demand_within_the_budget(
-    tmp_path: Path, models_dir: Path, seed_models: dict[str, Path]
-) -> None:
-    """``serve --workers 2`` with two models and a budget for one: the engine process
-    owns the pool, so whichever worker takes a request, the model loads there once and
-    the other is evicted."""
-    import uuid
-
-    from servelm.store.db import Database
-    from tests.conftest import provision
-
-    entries = []
-    for slug in ("a", "b"):
-        path = shutil.copy(seed_models["llama-v3p1-8b-instruct"], tmp_path / f"{slug}.gguf")
-        entries.append(f'[models.{slug}]\npath = "{path}"\ncontext_window = {CONTEXT}\n')
-    models_file = tmp_path / "servelm.toml"
-    models_file.write_text(
-        "\n".join(entries) + "\n[models.smollm2-135m-instruct]\nenabled = false\n"
-    )
-    db_url = f"sqlite:///{tmp_path / 'servelm.db'}"
-    env = procs.gateway_env(
-        tmp_path,
-        models_dir,
-        SERVELM_MODELS_FILE=str(models_file),
-        SERVELM_DATABASE_URL=db_url,
-        SERVELM_REDIS_URL="redis://127.0.0.1:6379/0",
-        SERVELM_REDIS_PREFIX=f"t{uuid.uuid4().hex[:8]}",
-        SERVELM_MODEL_MEMORY="60000000",  # one tiny model (~42 MB), not two
-    )
-    (gw,) = procs.start(env, tmp_path / "logs", 1, "--workers", "2")
-    try:
-        db = Database(db_url)
-        key = provision(db, "w", 100)
-        db.dispose()
-        codes = []
-        for slug in ("a", "b", "a", "b"):
-            r = httpx.post(
-                f"{gw.base_url}/v1/chat/completions",
-                headers={"x-api-key": key},
-                json={
-                    "model": slug,
-                    "messages": [{"role": "user", "content": "hi"}],
-                    "max_tokens": 4,
-                },
-                timeout=120,
-            )
-            codes.append(r.status_code)
-    finally:
-        gw.stop()
-    assert codes == [200] * 4, codes
-    log = gw.log.read_text()
-    assert log.count("model a loaded") == 2 and log.count("model b loaded") == 2, log
-    assert log.count("unloaded (evicted)") == 3, log

@@ -60,7 +60,7 @@ from servelm.chat.responses import parse_responses, responses_params
 from servelm.chat.responses_answers import reshape
 from servelm.console.session import session_live
 from servelm.engines.base import Engine, SlotShares
-from servelm.engines.pool import Lease, ModelPool
+from servelm.engines.pool import COLD_START_HEADER, Lease, ModelPool
 from servelm.engines.registry import is_local
 from servelm.errors import (
     AuthenticationError,
@@ -167,7 +167,7 @@ class ChatService:
             lease.release()
             raise
         if lease.cold_start_ms is not None:
-            reply.headers["x-servelm-cold-start-ms"] = str(lease.cold_start_ms)
+            reply.headers[COLD_START_HEADER] = str(lease.cold_start_ms)
             logs.annotate(cold_start_ms=lease.cold_start_ms)
         return reply
 

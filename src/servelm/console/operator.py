@@ -61,6 +61,9 @@ async def console(request: Request) -> Response:
                 "spec": spec,
                 "available": available,
                 "state": state,
+                # loaded / loading / unloaded / failed, the estimated bytes loaded and
+                # the keep-alive (local models; a remote one has no memory here)
+                "load": parts.models.describe(spec.slug),
                 "running": engine.stats.running if engine else 0,
                 "waiting": engine.stats.waiting if engine else 0,
                 "slots": getattr(engine, "slots", None) or spec.slots or "",
@@ -76,6 +79,7 @@ async def console(request: Request) -> Response:
         keys=key_rows,
         names=names,
         models=models,
+        memory=parts.models.usage(),
         ledger=ledger,
         message=request.query_params.get("msg", ""),
         error=request.query_params.get("err", ""),

@@ -76,7 +76,12 @@ def model_state(request: Request, spec: ModelSpec) -> tuple[bool, str]:
     parts = services(request)
     if parts.models.servable(spec.slug):
         state = parts.models.state(spec.slug)
-        return True, "Available" if state == "loaded" else f"Available ({state})"
+        if state == "loaded":
+            return True, "Available: loaded"
+        if state == "loading":
+            return True, "Available: loading"
+        # Serverless: it loads at its next request, which waits for it (a cold start).
+        return True, f"Available: {state}, loads at its next request"
     return False, parts.chat.unavailable.get(spec.slug, "Not loaded.")
 
 

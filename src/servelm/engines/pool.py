@@ -21,6 +21,7 @@ import ctypes
 import logging
 import time
 from collections.abc import Callable, Iterable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -42,6 +43,8 @@ RETRY_FIRST, RETRY_MAX = 5.0, 300.0
 # Our own 503 comes this long before the request's deadline, so the waiting request
 # says why it waited rather than the lifecycle's generic deadline error.
 DEADLINE_MARGIN = 0.05
+# Milliseconds a request waited for its model to load; absent when it was loaded.
+COLD_START_HEADER = "x-servelm-cold-start-ms"
 
 
 class ModelsConfigError(Exception):
@@ -80,6 +83,21 @@ class Lease:
         release, self._release = self._release, None
         if release is not None:
             release()
+
+
+# The lease of the request this task serves. An engine that relays to another servelm
+# process (the engine process of ``serve --workers``, a servelm upstream) reports a
+# cold start paid there (``cold_start_behind``), so the client's header and the
+# access line say it whichever process loaded the model.
+_current: ContextVar[Lease | None] = ContextVar("servelm_lease", default=None)
+
+
+def cold_start_behind(ms: int) -> None:
+    """A cold start of ``ms`` paid behind the engine seam for the current request
+    (added up: a prompt count and the generation may each have waited for a load)."""
+    lease = _current.get()
+    if lease is not None:
+        lease.cold_start_ms = (lease.cold_start_ms or 0) + ms
 
 
 class ModelPool:
@@ -202,7 +220,9 @@ class ModelPool:
         held until the lease is released. KeyError: the pool does not serve it."""
         model = self._models.get(spec.slug)
         if model is None:
-            return Lease(self.engines[spec.slug], None)
+            lease = Lease(self.engines[spec.slug], None)
+            _current.set(lease)
+            return lease
         model.in_flight += 1
         self._cancel_idle(model)
         started = time.perf_counter()
@@ -215,7 +235,9 @@ class ModelPool:
             raise
         assert model.engine is not None
         cold_ms = int((time.perf_counter() - started) * 1000) if cold else None
-        return Lease(model.engine, cold_ms, lambda: self._release(model))
+        lease = Lease(model.engine, cold_ms, lambda: self._release(model))
+        _current.set(lease)  # acquire is awaited, not a task: the walk's context
+        return lease
 
     def memory_in_use(self) -> int:
         """Estimated bytes of the local models loaded or loading (what the budget
@@ -227,6 +249,16 @@ class ModelPool:
             and (m.engine is not None or (m.state == "loading" and not m.waiting_for_room))
         )
 
+    def usage(self) -> dict[str, int | None]:
+        """The budget and what uses it, for the operator's console and ``/admin``."""
+        loaded = sum(1 for m in list(self._models.values()) if m.local and m.engine is not None)
+        return {
+            "memory_in_use_bytes": self.memory_in_use(),
+            "memory_budget_bytes": self.budget,
+            "loaded": loaded,
+            "max_loaded": self.max_loaded,
+        }
+
     def describe(self, slug: str) -> dict[str, object]:
         """State and memory, for ``/v1/models``, the console and ``servelm models list``."""
         model = self._models.get(slug)
@@ -236,6 +268,8 @@ class ModelPool:
         if model.local:
             out["memory_bytes"] = model.footprint
             out["keep_alive"] = model.keep_alive if model.keep_alive is not None else "forever"
+        if model.waiting_for_room:
+            out["waiting_for_memory"] = True  # a load held back by models in use
         if model.error is not None:
             out["last_error"] = model.error
         return out

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from servelm.catalog.specs import ModelSpec, replica_specs
 from servelm.engines import http1, wire
 from servelm.engines.base import Admission, Engine, map_engine_error
+from servelm.engines.pool import COLD_START_HEADER, cold_start_behind
 from servelm.errors import (
     InvalidRequest,
     ModelUnavailable,
@@ -228,6 +229,11 @@ class OpenAIUpstreamEngine(Engine):
                 "POST", "/chat/completions", encoded, deadline=deadline
             )
             async with resp:
+                cold = resp.headers.get(COLD_START_HEADER)
+                if cold is not None and self.spec.upstream_kind == "servelm":
+                    # Another servelm loaded the model for this request: the client
+                    # hears of it as if this process had (``pool.cold_start_behind``).
+                    _cold_start_behind(cold)
                 if resp.status_code != 200:
                     error = await self._status_error(resp)
                     if resp.status_code >= 500:
@@ -354,6 +360,15 @@ class _Retryable(Exception):
         self.error = error
         self.sick = sick
         self.counts = counts  # held against the replica (a malformed answer is not)
+
+
+def _cold_start_behind(value: str) -> None:
+    try:
+        ms = int(value)
+    except ValueError:
+        return  # not a number: an upstream's header is never trusted unchecked
+    if 0 <= ms < 86_400_000:
+        cold_start_behind(ms)
 
 
 def _message(detail: Any) -> str:

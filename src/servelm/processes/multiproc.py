@@ -52,7 +52,7 @@ from servelm.chat.serving import ChatService
 from servelm.config import Settings
 from servelm.engines import http1
 from servelm.engines.base import Engine
-from servelm.engines.pool import ModelPool
+from servelm.engines.pool import ModelPool, cold_start_behind
 from servelm.engines.upstream import OpenAIUpstreamEngine
 from servelm.errors import EngineError, InvalidRequest, ModelUnavailable, Overloaded, ServelmError
 from servelm.processes.lifecycle import Lifecycle
@@ -269,6 +269,8 @@ class HostedEngine(OpenAIUpstreamEngine):
         except http1.HTTPError as exc:
             raise EngineError(f"the engine process did not count the prompt: {exc}") from exc
         data = json.loads(raw)
+        if isinstance(data.get("cold_start_ms"), int):
+            cold_start_behind(data["cold_start_ms"])
         self._images_exact = bool(data["images_exact"])
         return int(data["tokens"])
 
@@ -358,7 +360,10 @@ def host_app(catalog: Catalog, settings: Settings, token: str) -> Starlette:
         finally:
             lease.release()
         images_exact = getattr(lease.engine, "image_tokens", None) is not None
-        return JSONResponse({"tokens": tokens, "images_exact": images_exact})
+        # A load paid here, before the chat call, is the worker's client's to hear of.
+        return JSONResponse(
+            {"tokens": tokens, "images_exact": images_exact, "cold_start_ms": lease.cold_start_ms}
+        )
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
