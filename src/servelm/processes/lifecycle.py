@@ -21,7 +21,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +37,33 @@ class Flight:
 
     deadline: float
     sending: float | None = None
+
+
+# After the drain: how long the server's own shutdown may take (connections closing,
+# then the app's lifespan: engines), before the process leaves without it.
+SHUTDOWN_MARGIN = 2.0
+
+
+async def close_or_exit(
+    closing: Awaitable[None], what: str, seconds: float = SHUTDOWN_MARGIN
+) -> None:
+    """Close ``what`` (an engine, after the drain) or, past ``seconds``, end the process
+    without it. A request the drain cut has left llama.cpp working on its prompt (a
+    prefill cannot be interrupted), and closing the engine joins that work: a worker
+    then sat in "Waiting for application shutdown" until the prompt was done. The cut
+    requests have ended and settled by now (the drain waits for that); only the
+    engine's memory is left, which the process's end frees."""
+    try:
+        await asyncio.wait_for(closing, seconds)
+    except TimeoutError:
+        log.warning(
+            "%s did not close within %.0f s of the drain's end (llama.cpp finishing a "
+            "prompt of a cut request); exiting without it",
+            what,
+            seconds,
+        )
+        logging.shutdown()
+        os._exit(0)
 
 
 # Why the lifecycle cancelled a request; ``raise_if_stopped`` turns it into an answer.
