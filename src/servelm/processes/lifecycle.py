@@ -21,7 +21,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Awaitable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,31 +39,21 @@ class Flight:
     sending: float | None = None
 
 
-# After the drain: how long the server's own shutdown may take (connections closing,
-# then the app's lifespan: engines), before the process leaves without it.
+# After the drain: how long uvicorn's own shutdown may take (connections closing).
 SHUTDOWN_MARGIN = 2.0
 
 
-async def close_or_exit(
-    closing: Awaitable[None], what: str, seconds: float = SHUTDOWN_MARGIN
-) -> None:
-    """Close ``what`` (an engine, after the drain) or, past ``seconds``, end the process
-    without it. A request the drain cut has left llama.cpp working on its prompt (a
-    prefill cannot be interrupted), and closing the engine joins that work: a worker
-    then sat in "Waiting for application shutdown" until the prompt was done. The cut
-    requests have ended and settled by now (the drain waits for that); only the
-    engine's memory is left, which the process's end frees."""
-    try:
-        await asyncio.wait_for(closing, seconds)
-    except TimeoutError:
-        log.warning(
-            "%s did not close within %.0f s of the drain's end (llama.cpp finishing a "
-            "prompt of a cut request); exiting without it",
-            what,
-            seconds,
-        )
-        logging.shutdown()
-        os._exit(0)
+def leave_now(what: str) -> None:
+    """End the process without closing ``what`` (an engine), after a drain that cut
+    requests: llama.cpp goes on with the prompt of a request it was cut from (a
+    prefill cannot be interrupted), and closing the engine joins that work while
+    holding the interpreter, so a worker sat in "Waiting for application shutdown"
+    for as long as the prompt took. The cut requests have ended and settled by now
+    (the drain waited for that); the engine's memory is all that is left, and the
+    process's end frees it."""
+    log.warning("drain cut requests: leaving without closing %s", what)
+    logging.shutdown()
+    os._exit(0)
 
 
 # Why the lifecycle cancelled a request; ``raise_if_stopped`` turns it into an answer.
@@ -84,6 +74,7 @@ class Lifecycle:
         self.send_timeout = send_timeout
         self.ready = False  # engines loaded and database open
         self.draining = False
+        self.cut = 0  # requests the drain stopped when its window ran out
         self.inflight: dict[asyncio.Task[Any], Flight] = {}
         self._stopped: dict[asyncio.Task[Any], str] = {}  # cancelled by us, and why
         self._signals = 0
@@ -140,6 +131,7 @@ class Lifecycle:
         await self._until_idle(self.drain_seconds)
         if self.inflight:
             log.warning("drain window over: stopping %d requests", len(self.inflight))
+            self.cut += len(self.inflight)
             for task in list(self.inflight):
                 self.stop(task, DRAIN)
             # Their settlements run now; give them a moment to commit.

@@ -57,7 +57,7 @@ from servelm.engines.base import Engine
 from servelm.engines.pool import ModelPool
 from servelm.engines.upstream import OpenAIUpstreamEngine
 from servelm.errors import EngineError, InvalidRequest, ModelUnavailable, Overloaded, ServelmError
-from servelm.processes.lifecycle import Lifecycle, close_or_exit
+from servelm.processes.lifecycle import Lifecycle
 from servelm.telemetry import tracing
 
 log = logging.getLogger(__name__)
@@ -394,7 +394,7 @@ def host_app(catalog: Catalog, settings: Settings, token: str) -> Starlette:
             yield
         finally:
             await lifecycle.close()
-            await close_or_exit(models.close(), "the engine process's models")
+            await models.close()
 
     front_settings = settings.model_copy(
         update={"max_body_bytes": settings.max_body_bytes + inlined}

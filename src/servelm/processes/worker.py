@@ -40,7 +40,7 @@ from servelm.chat.protocol import model_card
 from servelm.chat.serving import ChatService
 from servelm.config import Settings
 from servelm.engines.base import Engine
-from servelm.processes.lifecycle import Lifecycle, close_or_exit
+from servelm.processes.lifecycle import Lifecycle, leave_now
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,9 @@ def worker_app(
             lifecycle.ready = False
             await lifecycle.close()
             await media.aclose()
-            await close_or_exit(engine.close(), f"the engine of {spec.slug}")
+            if lifecycle.cut:
+                leave_now(f"the engine of {spec.slug}")
+            await engine.close()
 
     return engine_front(
         settings,
