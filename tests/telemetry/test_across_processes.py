@@ -90,8 +90,10 @@ async def load_and_scrape(base: str, key: str) -> tuple[list[httpx.Response], li
 
     async def scraper(client: httpx.AsyncClient) -> None:
         for k in range(1, SCRAPES + 1):
+            due = k * REQUESTS // (SCRAPES + 1)
             async with progress:
-                await progress.wait_for(lambda k=k: done >= k * REQUESTS // (SCRAPES + 1))
+                while done < due:
+                    await progress.wait()
             r = await client.get(
                 f"{base}/metrics",
                 headers={"authorization": f"Bearer {METRICS_TOKEN}", "connection": "close"},
