@@ -163,7 +163,8 @@ class Settings(BaseSettings):
     trace_exporter: Literal["off", "otlp", "console", "file"] | None = Field(
         default=None,
         description="where a span per chat request goes: `otlp` (OTEL_EXPORTER_OTLP_* say "
-        "where), `console` (stderr), `file` (SERVELM_TRACE_FILE) or `off`",
+        "where), `console` (stderr), `file` (SERVELM_TRACE_FILE) or `off` (default: `off`, "
+        "or `otlp` when OTEL_EXPORTER_OTLP_ENDPOINT is set)",
     )
     trace_file: Path | None = Field(
         default=None, description="with `--trace-exporter file`: spans appended, one JSON a line"
