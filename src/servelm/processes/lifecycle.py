@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from servelm.errors import Overloaded, ServelmError, UpstreamTimeout
+from servelm.telemetry import tracing
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ def leave_now(what: str) -> None:
     (the drain waited for that); the engine's memory is all that is left, and the
     process's end frees it."""
     log.warning("drain cut requests: leaving without closing %s", what)
+    tracing.flush(SHUTDOWN_MARGIN)
     logging.shutdown()
     os._exit(0)
 

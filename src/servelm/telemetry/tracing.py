@@ -89,11 +89,11 @@ def shutdown() -> None:
     _provider = _tracer = None
 
 
-def flush() -> None:
+def flush(seconds: float = 30.0) -> None:
     """Send what is batched now: a process ``serve --workers`` spawned ends without
     running ``atexit``, where the provider would flush on its own."""
     if _provider is not None:
-        _provider.force_flush()
+        _provider.force_flush(int(seconds * 1000))
 
 
 def _build_exporter(name: str, settings: Settings) -> SpanExporter:
