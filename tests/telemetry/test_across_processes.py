@@ -180,10 +180,22 @@ output_price = 1000000
         for (_, before), (_, after) in itertools.pairwise(read):
             for sample, value in before.items():
                 assert after.get(sample, 0.0) >= value, (sample, value, after.get(sample))
-        # The workers' replica counters are one sum too (mirrored at scrape time).
-        _, last = read[-1]
-        sent = sum(v for (n, _), v in last.items() if n == "servelm_replica_requests_total")
-        assert sent == REQUESTS, sent
+
+        # The replica counters are one sum too: each process mirrors its own every
+        # second (and when it answers a scrape), so the other's last requests show
+        # within a second.
+        def replica_calls() -> float:
+            r = httpx.get(
+                f"{gw.base_url}/metrics",
+                headers={"authorization": f"Bearer {METRICS_TOKEN}"},
+                timeout=10,
+            )
+            _, counters = chat_total(r.text)
+            return sum(v for (n, _), v in counters.items() if n == "servelm_replica_requests_total")
+
+        assert gw is not None
+        fleetprocs.wait_until(lambda: replica_calls() >= REQUESTS, 30, "mirrored replica calls")
+        assert replica_calls() == REQUESTS
     finally:
         if gw is not None:
             gw.stop()
@@ -241,3 +253,5 @@ output_price = 1000000
     assert gw_span["kind"] == worker_span["kind"] == "SERVER"
     # One gateway span per chat request, none for the scrapes.
     assert len([s for s in spans if s["service"] == "servelm-gateway"]) == REQUESTS
+    # Nor for the supervisor asking the engine process what it hosts (a GET).
+    assert [s for s in spans if s["service"] == "servelm-engine"] == []

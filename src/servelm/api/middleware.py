@@ -64,7 +64,7 @@ class RequestContextMiddleware:
         family = route_family(scope["path"])
         span = (
             tracing.start_server_span(f"{scope['method']} {family}", scope["headers"])
-            if family in _TRACED and tracing.enabled()
+            if family in _TRACED and scope["method"] == "POST" and tracing.enabled()
             else None
         )
         span_token = None if span is None else tracing.activate(span)
