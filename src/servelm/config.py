@@ -158,6 +158,17 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field(
         default="text", description="`json` is the same as SERVELM_LOG_JSON=1"
     )
+    # OpenTelemetry (servelm.telemetry.tracing): off unless set, or unset with
+    # OTEL_EXPORTER_OTLP_ENDPOINT in the environment (then otlp).
+    trace_exporter: Literal["off", "otlp", "console", "file"] | None = Field(
+        default=None,
+        description="where a span per chat request goes: `otlp` (OTEL_EXPORTER_OTLP_* say "
+        "where), `console` (stderr), `file` (SERVELM_TRACE_FILE) or `off` (default: `off`, "
+        "or `otlp` when OTEL_EXPORTER_OTLP_ENDPOINT is set)",
+    )
+    trace_file: Path | None = Field(
+        default=None, description="with `--trace-exporter file`: spans appended, one JSON a line"
+    )
 
     # Rate limits (servelm.ratelimit).
     redis_url: str | None = Field(

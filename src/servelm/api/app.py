@@ -50,6 +50,7 @@ from servelm.jobs.webhooks import Sender
 from servelm.processes.lifecycle import Lifecycle
 from servelm.ratelimit.guesses import Guesses
 from servelm.store.db import Database
+from servelm.telemetry import tracing
 from servelm.telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -255,6 +256,7 @@ def create_app(
             ),
         )
         runner.start()
+        app_metrics.start()
         # After the engines: llama.cpp installs signal handlers of its own; ours win.
         lifecycle.install_signal_handlers()
         lifecycle.ready = True
@@ -268,6 +270,8 @@ def create_app(
         finally:
             lifecycle.ready = False
             await lifecycle.close()
+            await app_metrics.close()
+            tracing.flush()
             await runner.close()
             await webhook_loader.aclose()
             await invalidation.close()

@@ -8,7 +8,6 @@ import hmac
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from prometheus_client.exposition import generate_latest
 
 from servelm.api.services import services
 from servelm.errors import AuthenticationError
@@ -27,5 +26,4 @@ async def metrics(request: Request) -> Response:
             raise AuthenticationError(
                 "GET /metrics needs the metrics token: Authorization: Bearer <token>."
             )
-    registry = services(request).metrics.registry
-    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(services(request).metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

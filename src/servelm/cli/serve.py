@@ -68,12 +68,15 @@ def serve(**flags: Any) -> None:
 
     from servelm.api.app import create_app
     from servelm.catalog.weights import default_model
-    from servelm.telemetry import logs
+    from servelm.telemetry import logs, tracing
 
     if flags.get("models_file") is None:
         flags["models_file"] = models_file_option(None)
     settings = Settings.from_env(**flags)
     logs.setup(settings.log_level, settings.json_logs)
+    if settings.workers <= 1:
+        # With --workers, each worker turns it on in its own process (multiproc).
+        tracing.setup(settings, "servelm-gateway")
     if settings.workers > 1 and not settings.redis_url:
         # Each worker would count rate limits on its own (N times the limit) and keep
         # serving a key revoked through another worker until its cache expired.

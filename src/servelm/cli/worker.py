@@ -60,8 +60,9 @@ def worker(
 
     from servelm.catalog.weights import default_model
     from servelm.engines.registry import build_engine
+    from servelm.processes.lifecycle import SHUTDOWN_MARGIN
     from servelm.processes.worker import worker_app
-    from servelm.telemetry import logs
+    from servelm.telemetry import logs, tracing
 
     bind = host or "127.0.0.1"
     try:
@@ -94,6 +95,7 @@ def worker(
         models_file=models_file_option(models_file),
     )
     logs.setup(settings.log_level, settings.json_logs)
+    tracing.setup(settings, "servelm-worker")
     spec = load_catalog_or_exit(settings).get(model)
     if spec is None:
         err_console.print(f"[red]error:[/] no model '{model}' in the catalog")
@@ -105,6 +107,7 @@ def worker(
             err_console.print(f"[yellow]default model not available:[/] {exc}")
     asgi = worker_app(spec, build_engine(spec, settings), settings, api_key=api_key)
     # Streams running at SIGTERM get the drain window the deploy files size their
-    # grace periods on (not uvicorn's default of cutting them at once).
+    # grace periods on (processes.lifecycle, which takes the signal); uvicorn's own
+    # shutdown starts when that window is over, and gets only a margin on top of it.
     uvicorn.run(asgi, host=bind, port=port, log_config=None, access_log=False,
-                timeout_graceful_shutdown=math.ceil(settings.drain_seconds))  # fmt: skip
+                timeout_graceful_shutdown=math.ceil(SHUTDOWN_MARGIN))  # fmt: skip

@@ -48,6 +48,8 @@ from servelm.errors import (
 from servelm.fleet.health import HealthChecker
 from servelm.fleet.replicas import Replica, ReplicaSet
 from servelm.fleet.routing import make_router
+from servelm.telemetry import logs
+from servelm.telemetry.tracing import hop_headers
 
 if TYPE_CHECKING:
     from servelm.config import Settings
@@ -169,6 +171,9 @@ class OpenAIUpstreamEngine(Engine):
             sent = False
             replica.in_flight += 1
             replica.requests_total += 1
+            # The access line names the replica that served (the last one tried), by
+            # its index as in /metrics: never its address.
+            logs.annotate(replica=self.replicas.all.index(replica))
             try:
                 async with contextlib.aclosing(self._relay(replica, encoded, plain)) as chunks:
                     async for chunk in chunks:
@@ -226,7 +231,7 @@ class OpenAIUpstreamEngine(Engine):
         deadline = asyncio.get_running_loop().time() + self.spec.deadline
         try:
             resp = await replica.pool.request(
-                "POST", "/chat/completions", encoded, deadline=deadline
+                "POST", "/chat/completions", encoded, deadline=deadline, headers=hop_headers()
             )
             async with resp:
                 cold = resp.headers.get(COLD_START_HEADER)

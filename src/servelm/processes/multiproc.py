@@ -30,10 +30,12 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -56,6 +58,7 @@ from servelm.engines.pool import ModelPool, cold_start_behind
 from servelm.engines.upstream import OpenAIUpstreamEngine
 from servelm.errors import EngineError, InvalidRequest, ModelUnavailable, Overloaded, ServelmError
 from servelm.processes.lifecycle import Lifecycle
+from servelm.telemetry import tracing
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +92,10 @@ def serve(settings: Settings, workers: int) -> None:
         token = secrets.token_urlsafe(32)
         host, url, hosted = _start_host(settings, token)
         env |= {_HOST: url, _TOKEN: token, _HOSTED: json.dumps(hosted)}
+    # One /metrics over all workers (telemetry.metrics): the workers' counters in files
+    # here, summed by whichever worker answers the scrape.
+    metrics_dir, own_dir = _metrics_dir()
+    env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     # Spawned children inherit the environment: that is how they get all of this.
     os.environ.update(env)
     try:
@@ -103,12 +110,27 @@ def serve(settings: Settings, workers: int) -> None:
             **conn_guard.uvicorn_options(settings),
         )
     finally:
+        if own_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
         if host is not None:
             host.terminate()
             try:
                 host.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 host.kill()
+
+
+def _metrics_dir() -> tuple[str, bool]:
+    """The operator's ``PROMETHEUS_MULTIPROC_DIR``, emptied (a previous run's counters
+    would be summed in), or a fresh one of this run's own (then True: removed at the end)."""
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not given:
+        return tempfile.mkdtemp(prefix="servelm-metrics-"), True
+    os.makedirs(given, exist_ok=True)
+    for name in os.listdir(given):
+        if name.endswith(".db"):
+            os.unlink(os.path.join(given, name))
+    return given, False
 
 
 def _start_host(
@@ -185,7 +207,8 @@ def worker_app() -> ASGIApp:
     from servelm.telemetry import logs
 
     settings = Settings.model_validate_json(os.environ[_SETTINGS])
-    logs.setup(settings.log_level, settings.log_json)
+    logs.setup(settings.log_level, settings.json_logs)
+    tracing.setup(settings, "servelm-gateway")
     WorkerProtocol.limits = conn_guard.ConnLimits.from_settings(settings)
     # A supervisor that dies, even by SIGKILL, takes its workers along: each gets a
     # SIGTERM and drains, rather than serving on as an orphan that holds the port
@@ -261,7 +284,9 @@ class HostedEngine(OpenAIUpstreamEngine):
     async def _count(self, body: dict[str, Any]) -> int:
         payload = json.dumps({**body, "model": self.spec.slug}).encode()
         try:
-            resp = await self.replicas.all[0].pool.request("POST", "/count", payload)
+            resp = await self.replicas.all[0].pool.request(
+                "POST", "/count", payload, headers=tracing.hop_headers()
+            )
             async with resp:
                 raw = await resp.read()
                 if resp.status_code != 200:
@@ -397,7 +422,8 @@ def host_main() -> None:
     from servelm.telemetry import logs
 
     settings = Settings.model_validate_json(os.environ[_SETTINGS])
-    logs.setup(settings.log_level, settings.log_json)
+    logs.setup(settings.log_level, settings.json_logs)
+    tracing.setup(settings, "servelm-engine")
     WorkerProtocol.limits = conn_guard.ConnLimits.from_settings(settings)
     catalog = Catalog(_local(load_catalog(settings.model_dir, settings.models_file)))
     app = host_app(catalog, settings, os.environ[_TOKEN])

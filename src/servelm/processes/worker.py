@@ -40,7 +40,7 @@ from servelm.chat.protocol import model_card
 from servelm.chat.serving import ChatService
 from servelm.config import Settings
 from servelm.engines.base import Engine
-from servelm.processes.lifecycle import Lifecycle
+from servelm.processes.lifecycle import Lifecycle, leave_now
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,8 @@ def engine_front(
     )
     install_front(app, Front(settings, lifecycle))
     errors.install(app)
-    app.add_middleware(RequestContextMiddleware)
+    # Its callers are gateways: their request id is this request's too.
+    app.add_middleware(RequestContextMiddleware, hop_ids=True)
     return app
 
 
@@ -119,6 +120,8 @@ def worker_app(
             lifecycle.ready = False
             await lifecycle.close()
             await media.aclose()
+            if lifecycle.cut:
+                leave_now(f"the engine of {spec.slug}")
             await engine.close()
 
     return engine_front(

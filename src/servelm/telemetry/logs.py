@@ -79,7 +79,15 @@ def setup(level: str = "info", json_lines: bool = False) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # uvicorn's loggers (and any a child process was given by uvicorn's default
+    # ``log_config``) write through the root handler, in the configured format.
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.asgi"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
     # uvicorn's access log would duplicate ours (and lacks the request id).
     logging.getLogger("uvicorn.access").disabled = True
+    # ``warnings.warn`` goes through logging too, so a JSON log stays all JSON.
+    logging.captureWarnings(True)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)

@@ -3,19 +3,29 @@
 One registry per app (not prometheus_client's global one), so several apps in one
 process, as in the tests, never share counters. Engine gauges are read at scrape time
 from the engines themselves instead of being updated on the hot path.
+
+Under ``serve --workers N`` (``PROMETHEUS_MULTIPROC_DIR`` set, by the supervisor or the
+operator) every process writes its counters to files there and any of them answers a
+scrape with the sum over all (prometheus_client's multiprocess mode), so counters only
+grow whichever worker answers. The scrape-time families (engines, replicas) are
+mirrored into that directory by ``telemetry.mirror`` (``Metrics.start``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
 from servelm.engines.base import Engine
 from servelm.fleet.metrics import replica_families
+from servelm.telemetry.mirror import Mirror
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +33,8 @@ log = logging.getLogger(__name__)
 class Metrics:
     def __init__(self, engines: Callable[[], dict[str, Engine]]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        # Read once: prometheus_client chose its value store at import by the same name.
+        self.multiproc_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
         self.requests = Counter(
             "servelm_requests",
             "HTTP requests by route family and status.",
@@ -82,17 +94,27 @@ class Metrics:
             registry=self.registry,
         )
         # The job queue (servelm.jobs), as its runner last read it (every few seconds).
+        # Every process reads the same queue (the database): across processes, the
+        # latest reading of a live one.
         self.jobs_queued = Gauge(
             "servelm_jobs_queued_lines",
             "Async requests and batch lines waiting to run.",
             registry=self.registry,
+            multiprocess_mode="livemostrecent",
         )
         self.jobs_oldest = Gauge(
             "servelm_jobs_oldest_queued_seconds",
             "Age of the oldest line waiting to run (0 when none).",
             registry=self.registry,
+            multiprocess_mode="livemostrecent",
         )
-        self.registry.register(_EngineCollector(engines))
+        self._scraped = _EngineCollector(engines)
+        self._mirror: Mirror | None = None
+        self._mirroring: asyncio.Task[None] | None = None
+        if self.multiproc_dir is None:
+            self.registry.register(self._scraped)
+        else:
+            self._mirror = Mirror(self._scraped)
 
         # Serverless local models (engines.pool): what loading and unloading cost.
         self.model_loads = Counter(
@@ -114,6 +136,37 @@ class Metrics:
             buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
             registry=self.registry,
         )
+
+    def exposition(self) -> bytes:
+        """The text ``GET /metrics`` answers: this process's registry, or with several
+        processes, the sum over all of them."""
+        if self._mirror is None:
+            return generate_latest(self.registry)
+        self._mirror.sync()  # this process's part fresh; the others' as of their last sync
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, self.multiproc_dir)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)
+
+    def start(self, interval: float = 1.0) -> None:
+        """With several processes: mirror the scrape-time families every ``interval``
+        seconds, so a scrape answered by another process sees them recent."""
+        if self._mirror is not None and self._mirroring is None:
+            self._mirroring = asyncio.get_running_loop().create_task(self._mirror_loop(interval))
+
+    async def _mirror_loop(self, interval: float) -> None:
+        assert self._mirror is not None
+        while True:
+            self._mirror.sync()
+            await asyncio.sleep(interval)
+
+    async def close(self) -> None:
+        """At the process's end: its live gauges leave the sum (its counters stay)."""
+        if self._mirroring is not None:
+            self._mirroring.cancel()
+            await asyncio.gather(self._mirroring, return_exceptions=True)
+            self._mirroring = None
+        if self.multiproc_dir is not None:
+            multiprocess.mark_process_dead(os.getpid(), self.multiproc_dir)  # type: ignore[no-untyped-call]
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         self.requests.labels(route, str(status)).inc()
