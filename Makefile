@@ -11,7 +11,7 @@ PORT ?= 8000
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,clients]'
+	$(BIN)/python -m pip install --quiet -e '.[test,clients,otlp]'
 	touch $(STAMP)
 
 model: $(STAMP)
