@@ -6,9 +6,9 @@ compose up --scale`` adds or removes workers with no gateway restart.
 
 An address that appears joins out of rotation and takes traffic once a probe passes
 (right away, in the same round). An address that vanishes leaves the set at once (no
-new request goes to it) and its connections close once its requests in flight are
-done (``ReplicaSet.remove``). A failed resolution (the name unknown, the resolver
-down) keeps the replicas last resolved: a DNS blip must not empty a working fleet.
+new request goes to it) while its requests in flight finish (``ReplicaSet.remove``).
+A failed resolution (the name unknown, the resolver down) keeps the replicas last
+resolved: a DNS blip must not empty a working fleet.
 
 Names resolve through the event loop's ``getaddrinfo`` (a thread, so the loop never
 waits on DNS), i.e. the system's resolver. ``SERVELM_HOSTS_FILE`` names a file in
@@ -106,7 +106,6 @@ class Discovery:
 
     async def refresh(self) -> None:
         await asyncio.gather(*(self._refresh(i, spec) for i, spec in self.sources))
-        await self.replicas.close_drained()
 
     async def _refresh(self, index: int, spec: ReplicaSpec) -> None:
         parts = urlsplit(spec.url.removeprefix(DNS_SCHEME))
@@ -122,7 +121,7 @@ class Discovery:
         mine = [r for r in self.replicas.all if self._origin.get(r.url) == index]
         for replica in mine:
             if replica.url not in wanted:
-                self.replicas.remove(replica)
+                await self.replicas.remove(replica)
                 del self._origin[replica.url]
         have = {r.url for r in mine}
         joining: list[Replica] = []

@@ -18,8 +18,8 @@ serving traffic is judged by that traffic and is not probed each interval
 
 Replicas of a ``dns+`` URL come and go while the gateway runs
 (``servelm.fleet.discovery``): one joins the set out of rotation until its first
-probe passes, and one that leaves stops taking requests at once and has its
-connections closed once its requests in flight are done (``ReplicaSet.remove``).
+probe passes, and one that leaves stops taking requests at once while its requests in
+flight finish (``ReplicaSet.remove``).
 """
 
 from __future__ import annotations
@@ -187,26 +187,18 @@ class Replica:
 class ReplicaSet:
     def __init__(self, replicas: list[Replica]) -> None:
         self.all = replicas
-        # Replicas that left (their address vanished from DNS) with requests still
-        # on them: closed once those are done.
-        self.leaving: list[Replica] = []
 
     def add(self, replica: Replica) -> None:
         self.all.append(replica)
 
-    def remove(self, replica: Replica) -> None:
-        """Out of the set now, so no new request goes to it; requests in flight on it
-        finish, and its connections close after them (``close_drained``)."""
+    async def remove(self, replica: Replica) -> None:
+        """Out of the set now, so no new request goes to it. Closing its pools closes
+        their idle connections only: a request in flight keeps its connection to the
+        end of its answer, and the closed pool drops it then."""
         self.all.remove(replica)
-        self.leaving.append(replica)
         log.info("replica %s of %s left; %d requests on it finish", replica.url,
                  replica.model, replica.in_flight)  # fmt: skip
-
-    async def close_drained(self) -> None:
-        done = [r for r in self.leaving if r.in_flight == 0]
-        self.leaving = [r for r in self.leaving if r.in_flight > 0]
-        for r in done:
-            await r.aclose()
+        await replica.aclose()
 
     def healthy(self) -> list[Replica]:
         return [r for r in self.all if r.healthy]
@@ -219,5 +211,5 @@ class ReplicaSet:
         return [r.describe() for r in self.all]
 
     async def aclose(self) -> None:
-        for r in [*self.all, *self.leaving]:
+        for r in self.all:
             await r.aclose()
