@@ -2,15 +2,16 @@
 
     flock /tmp/servelm-bench.lock .venv/bin/python bench/cache_routing.py [--slots 2]
 
-Three workers (SmolLM2-135M, 1 thread, ``--slots`` slots each, llama.cpp's prompt
-cache at its default) and one gateway serving one model per routing policy over the
-same three workers. Per load (as many conversations as the replicas have slots in
-all, then twice as many) and per policy, back to back in one run: the multi-turn
-benchmark (``servelm bench --conversations``), 4 turns, each conversation with its own
-~1,000-word system prompt, a fresh ``--seed`` per run so no run finds another's
-prompts cached. Reported per run: the share of turn ≥ 2 prompt tokens the workers
-served from their prompt cache (``usage.prompt_tokens_details.cached_tokens`` over
-``prompt_tokens``, as the gateway relays them), turn ≥ 2 TTFT, and calls per replica.
+Three workers (SmolLM2-135M, 1 thread, ``--slots`` slots each, llama.cpp's
+host-memory prompt cache off unless ``--prompt-cache-mib`` says otherwise) and one
+gateway serving one model per routing policy over the same three workers. Per load
+(as many conversations as the replicas have slots in all, then twice as many) and
+per policy, back to back in one run: the multi-turn benchmark (``servelm bench
+--conversations``), 4 turns, each conversation with its own ~1,000-word system
+prompt, a fresh ``--seed`` per run so no run finds another's prompts cached.
+Reported per run: the share of turn ≥ 2 prompt tokens the workers served from their
+prompt cache (``usage.prompt_tokens_details.cached_tokens`` over ``prompt_tokens``,
+as the gateway relays them), turn ≥ 2 TTFT, and calls per replica.
 
 Writes bench/results/cache_routing.json; ``--report`` prints it as Markdown.
 """
@@ -59,18 +60,27 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=24)
     ap.add_argument("--output-len", type=int, default=16)
     ap.add_argument("--seed", type=int, default=2600)
+    ap.add_argument(
+        "--prompt-cache-mib",
+        type=int,
+        default=0,
+        help="llama.cpp's host-memory prompt cache per worker (SERVELM_PROMPT_CACHE_MIB); "
+        "0: only what the slots hold, the regime where a replica's caches hold less than "
+        "the working set; -1: llama.cpp's default (8 GiB)",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS / "cache_routing.json")
     ap.add_argument("--report", action="store_true", help="Print --out as Markdown; run nothing.")
     args = ap.parse_args()
     if args.report:
         print(markdown(json.loads(args.out.read_text())))
         return
-    results: dict[str, Any] = {"machine": machine(), "commit": commit(), "args": vars(args)}
-    results["args"]["out"] = str(args.out)
+    results: dict[str, Any] = {"machine": machine(), "commit": commit()}
+    results["args"] = {k: str(v) for k, v in vars(args).items()}
     results["loads"] = []
     procs: list[Proc] = []
     try:
-        workers = [start_worker(args.slots, None) for _ in range(REPLICAS)]
+        cache = None if args.prompt_cache_mib < 0 else args.prompt_cache_mib
+        workers = [start_worker(args.slots, cache) for _ in range(REPLICAS)]
         procs += [p for p, _ in workers]
         gw, url, key = start_gateway([w for _, w in workers], POLICIES)
         procs.append(gw)
