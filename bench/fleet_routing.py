@@ -75,7 +75,10 @@ def start_gateway(workers: list[str], policies: tuple[str, ...]) -> tuple[Proc, 
     port = free_port()
     proc = Proc([str(BIN / "servelm"), "serve", "--port", str(port)], env)
     wait_http(f"http://127.0.0.1:{port}/health")
-    match = re.search(r"slm_[a-z0-9]{12}_[A-Za-z0-9_-]{43}", proc.log.read_text())
+    # With no terminal, the first start leaves its key in a file, not in the log.
+    first_key = data / "first-api-key"
+    text = first_key.read_text() if first_key.exists() else proc.log.read_text()
+    match = re.search(r"slm_[a-z0-9]{12}_[A-Za-z0-9_-]{43}", text)
     assert match, "no first-start key printed"
     return proc, f"http://127.0.0.1:{port}/v1", match.group(0)
 

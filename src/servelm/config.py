@@ -238,6 +238,17 @@ class Settings(BaseSettings):
     max_inflight: int | None = Field(
         default=None, gt=0, description="chat requests in flight before a quick 503 (no cap)"
     )
+    discovery_interval: float = Field(
+        default=10.0,
+        gt=0,
+        description="seconds between resolutions of a `dns+http://` replica name "
+        "(addresses that appear join, those that vanish leave)",
+    )
+    hosts_file: Path | None = Field(
+        default=None,
+        description="an `/etc/hosts`-style file read before the system resolver for "
+        "`dns+` replica names (default: the system resolver alone)",
+    )
     drain_seconds: float = Field(
         default=30.0, ge=0, description="after SIGTERM, how long running requests may finish"
     )

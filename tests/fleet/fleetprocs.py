@@ -30,10 +30,11 @@ class Proc:
     log: Path
     env: dict[str, str]
     proc: subprocess.Popen[bytes] | None = None
+    host: str = "127.0.0.1"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def start(self) -> Proc:
         with self.log.open("ab") as out:

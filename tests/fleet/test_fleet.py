@@ -136,6 +136,36 @@ def test_plain_chats_through_workers_in_both_dialects(fleet: Fleet) -> None:
     ledger_check(fleet)
 
 
+def test_a_workers_cache_hits_reach_the_gateways_usage(fleet: Fleet) -> None:
+    """The same long prompt twice, plain and streamed: prefix routing sends both to one
+    worker, whose llama.cpp serves the second from its cache, and the gateway's usage
+    says how much (``prompt_tokens_details.cached_tokens``, as the routing benchmark
+    counts it); a checked upstream usage once dropped the details, and said 0."""
+    base, headers = fleet.gw.base_url, {"x-api-key": fleet.key}
+    messages = [
+        {"role": "system", "content": "Facts about colours. " * 60},
+        {"role": "user", "content": "Name a colour."},
+    ]
+    req = {"model": MODEL, "messages": messages, "max_tokens": 2, "temperature": 0}
+    for stream in (False, True):
+        first = httpx.post(f"{base}/v1/chat/completions", json=req, headers=headers,
+                           timeout=60)  # fmt: skip
+        assert first.status_code == 200, first.text
+        streamed = {"stream": True, "stream_options": {"include_usage": True}}
+        again = {**req, **streamed} if stream else req
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json=again,
+                          headers=headers, timeout=60) as r:  # fmt: skip
+            assert r.status_code == 200
+            lines = [ln for ln in r.iter_lines() if ln.startswith("data: {") or ln[:1] == "{"]
+        usages = [json.loads(ln.removeprefix("data: ")).get("usage") for ln in lines]
+        (usage,) = [u for u in usages if u and "prompt_tokens_details" in u][-1:]
+        prompt = usage["prompt_tokens"]
+        # All but the tail the engine re-evaluates to produce the first token.
+        assert (
+            prompt > 200 and prompt - 8 <= usage["prompt_tokens_details"]["cached_tokens"] < prompt
+        )
+
+
 @pytest.mark.timeout(300)
 def test_fifty_concurrent_streams_use_both_workers(fleet: Fleet) -> None:
     # The gateway learned each worker's slots from its /health: routing counts load

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -25,9 +26,15 @@ DEFAULT_MODEL_SLUG = "smollm2-135m-instruct"
 Routing = Literal["prefix", "least_load", "round_robin"]
 
 
+# A replica URL with this in front names a DNS name whose every address is a replica,
+# re-resolved while the gateway runs (``servelm.fleet.discovery``).
+DNS_SCHEME = "dns+"
+
+
 class ReplicaSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    # ``http://host:port/v1``, or ``dns+http://name:port/v1``: one replica per address.
     url: str
     api_key: str | None = None
     # Share of the traffic relative to the others (a GPU node next to a CPU one).
@@ -35,6 +42,21 @@ class ReplicaSpec(BaseModel):
     # Requests it runs at once, where it does not say so itself (vLLM: its
     # --max-num-seqs). servelm workers and llama.cpp servers report theirs.
     slots: int | None = Field(default=None, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not v.startswith(DNS_SCHEME):
+            return v
+        parts = urlsplit(v.removeprefix(DNS_SCHEME))
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{v!r}: dns+ takes an http:// or https:// URL with a host name")
+        return v
+
+    @property
+    def discovered(self) -> bool:
+        """Its addresses come from DNS, re-resolved while the gateway runs."""
+        return self.url.startswith(DNS_SCHEME)
 
 
 def coerce_replicas(value: object) -> object:

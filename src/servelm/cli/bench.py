@@ -46,6 +46,13 @@ def bench(
     system_prompts: Annotated[
         int, typer.Option(help="Multi-turn mode: distinct system prompts, shared in turn.")
     ] = 1,
+    seed: Annotated[
+        int,
+        typer.Option(
+            help="Multi-turn mode: seed of the conversations' text; a new one per run keeps "
+            "a run from finding an earlier run's prompts cached."
+        ),
+    ] = 0,
 ) -> None:
     """Load-test an OpenAI-compatible chat endpoint: request and token throughput,
     TTFT, TPOT, ITL and end-to-end latency (mean, p50, p90, p99), vLLM's definitions.
@@ -57,7 +64,7 @@ def bench(
     if conversations is not None:
         _bench_turns(
             base_url, model, api_key, conversations, turns, system_tokens, system_prompts,
-            _numbers(concurrency, int)[:1] or [8], input_len, output_len, out,
+            _numbers(concurrency, int)[:1] or [8], input_len, output_len, out, seed,
         )  # fmt: skip
         return
 
@@ -125,6 +132,7 @@ def _bench_turns(
     input_len: int,
     output_len: int,
     out: Path | None,
+    seed: int,
 ) -> None:
     import asyncio
     import json
@@ -145,10 +153,11 @@ def _bench_turns(
             output_len=output_len,
             concurrency=concurrency[0],
             api_key=api_key,
+            seed=seed,
         )
     )
     table = Table("ok", "fail", "req/s", "TTFT turn 1 p50 ms", "TTFT turn ≥2 p50/p99 ms",
-                  "E2E p50/p99 ms", "replica share")  # fmt: skip
+                  "turn ≥2 prompt cached", "E2E p50/p99 ms", "replica share")  # fmt: skip
     total = sum(r["replica_share"].values()) or 1
     table.add_row(
         str(r["completed"]),
@@ -156,6 +165,7 @@ def _bench_turns(
         f"{r['request_throughput']:.2f}",
         f"{r['ttft_first_turn_ms']['p50']:.0f}",
         f"{r['ttft_later_turns_ms']['p50']:.0f} / {r['ttft_later_turns_ms']['p99']:.0f}",
+        f"{r['cached_share_later_turns']:.0%}",
         f"{r['e2e_ms']['p50']:.0f} / {r['e2e_ms']['p99']:.0f}",
         ", ".join(f"{url}: {n / total:.0%}" for url, n in r["replica_share"].items()) or "-",
     )

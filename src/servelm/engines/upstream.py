@@ -32,9 +32,10 @@ import json
 import logging
 import math
 from collections.abc import AsyncGenerator, AsyncIterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from servelm.catalog.specs import ModelSpec, replica_specs
+from servelm.catalog.specs import ModelSpec, ReplicaSpec, replica_specs
 from servelm.engines import http1, wire
 from servelm.engines.base import Admission, Engine, map_engine_error
 from servelm.engines.pool import COLD_START_HEADER, cold_start_behind
@@ -45,6 +46,7 @@ from servelm.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from servelm.fleet.discovery import Discovery, Resolver
 from servelm.fleet.health import HealthChecker
 from servelm.fleet.replicas import Replica, ReplicaSet
 from servelm.fleet.routing import make_router
@@ -68,6 +70,8 @@ class OpenAIUpstreamEngine(Engine):
         *,
         queue_size: int,
         connect_timeout: float = 5.0,
+        discovery_interval: float = 10.0,
+        hosts_file: Path | None = None,
     ) -> None:
         super().__init__(spec)
         self.slots = spec.slots or DEFAULT_CONCURRENCY
@@ -76,34 +80,50 @@ class OpenAIUpstreamEngine(Engine):
         # reports usage (None: not yet); False, for good, once a plain answer came
         # without it. The first answer is streamed, where its tokens can be counted.
         self._plain_calls: bool | None = None
+
+        def make(r: ReplicaSpec, name: str, *, healthy: bool = False) -> Replica:
+            return Replica(
+                r,
+                model=spec.slug,
+                connect_timeout=connect_timeout,
+                read_timeout=spec.timeout,
+                max_idle=min(self.slots, 64),
+                name=name,
+                healthy=healthy,
+            )
+
+        specs = list(enumerate(replica_specs(spec)))
         self.replicas = ReplicaSet(
-            [
-                Replica(
-                    r,
-                    model=spec.slug,
-                    connect_timeout=connect_timeout,
-                    read_timeout=spec.timeout,
-                    max_idle=min(self.slots, 64),
-                )
-                for r in replica_specs(spec)
-            ]
+            [make(r, str(i), healthy=True) for i, r in specs if not r.discovered]
         )
         self._router = make_router(spec.routing)
         self._health = HealthChecker(self.replicas, interval=spec.health_interval)
+        self._discovery = Discovery(
+            self.replicas,
+            [(i, r) for i, r in specs if r.discovered],
+            make,
+            self._health,
+            interval=discovery_interval,
+            resolver=Resolver(hosts_file),
+        )
 
     async def start(self) -> None:
         # One probe round first, so a replica already down takes no traffic; none being
-        # up is not fatal either: each request answers 503 until one is.
-        await self._health.probe_all()
+        # up is not fatal either: each request answers 503 until one is. Discovered
+        # replicas are probed as they join.
+        await self._discovery.refresh()
+        await asyncio.gather(*(self._health.probe(r) for r in self.replicas.all if r.healthy))
         self._health.start()
+        self._discovery.start()
         log.info(
             "model %s relays to %s (%s routing)",
             self.spec.slug,
-            ", ".join(r.url for r in self.replicas.all),
+            ", ".join(r.url for r in self.replicas.all) or "no replica yet",
             self.spec.routing,
         )
 
     async def close(self) -> None:
+        await self._discovery.close()
         await self._health.close()
         await self.replicas.aclose()
 
@@ -333,7 +353,7 @@ class OpenAIUpstreamEngine(Engine):
     def describe(self) -> dict[str, Any]:
         return {
             **super().describe(),
-            "upstream": self.replicas.all[0].url,
+            "upstream": self.replicas.all[0].url if self.replicas.all else None,
             "loaded": True,
             "routing": self.spec.routing,
             "replicas": self.replicas.describe(),
@@ -391,4 +411,9 @@ def _upstream_error_body(slug: str, err: Any) -> ServelmError:
 
 def build(spec: ModelSpec, settings: Settings) -> OpenAIUpstreamEngine:
     """The registry's builder (``engines.registry``)."""
-    return OpenAIUpstreamEngine(spec, queue_size=settings.queue_size)
+    return OpenAIUpstreamEngine(
+        spec,
+        queue_size=settings.queue_size,
+        discovery_interval=settings.discovery_interval,
+        hosts_file=settings.hosts_file,
+    )

@@ -69,8 +69,21 @@ def _count(slug: str, usage: dict[str, Any], name: str) -> int | None:
     return value
 
 
-def usage(slug: str, raw: Any) -> dict[str, int] | None:
-    """A checked ``usage``: both counts as ints, or None when it cannot be used."""
+def _cached(raw: dict[str, Any], prompt: int) -> dict[str, Any]:
+    """``prompt_tokens_details.cached_tokens`` where the engine reports it and it is a
+    count within the prompt (an optional fact: anything else is left out, not fatal).
+    Kept so that whoever reads the usage downstream (a gateway in front of a worker,
+    the routing benchmark) can tell prefix-cache hits."""
+    details = raw.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    if isinstance(cached, bool) or not isinstance(cached, int) or not 0 <= cached <= prompt:
+        return {}
+    return {"prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def usage(slug: str, raw: Any) -> dict[str, Any] | None:
+    """A checked ``usage``: both counts as ints (and the cached share of the prompt
+    where reported), or None when it cannot be used."""
     if raw is None:
         return None
     if not isinstance(raw, dict):
@@ -85,10 +98,11 @@ def usage(slug: str, raw: Any) -> dict[str, int] | None:
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
+        **_cached(raw, prompt),
     }
 
 
-def timings_usage(slug: str, raw: Any) -> dict[str, int] | None:
+def timings_usage(slug: str, raw: Any) -> dict[str, Any] | None:
     """llama.cpp's per-token ``timings`` (``timings_per_token``) as a usage so far:
     the prompt is what it evaluated plus what it took from its cache. None where they
     are absent or not counts (they are optional facts; the final usage still comes)."""
@@ -103,7 +117,12 @@ def timings_usage(slug: str, raw: Any) -> dict[str, int] | None:
     if evaluated is None or predicted is None:
         return None
     prompt = min(evaluated + (cached or 0), MAX_TOKENS)
-    return {"prompt_tokens": prompt, "completion_tokens": predicted, "total_tokens": prompt}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": predicted,
+        "total_tokens": prompt,
+        "prompt_tokens_details": {"cached_tokens": min(cached or 0, prompt)},
+    }
 
 
 def _optional_str(slug: str, value: Any, where: str) -> None:

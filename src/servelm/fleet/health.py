@@ -1,4 +1,13 @@
-"""Active health probes: every replica, every ``interval`` seconds.
+"""Active health probes, every ``interval`` seconds (jittered), of the replicas that
+traffic does not judge.
+
+A replica that is serving traffic (a request on it, or one answered within the last
+interval) is judged by that traffic (``fleet.replicas``: outlier detection), so it is
+not probed; only ejected, joining and idle replicas are, plus a busy one's load
+reading every ``BUSY_READING_EVERY`` intervals (other gateways' work on it, which
+routing weighs). With every replica busy, a gateway sends almost no probes: probe
+load no longer grows as gateways × replicas × processes. The jitter keeps many
+gateway processes started together from probing in step.
 
 A probe is ``GET /health`` at the replica's origin (servelm workers, vLLM, SGLang
 and llama.cpp's server all have one), falling back to ``GET {base}/models`` for
@@ -18,7 +27,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import random
 import re
+import time
 from dataclasses import dataclass
 
 from servelm.engines import http1
@@ -32,6 +43,12 @@ _METRIC = re.compile(
     rb"(?:\{[^}]*\})?\s+([0-9.eE+-]+)",
     re.MULTILINE,
 )
+# A busy replica's load reading (other gateways' requests on it) is refreshed this
+# often, in intervals; its health is judged by its traffic meanwhile.
+BUSY_READING_EVERY = 6
+# Each wait between rounds is the interval times a factor drawn from this range.
+JITTER = (0.8, 1.2)
+
 _RUNNING = {b"vllm:num_requests_running", b"llamacpp:requests_processing",
             b"sglang:num_running_reqs"}  # fmt: skip
 
@@ -56,7 +73,23 @@ class HealthChecker:
         self._no_props: set[str] = set()
 
     async def probe_all(self) -> None:
+        """Every replica, whatever its traffic: the first round, before any."""
         await asyncio.gather(*(self.probe(r) for r in self.replicas.all))
+
+    def due(self, replica: Replica, now: float) -> bool:
+        """Whether a round probes it: out of rotation, idle, or a stale load reading.
+        A healthy replica with traffic is judged by that traffic."""
+        if not replica.healthy:
+            return True
+        busy = replica.in_flight > 0 or now - replica.last_answered < self.interval
+        return not busy or now - replica.last_reading >= self.interval * BUSY_READING_EVERY
+
+    async def probe_round(self) -> list[Replica]:
+        """One round: the replicas that are due, probed; returns them."""
+        now = time.monotonic()
+        due = [r for r in self.replicas.all if self.due(r, now)]
+        await asyncio.gather(*(self.probe(r) for r in due))
+        return due
 
     async def probe(self, replica: Replica) -> bool:
         try:
@@ -117,9 +150,9 @@ class HealthChecker:
 
     async def _run(self) -> None:
         while True:
-            await asyncio.sleep(self.interval)
+            await asyncio.sleep(self.interval * random.uniform(*JITTER))
             try:
-                await self.probe_all()
+                await self.probe_round()
             except Exception:  # one bad round must not end the probing for good
                 log.exception("health probe round failed")
 

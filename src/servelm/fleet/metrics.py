@@ -36,7 +36,7 @@ def replica_families(
         if replica_set is None:
             continue
         for r in replica_set.all:
-            key = [slug, str(replica_set.all.index(r))]  # a stable name, not an address
+            key = [slug, r.name]  # a stable name, not an address
             healthy.add_metric(key, 1 if r.healthy else 0)
             in_flight.add_metric(key, r.in_flight)
             queue.add_metric(key, r.reported_queue)

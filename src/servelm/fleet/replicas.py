@@ -12,7 +12,14 @@ replica: that would turn one bad answer, perhaps provoked by one user, into a 50
 everyone (only a run does). Actively, the health checker (``servelm.fleet.health``)
 probes every replica on an interval: a failed probe ejects, and a passing probe
 readmits an ejected replica once it has sat out its cool-down, so a replica that
-answers probes but fails requests does not bounce straight back.
+answers probes but fails requests does not bounce straight back. A replica that is
+serving traffic is judged by that traffic and is not probed each interval
+(``HealthChecker.due``), so probe load does not grow as gateways × replicas.
+
+Replicas of a ``dns+`` URL come and go while the gateway runs
+(``servelm.fleet.discovery``): one joins the set out of rotation until its first
+probe passes, and one that leaves stops taking requests at once while its requests in
+flight finish (``ReplicaSet.remove``).
 """
 
 from __future__ import annotations
@@ -42,8 +49,13 @@ class Replica:
         connect_timeout: float,
         read_timeout: float,
         max_idle: int,
+        name: str = "0",
+        healthy: bool = True,
     ) -> None:
         self.url = spec.url.rstrip("/")
+        # A stable name for metrics and logs that says nothing of the address: its
+        # index in the models file, and for a discovered one, which address it was.
+        self.name = name
         self.weight = spec.weight
         self.declared_slots = spec.slots
         self.model = model
@@ -61,7 +73,9 @@ class Replica:
         self.probe_pool = http1.Pool(
             self.origin, headers=headers, connect_timeout=connect_timeout, max_idle=1
         )
-        self.healthy = True  # until a probe or a request says otherwise
+        # Until a probe or a request says otherwise; a discovered replica starts out of
+        # rotation, and its first passing probe brings it in.
+        self.healthy = healthy
         self.ejected_at: float | None = None
         self.last_error = ""
         self.in_flight = 0
@@ -81,6 +95,10 @@ class Replica:
         # The current run of failures from traffic, and when its last one came.
         self.run = 0
         self._run_last = 0.0
+        # When it last answered a request, and when a probe last read its load
+        # (monotonic; 0: never): what decides whether a probe is due.
+        self.last_answered = 0.0
+        self.last_reading = 0.0
 
     @property
     def slots(self) -> int | None:
@@ -95,6 +113,7 @@ class Replica:
     def reported(self, *, slots: int | None, running: int, waiting: int) -> None:
         """A probe's reading. Called right after the answer arrived, so ``in_flight``
         is as close as it gets to our share of what the engine counted."""
+        self.last_reading = time.monotonic()
         if slots is not None:
             self.reported_slots = slots
         self.reported_running, self.reported_queue = running, waiting
@@ -120,6 +139,7 @@ class Replica:
     def answered(self) -> None:
         """It answered a request (a 4xx too): the run of failures is over."""
         self.run = 0
+        self.last_answered = time.monotonic()
 
     def eject(self, reason: str) -> None:
         self.failures_total += 1
@@ -145,6 +165,7 @@ class Replica:
 
     def describe(self) -> dict[str, Any]:
         return {
+            "name": self.name,
             "url": self.url,
             "state": "healthy" if self.healthy else "ejected",
             "weight": self.weight,
@@ -166,6 +187,18 @@ class Replica:
 class ReplicaSet:
     def __init__(self, replicas: list[Replica]) -> None:
         self.all = replicas
+
+    def add(self, replica: Replica) -> None:
+        self.all.append(replica)
+
+    async def remove(self, replica: Replica) -> None:
+        """Out of the set now, so no new request goes to it. Closing its pools closes
+        their idle connections only: a request in flight keeps its connection to the
+        end of its answer, and the closed pool drops it then."""
+        self.all.remove(replica)
+        log.info("replica %s of %s left; %d requests on it finish", replica.url,
+                 replica.model, replica.in_flight)  # fmt: skip
+        await replica.aclose()
 
     def healthy(self) -> list[Replica]:
         return [r for r in self.all if r.healthy]

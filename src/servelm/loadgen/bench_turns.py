@@ -7,7 +7,10 @@ far, the model's own answers included: the traffic where a replica that still ho
 the conversation's prefix in its KV cache answers the next turn fast. ``concurrency``
 conversations run at once; a conversation's next turn leaves when its last answer is
 in. Reported: TTFT of first turns and of later turns apart (later turns are where
-prefix caching shows), end-to-end latency, request throughput, and, where the
+prefix caching shows), the share of later turns' prompt tokens the engine served from
+its prompt cache (``usage.prompt_tokens_details.cached_tokens`` over
+``prompt_tokens``, summed: the figure a cache-aware router is judged by, where TTFT on
+a shared CPU mostly measures contention), end-to-end latency, request throughput, and, where the
 endpoint is a servelm gateway, each replica's share of the calls (from the gateway's
 ``/metrics``).
 """
@@ -35,6 +38,8 @@ class Turn:
     ttft: float = 0.0
     latency: float = 0.0
     output_tokens: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
     error: str = ""
 
 
@@ -65,8 +70,12 @@ async def _turn(
                         if not text:
                             result.ttft = time.perf_counter() - start
                         text.append(content)
-                if data.get("usage"):
-                    result.output_tokens = int(data["usage"].get("completion_tokens", 0))
+                usage = data.get("usage")
+                if usage:
+                    result.output_tokens = int(usage.get("completion_tokens", 0))
+                    result.prompt_tokens = int(usage.get("prompt_tokens", 0))
+                    details = usage.get("prompt_tokens_details") or {}
+                    result.cached_tokens = int(details.get("cached_tokens", 0))
     except (http1.HTTPError, ValueError) as exc:
         return Turn(0, 0, False, error=f"{type(exc).__name__}: {exc}"), ""
     result.latency = time.perf_counter() - start
@@ -159,6 +168,8 @@ async def run(
     after = await replica_calls(origin, model)
     share = {k: after[k] - before.get(k, 0.0) for k in after}
     ok = [r for r in results if r.ok]
+    later = [r for r in ok if r.turn > 0]
+    later_prompt = sum(r.prompt_tokens for r in later)
     return {
         "url": url,
         "model": model,
@@ -174,7 +185,13 @@ async def run(
         "request_throughput": len(ok) / duration if duration else 0.0,
         "output_throughput": sum(r.output_tokens for r in ok) / duration if duration else 0.0,
         "ttft_first_turn_ms": _stats([r.ttft for r in ok if r.turn == 0]),
-        "ttft_later_turns_ms": _stats([r.ttft for r in ok if r.turn > 0]),
+        "ttft_later_turns_ms": _stats([r.ttft for r in later]),
+        "prompt_tokens_later_turns": later_prompt,
+        "cached_tokens_later_turns": sum(r.cached_tokens for r in later),
+        "cached_share_later_turns": (
+            sum(r.cached_tokens for r in later) / later_prompt if later_prompt else 0.0
+        ),
+        "seed": seed,
         "e2e_ms": _stats([r.latency for r in ok]),
         "replica_share": share,
     }

@@ -15,7 +15,7 @@ until a request fails there. Modes:
 - ``garbage_first``: an event that is not JSON before any chunk.
 
 ``GET /stats`` returns how many chats each mode received (``poison``: how many said
-POISON).
+POISON; ``probes``: how many ``GET /health``).
 
     python -m servelm.testing.fault_upstream --port 9200
 """
@@ -55,6 +55,7 @@ def make_app() -> Any:
             return
         path = scope["path"]
         if path in ("/health", "/stats"):
+            seen["probes"] += path == "/health"
             answer = b'{"status":"ok"}' if path == "/health" else json.dumps(seen).encode()
             await send({"type": "http.response.start", "status": 200, "headers": _JSON})
             await send({"type": "http.response.body", "body": answer})
