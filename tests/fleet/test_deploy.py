@@ -4,6 +4,7 @@ docs/deploy.md) names a real subcommand with real options; the models files load
 from __future__ import annotations
 
 import json
+import math
 import re
 import shlex
 import time
@@ -21,8 +22,10 @@ from typer._click.core import Command, Context
 from typer._click.exceptions import UsageError
 from typer.core import TyperGroup as Group
 
+from servelm.api.services import front
 from servelm.catalog.models_file import load_catalog
 from servelm.cli import app
+from servelm.processes.lifecycle import SHUTDOWN_MARGIN
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -226,15 +229,16 @@ def test_a_worker_drains_for_the_configured_window(
     flags: list[str],
     expected: int,
 ) -> None:
-    """What the deploy files' grace periods are sized on reaches uvicorn, which lets
-    running streams finish that long after SIGTERM (it was a fixed 10 s)."""
+    """What the deploy files' grace periods are sized on reaches the worker's drain,
+    which lets running streams finish that long after SIGTERM (it was a fixed 10 s);
+    uvicorn's own shutdown, which starts when the drain is over, gets only a margin."""
     import uvicorn
     from typer.testing import CliRunner
 
     seen: dict[str, Any] = {}
     # Only the server's run is replaced: the command line, settings, catalog and
     # engine construction are the real ones.
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(kw))
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(kw, app=app))
     for name in ("SERVELM_DRAIN_SECONDS", "SERVELM_WORKER_KEY", "SERVELM_MODELS_FILE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("SERVELM_DATA_DIR", str(tmp_path))
@@ -243,7 +247,8 @@ def test_a_worker_drains_for_the_configured_window(
         monkeypatch.setenv(name, value)
     result = CliRunner().invoke(app, ["worker", "--model", "smollm2-135m-instruct", *flags])
     assert result.exit_code == 0, result.output
-    assert seen["timeout_graceful_shutdown"] == expected
+    assert math.ceil(front(seen["app"]).lifecycle.drain_seconds) == expected
+    assert seen["timeout_graceful_shutdown"] == math.ceil(SHUTDOWN_MARGIN)
 
 
 # -- autoscaling: the manifest scales workers on metrics /metrics really exports ---------
