@@ -9,8 +9,9 @@ our own HTTP client, for everything but its metrics:
   binding's ``handle_chat_completions`` could be stopped only from its chunk
   callback, so a client that left during a long prefill kept the slot to the end);
 - the chat template and the tokenizer give the exact prompt count before admission;
-- admission (slots and a bounded queue) happens here, in asyncio, so llama.cpp never
-  holds more requests than it has slots.
+- admission (slots, a bounded queue, and the KV cache the slots share:
+  ``engines/admission.py``) happens here, in asyncio, so llama.cpp never holds more
+  requests than it has slots, nor more than its KV cache can hold together.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ import gguf
 
 from servelm.catalog.specs import ModelSpec
 from servelm.engines import http1, wire
-from servelm.engines.base import Admission, Engine, map_engine_error
+from servelm.engines.admission import Admission, PromptSize
+from servelm.engines.base import Engine, map_engine_error
 from servelm.errors import EngineError, ModelUnavailable, StreamCut
 
 if TYPE_CHECKING:
@@ -101,7 +103,11 @@ class LlamaCppEngine(Engine):
         # False: no count before admission (two calls into llama.cpp's HTTP routes);
         # the hold takes the walk's upper bound and the engine's usage settles it.
         self._count_prompts = count_prompts
-        self._admission: Admission = Admission(self.slots, queue_size, self.stats)
+        # The slots share one unified KV cache of the context window's size (_params):
+        # what the requests running together may fill.
+        self._admission: Admission = Admission(
+            self.slots, queue_size, self.stats, kv_cells=spec.context_window
+        )
         self._server: Any = None
         # Two pools on the embedded server's loopback port: quick calls (template,
         # tokenize) with a short read timeout, and generations, whose first byte may
@@ -279,7 +285,11 @@ class LlamaCppEngine(Engine):
     # -- generation ------------------------------------------------------------------
 
     async def stream(
-        self, body: dict[str, Any], *, client_streams: bool = True
+        self,
+        body: dict[str, Any],
+        *,
+        client_streams: bool = True,
+        prompt: PromptSize | None = None,
     ) -> AsyncIterator[dict[str, Any]]:
         # Streams inside, whatever the client wants: only a streaming call can be
         # cancelled. Through the embedded server's HTTP route, not the binding's
@@ -293,7 +303,8 @@ class LlamaCppEngine(Engine):
             {**_named_choice(body), "stream": True, "stream_options": {"include_usage": True}},
             ensure_ascii=False,
         ).encode()
-        async with self._admission:
+        kv = await self._kv_need(body, prompt)
+        async with self._admission.enter(kv):
             self.stats.requests_total += 1
             finished = False
             try:
@@ -322,6 +333,21 @@ class LlamaCppEngine(Engine):
                 if not finished:
                     self.stats.cancelled_total += 1
 
+    async def _kv_need(self, body: dict[str, Any], prompt: PromptSize | None) -> int:
+        """The KV cells this request reserves: prompt plus output limit. A prompt only
+        bounded (by its bytes: several times its tokens) that does not fit beside the
+        running requests is counted first, so it waits only if it really must."""
+        if prompt is None:
+            prompt = PromptSize(await self.count_prompt(body), self.prompt_count_exact(body))
+        output = body.get("max_tokens")
+        if not isinstance(output, int) or output < 1:
+            output = max(1, self.spec.context_window - prompt.tokens)
+        need = self._admission.kv_need(prompt, output)
+        if not prompt.exact and not self._admission.kv_fits(need):
+            prompt = PromptSize(await self.count_prompt(body), self.prompt_count_exact(body))
+            need = self._admission.kv_need(prompt, output)
+        return need
+
     def metrics(self) -> dict[str, float]:
         """llama.cpp's own counters (``llamacpp:*`` Prometheus text), parsed."""
         if self._server is None:
@@ -337,6 +363,8 @@ class LlamaCppEngine(Engine):
         return {
             **super().describe(),
             "slots": self.slots,
+            "kv_cells": self._admission.kv_cells,
+            "kv_used": self._admission.kv_used,
             "loaded": self._server is not None,
             # No weight paths: /health shows this to anyone (issue 17); the operator
             # has them in `servelm models list`.

@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING, Any
 
 from servelm.catalog.specs import ModelSpec, replica_specs
 from servelm.engines import http1, wire
-from servelm.engines.base import Admission, Engine, map_engine_error
+from servelm.engines.admission import Admission, PromptSize
+from servelm.engines.base import Engine, map_engine_error
 from servelm.errors import (
     InvalidRequest,
     ModelUnavailable,
@@ -108,7 +109,11 @@ class OpenAIUpstreamEngine(Engine):
         return None  # only the upstream knows its tokenizer; its usage settles the bill
 
     async def stream(
-        self, body: dict[str, Any], *, client_streams: bool = True
+        self,
+        body: dict[str, Any],
+        *,
+        client_streams: bool = True,
+        prompt: PromptSize | None = None,
     ) -> AsyncIterator[dict[str, Any]]:
         plain = not client_streams and self._plain_calls is True
         payload = {**body, "model": self.spec.upstream_model or self.spec.slug}
@@ -118,7 +123,9 @@ class OpenAIUpstreamEngine(Engine):
             payload["stream"] = True
             payload.update(_ASK_COUNTS[self.spec.upstream_kind])
         encoded = json.dumps(payload).encode()
-        async with self._admission:
+        # No KV budget: a remote server manages its own memory (and refuses with a 4xx
+        # what does not fit).
+        async with self._admission.enter():
             self.stats.requests_total += 1
             finished = False
             try:
