@@ -171,3 +171,13 @@ def test_llamacpps_full_kv_cache_is_a_503_not_a_500() -> None:
     assert isinstance(err, Overloaded)
     assert err.status_code == 503
     assert err.headers["Retry-After"] == "2"
+
+
+async def test_a_bound_may_take_the_free_cache_per_free_slot_uncounted() -> None:
+    a = model(slots=4, kv_cells=100)
+    assert a.kv_share() == 25
+    async with running(a) as r:
+        r.start("one", 40)
+        await settle()
+        assert a.kv_share() == 20  # 60 cells free, 3 slots free
+    assert model(kv_cells=None).kv_share() is None

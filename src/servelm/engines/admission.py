@@ -121,6 +121,15 @@ class Admission:
             )
         return self.kv_cells
 
+    def kv_share(self) -> int | None:
+        """The free cells per free slot: what a request may reserve on its prompt's
+        upper bound without being counted (a bound is often several times the count,
+        and one that takes more than its share could keep the slots left from being
+        used)."""
+        if self.kv_cells is None:
+            return None
+        return (self.kv_cells - self.kv_used) // max(1, self.slots - self._running)
+
     def kv_fits(self, need: int) -> bool:
         """Whether ``need`` cells are free now."""
         return self.kv_cells is None or self.kv_used + need <= self.kv_cells

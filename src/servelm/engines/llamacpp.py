@@ -190,6 +190,19 @@ class LlamaCppEngine(Engine):
         # generation, and an idle connection would pin one of the server's threads.
         self._gen = http1.Pool(address, read_timeout=GENERATION_READ_TIMEOUT, max_idle=0)
         self.vocab_size = await self._vocab_size()
+        cells = await self._kv_cells()
+        if cells is not None and cells < self.spec.context_window:
+            # The engine's word over ours: a cache smaller than the window asked for
+            # holds less together (llama.cpp rounds n_ctx up, never down, today).
+            log.warning(
+                "%s: llama.cpp's KV cache holds %d tokens, less than the context window "
+                "of %d; admission counts %d",
+                self.spec.slug,
+                cells,
+                self.spec.context_window,
+                cells,
+            )
+            self._admission.kv_cells = cells
         log.info(
             "loaded %s from %s (%d slots, context %d)",
             self.spec.slug,
@@ -243,6 +256,19 @@ class LlamaCppEngine(Engine):
             return int(listed["data"][0]["meta"]["n_vocab"])
         except (http1.HTTPError, ValueError, KeyError, IndexError, TypeError):
             log.warning("%s: the engine did not say its vocabulary size", self.spec.slug)
+            return None
+
+    async def _kv_cells(self) -> int | None:
+        """The tokens the KV cache holds, as the embedded server reports it (a slot's
+        ``n_ctx``: with the unified cache, every slot's is the whole cache)."""
+        assert self._http is not None
+        try:
+            resp = await self._http.request("GET", "/props")
+            async with resp:
+                props = json.loads(await resp.read())
+            return int(props["default_generation_settings"]["n_ctx"])
+        except (http1.HTTPError, ValueError, KeyError, TypeError):
+            log.warning("%s: the engine did not say its KV cache size", self.spec.slug)
             return None
 
     async def _call(self, path: str, payload: dict[str, Any]) -> tuple[int, Any]:
@@ -335,15 +361,17 @@ class LlamaCppEngine(Engine):
 
     async def _kv_need(self, body: dict[str, Any], prompt: PromptSize | None) -> int:
         """The KV cells this request reserves: prompt plus output limit. A prompt only
-        bounded (by its bytes: several times its tokens) that does not fit beside the
-        running requests is counted first, so it waits only if it really must."""
+        bounded (by its bytes: several times its tokens) is counted first where the
+        bound would take more than its share of the free cache, so that neither this
+        request nor the ones after it wait for space a count would have found."""
         if prompt is None:
             prompt = PromptSize(await self.count_prompt(body), self.prompt_count_exact(body))
         output = body.get("max_tokens")
         if not isinstance(output, int) or output < 1:
             output = max(1, self.spec.context_window - prompt.tokens)
         need = self._admission.kv_need(prompt, output)
-        if not prompt.exact and not self._admission.kv_fits(need):
+        share = self._admission.kv_share()
+        if not prompt.exact and share is not None and need > share:
             prompt = PromptSize(await self.count_prompt(body), self.prompt_count_exact(body))
             need = self._admission.kv_need(prompt, output)
         return need
