@@ -32,7 +32,10 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gateway_overhead import BIN, RESULTS, Proc, free_port, machine, wait_http
 
+from servelm.billing import accounts
+from servelm.billing.money import MICRO
 from servelm.config import default_data_dir
+from servelm.store.db import Database
 
 MODEL = "smollm2-135m-instruct"
 SLOTS = 4
@@ -94,8 +97,7 @@ WORDS = [
 ]
 
 
-def start(port: int) -> tuple[Proc, str]:
-    data = Path(tempfile.mkdtemp(prefix="servelm-kv-"))
+def start(port: int, data: Path) -> tuple[Proc, str]:
     env = {
         **os.environ,
         "SERVELM_DATA_DIR": str(data),
@@ -107,6 +109,18 @@ def start(port: int) -> tuple[Proc, str]:
     proc = Proc([str(BIN / "servelm"), "serve", "--port", str(port)], env)
     wait_http(f"http://127.0.0.1:{port}/readyz", timeout=300)
     return proc, (data / "first-api-key").read_text().strip()
+
+
+def other_account(data: Path) -> str:
+    """A second account's key: the short requests are another user's, not held back by
+    the long ones' account and its fair share of the slots."""
+    db = Database(f"sqlite:///{data / 'servelm.db'}")
+    try:
+        account = accounts.create_account(db, "beside")
+        accounts.grant(db, account.id, 1000 * MICRO)
+        return accounts.create_key(db, account.id, "beside")[1]
+    finally:
+        db.dispose()
 
 
 def long_prompt(seed: int, words: int) -> str:
@@ -122,9 +136,13 @@ async def chat(client: httpx.AsyncClient, content: str, max_tokens: int) -> tupl
     return r.status_code, took, r.json()
 
 
-async def measure(base: str, key: str, long_tokens: int, quiet_runs: int) -> dict[str, Any]:
-    headers = {"x-api-key": key}
-    async with httpx.AsyncClient(base_url=base, headers=headers, timeout=1800) as client:
+async def measure(
+    base: str, key: str, other: str, long_tokens: int, quiet_runs: int
+) -> dict[str, Any]:
+    async with (
+        httpx.AsyncClient(base_url=base, headers={"x-api-key": key}, timeout=1800) as client,
+        httpx.AsyncClient(base_url=base, headers={"x-api-key": other}, timeout=1800) as user,
+    ):
         # Words per token of this tokenizer, from one count (the prompt's template adds
         # a few tokens): scale the word count to the asked prompt size.
         status, _, probe = await chat(client, long_prompt(99, 1000), 1)
@@ -133,14 +151,14 @@ async def measure(base: str, key: str, long_tokens: int, quiet_runs: int) -> dic
         words = int((long_tokens - 30) / per_word)
         quiet = []
         for _ in range(quiet_runs):
-            status, took, answer = await chat(client, "Say hello.", 8)
+            status, took, answer = await chat(user, "Say hello.", 8)
             assert status == 200, answer
             quiet.append(took)
         longs = [asyncio.create_task(chat(client, long_prompt(i, words), 2)) for i in range(SLOTS)]
         beside: list[tuple[int, float]] = []
         await asyncio.sleep(0.5)
         while not all(t.done() for t in longs):
-            status, took, _ = await chat(client, "Say hello.", 8)
+            status, took, _ = await chat(user, "Say hello.", 8)
             beside.append((status, took))
         done = [t.result() for t in longs]
     long_statuses = [s for s, _, _ in done]
@@ -170,10 +188,12 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "kv_admission.json"))
     args = ap.parse_args()
     port = free_port()
-    proc, key = start(port)
+    data = Path(tempfile.mkdtemp(prefix="servelm-kv-"))
+    proc, key = start(port, data)
+    other = other_account(data)
     try:
         result = asyncio.run(
-            measure(f"http://127.0.0.1:{port}", key, args.long_tokens, args.quiet_runs)
+            measure(f"http://127.0.0.1:{port}", key, other, args.long_tokens, args.quiet_runs)
         )
     finally:
         proc.stop()
