@@ -114,8 +114,14 @@ def script() -> Script:
 
 
 @pytest.fixture
+def kind() -> str:
+    """The upstream as a known kind of engine: those get plain calls once warm."""
+    return "servelm"
+
+
+@pytest.fixture
 def gateway(
-    script: Script, models_dir: Path, tmp_path: Path
+    script: Script, kind: str, models_dir: Path, tmp_path: Path
 ) -> Iterator[tuple[LiveServer, Script]]:
     upstream = serve_in_thread(scripted_app(script))
     port = upstream.port
@@ -123,7 +129,8 @@ def gateway(
     models_file.write_text(
         f'[models.{SLUG}]\nengine = "openai"\nbase_url = "http://127.0.0.1:{port}/v1"\n'
         "context_window = 4096\nmax_output_tokens = 512\ninput_price = 1000\n"
-        "output_price = 2000\n[models.smollm2-135m-instruct]\nenabled = false\n"
+        f'output_price = 2000\nupstream_kind = "{kind}"\n'
+        "[models.smollm2-135m-instruct]\nenabled = false\n"
     )
     live = start_server(make_settings(tmp_path, models_dir, models_file=models_file))
     # The first answer is streamed whatever the client wants, until the upstream has
@@ -195,6 +202,22 @@ def test_an_upstream_without_usage_is_streamed_from_then_on(
     assert script.seen[-1]["stream"] is True  # where tokens can be counted
     assert second.json()["choices"][0]["message"]["content"] == "abc"
     assert second.json()["usage"]["completion_tokens"] == 3
+
+
+@pytest.mark.parametrize("kind", ["openai"])
+def test_an_upstream_of_unknown_kind_is_always_streamed(
+    gateway: tuple[LiveServer, Script],
+) -> None:
+    """Issue 25.5: a warm plain answer without usage could only be estimated from its
+    bytes. An upstream of unknown habits never gets a plain call: each token it
+    delivers is counted, whatever its usage says."""
+    live, script = gateway
+    script.usage = False
+    r = chat(live)
+    assert r.status_code == 200, r.text
+    assert script.seen[-1]["stream"] is True
+    assert r.json()["choices"][0]["message"]["content"] == "abc"
+    assert r.json()["usage"]["completion_tokens"] == 3
 
 
 def test_a_malformed_plain_answer_is_502_and_costs_nothing(

@@ -55,6 +55,10 @@ def liar_port() -> Iterator[int]:
 
 
 def liar_models_file(directory: Path, port: int, **fields: str) -> Path:
+    """The liar as a known kind of engine (vLLM): those get plain calls for plain
+    clients once warm, which the tests of malformed plain answers need; an upstream of
+    unknown kind is always streamed (``OpenAIUpstreamEngine``)."""
+    fields = {"upstream_kind": '"vllm"', **fields}
     extra = "".join(f"{k} = {v}\n" for k, v in fields.items())
     path = directory / "servelm.toml"
     path.write_text(

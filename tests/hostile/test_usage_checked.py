@@ -32,6 +32,8 @@ from tests.hostile.conftest import LIAR, assert_money_sound, liar_models_file, w
 FRESH = "liar-fresh"
 # A third, warmed up alone: its plain calls are not stopped by the other tests' lies.
 PLAIN = "liar-plain"
+# A fourth, warm, of unknown kind (``upstream_kind = "openai"``): never a plain call.
+UNKNOWN = "liar-unknown"
 DELIVERED = len(LONG)
 MAX_TOKENS = 50
 
@@ -47,13 +49,14 @@ def gateway(
         + "".join(
             f'[models.{slug}]\nengine = "openai"\nbase_url = "http://127.0.0.1:{liar_port}/v1"\n'
             "context_window = 4096\nmax_output_tokens = 512\ninput_price = 1000\n"
-            "output_price = 2000\n"
-            for slug in (FRESH, PLAIN)
+            f'output_price = 2000\nupstream_kind = "{kind}"\n'
+            for slug, kind in ((FRESH, "openai"), (PLAIN, "vllm"), (UNKNOWN, "openai"))
         )
     )
     live = start_server(make_settings(tmp, models_dir, models_file=path))
     warm_up(live)
     warm_up(live, PLAIN)
+    warm_up(live, UNKNOWN)
     yield live
     live.stop()
 
@@ -172,7 +175,7 @@ def test_usage_in_an_early_chunk_then_more_content_pays_every_chunk(
 
 def test_the_first_plain_answer_without_usage_pays_what_was_sent(gateway: LiveServer) -> None:
     """The first answer per process and model, to a plain client, from an upstream
-    that never reports usage: it was a plain call, billed as one token."""
+    that never reports usage: it was once a plain call, billed as one token."""
     key = new_key(gateway)
     r = httpx.post(
         f"{gateway.v1}/chat/completions",
@@ -190,10 +193,33 @@ def test_the_first_plain_answer_without_usage_pays_what_was_sent(gateway: LiveSe
     assert_money_sound(gateway)
 
 
+def test_a_warm_plain_answer_without_usage_from_an_unknown_kind_pays_what_was_sent(
+    gateway: LiveServer,
+) -> None:
+    """The case left by the first pass: a warm engine made plain calls for plain
+    clients, and a plain answer without usage could only be estimated from its bytes
+    (+22 % for 41 tokens). An upstream of unknown kind is now always streamed, each
+    token delivered counted, and the plain answer assembled: exact."""
+    key = new_key(gateway)
+    r = httpx.post(
+        f"{gateway.v1}/chat/completions",
+        json={**body("no-usage"), "model": UNKNOWN},
+        headers={"x-api-key": key},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    assert seen(gateway)[-1] is True  # a streamed call, though the client is plain
+    assert r.json()["choices"][0]["message"]["content"] == "".join(LONG)
+    assert r.json()["usage"]["completion_tokens"] == DELIVERED
+    prompt = bound("no-usage")
+    assert Decimal(r.headers["x-cost"]) == cost(gateway, prompt, DELIVERED)
+    assert_money_sound(gateway)
+
+
 def test_a_plain_answer_claiming_100000_tokens_is_bounded_by_its_bytes(
     gateway: LiveServer,
 ) -> None:
-    """A plain call (the engine is warm) has no chunks to count: a count above the
+    """A plain call (a warm engine of a known kind) has no chunks to count: a count above the
     bytes it sent is replaced by their estimate, under ``max_tokens``, and the engine
     is streamed from then on, where the next answer pays what it delivered."""
     key = new_key(gateway)

@@ -28,6 +28,7 @@ output_price = 1000000
 """
 SLUG = "smollm2-135m-instruct"
 DRAIN = 4
+LONG = 1000  # tokens: far more than a stream gets through in the drain window
 
 
 class Stream(threading.Thread):
@@ -100,8 +101,10 @@ def test_sigterm_drains_streams_and_the_json_log_is_clean(tmp_path: Path, models
 
 def _drain_and_check(gw: procs.Gateway, key: str, db: Database, env: dict[str, str]) -> None:
     url = f"{gw.base_url}/v1/chat/completions"
-    # Four finish inside the drain window, six are far too long to.
-    streams = [Stream(url, key, 8) for _ in range(4)] + [Stream(url, key, 1500) for _ in range(6)]
+    # Four finish inside the drain window, six are far too long to. All ten fit the
+    # model's KV cache together (each reserves its prompt and max_tokens: 6 x 1,000 +
+    # 4 x 8 and the prompts, under 8,192), so all start at once.
+    streams = [Stream(url, key, 8) for _ in range(4)] + [Stream(url, key, LONG) for _ in range(6)]
     for s in streams:
         s.start()
     for s in streams:
@@ -142,7 +145,7 @@ def _drain_and_check(gw: procs.Gateway, key: str, db: Database, env: dict[str, s
     assert len(cut) == 6
     # Each stopped stream paid for what it was sent, no more than was produced.
     assert sorted(r.completion_tokens for r in cut) >= sorted(s.content_chunks for s in stopped)
-    assert all(0 < r.completion_tokens < 1500 and r.cost > 0 for r in cut)
+    assert all(0 < r.completion_tokens < LONG and r.cost > 0 for r in cut)
     assert audit.ledger_check(db) == []
     db.dispose()
     check = procs.cli(env, "ledger", "check")

@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from servelm import __version__, ratelimit
 from servelm.api import account, admin, errors, health, metrics, models, openapi
 from servelm.api import jobs as jobs_routes
-from servelm.api.chat import ChatRoute
+from servelm.api.chat import ChatRoute, gated
 from servelm.api.middleware import RequestContextMiddleware
 from servelm.api.paths import OPENAI_CHAT, OPENAI_RESPONSES, is_reserved
 from servelm.api.services import (
@@ -115,15 +115,15 @@ class _SegmindRoute(Route):
 def chat_routes() -> list[Route]:
     """The chat routes (OpenAI's also with a trailing slash: never a redirect), and
     the Responses API on the same walk."""
-    # health.Gate: sheds chat requests while draining or over capacity.
-    openai = health.Gate(ChatRoute("openai"))
-    responses = health.Gate(ChatRoute("openai", api="responses"))
+    # gated: admission's gate sheds chat requests while draining or over capacity.
+    openai = gated(ChatRoute("openai"))
+    responses = gated(ChatRoute("openai", api="responses"))
     return [
         Route(OPENAI_CHAT, openai, methods=["POST"]),
         Route(OPENAI_CHAT + "/", openai, methods=["POST"]),
         Route(OPENAI_RESPONSES, responses, methods=["POST"]),
         Route(OPENAI_RESPONSES + "/", responses, methods=["POST"]),
-        _SegmindRoute("/v1/{model}", health.Gate(ChatRoute("segmind")), methods=["POST"]),
+        _SegmindRoute("/v1/{model}", gated(ChatRoute("segmind")), methods=["POST"]),
     ]
 
 

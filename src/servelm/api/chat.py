@@ -20,17 +20,19 @@ import logging
 from collections.abc import Iterator
 from typing import Literal
 
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from servelm.api.errors import INTERNAL, render
-from servelm.api.paths import Dialect
-from servelm.api.services import front
+from servelm.api.paths import Dialect, dialect_for_path
+from servelm.api.services import find_front, front
 from servelm.chat.calls import ChatExchange, JsonReply, StreamReply
 from servelm.chat.protocol import sse
 from servelm.chat.responses_answers import sse_event
 from servelm.chat.serving import ChatService
 from servelm.console import session as console_session
+from servelm.engines.admission import Gate
 from servelm.errors import InvalidRequest, PayloadTooLarge, RequestTimeout, ServelmError
+from servelm.processes.lifecycle import Lifecycle
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,23 @@ _DONE = b"data: [DONE]\n\n"
 
 class ClientGone(Exception):
     """The client hung up before the answer was complete."""
+
+
+def gated(route: ASGIApp) -> Gate:
+    """A chat route behind admission's gate (``engines.admission.Gate``): shed while
+    draining or over ``SERVELM_MAX_INFLIGHT``, tracked for the drain and deadline."""
+    return Gate(route, _lifecycle_of, _refuse)
+
+
+def _lifecycle_of(app: object) -> Lifecycle | None:
+    parts = find_front(app)
+    return None if parts is None else parts.lifecycle
+
+
+async def _refuse(exc: ServelmError, scope: Scope, send: Send) -> None:
+    r = render(exc, dialect_for_path(scope["path"]))
+    await send({"type": "http.response.start", "status": r.status, "headers": r.headers})
+    await send({"type": "http.response.body", "body": r.body})
 
 
 class ChatRoute:

@@ -59,7 +59,8 @@ from servelm.chat.protocol import ChatRequest, parse_chat_request, usage_body
 from servelm.chat.responses import parse_responses, responses_params
 from servelm.chat.responses_answers import reshape
 from servelm.console.session import session_live
-from servelm.engines.base import Engine, SlotShares
+from servelm.engines.admission import PromptSize, SlotShares
+from servelm.engines.base import Engine
 from servelm.engines.pool import COLD_START_HEADER, Lease, ModelPool
 from servelm.engines.registry import is_local
 from servelm.errors import (
@@ -347,14 +348,18 @@ class ChatService:
 
     async def generate(self, call: Call) -> AsyncGenerator[dict[str, Any]]:
         """The engine's raw chunks, counted as they pass; settles however it ends."""
-        stream = call.engine.stream(call.body, client_streams=call.request.stream)
+        stream = call.engine.stream(
+            call.body,
+            client_streams=call.request.stream,
+            prompt=PromptSize(call.prompt_tokens, call.prompt_exact),
+        )
         call.status = "cancelled"  # until the engine says it finished
         relayed = call.relayed
         shared = False
         try:
             if call.share is not None:
                 # Past its account's share of the model's slots it waits here.
-                await self.shares.take(call.share, call.share_size, call.engine)
+                await self.shares.take(call.share, call.share_size, call.engine.admission)
                 shared = True
             async for raw in stream:
                 if tally(call, raw):

@@ -13,12 +13,12 @@ full, ``EngineError`` / ``UpstreamError`` when it fails.
 from __future__ import annotations
 
 import abc
-import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 from servelm.catalog.specs import ModelSpec
+from servelm.engines.admission import Admission, PromptSize
 from servelm.errors import (
     ContextWindowExceeded,
     EngineError,
@@ -40,102 +40,6 @@ class EngineStats:
     chunks_total: int = 0
 
 
-class Admission:
-    """At most ``slots`` requests run; at most ``queue_size`` more wait; the rest get 503.
-
-    Waiting happens here, in asyncio, rather than in the engine's own queue, so a client
-    that gives up while queued costs nothing and leaves at once.
-    """
-
-    def __init__(self, slots: int, queue_size: int, stats: EngineStats) -> None:
-        self._sem = asyncio.Semaphore(slots)
-        self._queue_size = queue_size
-        self._stats = stats
-
-    def check(self) -> None:
-        """Refuse (503) if a request arriving now would find every slot busy and the
-        queue full."""
-        if self._sem.locked():
-            self.check_queue()
-
-    def check_queue(self) -> None:
-        """Refuse (503) if the queue is full, whatever the slots."""
-        if self._stats.waiting >= self._queue_size:
-            raise Overloaded(
-                "The model is at capacity and its queue is full; retry shortly.",
-                retry_after=1,
-            )
-
-    def has_room(self) -> bool:
-        """A request arriving now would run at once: a slot is free and nobody waits."""
-        return not self._sem.locked() and self._stats.waiting == 0
-
-    async def __aenter__(self) -> None:
-        if self._sem.locked():
-            self.check()
-            self._stats.waiting += 1
-            try:
-                await self._sem.acquire()
-            finally:
-                self._stats.waiting -= 1
-        else:
-            await self._sem.acquire()
-        self._stats.running += 1
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._stats.running -= 1
-        self._sem.release()
-
-
-class SlotShares:
-    """One account holds at most its share of a model's slots; its requests past the
-    share wait here, outside the engine's queue, so another account's request takes
-    the next free slot instead of waiting behind them (issue 25: six long streams of
-    one key held all four slots while another user waited 45 s). The share is all but
-    one slot unless the account's plan says otherwise (``slots``)."""
-
-    def __init__(self) -> None:
-        # (account, model) -> [its semaphore, requests holding or waiting for it]
-        self._shares: dict[tuple[int, str], list[Any]] = {}
-
-    @staticmethod
-    def share(slots: int, plan_slots: int | None) -> int | None:
-        """The share of a model with ``slots``; None when it is all of them."""
-        share = max(1, plan_slots if plan_slots is not None else slots - 1)
-        return share if share < slots else None
-
-    async def take(self, key: tuple[int, str], share: int, engine: Engine) -> None:
-        """Wait for a place in the share; the wait counts as the model's queue (bounded
-        by ``SERVELM_QUEUE_SIZE``: 503 past it, as the engine's own queue)."""
-        entry = self._shares.get(key)
-        if entry is None:
-            entry = self._shares[key] = [asyncio.Semaphore(share), 0]
-        entry[1] += 1
-        try:
-            if entry[0].locked() and engine._admission is not None:
-                engine._admission.check_queue()
-                engine.stats.waiting += 1
-                try:
-                    await entry[0].acquire()
-                finally:
-                    engine.stats.waiting -= 1
-            else:
-                await entry[0].acquire()
-        except BaseException:
-            self._leave(key, entry)
-            raise
-
-    def give(self, key: tuple[int, str]) -> None:
-        entry = self._shares[key]
-        entry[0].release()
-        self._leave(key, entry)
-
-    def _leave(self, key: tuple[int, str], entry: list[Any]) -> None:
-        entry[1] -= 1
-        if entry[1] == 0:
-            del self._shares[key]
-
-
 class Engine(abc.ABC):
     """One model, ready to generate."""
 
@@ -147,6 +51,11 @@ class Engine(abc.ABC):
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
         self.stats = EngineStats()
+
+    @property
+    def admission(self) -> Admission | None:
+        """The model's slots, queue and KV budget (``engines.admission``)."""
+        return self._admission
 
     def check_capacity(self) -> None:
         """Refuse at once (503) a request the engine's admission would refuse anyway,
@@ -185,9 +94,17 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def stream(
-        self, body: dict[str, Any], *, client_streams: bool = True
+        self,
+        body: dict[str, Any],
+        *,
+        client_streams: bool = True,
+        prompt: PromptSize | None = None,
     ) -> AsyncIterator[dict[str, Any]]:
         """Generate; yields chunk dicts, the last one carrying ``usage``.
+
+        ``prompt``: the walk's count (or bound) of the prompt's tokens; with the body's
+        ``max_tokens`` it is the KV space the request reserves in admission
+        (``engines.admission``). None: the engine finds out itself if it needs to.
 
         ``client_streams`` False: the client wants one answer, not a stream, so an
         engine may deliver the completion in one chunk where that is cheaper. Closing the iterator
@@ -233,6 +150,10 @@ _INPUT_REFUSALS = (
 )
 
 
+# What llama.cpp says when its KV cache is full while prefilling (a 500 "server_error").
+_KV_FULL = "Context size has been exceeded"
+
+
 def map_engine_error(err: Any) -> ServelmError:
     """An OpenAI/llama.cpp-style error object from an engine, as our exception."""
     if not isinstance(err, dict):
@@ -249,6 +170,17 @@ def map_engine_error(err: Any) -> ServelmError:
     if any(marker in message for marker in _INPUT_REFUSALS):
         return InvalidRequest(f"The model's engine refused the request: {message[:500]}")
     code = err.get("code")
+    if _KV_FULL in message:
+        # The request fit the window, but the KV cache its slots share filled up with
+        # other requests mid-prefill (admission reserves KV space so this should not
+        # happen; a model whose cache is smaller than it said would still get here).
+        # Not the client's fault, and gone once the others finish: retry.
+        return Overloaded(
+            "The model's KV cache was full with other requests while this prompt was "
+            "read; retry shortly.",
+            retry_after=2,
+            code="kv_cache_full",
+        )
     if err.get("type") == "exceed_context_size_error":
         return ContextWindowExceeded(
             f"The prompt has {err.get('n_prompt_tokens')} tokens, more than the model's "

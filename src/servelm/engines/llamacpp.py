@@ -9,8 +9,9 @@ our own HTTP client, for everything but its metrics:
   binding's ``handle_chat_completions`` could be stopped only from its chunk
   callback, so a client that left during a long prefill kept the slot to the end);
 - the chat template and the tokenizer give the exact prompt count before admission;
-- admission (slots and a bounded queue) happens here, in asyncio, so llama.cpp never
-  holds more requests than it has slots.
+- admission (slots, a bounded queue, and the KV cache the slots share:
+  ``engines/admission.py``) happens here, in asyncio, so llama.cpp never holds more
+  requests than it has slots, nor more than its KV cache can hold together.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ import gguf
 
 from servelm.catalog.specs import ModelSpec
 from servelm.engines import http1, wire
-from servelm.engines.base import Admission, Engine, map_engine_error
+from servelm.engines.admission import Admission, PromptSize
+from servelm.engines.base import Engine, map_engine_error
 from servelm.errors import EngineError, ModelUnavailable, StreamCut
 
 if TYPE_CHECKING:
@@ -101,7 +103,11 @@ class LlamaCppEngine(Engine):
         # False: no count before admission (two calls into llama.cpp's HTTP routes);
         # the hold takes the walk's upper bound and the engine's usage settles it.
         self._count_prompts = count_prompts
-        self._admission: Admission = Admission(self.slots, queue_size, self.stats)
+        # The slots share one unified KV cache of the context window's size (_params):
+        # what the requests running together may fill.
+        self._admission: Admission = Admission(
+            self.slots, queue_size, self.stats, kv_cells=spec.context_window
+        )
         self._server: Any = None
         # Two pools on the embedded server's loopback port: quick calls (template,
         # tokenize) with a short read timeout, and generations, whose first byte may
@@ -189,6 +195,19 @@ class LlamaCppEngine(Engine):
         # generation, and an idle connection would pin one of the server's threads.
         self._gen = http1.Pool(address, read_timeout=GENERATION_READ_TIMEOUT, max_idle=0)
         self.vocab_size = await self._vocab_size()
+        cells = await self._kv_cells()
+        if cells is not None and cells < self.spec.context_window:
+            # The engine's word over ours: a cache smaller than the window asked for
+            # holds less together (llama.cpp rounds n_ctx up, never down, today).
+            log.warning(
+                "%s: llama.cpp's KV cache holds %d tokens, less than the context window "
+                "of %d; admission counts %d",
+                self.spec.slug,
+                cells,
+                self.spec.context_window,
+                cells,
+            )
+            self._admission.kv_cells = cells
         log.info(
             "loaded %s from %s (%d slots, context %d)",
             self.spec.slug,
@@ -244,6 +263,19 @@ class LlamaCppEngine(Engine):
             log.warning("%s: the engine did not say its vocabulary size", self.spec.slug)
             return None
 
+    async def _kv_cells(self) -> int | None:
+        """The tokens the KV cache holds, as the embedded server reports it (a slot's
+        ``n_ctx``: with the unified cache, every slot's is the whole cache)."""
+        assert self._http is not None
+        try:
+            resp = await self._http.request("GET", "/props")
+            async with resp:
+                props = json.loads(await resp.read())
+            return int(props["default_generation_settings"]["n_ctx"])
+        except (http1.HTTPError, ValueError, KeyError, TypeError):
+            log.warning("%s: the engine did not say its KV cache size", self.spec.slug)
+            return None
+
     async def _call(self, path: str, payload: dict[str, Any]) -> tuple[int, Any]:
         """One call to the embedded server's own HTTP routes."""
         assert self._http is not None, "engine not started"
@@ -284,7 +316,11 @@ class LlamaCppEngine(Engine):
     # -- generation ------------------------------------------------------------------
 
     async def stream(
-        self, body: dict[str, Any], *, client_streams: bool = True
+        self,
+        body: dict[str, Any],
+        *,
+        client_streams: bool = True,
+        prompt: PromptSize | None = None,
     ) -> AsyncIterator[dict[str, Any]]:
         # Streams inside, whatever the client wants: only a streaming call can be
         # cancelled. Through the embedded server's HTTP route, not the binding's
@@ -298,7 +334,8 @@ class LlamaCppEngine(Engine):
             {**_named_choice(body), "stream": True, "stream_options": {"include_usage": True}},
             ensure_ascii=False,
         ).encode()
-        async with self._admission:
+        kv = await self._kv_need(body, prompt)
+        async with self._admission.enter(kv):
             self.stats.requests_total += 1
             finished = False
             try:
@@ -327,6 +364,23 @@ class LlamaCppEngine(Engine):
                 if not finished:
                     self.stats.cancelled_total += 1
 
+    async def _kv_need(self, body: dict[str, Any], prompt: PromptSize | None) -> int:
+        """The KV cells this request reserves: prompt plus output limit. A prompt only
+        bounded (by its bytes: several times its tokens) is counted first where the
+        bound would take more than its share of the free cache, so that neither this
+        request nor the ones after it wait for space a count would have found."""
+        if prompt is None:
+            prompt = PromptSize(await self.count_prompt(body), self.prompt_count_exact(body))
+        output = body.get("max_tokens")
+        if not isinstance(output, int) or output < 1:
+            output = max(1, self.spec.context_window - prompt.tokens)
+        need = self._admission.kv_need(prompt, output)
+        share = self._admission.kv_share()
+        if not prompt.exact and share is not None and need > share:
+            prompt = PromptSize(await self.count_prompt(body), self.prompt_count_exact(body))
+            need = self._admission.kv_need(prompt, output)
+        return need
+
     def metrics(self) -> dict[str, float]:
         """llama.cpp's own counters (``llamacpp:*`` Prometheus text), parsed."""
         if self._server is None:
@@ -342,6 +396,8 @@ class LlamaCppEngine(Engine):
         return {
             **super().describe(),
             "slots": self.slots,
+            "kv_cells": self._admission.kv_cells,
+            "kv_used": self._admission.kv_used,
             "loaded": self._server is not None,
             # No weight paths: /health shows this to anyone (issue 17); the operator
             # has them in `servelm models list`.

@@ -37,7 +37,8 @@ from typing import TYPE_CHECKING, Any
 
 from servelm.catalog.specs import ModelSpec, ReplicaSpec, replica_specs
 from servelm.engines import http1, wire
-from servelm.engines.base import Admission, Engine, map_engine_error
+from servelm.engines.admission import Admission, PromptSize
+from servelm.engines.base import Engine, map_engine_error
 from servelm.engines.pool import COLD_START_HEADER, cold_start_behind
 from servelm.errors import (
     InvalidRequest,
@@ -79,7 +80,12 @@ class OpenAIUpstreamEngine(Engine):
         # Plain calls for plain clients once a stream has shown that the upstream
         # reports usage (None: not yet); False, for good, once a plain answer came
         # without it. The first answer is streamed, where its tokens can be counted.
-        self._plain_calls: bool | None = None
+        # Only for the engines we know report usage in plain answers (vLLM, llama.cpp,
+        # a servelm worker): a plain answer's tokens cannot be counted, only estimated
+        # from its bytes (+22 % for 41 tokens, issue 25.5), so an upstream of unknown
+        # habits (``upstream_kind = "openai"``) is always streamed, where each token
+        # delivered is counted, and the walk assembles the plain answer.
+        self._plain_calls: bool | None = None if spec.upstream_kind in _PLAIN_KINDS else False
 
         def make(r: ReplicaSpec, name: str, *, healthy: bool = False) -> Replica:
             return Replica(
@@ -131,7 +137,11 @@ class OpenAIUpstreamEngine(Engine):
         return None  # only the upstream knows its tokenizer; its usage settles the bill
 
     async def stream(
-        self, body: dict[str, Any], *, client_streams: bool = True
+        self,
+        body: dict[str, Any],
+        *,
+        client_streams: bool = True,
+        prompt: PromptSize | None = None,
     ) -> AsyncIterator[dict[str, Any]]:
         plain = not client_streams and self._plain_calls is True
         payload = {**body, "model": self.spec.upstream_model or self.spec.slug}
@@ -141,7 +151,9 @@ class OpenAIUpstreamEngine(Engine):
             payload["stream"] = True
             payload.update(_ASK_COUNTS[self.spec.upstream_kind])
         encoded = json.dumps(payload).encode()
-        async with self._admission:
+        # No KV budget: a remote server manages its own memory (and refuses with a 4xx
+        # what does not fit).
+        async with self._admission.enter():
             self.stats.requests_total += 1
             finished = False
             try:
@@ -359,6 +371,9 @@ class OpenAIUpstreamEngine(Engine):
             "replicas": self.replicas.describe(),
         }
 
+
+# Upstreams trusted with plain calls for plain clients (see ``_plain_calls``).
+_PLAIN_KINDS = ("vllm", "llama.cpp", "servelm")
 
 # Answers that say the replica is sick (a gateway or proxy in front of it, overload,
 # a drain), not that the request is bad.

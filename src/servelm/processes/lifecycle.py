@@ -196,7 +196,7 @@ class Lifecycle:
             self._watchdog.cancel()
             await asyncio.gather(self._watchdog, return_exceptions=True)
 
-    # -- admission ---------------------------------------------------------------------
+    # -- requests in flight (admitted by engines.admission.Gate) -------------------------
 
     @contextlib.contextmanager
     def track(self, timeout: float | None = None) -> Iterator[Flight]:
@@ -222,10 +222,3 @@ class Lifecycle:
         task = asyncio.current_task()
         flight = self.inflight.get(task) if task is not None else None
         return None if flight is None else flight.deadline
-
-    def admit(self) -> None:
-        """Before a chat request starts: refuse it quickly while draining or full."""
-        if self.draining:
-            raise Overloaded("The server is shutting down; retry on another.", retry_after=1)
-        if self.max_inflight is not None and len(self.inflight) >= self.max_inflight:
-            raise Overloaded("The server is at capacity; retry shortly.", retry_after=1)

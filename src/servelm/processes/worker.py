@@ -28,8 +28,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from servelm.api import errors, health
-from servelm.api.chat import ChatRoute
+from servelm.api import errors
+from servelm.api.chat import ChatRoute, gated
 from servelm.api.middleware import RequestContextMiddleware
 from servelm.api.paths import OPENAI_CHAT
 from servelm.api.services import Front, front, install_front
@@ -54,7 +54,7 @@ def engine_front(
     exactly as the gateway's (``api.chat.ChatRoute`` behind the drain gate), plus
     ``routes``. ``lifespan`` puts the ``ChatService`` (with a ``WorkerKey``) in its
     ``Front`` (``api.services``) before the first request."""
-    chat = health.Gate(ChatRoute("openai"))
+    chat = gated(ChatRoute("openai"))
     app = Starlette(
         routes=[
             Route(OPENAI_CHAT, chat, methods=["POST"]),

@@ -20,7 +20,8 @@ from typing import Any
 
 from servelm.catalog.specs import ModelSpec
 from servelm.config import Settings
-from servelm.engines.base import Admission, Engine
+from servelm.engines.admission import Admission, PromptSize
+from servelm.engines.base import Engine
 from servelm.errors import ServelmError
 
 PER_MESSAGE = 3
@@ -69,11 +70,15 @@ class ScriptedEngine(Engine):
         return sum(PER_MESSAGE + len(_text(m).split()) for m in body["messages"])
 
     async def stream(
-        self, body: dict[str, Any], *, client_streams: bool = True
+        self,
+        body: dict[str, Any],
+        *,
+        client_streams: bool = True,
+        prompt: PromptSize | None = None,
     ) -> AsyncIterator[dict[str, Any]]:
         script = self._scripts.popleft() if self._scripts else self.default
         self.bodies.append(body)
-        async with self._admission:
+        async with self._admission.enter():
             self.stats.requests_total += 1
             if script.error is not None and script.fail_after is None:
                 raise script.error
@@ -97,8 +102,8 @@ class ScriptedEngine(Engine):
                 raise
             last: dict[str, Any] = {"choices": [{"index": 0, "delta": {}, "finish_reason": finish}]}
             if script.report_usage:
-                prompt = await self.count_prompt_tokens(body)
-                last["usage"] = {"prompt_tokens": prompt, "completion_tokens": sent}
+                counted = await self.count_prompt_tokens(body)
+                last["usage"] = {"prompt_tokens": counted, "completion_tokens": sent}
             yield last
 
 
