@@ -31,6 +31,10 @@ SKIPPED = {
     "servelm worker --model smollm2-135m-instruct --port 8101   # one per machine or core set": (
         "two servers in the foreground; tests/fleet runs the same topology as processes"
     ),
+    "printf '127.0.0.1 workers\\n127.0.0.2 workers\\n' > workers.hosts": (
+        "two workers left running in the background on a fixed port; "
+        "tests/fleet/test_discovery.py runs this topology on free ports"
+    ),
 }
 
 # The README's placeholders, and what stands for them here.
