@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gateway_overhead import BIN, RESULTS, Proc, free_port, machine, wait_http
 
 from servelm.config import default_data_dir
-from servelm.loadgen import bench_turns
+from servelm.tools.loadgen import bench_turns
 
 POLICIES = ("prefix", "round_robin", "least_load")
 

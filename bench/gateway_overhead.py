@@ -33,7 +33,7 @@ from typing import Any
 
 import httpx
 
-from servelm.loadgen import bench
+from servelm.tools.loadgen import bench
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -80,7 +80,13 @@ def start_upstream(chunk_delay: float = 0.0) -> tuple[Proc, str]:
     """The instant upstream on the load generator's CPU; ``chunk_delay`` spaces its
     stream's chunks out (to hold streams open)."""
     port = free_port()
-    argv = [str(BIN / "python"), "-m", "servelm.testing.instant_upstream", "--port", str(port)]
+    argv = [
+        str(BIN / "python"),
+        "-m",
+        "servelm.tools.testing.instant_upstream",
+        "--port",
+        str(port),
+    ]
     proc = Proc(pinned(CLIENT_CPU, [*argv, "--chunk-delay", str(chunk_delay)]))
     wait_http(f"http://127.0.0.1:{port}/v1/models")
     return proc, f"http://127.0.0.1:{port}/v1"

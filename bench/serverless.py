@@ -44,7 +44,7 @@ from servelm.catalog.models_file import load_catalog
 from servelm.catalog.weights.default_model import default_model_path
 from servelm.config import default_data_dir
 from servelm.engines.llamacpp import footprint
-from servelm.testing import ggufgen
+from servelm.tools.testing import ggufgen
 
 CONTEXT = 131072
 CHURN = ("x0", "x1", "x2", "x3")

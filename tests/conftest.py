@@ -187,7 +187,7 @@ def db(db_url: str) -> Iterator[Database]:
 @pytest.fixture(scope="session")
 def seed_models(models_dir: Path) -> dict[str, Path]:
     """Seed slug → tiny random-weight GGUF of that architecture (generated once)."""
-    from servelm.testing import ggufgen
+    from servelm.tools.testing import ggufgen
 
     return ggufgen.ensure_models(
         default_data_dir() / "testmodels", default_model.default_model_path(models_dir)

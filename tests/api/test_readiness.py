@@ -13,8 +13,8 @@ import httpx
 import pytest
 
 from servelm.catalog.specs import Catalog, ModelSpec
-from servelm.testing import instant_upstream
-from servelm.testing.scripted_engine import scripted_factory
+from servelm.tools.testing import instant_upstream
+from servelm.tools.testing.scripted_engine import scripted_factory
 from tests.conftest import (
     LiveServer,
     drop_pg_database,

@@ -20,7 +20,7 @@ import httpx
 import yaml
 
 from servelm.catalog.specs import Catalog, ModelSpec
-from servelm.testing import instant_upstream
+from servelm.tools.testing import instant_upstream
 from tests.conftest import free_port, make_settings, start_server
 from tests.procs import SERVELM, gateway_env
 from tests.servers import serve_in_thread

@@ -20,7 +20,7 @@ import pytest
 from servelm.billing import accounts
 from servelm.billing.money import MICRO
 from servelm.store.db import Database
-from servelm.testing.instant_upstream import lifespan, read_body
+from servelm.tools.testing.instant_upstream import lifespan, read_body
 from tests.conftest import ADMIN_TOKEN, LiveServer, make_settings, start_server
 from tests.servers import serve_in_thread
 
@@ -40,7 +40,7 @@ def paced_app() -> Any:
         if scope["type"] == "lifespan":
             await lifespan(receive, send)
             return
-        if scope["path"] == "/health":  # the gateway's health probe (servelm.fleet)
+        if scope["path"] == "/health":  # the gateway's health probe (servelm.engines.fleet)
             headers = [(b"content-type", b"application/json")]
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             await send({"type": "http.response.body", "body": b'{"status":"ok"}'})

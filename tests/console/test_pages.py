@@ -14,10 +14,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from servelm.api.console import docs
 from servelm.api.services import services
+from servelm.auth import sessions as session
 from servelm.billing import accounts
 from servelm.chat.protocol import ChatRequest
-from servelm.console import docs, session
 from tests.conftest import LiveServer, provision
 from tests.console.conftest import PACED, csrf_from, operator_client, signed_in_client
 

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from servelm.api.services import services
-from servelm.console import session
+from servelm.auth import sessions as session
 from tests.conftest import ADMIN_TOKEN, LiveServer, provision
 from tests.console.conftest import SCREENSHOTS
 

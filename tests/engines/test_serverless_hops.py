@@ -113,7 +113,7 @@ def test_a_gateway_relays_a_servelm_upstreams_cold_start_and_only_a_servelm_ones
     keeps its model loaded and never says so: this upstream stands in for one that
     did.)"""
     from servelm.catalog.models_file import load_catalog
-    from servelm.testing.instant_upstream import make_app
+    from servelm.tools.testing.instant_upstream import make_app
     from tests.servers import serve_in_thread
 
     inner = make_app()

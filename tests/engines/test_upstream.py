@@ -18,7 +18,7 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from servelm.api.services import services
 from servelm.billing.money import MICRO
-from servelm.fleet.replicas import RUN
+from servelm.engines.fleet.replicas import RUN
 from tests.conftest import LiveServer, free_port, make_settings, provision, start_server
 
 pytestmark = pytest.mark.slow  # real engine processes or models: seconds each
@@ -26,9 +26,19 @@ pytestmark = pytest.mark.slow  # real engine processes or models: seconds each
 REMOTE = "remote-smol"
 
 
+LLAMA_SERVER = "servelm.tools.testing.llama_server"
+
+
 def _spawn_engine(model: Path, port: int) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "servelm.testing.llama_server", str(model), "--port", str(port)],
+        [
+            sys.executable,
+            "-m",
+            "servelm.tools.testing.llama_server",
+            str(model),
+            "--port",
+            str(port),
+        ],
         stdout=subprocess.PIPE,
         text=True,
     )

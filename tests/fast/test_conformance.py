@@ -22,7 +22,7 @@ from servelm.cli import app as cli_app
 from servelm.cli.docs_tables import render
 from servelm.config import Settings, settings_table
 from servelm.engines.registry import build_engine
-from servelm.testing.scripted_engine import ScriptedEngine, scripted_factory
+from servelm.tools.testing.scripted_engine import ScriptedEngine, scripted_factory
 from tests.conftest import ADMIN_TOKEN, LiveServer, free_port, make_settings, start_server
 from tests.fast.conftest import SLUG, SPEC, new_key
 

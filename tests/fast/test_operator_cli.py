@@ -152,7 +152,7 @@ def test_keys_list_piped_keeps_whole_key_ids_and_database_url_is_honoured(
 
 def test_ggufgen_help_prints_usage_and_writes_nothing(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "servelm.testing.ggufgen", "--help"],
+        [sys.executable, "-m", "servelm.tools.testing.ggufgen", "--help"],
         cwd=tmp_path,
         capture_output=True,
         text=True,

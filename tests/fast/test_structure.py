@@ -20,7 +20,7 @@ from servelm.auth import keys as auth
 from servelm.billing import accounts
 from servelm.catalog.specs import Catalog
 from servelm.errors import AuthenticationError, InsufficientCredits, InvalidRequest
-from servelm.testing.scripted_engine import scripted_factory
+from servelm.tools.testing.scripted_engine import scripted_factory
 from tests.conftest import LiveServer, make_settings, start_server
 from tests.fast.conftest import SLUG, SPEC, new_key
 

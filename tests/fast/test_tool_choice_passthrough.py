@@ -15,7 +15,7 @@ import pytest
 from servelm.api.services import services
 from servelm.catalog.specs import Catalog
 from servelm.errors import UpstreamError
-from servelm.testing.scripted_engine import Script, ScriptedEngine, scripted_factory
+from servelm.tools.testing.scripted_engine import Script, ScriptedEngine, scripted_factory
 from tests.conftest import LiveServer, make_settings, start_server
 from tests.fast.conftest import SPEC
 

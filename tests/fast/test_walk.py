@@ -19,7 +19,12 @@ from servelm.billing import audit
 from servelm.billing.money import MICRO
 from servelm.catalog.specs import Catalog
 from servelm.errors import EngineError, UpstreamError
-from servelm.testing.scripted_engine import PER_MESSAGE, Script, ScriptedEngine, scripted_factory
+from servelm.tools.testing.scripted_engine import (
+    PER_MESSAGE,
+    Script,
+    ScriptedEngine,
+    scripted_factory,
+)
 from tests.conftest import LiveServer, make_settings, start_server
 from tests.fast.conftest import SLUG, SPEC, balance, hold_row, new_key, usage_row
 

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from servelm.cli import app
-from servelm.testing.instant_upstream import make_app
+from servelm.tools.testing.instant_upstream import make_app
 from tests.conftest import LiveServer, make_settings, start_server
 from tests.servers import serve_in_thread
 

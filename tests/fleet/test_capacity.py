@@ -8,10 +8,10 @@ import asyncio
 import pytest
 
 from servelm.catalog.specs import ReplicaSpec
-from servelm.fleet import health
-from servelm.fleet.health import HealthChecker
-from servelm.fleet.replicas import Replica, ReplicaSet
-from servelm.fleet.routing import LeastLoad, PrefixAffinity, loads
+from servelm.engines.fleet import health
+from servelm.engines.fleet.health import HealthChecker
+from servelm.engines.fleet.replicas import Replica, ReplicaSet
+from servelm.engines.fleet.routing import LeastLoad, PrefixAffinity, loads
 from tests.fleet.test_routing import conversation, replicas
 
 

@@ -286,7 +286,7 @@ def test_the_autoscaler_queries_series_that_gateways_and_workers_export(
     tmp_path: Path, models_dir: Path
 ) -> None:
     from servelm.catalog.specs import Catalog, ModelSpec
-    from servelm.testing import instant_upstream
+    from servelm.tools.testing import instant_upstream
     from tests.conftest import make_settings, start_server
     from tests.fleet import fleetprocs
     from tests.servers import serve_in_thread
@@ -316,7 +316,7 @@ def test_the_autoscaler_queries_series_that_gateways_and_workers_export(
 def test_a_gateway_counts_its_requests_in_flight_on_a_remote_model(tmp_path: Path) -> None:
     """The gateways' half of the signal: a stream held open at a replica is running."""
     from servelm.catalog.specs import Catalog, ModelSpec
-    from servelm.testing import instant_upstream
+    from servelm.tools.testing import instant_upstream
     from tests.conftest import make_settings, start_server
     from tests.servers import serve_in_thread
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from servelm.fleet.discovery import address_url, hosts_lookup
+from servelm.engines.fleet.discovery import address_url, hosts_lookup
 from servelm.store.db import Database
 from tests import procs
 from tests.conftest import free_port, provision

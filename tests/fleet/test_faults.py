@@ -17,7 +17,7 @@ from sqlalchemy import select
 from servelm.billing import accounts
 from servelm.billing.money import MICRO
 from servelm.chat.conversation import estimate_prompt_tokens
-from servelm.fleet.replicas import RUN
+from servelm.engines.fleet.replicas import RUN
 from servelm.store.db import Database
 from servelm.store.tables import usage
 from tests import procs

@@ -1,7 +1,7 @@
 """Passive health: a replica serving traffic is judged by that traffic, not probed
 each interval; an ejected or idle one is probed, and an ejected one that passes comes
 back. A real engine (``OpenAIUpstreamEngine``) relays real HTTP to two fault
-upstreams (``servelm.testing.fault_upstream``, in-thread), whose ``/stats`` count the
+upstreams (``servelm.tools.testing.fault_upstream``, in-thread), whose ``/stats`` count the
 probes they got."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import httpx
 import pytest
 
 from servelm.catalog.specs import ModelSpec
+from servelm.engines.fleet.health import HealthChecker
 from servelm.engines.upstream import OpenAIUpstreamEngine
 from servelm.errors import ServelmError
-from servelm.fleet.health import HealthChecker
-from servelm.testing import fault_upstream
+from servelm.tools.testing import fault_upstream
 from tests.servers import ThreadServer, serve_in_thread
 
 # The engine's own probe loop: too slow to fire while a test runs, so the rounds the

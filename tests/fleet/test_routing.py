@@ -7,8 +7,14 @@ from collections import Counter
 from typing import Any
 
 from servelm.catalog.specs import ReplicaSpec
-from servelm.fleet.replicas import Replica
-from servelm.fleet.routing import GUARD_ABS, LeastLoad, PrefixAffinity, RoundRobin, make_router
+from servelm.engines.fleet.replicas import Replica
+from servelm.engines.fleet.routing import (
+    GUARD_ABS,
+    LeastLoad,
+    PrefixAffinity,
+    RoundRobin,
+    make_router,
+)
 
 
 def replicas(

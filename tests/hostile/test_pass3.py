@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from servelm.telemetry import logs
-from servelm.testing.lying_upstream import LEAKS, SECRET
+from servelm.tools.testing.lying_upstream import LEAKS, SECRET
 from tests.conftest import ADMIN_TOKEN, LiveServer, make_settings, provision, start_server
 from tests.console.conftest import csrf_from
 from tests.hostile.conftest import LIAR, Drip, assert_money_sound, liar_models_file

@@ -1,6 +1,6 @@
 """Points 6-9 of issue 17: an upstream that lies about usage or sends malformed data.
 
-The upstream is ``servelm.testing.lying_upstream`` in its own process; the gateway is
+The upstream is ``servelm.tools.testing.lying_upstream`` in its own process; the gateway is
 a real server. Every test ends with `servelm ledger check` passing, no hold open, and
 the balance down by exactly what was delivered.
 """
@@ -22,7 +22,7 @@ from servelm.api.services import services
 from servelm.billing.money import MICRO
 from servelm.chat.conversation import estimate_prompt_tokens
 from servelm.engines.upstream import OpenAIUpstreamEngine
-from servelm.testing.lying_upstream import PLAIN_LIES, STREAM_LIES, USAGE_LIES
+from servelm.tools.testing.lying_upstream import PLAIN_LIES, STREAM_LIES, USAGE_LIES
 from tests.conftest import LiveServer, drop_pg_database, new_pg_database, provision
 from tests.hostile.conftest import LIAR, assert_money_sound, start_liar_gateway, warm_up
 
@@ -212,7 +212,7 @@ def test_token_counts_past_int4_never_fail_settlement_on_postgresql(pg_liar: Liv
 @pytest.fixture
 def deadline_gateway(liar_port: int, models_dir: Path, tmp_path: Path) -> Iterator[LiveServer]:
     # A read timeout of 2 s that a byte a second never trips; a 3 s deadline that does.
-    # Probed every 0.2 s: the timeout ejects the only replica (servelm.fleet), and the
+    # Probed every 0.2 s: the timeout ejects the only replica (servelm.engines.fleet), and the
     # probe readmits it for the second half of the test.
     live = start_liar_gateway(
         tmp_path, models_dir, liar_port, timeout="2", deadline="3", health_interval="0.2"

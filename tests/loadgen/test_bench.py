@@ -11,8 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from servelm.cli import app
-from servelm.loadgen import bench
-from servelm.testing.instant_upstream import make_app
+from servelm.tools.loadgen import bench
+from servelm.tools.testing.instant_upstream import make_app
 from tests.conftest import LiveServer
 from tests.servers import running
 

@@ -72,7 +72,7 @@ def upstream_port() -> Iterator[int]:
         [
             sys.executable,
             "-m",
-            "servelm.testing.instant_upstream",
+            "servelm.tools.testing.instant_upstream",
             "--port",
             str(port),
             "--chunk-delay",

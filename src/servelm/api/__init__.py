@@ -1,1 +1,2 @@
-"""HTTP layer: app factory, thin routers, error rendering, middleware."""
+"""HTTP only: the app factory, thin routers, the one error renderer, middleware,
+the connection guard, and the web console (``console/``)."""

@@ -19,6 +19,9 @@ from servelm import __version__, ratelimit
 from servelm.api import account, admin, errors, health, metrics, models, openapi
 from servelm.api import jobs as jobs_routes
 from servelm.api.chat import ChatRoute, gated
+from servelm.api.console import account_keys as console_account_keys
+from servelm.api.console import operator as console_operator
+from servelm.api.console import routes as console_routes
 from servelm.api.middleware import RequestContextMiddleware
 from servelm.api.paths import OPENAI_CHAT, OPENAI_RESPONSES, is_reserved
 from servelm.api.services import (
@@ -30,6 +33,7 @@ from servelm.api.services import (
     install_services,
     services,
 )
+from servelm.auth import sessions as console_session
 from servelm.auth.keys import Authenticator
 from servelm.billing.service import Billing
 from servelm.catalog.models_file import load_catalog
@@ -37,10 +41,6 @@ from servelm.catalog.specs import Catalog
 from servelm.chat.media import ImageLoader, MediaLimits
 from servelm.chat.serving import ChatService
 from servelm.config import Settings
-from servelm.console import account_keys as console_account_keys
-from servelm.console import operator as console_operator
-from servelm.console import routes as console_routes
-from servelm.console import session as console_session
 from servelm.engines.base import Engine
 from servelm.engines.pool import ModelPool
 from servelm.engines.registry import EngineFactory, build_engine

@@ -25,11 +25,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from servelm.api.errors import INTERNAL, render
 from servelm.api.paths import Dialect, dialect_for_path
 from servelm.api.services import find_front, front
+from servelm.auth import sessions as console_session
 from servelm.chat.calls import ChatExchange, JsonReply, StreamReply
 from servelm.chat.protocol import sse
 from servelm.chat.responses_answers import sse_event
 from servelm.chat.serving import ChatService
-from servelm.console import session as console_session
 from servelm.engines.admission import Gate
 from servelm.errors import InvalidRequest, PayloadTooLarge, RequestTimeout, ServelmError
 from servelm.processes.lifecycle import Lifecycle

@@ -103,7 +103,7 @@ def install(app: Starlette) -> None:
         return _response(render(exc, _dialect(request), headers=extra))
 
     async def _csrf(request: Request, exc: CsrfFailed) -> Response:
-        from servelm.console import web  # the console's page; the API has no templates
+        from servelm.api.console import web  # the console's page; the API has no templates
 
         if web.wants_html(request):
             return web.csrf_page(request)

@@ -1,2 +1,3 @@
-"""Who is calling: API keys, their digests and cache (``keys.py``), and revocation
-that reaches every gateway at once (``revocation.py``)."""
+"""Who is calling: API keys, their digests and cache (``keys.py``), revocation that
+reaches every gateway at once (``revocation.py``), and the web console's sessions
+(``sessions.py``)."""

@@ -27,7 +27,7 @@ Routing = Literal["prefix", "least_load", "round_robin"]
 
 
 # A replica URL with this in front names a DNS name whose every address is a replica,
-# re-resolved while the gateway runs (``servelm.fleet.discovery``).
+# re-resolved while the gateway runs (``servelm.engines.fleet.discovery``).
 DNS_SCHEME = "dns+"
 
 
@@ -107,7 +107,7 @@ class ModelSpec(BaseModel):
     # Seconds a whole upstream call may take (issue 17: a trickle never trips the
     # per-read timeout).
     deadline: float = Field(default=1800.0, gt=0)
-    # Several replicas of the same remote engine (servelm.fleet): how requests are
+    # Several replicas of the same remote engine (servelm.engines.fleet): how requests are
     # spread over them, and how often each is probed.
     replicas: tuple[ReplicaSpec, ...] = ()
     routing: Routing = "prefix"

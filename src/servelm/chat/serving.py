@@ -27,6 +27,7 @@ from servelm.auth.keys import (
     WorkerKey,
     check_model_rights,
 )
+from servelm.auth.sessions import session_live
 from servelm.billing.money import format_credits, not_enough
 from servelm.billing.service import Billing
 from servelm.catalog.specs import Catalog, ModelSpec
@@ -58,7 +59,6 @@ from servelm.chat.media import ImageLoader, MediaLimits, inline_images
 from servelm.chat.protocol import ChatRequest, parse_chat_request, usage_body
 from servelm.chat.responses import parse_responses, responses_params
 from servelm.chat.responses_answers import reshape
-from servelm.console.session import session_live
 from servelm.engines.admission import PromptSize, SlotShares
 from servelm.engines.base import Engine
 from servelm.engines.pool import COLD_START_HEADER, Lease, ModelPool

@@ -1,5 +1,5 @@
 """``servelm worker``: one catalog model as a bare OpenAI-compatible engine, for
-gateways to route to (servelm.fleet); no accounts, no credits."""
+gateways to route to (servelm.engines.fleet); no accounts, no credits."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ once a stream has shown that the upstream reports usage; an upstream that answer
 plain call without it has its answers streamed from then on, where tokens can be
 counted one a chunk.
 
-Several replicas of one engine (``servelm.fleet``): the router orders the healthy
+Several replicas of one engine (``servelm.engines.fleet``): the router orders the healthy
 ones, a request fails over along that order until one sends its first chunk, and a
 replica that fails in a way that says it is sick is ejected until a health probe
 readmits it (``fleet.replicas`` tells the replica from the request). One keep-alive pool
@@ -39,6 +39,10 @@ from servelm.catalog.specs import ModelSpec, ReplicaSpec, replica_specs
 from servelm.engines import http1, wire
 from servelm.engines.admission import Admission, PromptSize
 from servelm.engines.base import Engine, map_engine_error
+from servelm.engines.fleet.discovery import Discovery, Resolver
+from servelm.engines.fleet.health import HealthChecker
+from servelm.engines.fleet.replicas import Replica, ReplicaSet
+from servelm.engines.fleet.routing import make_router
 from servelm.engines.pool import COLD_START_HEADER, cold_start_behind
 from servelm.errors import (
     InvalidRequest,
@@ -47,10 +51,6 @@ from servelm.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from servelm.fleet.discovery import Discovery, Resolver
-from servelm.fleet.health import HealthChecker
-from servelm.fleet.replicas import Replica, ReplicaSet
-from servelm.fleet.routing import make_router
 from servelm.telemetry import logs
 from servelm.telemetry.tracing import hop_headers
 

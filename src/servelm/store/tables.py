@@ -124,7 +124,7 @@ idempotency = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
 )
 
-# The web console's sessions (servelm.console.session): a cookie names one by a random
+# The web console's sessions (servelm.auth.sessions): a cookie names one by a random
 # id, stored here only as its SHA-256; a session ends at sign-out, when the operator
 # signs everyone out, or at its expiry.
 console_sessions = Table(

@@ -24,7 +24,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
 from servelm.engines.base import Engine
-from servelm.fleet.metrics import replica_families
+from servelm.engines.fleet.metrics import replica_families
 from servelm.telemetry.mirror import Mirror
 
 log = logging.getLogger(__name__)

@@ -46,7 +46,7 @@ import math
 from typing import Any, Protocol
 
 from servelm.catalog.specs import Routing
-from servelm.fleet.replicas import Replica
+from servelm.engines.fleet.replicas import Replica
 
 # Hashing the first this-many bytes of the leading block is plenty to tell prompts
 # apart, and bounds the cost for a huge system prompt.

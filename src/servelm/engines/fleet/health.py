@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass
 
 from servelm.engines import http1
-from servelm.fleet.replicas import Replica, ReplicaSet
+from servelm.engines.fleet.replicas import Replica, ReplicaSet
 
 log = logging.getLogger(__name__)
 

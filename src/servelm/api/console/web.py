@@ -14,9 +14,9 @@ from markdown_it import MarkdownIt
 from markupsafe import Markup
 
 from servelm.api.services import services
+from servelm.auth import sessions as session
 from servelm.auth.keys import Authenticator, Principal
 from servelm.billing.money import format_credits
-from servelm.console import session
 from servelm.errors import AuthenticationError, CsrfFailed, InvalidRequest, PayloadTooLarge
 
 HERE = Path(__file__).parent

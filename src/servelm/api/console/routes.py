@@ -14,12 +14,13 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
+from servelm.api.console import account_keys, docs, web
 from servelm.api.services import services
+from servelm.auth import sessions as session
 from servelm.auth.keys import Authenticator, client_address
 from servelm.billing import accounts, audit
 from servelm.billing.money import format_credits
 from servelm.catalog.specs import ModelSpec
-from servelm.console import account_keys, docs, session, web
 from servelm.errors import AuthenticationError, NotFound, RateLimited
 from servelm.jobs import store as jobs_store
 from servelm.jobs import views as jobs_views

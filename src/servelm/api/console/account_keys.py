@@ -17,10 +17,10 @@ from urllib.parse import quote
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
+from servelm.api.console import web
 from servelm.api.services import services
 from servelm.auth.keys import Principal, key_grants
 from servelm.billing import accounts
-from servelm.console import web
 from servelm.errors import AuthenticationError, InvalidRequest, NotFound, ServelmError
 from servelm.ratelimit import records as limits
 from servelm.ratelimit.policy import account_plan, check_within_plan

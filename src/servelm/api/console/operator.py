@@ -15,12 +15,13 @@ from urllib.parse import quote
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
+from servelm.api.console import web
+from servelm.api.console.routes import model_state
 from servelm.api.services import services
+from servelm.auth import sessions as session
 from servelm.auth.keys import client_address
 from servelm.billing import accounts, audit
 from servelm.billing.money import format_credits, parse_credits
-from servelm.console import session, web
-from servelm.console.routes import model_state
 from servelm.errors import AuthenticationError, InvalidRequest, RateLimited, ServelmError
 from servelm.ratelimit import records as limit_records
 from servelm.ratelimit.guesses import Guesses

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from servelm.engines import http1
-from servelm.loadgen.bench import _split, _stats, random_prompt
+from servelm.tools.loadgen.bench import _split, _stats, random_prompt
 
 
 @dataclass

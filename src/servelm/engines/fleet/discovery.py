@@ -33,8 +33,8 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from servelm.catalog.specs import DNS_SCHEME, ReplicaSpec
-from servelm.fleet.health import HealthChecker
-from servelm.fleet.replicas import Replica, ReplicaSet
+from servelm.engines.fleet.health import HealthChecker
+from servelm.engines.fleet.replicas import Replica, ReplicaSet
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ that: the server answered)
 (``RUN`` failures in a row, none older than ``RUN_WINDOW`` seconds, eject); an answer,
 a 4xx included, ends the run. A single failure never ejects a model's last healthy
 replica: that would turn one bad answer, perhaps provoked by one user, into a 503 for
-everyone (only a run does). Actively, the health checker (``servelm.fleet.health``)
+everyone (only a run does). Actively, the health checker (``servelm.engines.fleet.health``)
 probes every replica on an interval: a failed probe ejects, and a passing probe
 readmits an ejected replica once it has sat out its cool-down, so a replica that
 answers probes but fails requests does not bounce straight back. A replica that is
@@ -17,7 +17,7 @@ serving traffic is judged by that traffic and is not probed each interval
 (``HealthChecker.due``), so probe load does not grow as gateways × replicas.
 
 Replicas of a ``dns+`` URL come and go while the gateway runs
-(``servelm.fleet.discovery``): one joins the set out of rotation until its first
+(``servelm.engines.fleet.discovery``): one joins the set out of rotation until its first
 probe passes, and one that leaves stops taking requests at once while its requests in
 flight finish (``ReplicaSet.remove``).
 """
