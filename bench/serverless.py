@@ -43,7 +43,7 @@ from gateway_overhead import BIN, RESULTS, free_port, machine, wait_http
 from servelm.catalog.models_file import load_catalog
 from servelm.catalog.weights.default_model import default_model_path
 from servelm.config import default_data_dir
-from servelm.engines.llamacpp import footprint
+from servelm.engines.gguf_files import footprint
 from servelm.tools.testing import ggufgen
 
 CONTEXT = 131072

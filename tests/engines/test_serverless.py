@@ -21,7 +21,7 @@ import pytest
 
 from servelm.api.services import services
 from servelm.catalog.models_file import load_catalog
-from servelm.engines.llamacpp import footprint
+from servelm.engines.gguf_files import footprint
 from servelm.engines.pool import Lease, ModelPool
 from tests import procs
 from tests.conftest import ADMIN_TOKEN, LiveServer, make_settings, start_server

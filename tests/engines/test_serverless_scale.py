@@ -27,7 +27,7 @@ import httpx
 import pytest
 
 from servelm.catalog.models_file import load_catalog
-from servelm.engines.llamacpp import footprint
+from servelm.engines.gguf_files import footprint
 from servelm.store.db import Database
 from tests import procs
 from tests.conftest import provision

@@ -22,18 +22,15 @@ import json
 import logging
 import re
 import signal
-import struct
 import threading
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import gguf
 
 from servelm.catalog.specs import ModelSpec
 from servelm.engines import http1, wire
 from servelm.engines.admission import Admission, PromptSize
 from servelm.engines.base import Engine, map_engine_error
+from servelm.engines.gguf_files import footprint, projector_image_tokens
 from servelm.errors import EngineError, ModelUnavailable, StreamCut
 
 if TYPE_CHECKING:
@@ -43,8 +40,6 @@ log = logging.getLogger(__name__)
 
 # How llama.cpp's template marks where an image's embeddings go.
 _MEDIA_MARKER = re.compile(r"<__media_?[A-Za-z0-9]*__>")
-# Projectors that turn every image into the same fixed grid of tokens.
-_FIXED_GRID = {"mlp", "mlp_norm", "ldp", "ldpv2"}
 # Per-image allowance for projectors with dynamic resolution: above what the largest
 # vision encoders spend on one (downscaled) image.
 IMAGE_TOKENS_BOUND = 4096
@@ -56,22 +51,6 @@ def _has_images(body: dict[str, Any]) -> bool:
         and any(p.get("type") == "image_url" for p in m["content"])
         for m in body["messages"]
     )
-
-
-def projector_image_tokens(mmproj: Path) -> int | None:
-    """Tokens per image of a fixed-grid projector ((image size / patch size)²), read
-    from the mmproj GGUF; None for projectors whose count depends on the image."""
-    reader = gguf.GGUFReader(mmproj)
-
-    def value(key: str) -> Any:
-        f = reader.get_field(key)
-        return f.contents() if f is not None else None
-
-    kind = value("clip.projector_type") or value("clip.vision.projector_type")
-    size, patch = value("clip.vision.image_size"), value("clip.vision.patch_size")
-    if kind not in _FIXED_GRID or not size or not patch:
-        return None
-    return int(size // patch) ** 2
 
 
 # Tokens per prefill step; see _params.
@@ -431,109 +410,6 @@ def build(spec: ModelSpec, settings: Settings) -> LlamaCppEngine:
         prompt_cache_mib=settings.prompt_cache_mib,
         count_prompts=settings.prompt_count != "bound",
     )
-
-
-def footprint(spec: ModelSpec, settings: Settings | None = None) -> int | None:
-    """What loading the model costs: its weights (every shard), its projector and the
-    f16 KV cache for its context window (the slots share one window: ``_params``).
-    None while its weights are not installed."""
-    if spec.path is None or not spec.path.is_file():
-        return None
-    total = weights_bytes(spec.path)
-    try:
-        total += kv_cache_bytes(spec.path, spec.context_window)
-    except (OSError, ValueError, KeyError, AssertionError, struct.error) as exc:
-        # Weights llama.cpp may not load either: the load says why, in its own words.
-        log.warning("model %s: no KV cache estimate from %s (%r)", spec.slug, spec.path, exc)
-    if spec.mmproj is not None and spec.mmproj.is_file():
-        total += spec.mmproj.stat().st_size
-    return total
-
-
-def weights_bytes(path: Path) -> int:
-    """Size of a GGUF, all shards of a split one included."""
-    m = re.match(r"(.*)-\d{5}-of-(\d{5})\.gguf$", path.name)
-    if not m:
-        return path.stat().st_size
-    shards = path.parent.glob(f"{m.group(1)}-*-of-{m.group(2)}.gguf")
-    return sum(p.stat().st_size for p in shards)
-
-
-def kv_cache_bytes(path: Path, n_ctx: int) -> int:
-    meta = gguf_header(path)
-    arch = str(meta["general.architecture"])
-
-    def field(key: str) -> int:
-        value = meta[f"{arch}.{key}"]
-        assert isinstance(value, int), f"{path}: {arch}.{key} is not an integer"
-        return value
-
-    heads = field("attention.head_count")
-    kv_heads = (
-        field("attention.head_count_kv") if f"{arch}.attention.head_count_kv" in meta else heads
-    )
-    head_dim = field("embedding_length") // heads
-    # K and V, f16 (2 bytes) each, per layer per position.
-    return field("block_count") * n_ctx * kv_heads * head_dim * 2 * 2
-
-
-# GGUF metadata value types with a fixed size: type → struct format.
-_GGUF_SCALARS = {
-    0: "B",
-    1: "b",
-    2: "H",
-    3: "h",
-    4: "I",
-    5: "i",
-    6: "f",
-    7: "?",
-    10: "Q",
-    11: "q",
-    12: "d",
-}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-
-
-def gguf_header(path: Path) -> dict[str, object]:
-    """A GGUF's metadata scalars and strings (arrays skipped), read from its header
-    alone: the pool estimates a footprint before every load, and gguf's reader parses
-    the whole file (seconds for a 49k-token vocabulary)."""
-    out: dict[str, object] = {}
-    with path.open("rb") as f:
-
-        def read(fmt: str) -> Any:
-            size = struct.calcsize("<" + fmt)
-            return struct.unpack("<" + fmt, f.read(size))[0]
-
-        def string() -> str:
-            return f.read(read("Q")).decode("utf-8", "replace")
-
-        def skip(kind: int) -> None:
-            if kind == _GGUF_STRING:
-                f.seek(read("Q"), 1)
-            elif kind == _GGUF_ARRAY:
-                inner, count = read("I"), read("Q")
-                if inner in _GGUF_SCALARS:
-                    f.seek(struct.calcsize("<" + _GGUF_SCALARS[inner]) * count, 1)
-                else:
-                    for _ in range(count):
-                        skip(inner)
-            else:
-                f.seek(struct.calcsize("<" + _GGUF_SCALARS[kind]), 1)
-
-        if f.read(4) != b"GGUF":
-            raise ValueError(f"{path} is not a GGUF file")
-        read("I")  # version
-        read("Q")  # tensor count
-        for _ in range(read("Q")):
-            key, kind = string(), read("I")
-            if kind in _GGUF_SCALARS:
-                out[key] = read(_GGUF_SCALARS[kind])
-            elif kind == _GGUF_STRING:
-                out[key] = string()
-            else:
-                skip(kind)
-    return out
 
 
 def _named_choice(body: dict[str, Any]) -> dict[str, Any]:
