@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from servelm.config import default_data_dir
 from servelm.tools.loadgen import bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gateway_overhead import BIN, RESULTS, Proc, free_port, machine, wait_http
+from gateway_overhead import BIN, RESULTS, Proc, first_key, free_port, machine, wait_http
 
 
 def start_servelm(slots: int, prompt_count: str = "exact") -> tuple[Proc, str, str]:
@@ -47,9 +46,7 @@ def start_servelm(slots: int, prompt_count: str = "exact") -> tuple[Proc, str, s
     port = free_port()
     proc = Proc([str(BIN / "servelm"), "serve", "--port", str(port)], env)
     wait_http(f"http://127.0.0.1:{port}/health")
-    key = re.search(r"slm_[a-z0-9]{12}_[A-Za-z0-9_-]{43}", proc.log.read_text())
-    assert key
-    return proc, f"http://127.0.0.1:{port}/v1", key.group(0)
+    return proc, f"http://127.0.0.1:{port}/v1", first_key(data, proc)
 
 
 def start_llama_server(slots: int) -> tuple[subprocess.Popen[str], str]:

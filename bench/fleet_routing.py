@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gateway_overhead import BIN, RESULTS, Proc, free_port, machine, wait_http
+from gateway_overhead import BIN, RESULTS, Proc, first_key, free_port, machine, wait_http
 
 from servelm.config import default_data_dir
 from servelm.tools.loadgen import bench_turns
@@ -75,12 +74,7 @@ def start_gateway(workers: list[str], policies: tuple[str, ...]) -> tuple[Proc, 
     port = free_port()
     proc = Proc([str(BIN / "servelm"), "serve", "--port", str(port)], env)
     wait_http(f"http://127.0.0.1:{port}/health")
-    # With no terminal, the first start leaves its key in a file, not in the log.
-    first_key = data / "first-api-key"
-    text = first_key.read_text() if first_key.exists() else proc.log.read_text()
-    match = re.search(r"slm_[a-z0-9]{12}_[A-Za-z0-9_-]{43}", text)
-    assert match, "no first-start key printed"
-    return proc, f"http://127.0.0.1:{port}/v1", match.group(0)
+    return proc, f"http://127.0.0.1:{port}/v1", first_key(data, proc)
 
 
 def run_once(url: str, key: str, policy: str, args: argparse.Namespace, *, seed: int,

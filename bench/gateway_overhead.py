@@ -76,6 +76,16 @@ class Proc:
             self.p.kill()
 
 
+def first_key(data: Path, proc: Proc) -> str:
+    """The first start's API key: in ``first-api-key`` beside the data where stdout is
+    no terminal (a benchmark's), in the log otherwise."""
+    path = data / "first-api-key"
+    text = path.read_text() if path.exists() else proc.log.read_text()
+    match = re.search(r"slm_[a-z0-9]{12}_[A-Za-z0-9_-]{43}", text)
+    assert match, "no first-start key, in the data folder or the log"
+    return match.group(0)
+
+
 def start_upstream(chunk_delay: float = 0.0) -> tuple[Proc, str]:
     """The instant upstream on the load generator's CPU; ``chunk_delay`` spaces its
     stream's chunks out (to hold streams open)."""
@@ -144,9 +154,7 @@ def start_servelm(
         env["SERVELM_REDIS_PREFIX"] = f"bench{uuid.uuid4().hex[:8]}"
     proc = Proc(pinned(cpu, argv) if cpu is not None else argv, env)
     wait_http(f"http://127.0.0.1:{port}/health")
-    match = re.search(r"slm_[a-z0-9]{12}_[A-Za-z0-9_-]{43}", proc.log.read_text())
-    assert match, "no first-start key printed"
-    return proc, f"http://127.0.0.1:{port}/v1", match.group(0)
+    return proc, f"http://127.0.0.1:{port}/v1", first_key(data, proc)
 
 
 def start_litellm(upstream: str, venv: Path) -> tuple[Proc, str, str]:

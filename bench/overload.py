@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gateway_overhead import BIN, RESULTS, Proc, free_port, machine, wait_http
+from gateway_overhead import BIN, RESULTS, Proc, first_key, free_port, machine, wait_http
 
 SLOTS, QUEUE, INFLIGHT = 2, 2, 8
 
@@ -45,9 +45,7 @@ def start(port: int) -> tuple[Proc, str]:
     }
     proc = Proc([str(BIN / "servelm"), "serve", "--port", str(port)], env)
     wait_http(f"http://127.0.0.1:{port}/readyz")
-    match = re.search(r"slm_[a-z0-9]{12}_[A-Za-z0-9_-]{43}", proc.log.read_text())
-    assert match, "no first-start key printed"
-    return proc, match.group(0)
+    return proc, first_key(data, proc)
 
 
 def request(port: int, key: str) -> bytes:
