@@ -225,6 +225,7 @@ def seed_live(
 FAST_MODULES = frozenset(
     {
         "tests/api/test_malformed.py",
+        "tests/billing/test_cli.py",
         "tests/billing/test_groupcommit.py",
         "tests/billing/test_pg_batches.py",
         "tests/billing/test_store.py",
@@ -234,10 +235,12 @@ FAST_MODULES = frozenset(
         "tests/engines/test_http1.py",
         "tests/fleet/test_capacity.py",
         "tests/fleet/test_deploy.py",
+        "tests/fleet/test_passive_health.py",
         "tests/fleet/test_routing.py",
         "tests/hostile/test_media_hostile.py",
         "tests/jobs/test_queue.py",
         "tests/ratelimit/test_store.py",
+        "tests/telemetry/test_tracing.py",
     }
 )
 
