@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -29,6 +30,9 @@ from typing import Any
 
 import httpx
 import openai
+
+# The suite's process and account helpers, from the checkout this script is in.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from servelm.config import Settings, default_data_dir
 from servelm.store.db import Database
