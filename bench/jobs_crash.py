@@ -93,7 +93,10 @@ def main() -> None:
     lines = []
     for fid in (done.output_file_id, done.error_file_id):
         if fid:
-            lines += [json.loads(x) for x in client.files.content(fid).text.splitlines()]
+            # usage.cost is a JSON number: read it as the decimal it was written as,
+            # not as the nearest binary float (0.000003 would count as 2 micro-credits).
+            text = client.files.content(fid).text
+            lines += [json.loads(x, parse_float=Decimal) for x in text.splitlines()]
     ids = [x["custom_id"] for x in lines]
     print("each custom_id exactly once:", sorted(ids) == sorted(f"r{i}" for i in range(args.lines)))
     ok = [x for x in lines if x["response"] and x["response"]["status_code"] == 200]
