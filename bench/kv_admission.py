@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import json
 import os
-import random
 import statistics
 import sys
 import tempfile
@@ -36,65 +35,11 @@ from servelm.billing import accounts
 from servelm.billing.money import MICRO
 from servelm.config import default_data_dir
 from servelm.store.db import Database
+from servelm.tools.testing.prompts import word_prompt
 
 MODEL = "smollm2-135m-instruct"
 SLOTS = 4
 # Words, not numbers: SmolLM2's tokenizer splits digits one token each.
-WORDS = [
-    "river",
-    "stone",
-    "garden",
-    "window",
-    "paper",
-    "light",
-    "music",
-    "bread",
-    "water",
-    "forest",
-    "cloud",
-    "table",
-    "street",
-    "morning",
-    "winter",
-    "summer",
-    "market",
-    "letter",
-    "mountain",
-    "silver",
-    "orange",
-    "yellow",
-    "bridge",
-    "castle",
-    "pocket",
-    "rabbit",
-    "candle",
-    "engine",
-    "harbor",
-    "island",
-    "jacket",
-    "kitten",
-    "ladder",
-    "meadow",
-    "needle",
-    "ocean",
-    "pepper",
-    "quiet",
-    "rocket",
-    "saddle",
-    "thunder",
-    "velvet",
-    "wagon",
-    "basket",
-    "feather",
-    "lantern",
-    "marble",
-    "pillow",
-    "shadow",
-    "spider",
-    "tunnel",
-    "valley",
-    "whistle",
-]
 
 
 def start(port: int, data: Path) -> tuple[Proc, str]:
@@ -123,11 +68,6 @@ def other_account(data: Path) -> str:
         db.dispose()
 
 
-def long_prompt(seed: int, words: int) -> str:
-    rng = random.Random(seed)
-    return " ".join(rng.choice(WORDS) for _ in range(words))
-
-
 async def chat(client: httpx.AsyncClient, content: str, max_tokens: int) -> tuple[int, float, Any]:
     body = {"model": MODEL, "messages": [{"role": "user", "content": content}]}
     started = time.perf_counter()
@@ -145,7 +85,7 @@ async def measure(
     ):
         # Words per token of this tokenizer, from one count (the prompt's template adds
         # a few tokens): scale the word count to the asked prompt size.
-        status, _, probe = await chat(client, long_prompt(99, 1000), 1)
+        status, _, probe = await chat(client, word_prompt(99, 1000), 1)
         assert status == 200, probe
         per_word = (probe["usage"]["prompt_tokens"] - 30) / 1000
         words = int((long_tokens - 30) / per_word)
@@ -154,7 +94,7 @@ async def measure(
             status, took, answer = await chat(user, "Say hello.", 8)
             assert status == 200, answer
             quiet.append(took)
-        longs = [asyncio.create_task(chat(client, long_prompt(i, words), 2)) for i in range(SLOTS)]
+        longs = [asyncio.create_task(chat(client, word_prompt(i, words), 2)) for i in range(SLOTS)]
         beside: list[tuple[int, float]] = []
         await asyncio.sleep(0.5)
         while not all(t.done() for t in longs):

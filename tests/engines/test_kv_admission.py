@@ -12,7 +12,6 @@ small part of the CPU. Prompts are made of words: SmolLM2's tokenizer splits dig
 
 from __future__ import annotations
 
-import random
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +26,7 @@ from servelm.billing import accounts, audit
 from servelm.billing.money import MICRO
 from servelm.catalog.models_file import load_catalog
 from servelm.store.tables import usage
+from servelm.tools.testing.prompts import word_prompt
 from tests.conftest import LiveServer, make_settings, provision, start_server
 from tests.hostile.conftest import wait_no_open_holds
 
@@ -35,66 +35,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 SLUG = "kv-small"
 WINDOW = 1024
 LONG = 3
-WORDS = [
-    "river",
-    "stone",
-    "garden",
-    "window",
-    "paper",
-    "light",
-    "music",
-    "bread",
-    "water",
-    "forest",
-    "cloud",
-    "table",
-    "street",
-    "morning",
-    "winter",
-    "summer",
-    "market",
-    "letter",
-    "mountain",
-    "silver",
-    "orange",
-    "yellow",
-    "bridge",
-    "castle",
-    "pocket",
-    "rabbit",
-    "candle",
-    "engine",
-    "harbor",
-    "island",
-    "jacket",
-    "kitten",
-    "ladder",
-    "meadow",
-    "needle",
-    "ocean",
-    "pepper",
-    "quiet",
-    "rocket",
-    "saddle",
-    "thunder",
-    "velvet",
-    "wagon",
-    "basket",
-    "feather",
-    "lantern",
-    "marble",
-    "pillow",
-    "shadow",
-    "spider",
-    "tunnel",
-    "valley",
-    "whistle",
-]
-
-
-def long_prompt(seed: int, words: int = 880) -> str:
-    rng = random.Random(seed)
-    return " ".join(rng.choice(WORDS) for _ in range(words))
+LONG_WORDS = 880  # ~900 tokens: one fits the 1,024-token window, two do not
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +76,8 @@ def test_long_prompts_that_fit_alone_but_not_together_all_answer(
             results[name] = client.post(f"{live.v1}/chat/completions", json=body)
 
     threads = [
-        threading.Thread(target=post, args=(f"long{i}", long_prompt(i), 2)) for i in range(LONG)
+        threading.Thread(target=post, args=(f"long{i}", word_prompt(i, LONG_WORDS), 2))
+        for i in range(LONG)
     ]
     threads.append(threading.Thread(target=post, args=("short", "Say hello.", 8)))
     for t in threads:
