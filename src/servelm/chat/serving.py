@@ -56,6 +56,7 @@ from servelm.chat.charging import (
 from servelm.chat.conversation import engine_body, fit_conversation
 from servelm.chat.input_limits import check_logit_bias_vocabulary, check_prompt_size, check_request
 from servelm.chat.media import ImageLoader, MediaLimits, inline_images
+from servelm.chat.observe import observe_end, token_seen
 from servelm.chat.protocol import ChatRequest, parse_chat_request, usage_body
 from servelm.chat.responses import parse_responses, responses_params
 from servelm.chat.responses_answers import reshape
@@ -363,7 +364,7 @@ class ChatService:
                 shared = True
             async for raw in stream:
                 if tally(call, raw):
-                    self._token_seen(call)
+                    token_seen(self.metrics, call)
                 yield raw
             self._usage_checked(call)
             # The token that ended the answer (end of turn, a stop string) has no
@@ -438,34 +439,12 @@ class ChatService:
                     )
         finally:
             try:
-                self._observe_end(call)
+                observe_end(self.metrics, call)
             finally:
                 if call.limit is not None:
                     # The unused part of the token reservation is free again, and the
                     # request leaves the in-flight count.
                     await call.limit.settle(call.prompt_tokens + call.completion_tokens)
-
-    def _token_seen(self, call: Call) -> None:
-        now = time.perf_counter()
-        if self.metrics is not None:
-            last = call.last_token
-            self.metrics.observe_token(call.spec.slug, now - (last or call.started), last is None)
-        call.last_token = now
-
-    def _observe_end(self, call: Call) -> None:
-        """Metrics and the access-log fields of a generation that ended."""
-        charged = call.settlement.charged if call.settlement is not None else 0
-        if self.metrics is not None:
-            self.metrics.observe_tokens(call.spec.slug, billed_prompt(call), call.completion_tokens)
-            seconds = time.perf_counter() - call.started
-            self.metrics.observe_generation(call.spec.slug, call.status, seconds, charged)
-        logs.annotate(
-            model=call.spec.slug,
-            prompt_tokens=billed_prompt(call),
-            completion_tokens=call.completion_tokens,
-            cost=format_credits(charged),
-            outcome=call.status,
-        )
 
     # -- idempotency -------------------------------------------------------------------
 
