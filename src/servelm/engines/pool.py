@@ -349,7 +349,14 @@ class ModelPool:
             self.metrics.model_load_seconds.labels(spec.slug).observe(seconds)
         log.info("model %s loaded in %.2f s (about %d bytes)", spec.slug, seconds, model.footprint)
         if model.in_flight == 0:
+            # Every request for it gave up while it loaded: it is idle, so evictable,
+            # the moment it is loaded, and a load waiting for room must hear so (its
+            # requests' releases came while it was loading, when it could not be
+            # evicted). Without this wake-up such a load waited until some other
+            # request ended: 300 s once in the suite.
             self._arm_idle(model)
+            async with self._room:
+                self._room.notify_all()
         return engine
 
     def _failed(self, model: _Model, exc: BaseException) -> None:
