@@ -8,10 +8,15 @@ gateway serving one model per routing policy over the same three workers. Per lo
 (as many conversations as the replicas have slots in all, then twice as many) and
 per policy, back to back in one run: the multi-turn benchmark (``servelm bench
 --conversations``), 4 turns, each conversation with its own ~1,000-word system
-prompt, a fresh ``--seed`` per run so no run finds another's prompts cached.
-Reported per run: the share of turn ≥ 2 prompt tokens the workers served from their
-prompt cache (``usage.prompt_tokens_details.cached_tokens`` over ``prompt_tokens``,
-as the gateway relays them), turn ≥ 2 TTFT, and calls per replica.
+prompt, a fresh ``--seed`` per run so no run finds another's prompts cached, and
+``--think-time`` seconds (mean, exponential) between an answer and the next turn:
+without it the loop is closed and least-load routing finds a conversation's cache by
+the accident that its replica has just freed a slot. The policies take turns in
+``--rounds`` rounds, each round in the reverse order of the last, so a machine whose
+load drifts during the run weighs on every policy alike. Reported per run: the
+share of turn ≥ 2 prompt tokens the workers served from their prompt cache
+(``usage.prompt_tokens_details.cached_tokens`` over ``prompt_tokens``, as the gateway
+relays them), turn ≥ 2 TTFT, and calls per replica.
 
 Writes bench/results/cache_routing.json; ``--report`` prints it as Markdown.
 """
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -40,7 +46,9 @@ def markdown(results: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for load in results["loads"]:
-        for policy, r in load["policies"].items():
+        rows = [(f"{policy} ({i + 1})", r) for i, runs in enumerate(load["rounds"])
+                for policy, r in runs.items()]  # fmt: skip
+        for policy, r in sorted(rows):
             share = "+".join(f"{n:.0f}" for n in r["replica_share"].values())
             lines.append(
                 f"| {load['conversations']} | {policy} | {r['cached_share_later_turns']:.1%} "
@@ -49,6 +57,18 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {r['ttft_first_turn_ms']['p50']:.0f} | {r['e2e_ms']['p50']:.0f} | "
                 f"{r['request_throughput']:.2f} | {r['failed']} | {share} |"
             )
+    lines += ["", "| conversations | routing | turn ≥ 2 from cache, all rounds "
+              "| turn ≥ 2 TTFT p50, median of rounds ms | turn 1 TTFT p50, median ms |",
+              "|---|---|---|---|---|"]  # fmt: skip
+    for load in results["loads"]:
+        for policy in POLICIES:
+            runs = [runs[policy] for runs in load["rounds"]]
+            cached = sum(r["cached_tokens_later_turns"] for r in runs)
+            prompt = sum(r["prompt_tokens_later_turns"] for r in runs) or 1
+            later = statistics.median(r["ttft_later_turns_ms"]["p50"] for r in runs)
+            first = statistics.median(r["ttft_first_turn_ms"]["p50"] for r in runs)
+            lines.append(f"| {load['conversations']} | {policy} | {cached / prompt:.1%} "
+                         f"| {later:.0f} | {first:.0f} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -60,6 +80,8 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=24)
     ap.add_argument("--output-len", type=int, default=16)
     ap.add_argument("--seed", type=int, default=2600)
+    ap.add_argument("--think-time", type=float, default=3.0, help="mean seconds between turns")
+    ap.add_argument("--rounds", type=int, default=2, help="runs per policy and load")
     ap.add_argument(
         "--prompt-cache-mib",
         type=int,
@@ -87,15 +109,19 @@ def main() -> None:
         seed = args.seed
         for conversations in (REPLICAS * args.slots, 2 * REPLICAS * args.slots):
             args.conversations = conversations
-            load: dict[str, Any] = {"conversations": conversations, "policies": {}}
-            for policy in POLICIES:
-                seed += 1  # fresh conversations: nothing of an earlier run is cached
-                r = run_once(url, key, policy, args, seed=seed, system_prompts=conversations)
-                load["policies"][policy] = r
-                print(f"{conversations} conv. {policy:12s}: turn>=2 cached "
-                      f"{r['cached_share_later_turns']:.1%}, TTFT p50 "
-                      f"{r['ttft_later_turns_ms']['p50']:.0f} ms, failed {r['failed']}, "
-                      f"share {r['replica_share']}", flush=True)  # fmt: skip
+            load: dict[str, Any] = {"conversations": conversations, "rounds": []}
+            for rnd in range(args.rounds):
+                order = POLICIES if rnd % 2 == 0 else tuple(reversed(POLICIES))
+                runs: dict[str, Any] = {}
+                for policy in order:
+                    seed += 1  # fresh conversations: nothing of an earlier run is cached
+                    r = run_once(url, key, policy, args, seed=seed, system_prompts=conversations)
+                    runs[policy] = r
+                    print(f"{conversations} conv. round {rnd + 1} {policy:12s}: turn>=2 cached "
+                          f"{r['cached_share_later_turns']:.1%}, TTFT p50 "
+                          f"{r['ttft_later_turns_ms']['p50']:.0f} ms, failed {r['failed']}, "
+                          f"share {r['replica_share']}", flush=True)  # fmt: skip
+                load["rounds"].append(runs)
             results["loads"].append(load)
             args.out.write_text(json.dumps(results, indent=2))
         results["load_1min_at_end"] = os.getloadavg()[0]

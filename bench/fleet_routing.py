@@ -92,6 +92,7 @@ def run_once(url: str, key: str, policy: str, args: argparse.Namespace, *, seed:
             concurrency=args.conversations,
             api_key=key,
             seed=seed,
+            think_time=getattr(args, "think_time", 0.0),
         )
     )
 

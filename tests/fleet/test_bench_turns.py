@@ -57,3 +57,35 @@ def test_multi_turn_mode_reports_later_turns_and_replica_shares(
     # Round robin over two replicas: 9 calls each, as the gateway counted them.
     # Replicas are named by their place in the models file, never by address.
     assert r["replica_share"] == {"0": 9.0, "1": 9.0}
+
+
+def test_think_time_pauses_are_seeded_exponential_draws_of_the_mean() -> None:
+    import random
+    import statistics
+
+    from servelm.tools.loadgen.bench_turns import think_pauses
+
+    a = think_pauses(random.Random(7), 50, 4, 2.0)
+    assert a == think_pauses(random.Random(7), 50, 4, 2.0)  # a seed, the same pauses
+    assert a != think_pauses(random.Random(8), 50, 4, 2.0)
+    flat = [p for row in a for p in row]
+    assert len(a) == 50 and all(len(row) == 4 for row in a) and min(flat) > 0
+    # 200 draws of an exponential of mean 2: the sample mean is within a few standard
+    # errors (2 / sqrt(200) = 0.14) of it, and the spread is that of an exponential.
+    assert statistics.mean(flat) == pytest.approx(2.0, abs=0.5)
+    assert statistics.stdev(flat) == pytest.approx(2.0, abs=0.6)
+    assert think_pauses(random.Random(7), 3, 4, 0.0) == [[0.0] * 4] * 3
+
+
+def test_multi_turn_mode_with_think_time_completes_every_turn(
+    gateway: LiveServer, tmp_path: Path
+) -> None:
+    out = tmp_path / "turns.json"
+    args = ["bench", gateway.v1, "--model", "fleet-instant", "--api-key", gateway.api_key,
+            "--conversations", "4", "--turns", "3", "--system-tokens", "50",
+            "--concurrency", "4", "--output-len", "4", "--think-time", "0.05",
+            "--seed", "3", "--out", str(out)]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    r = json.loads(out.read_text())
+    assert (r["completed"], r["failed"], r["think_time_s"]) == (12, 0, 0.05)

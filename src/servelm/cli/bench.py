@@ -53,6 +53,13 @@ def bench(
             "a run from finding an earlier run's prompts cached."
         ),
     ] = 0,
+    think_time: Annotated[
+        float,
+        typer.Option(
+            help="Multi-turn mode: mean seconds between an answer and the next turn "
+            "(exponential, from --seed); 0 sends the next turn at once."
+        ),
+    ] = 0.0,
 ) -> None:
     """Load-test an OpenAI-compatible chat endpoint: request and token throughput,
     TTFT, TPOT, ITL and end-to-end latency (mean, p50, p90, p99), vLLM's definitions.
@@ -64,7 +71,7 @@ def bench(
     if conversations is not None:
         _bench_turns(
             base_url, model, api_key, conversations, turns, system_tokens, system_prompts,
-            _numbers(concurrency, int)[:1] or [8], input_len, output_len, out, seed,
+            _numbers(concurrency, int)[:1] or [8], input_len, output_len, out, seed, think_time,
         )  # fmt: skip
         return
 
@@ -133,6 +140,7 @@ def _bench_turns(
     output_len: int,
     out: Path | None,
     seed: int,
+    think_time: float,
 ) -> None:
     import asyncio
     import json
@@ -154,6 +162,7 @@ def _bench_turns(
             concurrency=concurrency[0],
             api_key=api_key,
             seed=seed,
+            think_time=think_time,
         )
     )
     table = Table("ok", "fail", "req/s", "TTFT turn 1 p50 ms", "TTFT turn ≥2 p50/p99 ms",

@@ -5,8 +5,12 @@ Each conversation opens with a system prompt of ``system_tokens`` words (one of
 question, then asks ``turns - 1`` follow-ups, each sent with the whole history so
 far, the model's own answers included: the traffic where a replica that still holds
 the conversation's prefix in its KV cache answers the next turn fast. ``concurrency``
-conversations run at once; a conversation's next turn leaves when its last answer is
-in. Reported: TTFT of first turns and of later turns apart (later turns are where
+conversations run at once; a conversation's next turn leaves ``think_time`` seconds
+(drawn per turn from an exponential distribution of that mean, seeded) after its
+last answer is in, as a person reads and types. Without think time the loop is
+closed: a turn leaves the instant its replica frees a slot, so that replica is the
+least loaded one and least-load routing finds the conversation's cache by that
+accident of timing. Reported: TTFT of first turns and of later turns apart (later turns are where
 prefix caching shows), the share of later turns' prompt tokens the engine served from
 its prompt cache (``usage.prompt_tokens_details.cached_tokens`` over
 ``prompt_tokens``, summed: the figure a cache-aware router is judged by, where TTFT on
@@ -100,6 +104,17 @@ async def replica_calls(origin: str, model: str) -> dict[str, float]:
     return {url: float(n) for slug, url, n in pattern.findall(text) if slug == model}
 
 
+def think_pauses(
+    rng: random.Random, conversations: int, turns: int, mean: float
+) -> list[list[float]]:
+    """Each conversation's pause after each turn, drawn up front from the run's seed so
+    that a run's pauses do not depend on its timings (the last turn's is never slept)."""
+    return [
+        [rng.expovariate(1 / mean) if mean > 0 else 0.0 for _ in range(turns)]
+        for _ in range(conversations)
+    ]
+
+
 async def run(
     url: str,
     *,
@@ -113,6 +128,7 @@ async def run(
     concurrency: int = 8,
     api_key: str | None = None,
     seed: int = 0,
+    think_time: float = 0.0,
     on_done: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     rng = random.Random(seed)
@@ -125,6 +141,7 @@ async def run(
         for c in range(conversations)
     ]
     follow_ups = [[random_prompt(input_len, rng) for _ in range(turns)] for _ in openers]
+    pauses = think_pauses(rng, conversations, turns, think_time)
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
     origin, path = _split(url)
     pool = http1.Pool(origin, read_timeout=600.0, max_idle=concurrency)
@@ -157,6 +174,8 @@ async def run(
                     {"role": "assistant", "content": answer},
                     {"role": "user", "content": follow_ups[c][t]},
                 ]
+                if t + 1 < turns and pauses[c][t]:
+                    await asyncio.sleep(pauses[c][t])
 
     before = await replica_calls(origin, model)
     began = time.perf_counter()
@@ -192,6 +211,7 @@ async def run(
             sum(r.cached_tokens for r in later) / later_prompt if later_prompt else 0.0
         ),
         "seed": seed,
+        "think_time_s": think_time,
         "e2e_ms": _stats([r.latency for r in ok]),
         "replica_share": share,
     }
