@@ -41,6 +41,11 @@ def workers_env(db_url: str, tmp_path: Path, models_dir: Path) -> dict[str, str]
     env = crowd_env(db_url, tmp_path, models_dir)
     env["SERVELM_REDIS_URL"] = REDIS
     env["SERVELM_REDIS_PREFIX"] = f"t{uuid.uuid4().hex[:8]}"
+    # What these tests check is one count across workers. With the default 0.1 s, a
+    # loop held up by a loaded machine turned one check into a timeout and so into
+    # this worker's own count (fail-open, as designed: tests/ratelimit/test_shared.py):
+    # 6 of 20 through once, not 5.
+    env["SERVELM_RATELIMIT_REDIS_TIMEOUT"] = "5"
     return env
 
 
