@@ -94,10 +94,15 @@ def test_a_replica_joining_takes_a_fair_share_from_everyone_and_nothing_else_mov
     router, fleet = PrefixAffinity(), replicas(4)
     before = {i: owner(router, fleet, conversation(i)) for i in range(2000)}
     grown = replicas(5)
-    after = {i: owner(router, grown, conversation(i)) for i in before}
+    # The ranking (a gateway that has sent none of them yet):
+    fresh = PrefixAffinity()
+    after = {i: owner(fresh, grown, conversation(i)) for i in before}
     moved = [i for i in before if before[i] != after[i]]
     assert all(after[i] == grown[4].url for i in moved)
     assert 300 <= len(moved) <= 500  # about a fifth
+    # A gateway that sent them keeps each where its cache is; the newcomer takes new
+    # conversations (and any the load bound moves).
+    assert all(owner(router, grown, conversation(i)) == before[i] for i in before)
 
 
 def test_the_load_guard_sends_work_elsewhere_when_the_owner_is_swamped() -> None:
@@ -109,8 +114,38 @@ def test_the_load_guard_sends_work_elsewhere_when_the_owner_is_swamped() -> None
     assert router.order(fleet, body)[0] is favourite
     favourite.in_flight = int(GUARD_ABS) + 1
     assert router.order(fleet, body)[0] is other
-    other.in_flight = 3  # 3 is within 3 * 1.5 + 2: back to the owner
-    assert router.order(fleet, body)[0] is favourite
+    other.in_flight = 3  # 3 is within 3 * 1.5 + 2, but its cache is on `other` now
+    assert router.order(fleet, body)[0] is other
+    # A gateway that never sent it anywhere goes by the ranking: back to the owner.
+    assert PrefixAffinity().order(fleet, body)[0] is favourite
+
+
+def test_a_displaced_conversation_stays_where_it_went_until_that_replica_is_full() -> None:
+    router, fleet = PrefixAffinity(), replicas(3, slots=[2, 2, 2])
+    body = conversation(11)
+    first, second, third = router.order(fleet, body)
+    first.in_flight = 2  # full, with free slots elsewhere: the bound moves it
+    assert router.order(fleet, body)[0] is second
+    first.in_flight = 0  # its first choice is free again, but its KV is on `second`
+    for t in range(2, 6):
+        assert router.order(fleet, conversation(11, t))[0] is second
+    second.in_flight = 2  # now that one is full: the ranking's next within the bound
+    assert router.order(fleet, body)[0] is first
+    # A remembered replica that has left the fleet: the ranking alone decides.
+    assert router.order([first, third], body)[0] is first
+
+
+def test_the_memory_of_where_prefixes_went_is_bounded(monkeypatch: Any) -> None:
+    from servelm.engines.fleet import routing
+
+    monkeypatch.setattr(routing, "REMEMBERED_PREFIXES", 10)
+    router, fleet = PrefixAffinity(), replicas(3)
+    for i in range(50):
+        router.order(fleet, conversation(i))
+    assert len(router._last) == 10
+    # The most recently sent are the ones kept.
+    assert routing.prefix_key(conversation(49)) in router._last
+    assert routing.prefix_key(conversation(0)) not in router._last
 
 
 def test_a_conversation_pushed_off_its_first_choice_always_lands_on_the_same_second() -> None:

@@ -13,7 +13,11 @@ same ordering is both the routing decision and the failover path.
   picks the same replica without talking to the others. When a replica joins or
   leaves, only the prefixes it wins (or won) move; the rest stay put. A load bound
   keeps affinity from piling work on one replica (``within_bound``): a replica past
-  it is passed over for the next one in the prompt's ranking.
+  it is passed over for the next one in the prompt's ranking. A conversation that the
+  bound moved stays where it went (``PrefixAffinity`` remembers, per gateway, where
+  each prefix was last sent): its KV cache is there now, and its first choice has
+  since given its slot to another conversation. Without the memory a conversation
+  displaced once bounced between its two choices, missing the cache on both.
 
 Load is requests per unit of capacity: requests on the replica (``Replica.busy``:
 ours in flight plus other gateways' as the engine last reported) over its slots
@@ -43,6 +47,7 @@ import hashlib
 import itertools
 import json
 import math
+from collections import OrderedDict
 from typing import Any, Protocol
 
 from servelm.catalog.specs import Routing
@@ -57,6 +62,10 @@ PREFIX_BYTES = 64 * 1024
 GUARD_REL = 1.5
 GUARD_ABS = 2.0  # requests per unit of weight, where capacities are weights
 GUARD_ABS_SLOTS = 0.5  # requests per slot, where capacities are slots
+# Prefixes whose last replica a gateway remembers (32 bytes of key and a reference
+# each, least recently sent forgotten first): far more conversations than any fleet
+# keeps in its caches at once.
+REMEMBERED_PREFIXES = 65_536
 
 
 def capacities(replicas: list[Replica]) -> list[float]:
@@ -128,17 +137,31 @@ class PrefixAffinity:
         self.guard_rel = guard_rel
         self.guard_abs = guard_abs
         self.guard_abs_slots = guard_abs_slots
+        # prefix key → URL of the replica it was last sent to.
+        self._last: OrderedDict[bytes, str] = OrderedDict()
 
     def order(self, replicas: list[Replica], body: dict[str, Any]) -> list[Replica]:
         if len(replicas) < 2:
             return list(replicas)
         key = prefix_key(body)
         ranked = sorted(replicas, key=lambda r: hrw_score(key, r.url, r.weight), reverse=True)
-        # The first replica in the prompt's own ranking within the bound; the rest
-        # follow in ranking order as the failover path.
+        last = self._last.get(key)
+        if last is not None:
+            # Where the prefix went last comes first (a stable sort keeps the rest in
+            # ranking order); gone from the fleet, the ranking alone decides.
+            ranked.sort(key=lambda r: r.url != last)
+        # The first replica in that order within the bound; the rest follow in ranking
+        # order as the failover path.
         ok = within_bound(replicas, self.guard_rel, self.guard_abs, self.guard_abs_slots)
         first = next(i for i, r in enumerate(ranked) if ok[id(r)])
+        self._remember(key, ranked[first].url)
         return [ranked[first], *ranked[:first], *ranked[first + 1 :]]
+
+    def _remember(self, key: bytes, url: str) -> None:
+        self._last[key] = url
+        self._last.move_to_end(key)
+        if len(self._last) > REMEMBERED_PREFIXES:
+            self._last.popitem(last=False)
 
 
 def make_router(kind: Routing) -> Router:
