@@ -5,7 +5,8 @@ a cold request pays beyond the model's load time.
     flock /tmp/servelm-bench.lock .venv/bin/python bench/serverless.py
 
 One ``servelm serve`` process (SQLite, billing on) with copies of the tiny Llama 3.1
-GGUF (8.2 MB; about 42 MB estimated loaded with a 131,072-token window's KV cache):
+GGUF (8.2 MB; about 67 MB estimated loaded with a 131,072-token window's KV cache
+and the model's process):
 
 - ``w``, the warm model, and ``x0``..``x3`` behind a budget for three: one client
   streams to ``w`` back to back; in the "busy" blocks a second client calls
@@ -43,7 +44,7 @@ from gateway_overhead import BIN, RESULTS, free_port, machine, wait_http
 from servelm.catalog.models_file import load_catalog
 from servelm.catalog.weights.default_model import default_model_path
 from servelm.config import default_data_dir
-from servelm.engines.gguf_files import footprint
+from servelm.engines.llamacpp import footprint
 from servelm.tools.testing import ggufgen
 
 CONTEXT = 131072
