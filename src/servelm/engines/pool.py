@@ -155,8 +155,8 @@ class ModelPool:
             model.footprint = registry.footprint(spec, self._cfg) or 0
             if self.budget is not None and model.footprint > self.budget:
                 raise ModelsConfigError(
-                    f"model {spec.slug} needs about {model.footprint:,} bytes loaded (weights "
-                    f"and KV cache for {spec.context_window} tokens), more than "
+                    f"model {spec.slug} needs about {model.footprint:,} bytes loaded (weights, "
+                    f"KV cache for {spec.context_window} tokens, its engine's process), more than "
                     f"SERVELM_MODEL_MEMORY allows ({self.budget:,} bytes): raise the "
                     "budget, shrink its context_window, or disable it (enabled = false)"
                 )
