@@ -16,9 +16,11 @@ The exchange: the parent writes one JSON line on stdin, ``{"parent": PID, "param
 fields by dotted name; ``engines.llamacpp`` chooses them), and keeps stdin open. This
 process loads the model and writes ``READY http://127.0.0.1:PORT`` on stdout, or
 writes why it could not on stderr and exits with status 1. It serves until its
-stdin closes, a SIGTERM (llama.cpp installs no handler for it: it ends the process
-at once), or its parent's death (``PR_SET_PDEATHSIG``): no orphan keeps a model's
-memory, even after a SIGKILLed gateway.
+stdin closes or its parent dies (``PR_SET_PDEATHSIG``): no orphan keeps a model's
+memory, even after a SIGKILLed gateway. It ignores SIGINT and SIGTERM: those are
+for the gateway, which may get them with its whole process group (a Ctrl+C at the
+terminal, a service manager stopping every process of the service) and then drains
+its requests, which need their models to the end.
 
 Only the standard library and xllamacpp are imported here: what this process holds
 besides the model is counted in every model's footprint (``llamacpp.PROCESS_BYTES``).
@@ -39,6 +41,8 @@ PARENT_GONE = 2
 
 
 def main() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _die_with_parent()
     order = json.loads(sys.stdin.buffer.readline() or b"{}")
     if os.getppid() != order.get("parent"):

@@ -21,8 +21,8 @@ from servelm.engines import llamacpp_process
 
 log = logging.getLogger(__name__)
 
-# Seconds a model's process gets to end after SIGTERM before it is killed (llama.cpp
-# installs no SIGTERM handler: it ends at once unless stuck in the kernel).
+# Seconds a model's process gets to end once its stdin is closed before it is killed
+# (it exits at once, skipping llama.cpp's teardown, unless stuck in the kernel).
 STOP_GRACE = 5.0
 # Lines kept of what a model's process last wrote on stderr.
 LAST_WORDS = 20
@@ -59,9 +59,6 @@ class ModelProcess:
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
-            # Out of the terminal's process group: a Ctrl+C is the gateway's to handle
-            # (it drains its requests, then stops its models), not each model's.
-            start_new_session=True,
         )
         self._follow = asyncio.get_running_loop().create_task(
             self._follow_stderr(proc), name=f"model process {self.slug}"
@@ -129,24 +126,27 @@ class ModelProcess:
         return f"{how}; it said: {said}" if said else how
 
     async def stop(self, *, kill: bool = False) -> None:
-        """End the process (SIGTERM, or SIGKILL) and reap it: its memory is back
-        when this returns."""
+        """End the process and reap it: its memory is back when this returns. Its
+        stdin closed is its signal to exit (it ignores SIGTERM); ``kill``, or a
+        process still there after ``STOP_GRACE``, gets SIGKILL (one still loading
+        does not read its stdin)."""
         self._serving = False
         proc = self._proc
         if proc is None:
             return
+        if proc.stdin is not None:
+            proc.stdin.close()
         if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+            if kill:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
             try:
                 async with asyncio.timeout(STOP_GRACE):
                     await proc.wait()
             except TimeoutError:
-                log.warning("model %s: its process outlived SIGTERM; killed", self.slug)
+                log.warning("model %s: its process did not exit; killed", self.slug)
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 await proc.wait()
-        if proc.stdin is not None:
-            proc.stdin.close()
         if self._follow is not None:
             await self._follow
