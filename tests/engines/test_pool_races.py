@@ -146,3 +146,33 @@ async def test_a_load_whose_requests_all_gave_up_wakes_a_load_waiting_for_room(
     assert models.state("a") == "unloaded" and models.state("b") == "loaded"
     lease.release()
     await r.close()
+
+
+async def test_loads_queued_behind_an_eviction_hold_no_memory(tmp_path: Path) -> None:
+    """A budget of one model. ``b``'s load evicts the idle ``a``, whose close takes
+    its time; ``c`` and ``d`` are asked for meanwhile and queue behind that eviction.
+    What the pool counts in use stays within the budget: the queued loads hold
+    nothing yet (they were counted as loading: two models' worth in a budget for
+    one)."""
+    r = await rig(tmp_path, "abcd", model_memory=str(FOOTPRINT))
+    models = r.models
+    for s in "abcd":
+        GATES[s].start.set()
+    (await models.acquire(r.specs["a"])).release()
+    assert models.state("a") == "loaded" and models.memory_in_use() == FOOTPRINT
+
+    wants = [asyncio.create_task(models.acquire(r.specs[s])) for s in "bcd"]
+    await GATES["a"].closing.wait()  # b's load evicts a, and waits for its close
+    await settle(lambda: all(models.state(s) == "loading" for s in "cd"))
+    assert models.budget == FOOTPRINT
+    assert models.memory_in_use() <= models.budget, models.usage()
+    assert all(models.describe(s).get("waiting_for_memory") is True for s in "cd")
+
+    GATES["a"].close.set()
+    lease = await asyncio.wait_for(wants[0], timeout=30)  # the bound only ends a hang
+    assert lease.engine is models.engines["b"]
+    assert models.memory_in_use() == FOOTPRINT, models.usage()
+    await r.close()  # c and d still wait for b's memory: their loads are cancelled
+    for want in wants[1:]:
+        with pytest.raises(asyncio.CancelledError):
+            await want

@@ -398,8 +398,11 @@ class ModelPool:
     async def _make_room(self, model: _Model) -> None:
         """Unload least recently used idle models until ``model`` fits; while none is
         idle, wait for one to be (a request released, a load ended)."""
+        # Waiting from before the lock: a load queued behind another's eviction holds
+        # no memory yet, and ``memory_in_use`` must not count it (it did, for as long
+        # as that eviction took: three models' worth in a budget for two).
+        model.waiting_for_room = True
         async with self._room:
-            model.waiting_for_room = True
             while not self._fits(model):
                 idle = [
                     m
