@@ -40,7 +40,7 @@ from servelm.chat.protocol import model_card
 from servelm.chat.serving import ChatService
 from servelm.config import Settings
 from servelm.engines.base import Engine
-from servelm.processes.lifecycle import Lifecycle, leave_now
+from servelm.processes.lifecycle import Lifecycle
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +125,8 @@ def worker_app(
             lifecycle.ready = False
             await lifecycle.close()
             await media.aclose()
-            if lifecycle.cut:
-                leave_now(f"the engine of {spec.slug}")
+            # Quick even after a drain that cut requests mid-prefill: the model's
+            # process exits at once, without finishing a prompt for nobody.
             await engine.close()
 
     return engine_front(
