@@ -248,3 +248,30 @@ def _children(pid: int) -> list[int]:
     """The processes ``pid`` started, from any of its threads."""
     tasks = Path(f"/proc/{pid}/task")
     return [int(c) for task in tasks.iterdir() for c in (task / "children").read_text().split()]
+
+
+def test_a_worker_whose_model_process_died_says_it_is_not_healthy(
+    tmp_path: Path, models_dir: Path
+) -> None:
+    """``servelm worker`` keeps its one model: once that model's process is gone it
+    can serve nothing, and its ``/health`` says so (gateways' checks and readiness
+    probes take it out of rotation)."""
+    from tests.fleet import fleetprocs
+
+    worker = fleetprocs.worker(tmp_path, models_dir).start()
+    try:
+        worker.wait_ready()
+        assert worker.proc is not None
+        (child,) = _children(worker.proc.pid)
+        os.kill(child, signal.SIGKILL)
+        wait_for(
+            lambda: httpx.get(f"{worker.url}/health", timeout=10).status_code == 503,
+            "the worker still says it is healthy",
+        )
+        health = httpx.get(f"{worker.url}/health", timeout=10).json()
+        assert health["status"] == "engine stopped", health
+        body = {"model": fleetprocs.SLUG, "messages": [{"role": "user", "content": "hi"}]}
+        r = httpx.post(f"{worker.url}/v1/chat/completions", json=body, timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_unavailable", r.text
+    finally:
+        worker.stop()
