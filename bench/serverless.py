@@ -5,7 +5,8 @@ a cold request pays beyond the model's load time.
     flock /tmp/servelm-bench.lock .venv/bin/python bench/serverless.py
 
 One ``servelm serve`` process (SQLite, billing on) with copies of the tiny Llama 3.1
-GGUF (8.2 MB; about 42 MB estimated loaded with a 131,072-token window's KV cache):
+GGUF (8.2 MB; about 67 MB estimated loaded with a 131,072-token window's KV cache
+and the model's process):
 
 - ``w``, the warm model, and ``x0``..``x3`` behind a budget for three: one client
   streams to ``w`` back to back; in the "busy" blocks a second client calls
@@ -43,7 +44,7 @@ from gateway_overhead import BIN, RESULTS, free_port, machine, wait_http
 from servelm.catalog.models_file import load_catalog
 from servelm.catalog.weights.default_model import default_model_path
 from servelm.config import default_data_dir
-from servelm.engines.gguf_files import footprint
+from servelm.engines.llamacpp import footprint
 from servelm.tools.testing import ggufgen
 
 CONTEXT = 131072
@@ -137,14 +138,16 @@ def state(client: httpx.Client, url: str, key: str, slug: str) -> str:
     return str(next(m["state"] for m in models if m["id"] == slug))
 
 
-def churn(url: str, key: str, stop: threading.Event, churned: list[bool]) -> None:
-    """Call the x models in turn until stopped: each call a load beside ``w``."""
+def churn(url: str, key: str, stop: threading.Event, churned: list[bool], turn: list[int]) -> None:
+    """Call the x models in turn until stopped: each call a load beside ``w``. The turn
+    goes on from the last block's (``turn``): begun again at x0, a block's first calls
+    found the two x models it had ended with still loaded, and with them just used,
+    ``w`` was the least recently used model and the next load evicted it."""
     with httpx.Client(timeout=300) as other:
-        i = 0
         while not stop.is_set():
-            _, cold = plain(other, url, key, CHURN[i % len(CHURN)])
+            _, cold = plain(other, url, key, CHURN[turn[0] % len(CHURN)])
             churned.append(cold is not None)
-            i += 1
+            turn[0] += 1
 
 
 def warm_vs_churn(url: str, key: str, blocks: int, per_block: int) -> dict[str, Any]:
@@ -152,6 +155,7 @@ def warm_vs_churn(url: str, key: str, blocks: int, per_block: int) -> dict[str, 
     busy: list[float] = []
     w_cold = 0
     loads = 0
+    turn = [0]
     with httpx.Client(timeout=300) as client:
         for _ in range(5):
             ttft(client, url, key, "w")  # loaded, its first requests out of the way
@@ -160,7 +164,7 @@ def warm_vs_churn(url: str, key: str, blocks: int, per_block: int) -> dict[str, 
             stop = threading.Event()
             churned: list[bool] = []
 
-            churner = threading.Thread(target=churn, args=(url, key, stop, churned))
+            churner = threading.Thread(target=churn, args=(url, key, stop, churned, turn))
             if churning:
                 churner.start()
                 time.sleep(0.3)  # the first load under way

@@ -233,6 +233,7 @@ FAST_MODULES = frozenset(
         "tests/chat/test_conversation.py",
         "tests/chat/test_media.py",
         "tests/engines/test_http1.py",
+        "tests/engines/test_pool_races.py",
         "tests/fleet/test_capacity.py",
         "tests/fleet/test_deploy.py",
         "tests/fleet/test_passive_health.py",

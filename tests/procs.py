@@ -43,6 +43,22 @@ class Gateway:
                 self.kill()
 
 
+def tree_rss(pid: int) -> int:
+    """Resident bytes of ``pid`` and every process below it."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo.extend(int(c) for c in (task / "children").read_text().split())
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # a process that ended between the listing and the read
+    return total
+
+
 def gateway_env(data_dir: Path, models_dir: Path, **extra: str) -> dict[str, str]:
     env = {
         **os.environ,

@@ -93,9 +93,13 @@ def test_workers_share_one_balance_and_one_model(
         workers = [p for p in kids if "multiprocessing" in cmdline(p) and p not in hosts]
         assert len(hosts) == 1, [cmdline(p) for p in kids]
         assert len(workers) >= WORKERS, [cmdline(p) for p in kids]
-        # The weights are mapped by the engine process only, not once per worker.
-        assert mapped_weights(hosts[0])
-        assert all(not mapped_weights(p) for p in [gw.proc.pid, *workers])
+        # The weights are mapped once, by the model's process under the engine
+        # process (``engines.llamacpp_process``), not once per worker.
+        models = children(hosts[0])
+        assert len(models) == 1, [cmdline(p) for p in models]
+        assert "-m servelm.engines.llamacpp_process" in cmdline(models[0])
+        assert mapped_weights(models[0])
+        assert all(not mapped_weights(p) for p in [gw.proc.pid, hosts[0], *workers])
 
         db = Database(db_url)
         key = provision(db, "crowd", AFFORDABLE * TOKENS)
@@ -114,6 +118,7 @@ def test_workers_share_one_balance_and_one_model(
     assert gw.proc.returncode != -signal.SIGKILL, "the supervisor had to be killed"
     assert all(gone(p) for p in workers), "a worker outlived its supervisor"
     assert gone(hosts[0]), "the engine process outlived its supervisor"
+    assert gone(models[0]), "the model's process outlived the engine process"
     assert sorted(codes) == [200] * 5 + [429] * 15, codes
 
     try:

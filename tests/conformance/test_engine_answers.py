@@ -25,10 +25,11 @@ def chat(http: httpx.Client, **body: Any) -> dict[str, Any]:
 
 
 def tokens_of(live: LiveServer, text: str) -> int:
-    """What the model's own tokenizer makes of ``text`` (the embedded server's route)."""
+    """What the model's own tokenizer makes of ``text`` (its llama.cpp server's route)."""
     engine = services(live.app).engines[MODEL]
     assert isinstance(engine, LlamaCppEngine)
-    address = engine._server.listening_address
+    address = engine.address
+    assert address is not None
     r = httpx.post(f"{address}/tokenize", json={"content": text, "add_special": False})
     return len(r.json()["tokens"])
 

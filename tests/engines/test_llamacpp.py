@@ -61,11 +61,11 @@ async def test_sixteen_concurrent_streams_complete_and_are_batched(wide: LiveSer
 
         engine = services(wide.app).engines[SLUG]
         assert isinstance(engine, LlamaCppEngine)
-        before = engine.metrics()
+        before = await engine.metrics()
         t0 = time.perf_counter()
         counts = await asyncio.gather(*(_stream_tokens(client, n_tokens) for _ in range(16)))
         aggregate_tps = sum(counts) / (time.perf_counter() - t0)
-        after = engine.metrics()
+        after = await engine.metrics()
     assert counts == [n_tokens] * 16
     decodes = after["n_decode_total"] - before["n_decode_total"]
     tokens = after["tokens_predicted_total"] - before["tokens_predicted_total"]
@@ -114,7 +114,8 @@ async def test_disconnect_after_three_chunks_stops_generation(live: LiveServer) 
     assert engine.stats.chunks_total - before_chunks == produced, "engine kept generating"
     assert produced < 200, f"{produced} chunks for a request cancelled after 3"
     # llama.cpp's own view: no slot is still processing.
-    async with httpx.AsyncClient(base_url=engine._server.listening_address) as raw:
+    assert engine.address is not None
+    async with httpx.AsyncClient(base_url=engine.address) as raw:
         slots = (await raw.get("/slots")).json()
     assert not any(s["is_processing"] for s in slots)
 

@@ -1,15 +1,19 @@
 """Serverless local models (issue 27) with the real engine: five copies of the tiny
-Llama 3.1 GGUF (8.2 MB each; with the f16 KV cache for a 131,072-token window the
-estimated footprint is about 42 MB) behind a memory budget that fits two of them.
+Llama 3.1 GGUF (8.2 MB each; with the f16 KV cache for a 131,072-token window and the
+model's process the estimated footprint is about 67 MB) behind a memory budget that
+fits two of them.
 One server for the module; the tests run in order and each says what it expects of
 the models' state before it starts."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
 import shutil
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -21,7 +25,7 @@ import pytest
 
 from servelm.api.services import services
 from servelm.catalog.models_file import load_catalog
-from servelm.engines.gguf_files import footprint
+from servelm.engines.llamacpp import LlamaCppEngine, footprint
 from servelm.engines.pool import Lease, ModelPool
 from tests import procs
 from tests.conftest import ADMIN_TOKEN, LiveServer, make_settings, start_server
@@ -32,11 +36,9 @@ CONTEXT = 131072
 
 
 def rss() -> int:
-    """This process's resident memory (the server runs in a thread of it)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
+    """Resident memory of this process (the server runs in a thread of it) and of the
+    processes below it: each loaded model's."""
+    return procs.tree_rss(os.getpid())
 
 
 @pytest.fixture(scope="module")
@@ -172,8 +174,8 @@ def test_a_budget_for_two_serves_four_models_evicting_the_least_recently_used(
 ) -> None:
     """Four clients, each calling the four models in a different order. Every request
     is served; what the pool holds, sampled every 100 ms, never passes the budget (two
-    models), and neither does the process's RSS over the same samples (which also
-    holds the clients: they run in this process)."""
+    models), and neither does the RSS of this process and its children (the models'
+    processes) over the same samples (this process also holds the clients)."""
     srv, each = pool_server
     models = pool(srv)
     samples: list[int] = []
@@ -225,8 +227,9 @@ def test_a_budget_for_two_serves_four_models_evicting_the_least_recently_used(
     # Issue 27.1's bound: the RSS with two models loaded plus 10 %. This process also
     # holds whatever the tests before it grew (the suite runs files in a few
     # processes), so the 10 % can be more than a model: the growth must also stay
-    # below one more model's footprint (freed heap goes back to the system:
-    # pool._unload), i.e. a third model was never resident.
+    # below one more model's footprint (an unloaded model's process has ended by
+    # the time the next load starts: pool._unload), i.e. a third model was never
+    # resident.
     assert peak <= two_loaded * 1.10 and peak - two_loaded < each, (two_loaded, peak, each)
 
 
@@ -257,46 +260,76 @@ def test_a_model_in_use_is_not_evicted_and_a_load_that_needs_it_waits(
     services(srv.app).loop.call_soon_threadsafe(held[1].release)
 
 
+@contextlib.contextmanager
+def paused(models: ModelPool, slug: str) -> Iterator[None]:
+    """The model's llama.cpp process stopped (SIGSTOP) for the block: a request on it
+    stays in flight, unfinished, however fast the tiny model would have answered it
+    (it would have, before the test could look: generation has a process of its own)."""
+    engine = models.engines[slug]
+    assert isinstance(engine, LlamaCppEngine) and engine.pid is not None
+    pid = engine.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+class Stream(threading.Thread):
+    """A long streamed request to ``slug`` on a thread of its own: whether it ended
+    properly (a finish reason, no error event) and when (``order``)."""
+
+    def __init__(self, srv: LiveServer, slug: str, order: list[str]) -> None:
+        super().__init__()
+        self.srv, self.slug, self.order = srv, slug, order
+        self.status: int | None = None
+        self.finish: str | None = None
+        self.chunks = 0
+        self.errors: list[object] = []
+
+    def run(self) -> None:
+        body = {
+            "model": self.slug,
+            "messages": [{"role": "user", "content": "tell me a long story"}],
+            "max_tokens": 1000,
+            "stream": True,
+        }
+        url = f"{self.srv.v1}/chat/completions"
+        with httpx.stream("POST", url, json=body, headers=self.srv.headers(), timeout=120) as r:
+            self.status = r.status_code
+            for line in r.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                event = json.loads(line[6:])
+                if "error" in event:
+                    self.errors.append(event)
+                for choice in event.get("choices") or ():
+                    self.chunks += 1
+                    self.finish = choice.get("finish_reason") or self.finish
+        self.order.append(f"{self.slug} ended")
+
+
 def test_a_stream_keeps_going_while_other_models_need_its_memory(
     pool_server: tuple[LiveServer, int],
 ) -> None:
+    """While a stream on ``d`` is unfinished, ``a`` and ``b`` both need memory beside
+    it (a budget for two): they are served in turn by evicting each other, never
+    ``d``; then ``d``'s stream runs to its end, uncut."""
     srv, _ = pool_server
-    body = {
-        "model": "d",
-        "messages": [{"role": "user", "content": "tell me a long story"}],
-        "max_tokens": 1000,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    others: list[httpx.Response] = []
-    seen_states: list[str] = []
-    finish = None
-    chunks = 0
-    with httpx.stream(
-        "POST", f"{srv.v1}/chat/completions", json=body, headers=srv.headers(), timeout=120
-    ) as r:
-        assert r.status_code == 200
-        starters = [
-            threading.Thread(target=lambda s=s: others.append(ask(srv, s))) for s in ("a", "b")
-        ]
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            assert "error" not in event, event
-            if event["choices"]:
-                chunks += 1
-                finish = event["choices"][0].get("finish_reason") or finish
-            if chunks == 1 and starters[0].ident is None:
-                for t in starters:
-                    t.start()
-            if chunks % 50 == 1:
-                seen_states.append(states(srv)["d"])
-    for t in starters:
-        t.join(120)
-    assert finish in ("stop", "length") and chunks > 1
-    assert set(seen_states) == {"loaded"}, seen_states
+    models = pool(srv)
+    assert ask(srv, "d").status_code == 200  # loaded, so that it can be paused
+    order: list[str] = []
+    stream = Stream(srv, "d", order)
+    with paused(models, "d"):
+        stream.start()
+        wait_for(lambda: models.describe("d")["in_flight"] == 1, "the stream on d never began")
+        others = [ask(srv, s) for s in ("a", "b")]
+        during = states(srv)["d"]
+    stream.join(120)
     assert [o.status_code for o in others] == [200, 200], [o.text for o in others]
+    assert during == "loaded" and order == ["d ended"], (during, order)
+    assert stream.status == 200 and not stream.errors, stream.errors
+    assert stream.finish in ("stop", "length") and stream.chunks > 1
 
 
 def test_loads_that_need_a_streaming_models_memory_wait_for_its_end_then_succeed(
@@ -309,34 +342,22 @@ def test_loads_that_need_a_streaming_models_memory_wait_for_its_end_then_succeed
     srv, _ = pool_server
     models = pool(srv)
     held = on_server_loop(srv, models.acquire(services(srv.app).catalog.resolve("c")))
-    body = {
-        "model": "d",
-        "messages": [{"role": "user", "content": "tell me a long story"}],
-        "max_tokens": 1000,
-        "stream": True,
-    }
     others: dict[str, httpx.Response] = {}
     order: list[str] = []
-    waited = False
-    finish = None
+
+    def call(slug: str) -> None:
+        others[slug] = ask(srv, slug)
+        order.append(slug)
+
+    starters = [threading.Thread(target=call, args=(s,)) for s in ("a", "b")]
     try:
-        with httpx.stream(
-            "POST", f"{srv.v1}/chat/completions", json=body, headers=srv.headers(), timeout=120
-        ) as r:
-            assert r.status_code == 200
-            lines = r.iter_lines()
-            for line in lines:
-                if line.startswith("data: {"):
-                    break  # the first chunk: d is generating, its lease held
-
-            def call(slug: str) -> None:
-                others[slug] = ask(srv, slug)
-                order.append(slug)
-
-            starters = [threading.Thread(target=call, args=(s,)) for s in ("a", "b")]
+        assert ask(srv, "d").status_code == 200  # loaded beside c, so that it can be paused
+        stream = Stream(srv, "d", order)
+        with paused(models, "d"):
+            stream.start()
+            wait_for(lambda: models.describe("d")["in_flight"] == 1, "the stream on d never began")
             for t in starters:
                 t.start()
-            # Both wait for memory (the stream's rest sits unread meanwhile).
             wait_for(
                 lambda: (
                     models.describe("a").get("waiting_for_memory") is True
@@ -345,20 +366,14 @@ def test_loads_that_need_a_streaming_models_memory_wait_for_its_end_then_succeed
                 "neither a nor b waited for memory",
             )
             waited = states(srv)["d"] == "loaded" and not order
-            for line in lines:
-                if not line.startswith("data: {"):
-                    continue
-                event = json.loads(line[6:])
-                assert "error" not in event, event
-                for choice in event["choices"]:
-                    finish = choice.get("finish_reason") or finish
-            order.append("d ended")
+        stream.join(120)
         for t in starters:
             t.join(120)
     finally:
         services(srv.app).loop.call_soon_threadsafe(held.release)
     assert waited, "a load began before the stream on d ended"
-    assert finish in ("stop", "length"), finish
+    assert stream.status == 200 and not stream.errors, stream.errors
+    assert stream.finish in ("stop", "length"), stream.finish
     assert order[0] == "d ended", order
     assert {s: r.status_code for s, r in others.items()} == {"a": 200, "b": 200}, others
     assert all("x-servelm-cold-start-ms" in r.headers for r in others.values())

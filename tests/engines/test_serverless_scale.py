@@ -1,6 +1,7 @@
 """Issue 27.1 on a real ``servelm serve`` process: a catalog of 8 local models (copies
 of the tiny Llama 3.1 GGUF, 8.2 MB each; about 42 MB estimated loaded, with the KV
-cache of a 131,072-token window) behind a memory budget that fits two of them.
+cache of a 131,072-token window, and its process) behind a memory budget that fits
+two of them.
 Clients send requests spread over all 8 models, streamed and plain, in both dialects
 (OpenAI's ``/v1/chat/completions`` and Segmind's ``/v1/{slug}``): every request is
 served, no stream is cut, ``servelm ledger check`` is clean, and the RSS of the
@@ -27,7 +28,7 @@ import httpx
 import pytest
 
 from servelm.catalog.models_file import load_catalog
-from servelm.engines.gguf_files import footprint
+from servelm.engines.llamacpp import footprint
 from servelm.store.db import Database
 from tests import procs
 from tests.conftest import provision
@@ -37,22 +38,6 @@ CONTEXT = 131072
 CLIENTS = 8
 FULL = os.environ.get("SERVELM_SERVERLESS_FULL") == "1"
 PER_CLIENT = 25 if FULL else 4
-
-
-def tree_rss(pid: int) -> int:
-    """Resident bytes of ``pid`` and every process below it."""
-    total, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-            for task in Path(f"/proc/{p}/task").iterdir():
-                todo.extend(int(c) for c in (task / "children").read_text().split())
-        except (FileNotFoundError, ProcessLookupError):
-            continue  # a process that ended between the listing and the read
-    return total
 
 
 @dataclass
@@ -198,7 +183,7 @@ def sampled(srv: Server, work: list[list[tuple[str, bool, bool]]]) -> tuple[Resu
 
     def sample() -> None:
         while not done.wait(0.1):
-            samples.append(tree_rss(srv.gw.proc.pid))
+            samples.append(procs.tree_rss(srv.gw.proc.pid))
 
     sampler = threading.Thread(target=sample)
     sampler.start()

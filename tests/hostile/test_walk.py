@@ -5,6 +5,7 @@ rewritten in issue 11. Each ends, where money moved, with the ledger checked.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 from collections.abc import Iterator
@@ -116,7 +117,7 @@ def test_preparation_stops_when_the_client_leaves(walk_live: LiveServer, drip: D
 def test_a_hang_up_during_prefill_cancels_it(walk_live: LiveServer) -> None:
     engine = services(walk_live.app).engines[DEFAULT_MODEL_SLUG]
     assert isinstance(engine, LlamaCppEngine)
-    before = engine.metrics().get("prompt_tokens_total", 0.0)
+    before = asyncio.run(engine.metrics()).get("prompt_tokens_total", 0.0)
     # About 1,250 tokens, seconds of prefill on two busy cores (the report's 7,800
     # took minutes here): three of the engine's 512-token batches, and a hang-up is
     # seen between two of them.
@@ -138,6 +139,6 @@ def test_a_hang_up_during_prefill_cancels_it(walk_live: LiveServer) -> None:
     while engine.stats.running and time.monotonic() < deadline:
         time.sleep(0.1)
     assert engine.stats.running == 0
-    processed = engine.metrics().get("prompt_tokens_total", 0.0) - before
+    processed = asyncio.run(engine.metrics()).get("prompt_tokens_total", 0.0) - before
     assert processed < 1000, f"{processed:.0f} prompt tokens processed after the client left"
     assert_money_sound(walk_live)

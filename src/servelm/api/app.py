@@ -257,7 +257,6 @@ def create_app(
         )
         runner.start()
         app_metrics.start()
-        # After the engines: llama.cpp installs signal handlers of its own; ours win.
         lifecycle.install_signal_handlers()
         lifecycle.ready = True
         # Everything built so far (modules, the app, the engines) lives as long as the

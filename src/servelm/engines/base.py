@@ -77,6 +77,12 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None: ...
 
+    def alive(self) -> bool:
+        """Whether a started engine can still serve: False once the process holding
+        its model has ended (``engines.llamacpp``), and the model pool then loads it
+        again."""
+        return True
+
     @abc.abstractmethod
     async def count_prompt_tokens(self, body: dict[str, Any]) -> int | None:
         """Prompt tokens for ``body``, or None when the engine cannot tell early."""

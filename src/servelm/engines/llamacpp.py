@@ -1,8 +1,10 @@
-"""llama.cpp in-process, through xllamacpp's embedded server.
+"""llama.cpp through xllamacpp's server, one process per loaded model.
 
-xllamacpp runs the real llama.cpp server (slots, continuous batching) inside our
-process, listening on an ephemeral loopback port. We talk to it over that port, with
-our own HTTP client, for everything but its metrics:
+Each loaded model runs llama.cpp's real server (slots, continuous batching) in a
+process of its own (``engines.llamacpp_process``), listening on an ephemeral loopback
+port. Loading there stalls nobody here (xllamacpp holds the GIL for a whole load),
+and an unload ends the process, so its memory really goes. We talk to it over that
+port, with our own HTTP client, for everything:
 
 - generation streams, whatever the client asked for: only a streaming call can be
   cancelled, and closing its connection is what cancels it, even mid-prefill (the
@@ -12,6 +14,10 @@ our own HTTP client, for everything but its metrics:
 - admission (slots, a bounded queue, and the KV cache the slots share:
   ``engines/admission.py``) happens here, in asyncio, so llama.cpp never holds more
   requests than it has slots, nor more than its KV cache can hold together.
+
+A process that dies while serving (the OOM killer, an abort in llama.cpp) fails its
+requests with a 503 to retry; the model pool (``engines.pool``) sees the engine is
+no longer ``alive`` and loads the model again at its next request.
 """
 
 from __future__ import annotations
@@ -21,17 +27,16 @@ import functools
 import json
 import logging
 import re
-import signal
-import threading
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from servelm.catalog.specs import ModelSpec
-from servelm.engines import http1, wire
+from servelm.engines import gguf_files, http1, wire
 from servelm.engines.admission import Admission, PromptSize
 from servelm.engines.base import Engine, map_engine_error
-from servelm.engines.gguf_files import footprint, projector_image_tokens
-from servelm.errors import EngineError, ModelUnavailable, StreamCut
+from servelm.engines.gguf_files import projector_image_tokens
+from servelm.engines.model_process import LoadFailed, ModelProcess
+from servelm.errors import EngineError, ModelUnavailable, ServelmError, StreamCut
 
 if TYPE_CHECKING:
     from servelm.config import Settings
@@ -60,6 +65,22 @@ COUNT_IDLE = 4
 # Longest silence from the engine mid-generation: a 100k-token prefill on a busy CPU.
 # The request's own deadline (issue 13) usually ends it sooner.
 GENERATION_READ_TIMEOUT = 3600.0
+# What a model's process holds besides the model (``llamacpp_process``): its VmRSS
+# just before the load, with CPython 3.11 and xllamacpp 2026.10 imported, was
+# 24.0 MiB in five starts on the x86-64 build machine (9 MiB of it private; the rest
+# is the interpreter's and xllamacpp's file pages, which every model's process maps
+# and RSS counts in each). Part of every model's footprint, so the budget counts it.
+PROCESS_BYTES = 24 << 20
+# Seconds a failed call waits to see the model's process exit, so that a client whose
+# request met a dead process hears to retry (503) rather than of an engine error.
+EXIT_SEEN = 1.0
+
+
+def footprint(spec: ModelSpec, settings: Settings | None = None) -> int | None:
+    """What loading the model costs (``gguf_files.footprint``: weights, projector, KV
+    cache) plus its process; None while its weights are not installed."""
+    model = gguf_files.footprint(spec, settings)
+    return None if model is None else model + PROCESS_BYTES
 
 
 class LlamaCppEngine(Engine):
@@ -87,8 +108,9 @@ class LlamaCppEngine(Engine):
         self._admission: Admission = Admission(
             self.slots, queue_size, self.stats, kv_cells=spec.context_window
         )
-        self._server: Any = None
-        # Two pools on the embedded server's loopback port: quick calls (template,
+        self._process: ModelProcess | None = None  # while loaded (``llamacpp_process``)
+        self.address: str | None = None  # its server's base URL
+        # Two pools on the model server's loopback port: quick calls (template,
         # tokenize) with a short read timeout, and generations, whose first byte may
         # wait out a long prefill on a busy CPU.
         self._http: http1.Pool | None = None
@@ -98,45 +120,48 @@ class LlamaCppEngine(Engine):
 
     # -- lifecycle -------------------------------------------------------------------
 
-    def _params(self) -> Any:
-        import xllamacpp
-
-        p = xllamacpp.CommonParams()
-        p.model.path = str(self.spec.path)
-        p.n_parallel = self.slots
-        # A unified KV cache lets any one slot use the whole context window while all
-        # slots share one pool, instead of cutting the window into per-slot slices.
-        p.kv_unified = True
-        p.n_ctx = self.spec.context_window
-        # llama.cpp looks at cancellations only between batches: a prompt prefilled as
-        # one 2,048-token batch runs to the end for a client that has left. Batches of
-        # one micro-batch (512, its default) cost nothing on CPU and let a hang-up stop
-        # a long prefill within one batch.
-        p.n_batch = PREFILL_BATCH
-        # llama.cpp's HTTP server gives each connection a thread for as long as it is
-        # open, idle keep-alive included: every running generation holds one, the
-        # counting pool's idle connections hold theirs, and the rest serve counts in
-        # flight. (With too few, counts queued behind idle connections until their
-        # 5 s keep-alive ran out: 0.3-0.8x the raw server's tokens/s at 32 streams.)
-        p.n_threads_http = self.slots + COUNT_IDLE + 8
-        p.cpuparams.n_threads = self._threads
-        p.cpuparams_batch.n_threads = self._threads
-        p.warmup = False
-        # llama.cpp's fitting pass loads the model once more to measure device memory and
-        # may shrink the context below what the catalog promises; servelm decides memory
-        # itself (engines.pool's budget). It was ~45 % of each load (1.15 s → 0.63 s
-        # median for the tiny test model here), and a load holds the GIL throughout.
-        p.fit_params = False
-        p.endpoint_metrics = True
+    def _params(self) -> dict[str, Any]:
+        """llama.cpp's server parameters (``xllamacpp.CommonParams`` fields by dotted
+        name), which the model's process sets before it loads."""
+        p: dict[str, Any] = {
+            "model.path": str(self.spec.path),
+            "n_parallel": self.slots,
+            # A unified KV cache lets any one slot use the whole context window while
+            # all slots share one pool, instead of cutting the window into per-slot
+            # slices.
+            "kv_unified": True,
+            "n_ctx": self.spec.context_window,
+            # llama.cpp looks at cancellations only between batches: a prompt
+            # prefilled as one 2,048-token batch runs to the end for a client that has
+            # left. Batches of one micro-batch (512, its default) cost nothing on CPU
+            # and let a hang-up stop a long prefill within one batch.
+            "n_batch": PREFILL_BATCH,
+            # llama.cpp's HTTP server gives each connection a thread for as long as it
+            # is open, idle keep-alive included: every running generation holds one,
+            # the counting pool's idle connections hold theirs, and the rest serve
+            # counts in flight. (With too few, counts queued behind idle connections
+            # until their 5 s keep-alive ran out: 0.3-0.8x the raw server's tokens/s
+            # at 32 streams.)
+            "n_threads_http": self.slots + COUNT_IDLE + 8,
+            "cpuparams.n_threads": self._threads,
+            "cpuparams_batch.n_threads": self._threads,
+            "warmup": False,
+            # llama.cpp's fitting pass loads the model once more to measure device
+            # memory and may shrink the context below what the catalog promises;
+            # servelm decides memory itself (engines.pool's budget). It was ~45 % of
+            # each load (1.15 s → 0.63 s median for the tiny test model here).
+            "fit_params": False,
+            "endpoint_metrics": True,
+            "verbosity": 3 if self._verbose else -1,
+        }
         if self._prompt_cache_mib is not None:
-            # llama.cpp keeps finished prompts' KV in host memory (8 GiB by default) to
-            # reuse their prefixes; 0 leaves only what the slots still hold.
-            p.cache_ram_mib = self._prompt_cache_mib
-        p.verbosity = 3 if self._verbose else -1
+            # llama.cpp keeps finished prompts' KV in host memory (8 GiB by default)
+            # to reuse their prefixes; 0 leaves only what the slots still hold.
+            p["cache_ram_mib"] = self._prompt_cache_mib
         if self.spec.chat_template:
-            p.chat_template = self.spec.chat_template
+            p["chat_template"] = self.spec.chat_template
         if self.spec.mmproj:
-            p.mmproj.path = str(self.spec.mmproj)
+            p["mmproj.path"] = str(self.spec.mmproj)
         return p
 
     async def start(self) -> None:
@@ -144,8 +169,6 @@ class LlamaCppEngine(Engine):
             raise ModelUnavailable(
                 f"Model '{self.spec.slug}' has no weights at {self.spec.path}.", retry_after=60
             )
-        import xllamacpp
-
         if self.spec.mmproj is not None:
             if not self.spec.mmproj.is_file():
                 raise ModelUnavailable(
@@ -153,28 +176,25 @@ class LlamaCppEngine(Engine):
                     retry_after=60,
                 )
             self.image_tokens = await asyncio.to_thread(projector_image_tokens, self.spec.mmproj)
-        params = self._params()
-        saved = _save_signal_handlers()
+        process = ModelProcess(self.spec.slug, verbose=self._verbose)
         try:
-            self._server = await asyncio.to_thread(xllamacpp.Server, params)
-        except RuntimeError as exc:
+            address = await process.start(self._params())
+        except LoadFailed as exc:
             raise ModelUnavailable(
                 f"Model '{self.spec.slug}' failed to load from {self.spec.path}: {exc}",
                 retry_after=60,
             ) from exc
-        finally:
-            # llama.cpp's init installs its own SIGINT/SIGTERM handlers in our process;
-            # put uvicorn's (or Python's) back so Ctrl+C still shuts us down cleanly.
-            _restore_signal_handlers(saved)
-        # The embedded server listens on an ephemeral loopback port: generation,
-        # template and tokenize all go through its HTTP routes (see ``stream``).
-        address = self._server.listening_address
+        self._process, self.address = process, address
         self._http = http1.Pool(address, read_timeout=30.0, max_idle=COUNT_IDLE)
         # Generations are not kept alive: a connect on loopback is nothing next to a
         # generation, and an idle connection would pin one of the server's threads.
         self._gen = http1.Pool(address, read_timeout=GENERATION_READ_TIMEOUT, max_idle=0)
-        self.vocab_size = await self._vocab_size()
-        cells = await self._kv_cells()
+        try:
+            self.vocab_size = await self._vocab_size()
+            cells = await self._kv_cells()
+        except BaseException:
+            await self.close()  # a start cancelled here: nobody else would end the process
+            raise
         if cells is not None and cells < self.spec.context_window:
             # The engine's word over ours: a cache smaller than the window asked for
             # holds less together (llama.cpp rounds n_ctx up, never down, today).
@@ -195,16 +215,35 @@ class LlamaCppEngine(Engine):
             self.spec.context_window,
         )
 
+    def alive(self) -> bool:
+        return self._process is not None and self._process.alive()
+
+    @property
+    def pid(self) -> int | None:
+        """The model's process, while it runs."""
+        return self._process.pid if self._process is not None else None
+
     async def close(self) -> None:
         for pool in (self._http, self._gen):
             if pool is not None:
                 await pool.aclose()
         self._http = self._gen = None
-        holder, self._server = [self._server], None
-        if holder[0] is not None:
-            # The destructor stops and joins llama.cpp's thread; run it on a worker, not
-            # on the event loop, by dropping the last reference there.
-            await asyncio.to_thread(holder.clear)
+        process, self._process = self._process, None
+        if process is not None:
+            await process.stop()
+
+    async def _broken(self, what: str, exc: Exception) -> ServelmError:
+        """The error for a call that failed at the transport: a 503 to retry when the
+        model's process has ended (the pool loads the model again at its next
+        request), an engine error otherwise."""
+        process = self._process
+        if process is not None and await process.ended(within=EXIT_SEEN):
+            return ModelUnavailable(
+                f"Model '{self.spec.slug}' stopped ({process.exit_reason()}); retry, it "
+                "loads again.",
+                retry_after=1,
+            )
+        return EngineError(f"the model's engine {what}: {exc}")
 
     # -- prompt accounting -----------------------------------------------------------
 
@@ -230,7 +269,7 @@ class LlamaCppEngine(Engine):
         return [int(t) for t in data["tokens"]]
 
     async def _vocab_size(self) -> int | None:
-        """From the embedded server's model list: the walk refuses a ``logit_bias``
+        """From the model server's model list: the walk refuses a ``logit_bias``
         outside the vocabulary (llama.cpp would silently drop it)."""
         assert self._http is not None
         try:
@@ -243,7 +282,7 @@ class LlamaCppEngine(Engine):
             return None
 
     async def _kv_cells(self) -> int | None:
-        """The tokens the KV cache holds, as the embedded server reports it (a slot's
+        """The tokens the KV cache holds, as the model's server reports it (a slot's
         ``n_ctx``: with the unified cache, every slot's is the whole cache)."""
         assert self._http is not None
         try:
@@ -256,12 +295,13 @@ class LlamaCppEngine(Engine):
             return None
 
     async def _call(self, path: str, payload: dict[str, Any]) -> tuple[int, Any]:
-        """One call to the embedded server's own HTTP routes."""
-        assert self._http is not None, "engine not started"
+        """One call to the model server's own HTTP routes."""
+        if self._http is None:
+            raise ModelUnavailable(f"Model '{self.spec.slug}' is not loaded.")
         try:
             return await self._http.post_json(path, payload)
         except http1.HTTPError as exc:
-            raise EngineError(f"the embedded engine did not answer {path}: {exc}") from exc
+            raise await self._broken(f"did not answer {path}", exc) from exc
 
     async def count_prompt_tokens(self, body: dict[str, Any]) -> int | None:
         """Exact for text. Each image's marker in the rendered prompt is replaced by the
@@ -302,7 +342,7 @@ class LlamaCppEngine(Engine):
         prompt: PromptSize | None = None,
     ) -> AsyncIterator[dict[str, Any]]:
         # Streams inside, whatever the client wants: only a streaming call can be
-        # cancelled. Through the embedded server's HTTP route, not the binding's
+        # cancelled. Through the model server's HTTP route, not the binding's
         # ``handle_chat_completions``: the route notices a closed connection while the
         # prompt is still being prefilled and cancels it between batches, where the
         # binding's call can only be stopped from its chunk callback, after the first
@@ -321,7 +361,7 @@ class LlamaCppEngine(Engine):
                 try:
                     resp = await self._gen.request("POST", "/v1/chat/completions", payload)
                 except http1.HTTPError as exc:
-                    raise EngineError(f"the embedded engine did not answer: {exc}") from exc
+                    raise await self._broken("did not answer", exc) from exc
                 # Leaving this block early (the client left, a send timed out) closes
                 # the connection, which is what tells llama.cpp to stop.
                 async with resp:
@@ -338,7 +378,7 @@ class LlamaCppEngine(Engine):
             except (http1.HTTPError, StreamCut) as exc:
                 # Only the transport: the engine's own verdicts (a 400, a tool call the
                 # model garbled: 502) raised above pass through as they are.
-                raise EngineError(f"the embedded engine broke off: {exc}") from exc
+                raise await self._broken("broke off", exc) from exc
             finally:
                 if not finished:
                     self.stats.cancelled_total += 1
@@ -360,12 +400,25 @@ class LlamaCppEngine(Engine):
             need = self._admission.kv_need(prompt, output)
         return need
 
-    def metrics(self) -> dict[str, float]:
-        """llama.cpp's own counters (``llamacpp:*`` Prometheus text), parsed."""
-        if self._server is None:
+    async def metrics(self) -> dict[str, float]:
+        """llama.cpp's own counters (``llamacpp:*`` Prometheus text), parsed; empty
+        when the model's process is not running."""
+        if self.address is None or not self.alive():
             return {}
+        # A connection of its own: callable from any event loop (tests call it from
+        # theirs), and rare enough that keep-alive buys nothing.
+        pool = http1.Pool(self.address, read_timeout=30.0, max_idle=0)
+        try:
+            resp = await pool.request("GET", "/metrics")
+            async with resp:
+                text = (await resp.read()).decode()
+        except http1.HTTPError as exc:
+            log.warning("%s: llama.cpp's metrics did not come: %s", self.spec.slug, exc)
+            return {}
+        finally:
+            await pool.aclose()
         out: dict[str, float] = {}
-        for line in self._server.handle_metrics().splitlines():
+        for line in text.splitlines():
             if line.startswith("llamacpp:"):
                 name, _, value = line.partition(" ")
                 out[name.removeprefix("llamacpp:")] = float(value)
@@ -377,7 +430,7 @@ class LlamaCppEngine(Engine):
             "slots": self.slots,
             "kv_cells": self._admission.kv_cells,
             "kv_used": self._admission.kv_used,
-            "loaded": self._server is not None,
+            "loaded": self.alive(),
             # No weight paths: /health shows this to anyone (issue 17); the operator
             # has them in `servelm models list`.
             "memory_bytes": self._memory_bytes,
@@ -434,15 +487,3 @@ def _error_detail(raw: bytes, status: int) -> dict[str, Any]:
     if not isinstance(detail, dict):
         detail = {"message": raw[:500].decode(errors="replace")}
     return {**detail, "code": status}
-
-
-def _save_signal_handlers() -> dict[int, Any]:
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    return {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-
-
-def _restore_signal_handlers(saved: dict[int, Any]) -> None:
-    for sig, handler in saved.items():
-        if handler is not None:
-            signal.signal(sig, handler)

@@ -11,13 +11,14 @@ is ever cut to make room. Remote engines start with the process and stay.
 The walk asks ``acquire`` for a model's engine and gets a ``Lease``: the request
 counts in flight until the lease is released (its generation settled, or the walk
 failed before it). Everything here runs on the event loop; loads and unloads are
-the only awaits that take long, and they run llama.cpp on a worker thread.
+the only awaits that take long (a llama.cpp model loads in a process of its own:
+``engines.llamacpp``). A loaded model whose engine is no longer ``alive`` (its
+process was killed) is unloaded at its next request, which loads it again.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -154,8 +155,8 @@ class ModelPool:
             model.footprint = registry.footprint(spec, self._cfg) or 0
             if self.budget is not None and model.footprint > self.budget:
                 raise ModelsConfigError(
-                    f"model {spec.slug} needs about {model.footprint:,} bytes loaded (weights "
-                    f"and KV cache for {spec.context_window} tokens), more than "
+                    f"model {spec.slug} needs about {model.footprint:,} bytes loaded (weights, "
+                    f"KV cache for {spec.context_window} tokens, its engine's process), more than "
                     f"SERVELM_MODEL_MEMORY allows ({self.budget:,} bytes): raise the "
                     "budget, shrink its context_window, or disable it (enabled = false)"
                 )
@@ -226,8 +227,10 @@ class ModelPool:
         model.in_flight += 1
         self._cancel_idle(model)
         started = time.perf_counter()
-        cold = model.engine is None
         try:
+            if model.engine is not None and not model.engine.alive():
+                await self._lost(model)
+            cold = model.engine is None
             if model.engine is None:
                 await self._ensure_loaded(model, self.deadline())
         except BaseException:
@@ -395,8 +398,11 @@ class ModelPool:
     async def _make_room(self, model: _Model) -> None:
         """Unload least recently used idle models until ``model`` fits; while none is
         idle, wait for one to be (a request released, a load ended)."""
+        # Waiting from before the lock: a load queued behind another's eviction holds
+        # no memory yet, and ``memory_in_use`` must not count it (it did, for as long
+        # as that eviction took: three models' worth in a budget for two).
+        model.waiting_for_room = True
         async with self._room:
-            model.waiting_for_room = True
             while not self._fits(model):
                 idle = [
                     m
@@ -446,8 +452,8 @@ class ModelPool:
                 self._room.notify_all()
 
     async def _unload(self, model: _Model, reason: str) -> None:
-        """Close the engine (llama.cpp frees its memory); only ever with nothing in
-        flight, or at shutdown."""
+        """Close the engine (a llama.cpp model's process ends, and its memory is
+        back); only ever with nothing in flight, at shutdown, or when it died."""
         engine, model.engine = model.engine, None
         self._cancel_idle(model)
         self.engines.pop(model.spec.slug, None)
@@ -456,18 +462,19 @@ class ModelPool:
         if engine is None:
             return
         await engine.close()
-        await asyncio.to_thread(_return_freed_memory)
         if self.metrics is not None:
             self.metrics.model_unloads.labels(model.spec.slug, reason).inc()
         log.info("model %s unloaded (%s)", model.spec.slug, reason)
 
-
-def _return_freed_memory() -> None:
-    """Hand the heap pages an unloaded model freed back to the system: glibc keeps
-    them in the arenas of the threads that allocated them (llama.cpp's server runs
-    a dozen), where the process's RSS would hold them after the model is gone."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return  # not glibc: nothing to trim
-    libc.malloc_trim(0)
+    async def _lost(self, model: _Model) -> None:
+        """A loaded model whose engine died (its process killed: the OOM killer, an
+        abort in llama.cpp): unloaded, so that the request that noticed loads it
+        again. Requests still in flight on it have failed or fail with it."""
+        log.warning(
+            "model %s: its engine stopped while loaded (%d other requests on it); "
+            "unloaded, it loads again",
+            model.spec.slug,
+            model.in_flight - 1,
+        )
+        await self._unload(model, "died")
+        await self._notify()  # its memory is free: loads waiting for room may go

@@ -2,11 +2,11 @@
 
 An engine type is one module and one line in ``ENGINE_TYPES``. The module defines
 ``build(spec, settings) -> Engine``; a type whose engine holds the model in this
-process's memory also defines ``footprint(spec, settings) -> int | None`` (bytes it
-will take once loaded), which makes it *local*: the model pool
-(``engines.pool``) loads it on demand, counts it against the memory budget and
-unloads it when idle. A type without ``footprint`` (a remote server) is started
-once and kept.
+machine's memory (llama.cpp: in a process the engine starts) also defines
+``footprint(spec, settings) -> int | None`` (bytes it will take once loaded), which
+makes it *local*: the model pool (``engines.pool``) loads it on demand, counts it
+against the memory budget and unloads it when idle. A type without ``footprint`` (a
+remote server) is started once and kept.
 
 Modules are imported when first used, so naming llama.cpp here costs nothing to a
 process that never loads a local model.
@@ -59,7 +59,7 @@ def build_engine(spec: ModelSpec, settings: Settings) -> Engine:
 
 
 def is_local(spec: ModelSpec) -> bool:
-    """Whether the model's engine holds it in this process's memory."""
+    """Whether the model's engine holds it in this machine's memory (a local model)."""
     return hasattr(_module(spec.engine), "footprint")
 
 

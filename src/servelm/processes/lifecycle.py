@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from servelm.errors import Overloaded, ServelmError, UpstreamTimeout
-from servelm.telemetry import tracing
 
 log = logging.getLogger(__name__)
 
@@ -42,20 +41,6 @@ class Flight:
 
 # After the drain: how long uvicorn's own shutdown may take (connections closing).
 SHUTDOWN_MARGIN = 2.0
-
-
-def leave_now(what: str) -> None:
-    """End the process without closing ``what`` (an engine), after a drain that cut
-    requests: llama.cpp goes on with the prompt of a request it was cut from (a
-    prefill cannot be interrupted), and closing the engine joins that work while
-    holding the interpreter, so a worker sat in "Waiting for application shutdown"
-    for as long as the prompt took. The cut requests have ended and settled by now
-    (the drain waited for that); the engine's memory is all that is left, and the
-    process's end frees it."""
-    log.warning("drain cut requests: leaving without closing %s", what)
-    tracing.flush(SHUTDOWN_MARGIN)
-    logging.shutdown()
-    os._exit(0)
 
 
 # Why the lifecycle cancelled a request; ``raise_if_stopped`` turns it into an answer.
@@ -76,7 +61,6 @@ class Lifecycle:
         self.send_timeout = send_timeout
         self.ready = False  # engines loaded and database open
         self.draining = False
-        self.cut = 0  # requests the drain stopped when its window ran out
         self.inflight: dict[asyncio.Task[Any], Flight] = {}
         self._stopped: dict[asyncio.Task[Any], str] = {}  # cancelled by us, and why
         self._signals = 0
@@ -133,7 +117,6 @@ class Lifecycle:
         await self._until_idle(self.drain_seconds)
         if self.inflight:
             log.warning("drain window over: stopping %d requests", len(self.inflight))
-            self.cut += len(self.inflight)
             for task in list(self.inflight):
                 self.stop(task, DRAIN)
             # Their settlements run now; give them a moment to commit.

@@ -7,11 +7,12 @@ A gateway process is one event loop on one core. Several share a node like this:
   the parent and passes it to N spawned children, each of which builds its own app
   (``worker_app``) with its own loop, billing and connection pools. The kernel spreads
   accepted connections over them; uvicorn restarts a child that dies.
-- Local llama.cpp models are NOT loaded N times. They run in one engine process
-  (``python -m servelm.processes.multiproc host``, started before the workers), which serves
-  them over loopback to the workers only: a bearer token made for this run, the
-  engine seam's two operations (count a prompt, stream a completion) and nothing
-  else. In each worker the model's engine is a ``HostedEngine``: the OpenAI upstream
+- Local llama.cpp models are NOT loaded N times. One engine process (``python -m
+  servelm.processes.multiproc host``, started before the workers) owns the model pool
+  (each loaded model in a process of its own below it: ``engines.llamacpp_process``)
+  and serves them over loopback to the workers only: a bearer token made for this
+  run, the engine seam's two operations (count a prompt, stream a completion) and
+  nothing else. In each worker the model's engine is a ``HostedEngine``: the OpenAI upstream
   engine pointed at that process, plus the prompt count, which the engine process
   makes whenever a worker asks (``prompt_count`` decides when that is).
 - Keys and credits stay in the workers, in the shared database: holds are

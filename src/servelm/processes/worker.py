@@ -40,7 +40,7 @@ from servelm.chat.protocol import model_card
 from servelm.chat.serving import ChatService
 from servelm.config import Settings
 from servelm.engines.base import Engine
-from servelm.processes.lifecycle import Lifecycle, leave_now
+from servelm.processes.lifecycle import Lifecycle
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +84,14 @@ def worker_app(
     started_at = int(time.time())
 
     async def health_route(request: Request) -> Response:
-        ready = lifecycle.ready and not lifecycle.draining
-        status = "ok" if ready else ("draining" if lifecycle.draining else "loading")
+        # A worker whose model's process has died (the OOM killer, an abort in
+        # llama.cpp) serves nothing more: unhealthy, so that gateways route around it
+        # and its supervisor's probe restarts it.
+        stopped = lifecycle.ready and not engine.alive()
+        ready = lifecycle.ready and not lifecycle.draining and not stopped
+        status = "ok" if ready else "draining" if lifecycle.draining else "loading"
+        if stopped:
+            status = "engine stopped"
         return JSONResponse({"status": status, **load(spec, engine)}, 200 if ready else 503)
 
     async def metrics_route(request: Request) -> Response:
@@ -110,7 +116,6 @@ def worker_app(
             prompt_count="exact",
         )
         install_front(app, front(app).serving(chat))
-        # After the engine: llama.cpp installs signal handlers of its own; ours win.
         lifecycle.install_signal_handlers()
         lifecycle.ready = True
         log.info("worker serves %s", spec.slug)
@@ -120,8 +125,8 @@ def worker_app(
             lifecycle.ready = False
             await lifecycle.close()
             await media.aclose()
-            if lifecycle.cut:
-                leave_now(f"the engine of {spec.slug}")
+            # Quick even after a drain that cut requests mid-prefill: the model's
+            # process exits at once, without finishing a prompt for nobody.
             await engine.close()
 
     return engine_front(

@@ -125,7 +125,7 @@ class Metrics:
         )
         self.model_unloads = Counter(
             "servelm_model_unloads",
-            "Local model unloads, by model and reason (idle, evicted, shutdown).",
+            "Local model unloads, by model and reason (idle, evicted, shutdown, died).",
             ["model", "reason"],
             registry=self.registry,
         )
