@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from servelm.catalog.weights.default_model import default_model_path
+from servelm.cli.loadgen import bench
 from servelm.config import default_data_dir
-from servelm.tools.loadgen import bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gateway_overhead import BIN, RESULTS, Proc, first_key, free_port, machine, wait_http
@@ -52,7 +52,7 @@ def start_servelm(slots: int, prompt_count: str = "exact") -> tuple[Proc, str, s
 def start_llama_server(slots: int) -> tuple[subprocess.Popen[str], str]:
     port = free_port()
     model = default_model_path(default_data_dir() / "models")
-    argv = [str(BIN / "python"), "-m", "servelm.tools.testing.llama_server", str(model)]
+    argv = [str(BIN / "python"), "-m", "tests.support.llama_server", str(model)]
     argv += ["--port", str(port), "--slots", str(slots), "--threads", "2", "--ctx", "8192"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None and proc.stdout.readline().startswith("READY")

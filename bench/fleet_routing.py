@@ -32,8 +32,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gateway_overhead import BIN, RESULTS, Proc, first_key, free_port, machine, wait_http
 
+from servelm.cli.loadgen import bench_turns
 from servelm.config import default_data_dir
-from servelm.tools.loadgen import bench_turns
 
 POLICIES = ("prefix", "round_robin", "least_load")
 

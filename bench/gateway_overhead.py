@@ -33,7 +33,7 @@ from typing import Any
 
 import httpx
 
-from servelm.tools.loadgen import bench
+from servelm.cli.loadgen import bench
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -93,7 +93,7 @@ def start_upstream(chunk_delay: float = 0.0) -> tuple[Proc, str]:
     argv = [
         str(BIN / "python"),
         "-m",
-        "servelm.tools.testing.instant_upstream",
+        "tests.support.instant_upstream",
         "--port",
         str(port),
     ]

@@ -29,13 +29,14 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.support
 from gateway_overhead import BIN, RESULTS, Proc, free_port, machine, wait_http
 
 from servelm.billing import accounts
 from servelm.billing.money import MICRO
 from servelm.config import default_data_dir
 from servelm.store.db import Database
-from servelm.tools.testing.prompts import word_prompt
+from tests.support.prompts import word_prompt
 
 MODEL = "smollm2-135m-instruct"
 SLOTS = 4

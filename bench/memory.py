@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 
-from servelm.tools.loadgen import bench
+from servelm.cli.loadgen import bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gateway_overhead import (

@@ -3,7 +3,7 @@
     .venv/bin/python bench/overload.py [--sent 40 --rounds 3]
 
 One `servelm serve` with the default model (SmolLM2) on 2 slots, a queue of 2 and an
-in-flight cap of 8, like tests/ratelimit/test_overload.py, which checks the money
+in-flight cap of 8, like tests/access/test_overload.py, which checks the money
 and the statuses. This script measures what that test cannot measure fairly: an
 httpx client spends milliseconds of its own CPU on each of 40 requests, so the last
 request sent waits behind the client, not the server. Here every connection is open

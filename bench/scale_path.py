@@ -39,7 +39,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gateway_overhead as go
 
-from servelm.tools.loadgen import bench
+from servelm.cli.loadgen import bench
 
 
 def spread(values: list[float]) -> dict[str, float]:

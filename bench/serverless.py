@@ -39,13 +39,14 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.support
 from gateway_overhead import BIN, RESULTS, free_port, machine, wait_http
 
 from servelm.catalog.models_file import load_catalog
 from servelm.catalog.weights.default_model import default_model_path
 from servelm.config import default_data_dir
 from servelm.engines.llamacpp import footprint
-from servelm.tools.testing import ggufgen
+from tests.support import ggufgen
 
 CONTEXT = 131072
 CHURN = ("x0", "x1", "x2", "x3")

@@ -187,7 +187,7 @@ def db(db_url: str) -> Iterator[Database]:
 @pytest.fixture(scope="session")
 def seed_models(models_dir: Path) -> dict[str, Path]:
     """Seed slug → tiny random-weight GGUF of that architecture (generated once)."""
-    from servelm.tools.testing import ggufgen
+    from tests.support import ggufgen
 
     return ggufgen.ensure_models(
         default_data_dir() / "testmodels", default_model.default_model_path(models_dir)
@@ -240,7 +240,7 @@ FAST_MODULES = frozenset(
         "tests/fleet/test_routing.py",
         "tests/hostile/test_media_hostile.py",
         "tests/jobs/test_queue.py",
-        "tests/ratelimit/test_store.py",
+        "tests/access/test_store.py",
         "tests/telemetry/test_tracing.py",
     }
 )

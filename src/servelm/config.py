@@ -170,7 +170,7 @@ class Settings(BaseSettings):
         default=None, description="with `--trace-exporter file`: spans appended, one JSON a line"
     )
 
-    # Rate limits (servelm.ratelimit).
+    # Rate limits (servelm.access.limits).
     redis_url: str | None = Field(
         default=None,
         description="`redis://…`: rate limits and key revocations shared by every gateway "

@@ -154,8 +154,8 @@ def small_body_server(models_dir, tmp_path_factory):  # type: ignore[no-untyped-
     generation, by the walk's own rules, so no real engine is needed (the fast lane)."""
     from servelm.catalog.builtins import default_spec
     from servelm.catalog.specs import Catalog
-    from servelm.tools.testing.scripted_engine import scripted_factory
     from tests.conftest import make_settings, start_server
+    from tests.support.scripted_engine import scripted_factory
 
     srv = start_server(
         make_settings(tmp_path_factory.mktemp("small"), models_dir, max_body_bytes=2 * 1024 * 1024),

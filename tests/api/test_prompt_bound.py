@@ -3,7 +3,7 @@ prompt is not counted before admission; the hold takes an upper bound and the
 engine's own usage settles the charge, which must come out exactly as with the exact
 count. ``auto`` (the default, so the ``live`` server's) counts wherever the bound would
 decide something: the window, a balance near its end, a token budget (that last one:
-tests/ratelimit/test_limits.py::test_tokens_reserved_up_front_and_refunded_at_settlement,
+tests/access/test_limits.py::test_tokens_reserved_up_front_and_refunded_at_settlement,
 whose reservation is the exact prompt plus the output)."""
 
 from __future__ import annotations

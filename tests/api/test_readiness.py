@@ -13,8 +13,6 @@ import httpx
 import pytest
 
 from servelm.catalog.specs import Catalog, ModelSpec
-from servelm.tools.testing import instant_upstream
-from servelm.tools.testing.scripted_engine import scripted_factory
 from tests.conftest import (
     LiveServer,
     drop_pg_database,
@@ -23,6 +21,8 @@ from tests.conftest import (
     start_server,
 )
 from tests.servers import ThreadServer, serve_in_thread
+from tests.support import instant_upstream
+from tests.support.scripted_engine import scripted_factory
 
 
 def remote(slug: str, *urls: str) -> ModelSpec:

@@ -20,10 +20,10 @@ import httpx
 import yaml
 
 from servelm.catalog.specs import Catalog, ModelSpec
-from servelm.tools.testing import instant_upstream
 from tests.conftest import free_port, make_settings, start_server
 from tests.procs import SERVELM, gateway_env
 from tests.servers import serve_in_thread
+from tests.support import instant_upstream
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"

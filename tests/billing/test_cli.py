@@ -7,7 +7,7 @@ from pathlib import Path
 from sqlalchemy import update
 from typer.testing import CliRunner
 
-from servelm.auth import keys
+from servelm.access import keys
 from servelm.cli import app
 from servelm.store.db import Database
 from servelm.store.tables import accounts

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from servelm.auth.keys import Principal
+from servelm.access.keys import Principal
 from servelm.billing import accounts, audit, holds
 from servelm.billing.service import Billing
 from servelm.errors import NotEnoughCredits

@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import func, select, text, update
 from sqlalchemy.exc import IntegrityError
 
-from servelm.auth import keys
+from servelm.access import keys
 from servelm.billing import accounts, audit, holds, idempotency
 from servelm.billing.clock import utcnow
 from servelm.billing.money import MICRO, affordable_max_tokens

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from servelm.access.limits.records import set_key_limits
 from servelm.billing import accounts
-from servelm.ratelimit.records import set_key_limits
 from servelm.store.db import Database
 from tests import procs
+from tests.access.test_limits import burst
 from tests.billing.test_concurrency import (
     AFFORDABLE,
     TOKENS,
@@ -28,7 +29,6 @@ from tests.billing.test_concurrency import (
     fire,
 )
 from tests.conftest import provision
-from tests.ratelimit.test_limits import burst
 
 pytestmark = pytest.mark.slow  # a real engine process and three workers: seconds
 
@@ -43,7 +43,7 @@ def workers_env(db_url: str, tmp_path: Path, models_dir: Path) -> dict[str, str]
     env["SERVELM_REDIS_PREFIX"] = f"t{uuid.uuid4().hex[:8]}"
     # What these tests check is one count across workers. With the default 0.1 s, a
     # loop held up by a loaded machine turned one check into a timeout and so into
-    # this worker's own count (fail-open, as designed: tests/ratelimit/test_shared.py):
+    # this worker's own count (fail-open, as designed: tests/access/test_shared.py):
     # 6 of 20 through once, not 5.
     env["SERVELM_RATELIMIT_REDIS_TIMEOUT"] = "5"
     return env

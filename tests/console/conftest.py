@@ -20,9 +20,9 @@ import pytest
 from servelm.billing import accounts
 from servelm.billing.money import MICRO
 from servelm.store.db import Database
-from servelm.tools.testing.instant_upstream import lifespan, read_body
 from tests.conftest import ADMIN_TOKEN, LiveServer, make_settings, start_server
 from tests.servers import serve_in_thread
+from tests.support.instant_upstream import lifespan, read_body
 
 PACED = "paced"
 CHUNK_DELAY = 0.04

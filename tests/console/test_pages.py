@@ -14,9 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from servelm.access import sessions as session
 from servelm.api.console import docs
 from servelm.api.services import services
-from servelm.auth import sessions as session
 from servelm.billing import accounts
 from servelm.chat.protocol import ChatRequest
 from tests.conftest import LiveServer, provision

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from servelm.ratelimit.records import get_key_limits, get_plan
+from servelm.access.limits.records import get_key_limits, get_plan
 from tests.conftest import ADMIN_TOKEN, LiveServer, provision
 from tests.console.conftest import (
     PACED,

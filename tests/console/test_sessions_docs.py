@@ -11,8 +11,8 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+from servelm.access import sessions as session
 from servelm.api.services import services
-from servelm.auth import sessions as session
 from tests.conftest import ADMIN_TOKEN, LiveServer, provision
 from tests.console.conftest import SCREENSHOTS
 

@@ -26,9 +26,9 @@ from servelm.billing import accounts, audit
 from servelm.billing.money import MICRO
 from servelm.catalog.models_file import load_catalog
 from servelm.store.tables import usage
-from servelm.tools.testing.prompts import word_prompt
 from tests.conftest import LiveServer, make_settings, provision, start_server
 from tests.hostile.conftest import wait_no_open_holds
+from tests.support.prompts import word_prompt
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

@@ -4,8 +4,8 @@ own count, for every kind of remote engine; and an upstream that never reports u
 pays the prompt's upper bound from its bytes (never 0, never less than the engine's
 count).
 
-Real processes: one llama.cpp server (``servelm.tools.testing.llama_server``), a ``servelm
-worker``, and ``servelm.tools.testing.shaped_upstream`` in front of the llama.cpp server for
+Real processes: one llama.cpp server (``tests.support.llama_server``), a ``servelm
+worker``, and ``tests.support.shaped_upstream`` in front of the llama.cpp server for
 the vLLM shape (continuous usage) and the silent one; the gateway is a real server.
 """
 
@@ -59,7 +59,7 @@ def engines(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         [
             sys.executable,
             "-m",
-            "servelm.tools.testing.llama_server",
+            "tests.support.llama_server",
             str(gguf),
             "--port",
             str(llama_port),
@@ -71,7 +71,7 @@ def engines(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         [
             sys.executable,
             "-m",
-            "servelm.tools.testing.shaped_upstream",
+            "tests.support.shaped_upstream",
             "--engine",
             f"http://127.0.0.1:{llama_port}",
             "--port",

@@ -114,8 +114,8 @@ def test_a_gateway_relays_a_servelm_upstreams_cold_start_and_only_a_servelm_ones
     keeps its model loaded and never says so: this upstream stands in for one that
     did.)"""
     from servelm.catalog.models_file import load_catalog
-    from servelm.tools.testing.instant_upstream import make_app
     from tests.servers import serve_in_thread
+    from tests.support.instant_upstream import make_app
 
     inner = make_app()
 

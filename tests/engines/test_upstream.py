@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow  # real engine processes or models: seconds each
 REMOTE = "remote-smol"
 
 
-LLAMA_SERVER = "servelm.tools.testing.llama_server"
+LLAMA_SERVER = "tests.support.llama_server"
 
 
 def _spawn_engine(model: Path, port: int) -> subprocess.Popen[str]:
@@ -34,7 +34,7 @@ def _spawn_engine(model: Path, port: int) -> subprocess.Popen[str]:
         [
             sys.executable,
             "-m",
-            "servelm.tools.testing.llama_server",
+            "tests.support.llama_server",
             str(model),
             "--port",
             str(port),

@@ -22,9 +22,9 @@ import pytest
 from servelm.api.services import services
 from servelm.billing.money import MICRO
 from servelm.chat.conversation import estimate_prompt_tokens
-from servelm.tools.testing.instant_upstream import lifespan, read_body
 from tests.conftest import LiveServer, make_settings, start_server
 from tests.servers import serve_in_thread
+from tests.support.instant_upstream import lifespan, read_body
 
 SLUG = "scripted"
 MSGS = [{"role": "user", "content": "hello there"}]

@@ -1,4 +1,4 @@
-"""The fast lane: the walk's rules against a scripted engine (``servelm.tools.testing.
+"""The fast lane: the walk's rules against a scripted engine (``tests.support.
 scripted_engine``) plugged in through the real engine seam, on a real server on
 loopback with a real SQLite file. No model is loaded, so the lane runs in seconds
 (``make test-fast``)."""
@@ -18,8 +18,8 @@ from servelm.catalog.models_file import load_plans
 from servelm.catalog.specs import Catalog, ModelSpec
 from servelm.store.db import Database
 from servelm.store.tables import holds, usage
-from servelm.tools.testing.scripted_engine import ScriptedEngine, scripted_factory
 from tests.conftest import ADMIN_TOKEN, LiveServer, make_settings, provision, start_server
+from tests.support.scripted_engine import ScriptedEngine, scripted_factory
 
 SLUG = "scripted"
 

@@ -22,9 +22,9 @@ from servelm.cli import app as cli_app
 from servelm.cli.docs_tables import render
 from servelm.config import Settings, settings_table
 from servelm.engines.registry import build_engine
-from servelm.tools.testing.scripted_engine import ScriptedEngine, scripted_factory
 from tests.conftest import ADMIN_TOKEN, LiveServer, free_port, make_settings, start_server
 from tests.fast.conftest import SLUG, SPEC, new_key
+from tests.support.scripted_engine import ScriptedEngine, scripted_factory
 
 README = Path(__file__).parents[2] / "README.md"
 MSGS: list[Any] = [{"role": "user", "content": "hi"}]

@@ -3,6 +3,7 @@ refuse what they cannot do, and find the server and database the user runs."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -152,8 +153,10 @@ def test_keys_list_piped_keeps_whole_key_ids_and_database_url_is_honoured(
 
 def test_ggufgen_help_prints_usage_and_writes_nothing(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "servelm.tools.testing.ggufgen", "--help"],
+        [sys.executable, "-m", "tests.support.ggufgen", "--help"],
         cwd=tmp_path,
+        # The instruments live in the repository's tests/, not in the installed package.
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
         capture_output=True,
         text=True,
         timeout=60,

@@ -13,8 +13,8 @@ from servelm.api.services import services
 from servelm.catalog.models_file import ConfigError, load_catalog
 from servelm.engines import registry
 from servelm.engines.pool import ModelPool
-from servelm.tools.testing.scripted_engine import ScriptedEngine
 from tests.conftest import make_settings, start_server
+from tests.support.scripted_engine import ScriptedEngine
 
 MODELS = """
 [models.smollm2-135m-instruct]
@@ -28,7 +28,7 @@ engine = "scripted"
 def test_the_scripted_engine_is_one_registry_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(registry.ENGINE_TYPES, "scripted", "servelm.tools.testing.scripted_engine")
+    monkeypatch.setitem(registry.ENGINE_TYPES, "scripted", "tests.support.scripted_engine")
     models_file = tmp_path / "servelm.toml"
     models_file.write_text(MODELS)
     catalog = load_catalog(tmp_path / "models", models_file)

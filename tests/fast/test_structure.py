@@ -12,17 +12,17 @@ import httpx
 import pytest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from servelm.access import keys as auth
 from servelm.api import app as app_module
 from servelm.api.errors import render
 from servelm.api.openapi import ChatCompletion
 from servelm.api.paths import dialect_for_path, route_family, segmind_slug
-from servelm.auth import keys as auth
 from servelm.billing import accounts
 from servelm.catalog.specs import Catalog
 from servelm.errors import AuthenticationError, InsufficientCredits, InvalidRequest
-from servelm.tools.testing.scripted_engine import scripted_factory
 from tests.conftest import LiveServer, make_settings, start_server
 from tests.fast.conftest import SLUG, SPEC, new_key
+from tests.support.scripted_engine import scripted_factory
 
 # -- one path rule -----------------------------------------------------------------------
 

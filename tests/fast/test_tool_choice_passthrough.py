@@ -15,9 +15,9 @@ import pytest
 from servelm.api.services import services
 from servelm.catalog.specs import Catalog
 from servelm.errors import UpstreamError
-from servelm.tools.testing.scripted_engine import Script, ScriptedEngine, scripted_factory
 from tests.conftest import LiveServer, make_settings, start_server
 from tests.fast.conftest import SPEC
+from tests.support.scripted_engine import Script, ScriptedEngine, scripted_factory
 
 TOOLY = SPEC.model_copy(update={"slug": "tooly", "aliases": (), "tools": True})
 FN = {"name": "get_time", "parameters": {"type": "object", "properties": {}}}

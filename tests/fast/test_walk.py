@@ -19,14 +19,14 @@ from servelm.billing import audit
 from servelm.billing.money import MICRO
 from servelm.catalog.specs import Catalog
 from servelm.errors import EngineError, UpstreamError
-from servelm.tools.testing.scripted_engine import (
+from tests.conftest import LiveServer, make_settings, start_server
+from tests.fast.conftest import SLUG, SPEC, balance, hold_row, new_key, usage_row
+from tests.support.scripted_engine import (
     PER_MESSAGE,
     Script,
     ScriptedEngine,
     scripted_factory,
 )
-from tests.conftest import LiveServer, make_settings, start_server
-from tests.fast.conftest import SLUG, SPEC, balance, hold_row, new_key, usage_row
 
 USER = [{"role": "user", "content": "hi there"}]
 PROMPT = PER_MESSAGE + 2  # the scripted engine's count for USER

@@ -83,7 +83,7 @@ def worker(tmp: Path, models_dir: Path, *extra: str, **env_extra: str) -> Proc:
 
 def fault_upstream(tmp: Path) -> Proc:
     port = free_port()
-    args = [sys.executable, "-m", "servelm.tools.testing.fault_upstream", "--port", str(port)]
+    args = [sys.executable, "-m", "tests.support.fault_upstream", "--port", str(port)]
     return Proc(args, port, tmp / f"fault-{port}.log", procs.gateway_env(tmp, tmp))
 
 

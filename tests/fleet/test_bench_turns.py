@@ -11,9 +11,9 @@ import pytest
 from typer.testing import CliRunner
 
 from servelm.cli import app
-from servelm.tools.testing.instant_upstream import make_app
 from tests.conftest import LiveServer, make_settings, start_server
 from tests.servers import serve_in_thread
+from tests.support.instant_upstream import make_app
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_think_time_pauses_are_seeded_exponential_draws_of_the_mean() -> None:
     import random
     import statistics
 
-    from servelm.tools.loadgen.bench_turns import think_pauses
+    from servelm.cli.loadgen.bench_turns import think_pauses
 
     a = think_pauses(random.Random(7), 50, 4, 2.0)
     assert a == think_pauses(random.Random(7), 50, 4, 2.0)  # a seed, the same pauses

@@ -60,27 +60,31 @@ def test_the_engines_count_adds_only_other_gateways_work() -> None:
 
 
 def test_a_full_replica_loses_affinity_while_another_has_a_free_slot() -> None:
+    # The bound against the prompt's ranking: each decision by a gateway that has not
+    # sent this prefix before (one that has tries where it went first: test_routing).
     router = PrefixAffinity()
     big, small = fleet = replicas(2, slots=[4, 1])
     body = owned_by(router, fleet, small)
     small.in_flight = 1  # its one slot is taken
     big.in_flight = 2
-    assert router.order(fleet, body)[0] is big
+    assert PrefixAffinity().order(fleet, body)[0] is big
     big.in_flight = 4  # now nobody has room: 1 / 1 is within 1.5 x 4 / 4
-    assert router.order(fleet, body)[0] is small
+    assert PrefixAffinity().order(fleet, body)[0] is small
 
 
 def test_affinity_holds_within_half_its_slots_of_the_least_loaded() -> None:
+    # The bound against the prompt's ranking: each decision by a gateway that has not
+    # sent this prefix before (one that has tries where it went first: test_routing).
     router = PrefixAffinity()
     first, other = fleet = replicas(2, slots=[8, 8])
     body = owned_by(router, fleet, first)
     first.in_flight = 4  # 0.5 per slot next to an idle replica; above 0 x 1.5 + 2 requests
-    assert router.order(fleet, body)[0] is first
+    assert PrefixAffinity().order(fleet, body)[0] is first
     first.in_flight = 5
-    assert router.order(fleet, body)[0] is other
+    assert PrefixAffinity().order(fleet, body)[0] is other
     other.in_flight = 2  # 0.25 per slot: the bound is 0.875, 7 requests
     first.in_flight = 7
-    assert router.order(fleet, body)[0] is first
+    assert PrefixAffinity().order(fleet, body)[0] is first
 
 
 def test_an_idle_small_replica_takes_work_from_a_big_one_with_free_slots() -> None:

@@ -286,10 +286,10 @@ def test_the_autoscaler_queries_series_that_gateways_and_workers_export(
     tmp_path: Path, models_dir: Path
 ) -> None:
     from servelm.catalog.specs import Catalog, ModelSpec
-    from servelm.tools.testing import instant_upstream
     from tests.conftest import make_settings, start_server
     from tests.fleet import fleetprocs
     from tests.servers import serve_in_thread
+    from tests.support import instant_upstream
 
     (scaler,) = yaml.safe_load_all(SCALER.read_text())
     wanted = {s for t in scaler["spec"]["triggers"] for s in SERIES.findall(t["metadata"]["query"])}
@@ -316,9 +316,9 @@ def test_the_autoscaler_queries_series_that_gateways_and_workers_export(
 def test_a_gateway_counts_its_requests_in_flight_on_a_remote_model(tmp_path: Path) -> None:
     """The gateways' half of the signal: a stream held open at a replica is running."""
     from servelm.catalog.specs import Catalog, ModelSpec
-    from servelm.tools.testing import instant_upstream
     from tests.conftest import make_settings, start_server
     from tests.servers import serve_in_thread
+    from tests.support import instant_upstream
 
     # One chunk every 0.2 s: the stream stays open while the test looks.
     upstream = serve_in_thread(instant_upstream.make_app(chunk_delay=0.2))

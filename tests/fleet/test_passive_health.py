@@ -1,7 +1,7 @@
 """Passive health: a replica serving traffic is judged by that traffic, not probed
 each interval; an ejected or idle one is probed, and an ejected one that passes comes
 back. A real engine (``OpenAIUpstreamEngine``) relays real HTTP to two fault
-upstreams (``servelm.tools.testing.fault_upstream``, in-thread), whose ``/stats`` count the
+upstreams (``tests.support.fault_upstream``, in-thread), whose ``/stats`` count the
 probes they got."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from servelm.catalog.specs import ModelSpec
 from servelm.engines.fleet.health import HealthChecker
 from servelm.engines.upstream import OpenAIUpstreamEngine
 from servelm.errors import ServelmError
-from servelm.tools.testing import fault_upstream
 from tests.servers import ThreadServer, serve_in_thread
+from tests.support import fault_upstream
 
 # The engine's own probe loop: too slow to fire while a test runs, so the rounds the
 # tests count are the ones they run themselves.

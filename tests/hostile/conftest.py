@@ -41,10 +41,10 @@ def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 30
 
 @pytest.fixture(scope="session")
 def liar_port() -> Iterator[int]:
-    """``servelm.tools.testing.lying_upstream`` as its own process."""
+    """``tests.support.lying_upstream`` as its own process."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "servelm.tools.testing.lying_upstream", "--port", str(port)]
+        [sys.executable, "-m", "tests.support.lying_upstream", "--port", str(port)]
     )
     try:
         wait_listening(port, proc)

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from sqlalchemy import event
 
-from servelm.auth.keys import Authenticator
+from servelm.access.keys import Authenticator
 from servelm.billing import accounts, audit
 from servelm.billing.money import MAX_ACCOUNT_MICRO, MAX_GRANT_MICRO, MICRO
 from servelm.billing.service import Billing

@@ -22,10 +22,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from servelm.telemetry import logs
-from servelm.tools.testing.lying_upstream import LEAKS, SECRET
 from tests.conftest import ADMIN_TOKEN, LiveServer, make_settings, provision, start_server
 from tests.console.conftest import csrf_from
 from tests.hostile.conftest import LIAR, Drip, assert_money_sound, liar_models_file
+from tests.support.lying_upstream import LEAKS, SECRET
 
 MAX_HEAD = 8 * 1024
 ALLOWED = 4  # failed secrets per address and window

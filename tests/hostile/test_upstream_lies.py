@@ -1,6 +1,6 @@
 """Points 6-9 of issue 17: an upstream that lies about usage or sends malformed data.
 
-The upstream is ``servelm.tools.testing.lying_upstream`` in its own process; the gateway is
+The upstream is ``tests.support.lying_upstream`` in its own process; the gateway is
 a real server. Every test ends with `servelm ledger check` passing, no hold open, and
 the balance down by exactly what was delivered.
 """
@@ -22,9 +22,9 @@ from servelm.api.services import services
 from servelm.billing.money import MICRO
 from servelm.chat.conversation import estimate_prompt_tokens
 from servelm.engines.upstream import OpenAIUpstreamEngine
-from servelm.tools.testing.lying_upstream import PLAIN_LIES, STREAM_LIES, USAGE_LIES
 from tests.conftest import LiveServer, drop_pg_database, new_pg_database, provision
 from tests.hostile.conftest import LIAR, assert_money_sound, start_liar_gateway, warm_up
+from tests.support.lying_upstream import PLAIN_LIES, STREAM_LIES, USAGE_LIES
 
 
 def new_key(live: LiveServer) -> str:

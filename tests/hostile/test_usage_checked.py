@@ -2,7 +2,7 @@
 at what was delivered (within ±10 %), logged and counted in a metric. One test per
 mode the probe found.
 
-The upstream is ``servelm.tools.testing.lying_upstream`` in its own process: its ``CLAIMS``
+The upstream is ``tests.support.lying_upstream`` in its own process: its ``CLAIMS``
 modes stream ``LONG`` one word a chunk (so ``len(LONG)`` tokens were delivered) with
 usage that says otherwise. The gateway is a real server on SQLite.
 """
@@ -23,9 +23,9 @@ import pytest
 from servelm.api.services import services
 from servelm.billing.money import MICRO
 from servelm.chat.conversation import estimate_prompt_tokens
-from servelm.tools.testing.lying_upstream import LONG
 from tests.conftest import LiveServer, make_settings, provision, start_server
 from tests.hostile.conftest import LIAR, assert_money_sound, liar_models_file, warm_up
+from tests.support.lying_upstream import LONG
 
 # A second entry for the same upstream, never called before its one test: the
 # gateway's first answer per process and model.

@@ -11,10 +11,10 @@ import pytest
 from typer.testing import CliRunner
 
 from servelm.cli import app
-from servelm.tools.loadgen import bench
-from servelm.tools.testing.instant_upstream import make_app
+from servelm.cli.loadgen import bench
 from tests.conftest import LiveServer
 from tests.servers import running
+from tests.support.instant_upstream import make_app
 
 
 @pytest.fixture(scope="module")

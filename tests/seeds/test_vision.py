@@ -19,8 +19,8 @@ from PIL import Image as PILImage
 from servelm.api.services import services
 from servelm.billing.money import MICRO
 from servelm.catalog.models_file import load_catalog
-from servelm.tools.testing import ggufgen
 from tests.conftest import LiveServer, make_settings, provision, seed_models_file, start_server
+from tests.support import ggufgen
 
 pytestmark = pytest.mark.slow  # real engine processes or models: seconds each
 

@@ -6,9 +6,9 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
+from servelm.access.keys import Principal
 from servelm.api.deps import caller
 from servelm.api.services import services
-from servelm.auth.keys import Principal
 from servelm.billing.money import MICRO, format_credits
 
 router = APIRouter(tags=["account"])

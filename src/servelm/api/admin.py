@@ -13,20 +13,20 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from servelm.access.keys import check_admin_token, client_address, key_grants
+from servelm.access.limits import records as limits
+from servelm.access.limits.guesses import Guesses
+from servelm.access.limits.policy import check_plan
 from servelm.api.services import services
-from servelm.auth.keys import check_admin_token, client_address, key_grants
 from servelm.billing import accounts, audit
 from servelm.billing.accounts import Account, KeyRecord
 from servelm.billing.money import format_credits, parse_credits
 from servelm.errors import AuthenticationError
-from servelm.ratelimit import records as limits
-from servelm.ratelimit.guesses import Guesses
-from servelm.ratelimit.policy import check_plan
 from servelm.store.db import Database
 
 
 async def require_admin(request: Request) -> None:
-    # Wrong tokens slow down per address (ratelimit.guesses): a weak token cannot be
+    # Wrong tokens slow down per address (access.limits.guesses): a weak token cannot be
     # guessed at line rate.
     guesses: Guesses = services(request).guesses
     address = client_address(request)

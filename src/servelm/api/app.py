@@ -15,7 +15,11 @@ from fastapi import FastAPI
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from servelm import __version__, ratelimit
+from servelm import __version__
+from servelm.access import limits
+from servelm.access import sessions as console_session
+from servelm.access.keys import Authenticator
+from servelm.access.limits.guesses import Guesses
 from servelm.api import account, admin, errors, health, metrics, models, openapi
 from servelm.api import jobs as jobs_routes
 from servelm.api.chat import ChatRoute, gated
@@ -33,8 +37,6 @@ from servelm.api.services import (
     install_services,
     services,
 )
-from servelm.auth import sessions as console_session
-from servelm.auth.keys import Authenticator
 from servelm.billing.service import Billing
 from servelm.catalog.models_file import load_catalog
 from servelm.catalog.specs import Catalog
@@ -48,7 +50,6 @@ from servelm.jobs.runner import Runner
 from servelm.jobs.service import Jobs
 from servelm.jobs.webhooks import Sender
 from servelm.processes.lifecycle import Lifecycle
-from servelm.ratelimit.guesses import Guesses
 from servelm.store.db import Database
 from servelm.telemetry import tracing
 from servelm.telemetry.metrics import Metrics
@@ -191,7 +192,7 @@ def create_app(
         await billing.start()
         authenticator = Authenticator(billing.find_key, cache_seconds=settings.key_cache_seconds)
         # Rate limits, and the channel that tells every gateway about revoked keys.
-        limiter, invalidation = ratelimit.build(
+        limiter, invalidation = limits.build(
             settings,
             db,
             app_metrics.registry,

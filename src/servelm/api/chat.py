@@ -22,10 +22,10 @@ from typing import Literal
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from servelm.access import sessions as console_session
 from servelm.api.errors import INTERNAL, render
 from servelm.api.paths import Dialect, dialect_for_path
 from servelm.api.services import find_front, front
-from servelm.auth import sessions as console_session
 from servelm.chat.calls import ChatExchange, JsonReply, StreamReply
 from servelm.chat.protocol import sse
 from servelm.chat.responses_answers import sse_event

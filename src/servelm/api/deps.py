@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from fastapi import Request, Response
 
+from servelm.access.keys import Principal, key_from_headers
 from servelm.api.services import find_services, services
-from servelm.auth.keys import Principal, key_from_headers
 from servelm.billing.money import format_credits
 from servelm.errors import ServelmError
 

@@ -10,9 +10,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 
+from servelm.access.keys import Principal
 from servelm.api.deps import caller
 from servelm.api.services import services
-from servelm.auth.keys import Principal
 from servelm.billing.money import format_credits
 from servelm.chat.calls import ChatExchange
 from servelm.errors import InvalidRequest, PayloadTooLarge

@@ -9,9 +9,9 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from servelm.access.limits import response_headers
 from servelm.api.paths import route_family
 from servelm.api.services import find_front
-from servelm.ratelimit import response_headers
 from servelm.telemetry import tracing
 from servelm.telemetry.logs import request_fields, request_id_var
 

@@ -24,7 +24,9 @@ from starlette.requests import HTTPConnection
 # Types only: this module sits below everything it names (the walk itself imports the
 # console's session code, which asks for the front here).
 if TYPE_CHECKING:
-    from servelm.auth.keys import Authenticator
+    from servelm.access.keys import Authenticator
+    from servelm.access.limits import Invalidation, Limiter
+    from servelm.access.limits.guesses import Guesses
     from servelm.billing.service import Billing
     from servelm.catalog.specs import Catalog
     from servelm.chat.media import ImageLoader
@@ -34,8 +36,6 @@ if TYPE_CHECKING:
     from servelm.engines.pool import ModelPool
     from servelm.jobs.service import Jobs
     from servelm.processes.lifecycle import Lifecycle
-    from servelm.ratelimit import Invalidation, Limiter
-    from servelm.ratelimit.guesses import Guesses
     from servelm.store.db import Database
     from servelm.telemetry.metrics import Metrics
 

@@ -8,7 +8,7 @@ from datetime import datetime
 from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from servelm.auth import keys as auth
+from servelm.access import keys as auth
 from servelm.billing.clock import as_utc, utcnow
 from servelm.billing.money import MAX_ACCOUNT_MICRO, MAX_GRANT_MICRO, MICRO
 from servelm.errors import Conflict, InvalidRequest, NotFound

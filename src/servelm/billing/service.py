@@ -16,7 +16,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, TypeVar
 
-from servelm.auth.keys import Principal
+from servelm.access.keys import Principal
 from servelm.billing import accounts, audit, holds, idempotency
 from servelm.store.db import Database
 from servelm.store.groupcommit import GroupCommit
@@ -94,7 +94,7 @@ class Billing:
     # -- keys ------------------------------------------------------------------------
 
     async def find_key(self, key_id: str) -> accounts.KeyRecord | None:
-        """A key's row by its public id, for ``auth.Authenticator``."""
+        """A key's row by its public id, for ``access.keys.Authenticator``."""
         return await self.run(accounts.find_key, self.db, key_id)
 
     # -- money -----------------------------------------------------------------------

@@ -19,9 +19,9 @@ from servelm.engines.registry import is_local
 from servelm.errors import InvalidRequest, ServelmError
 
 if TYPE_CHECKING:
+    from servelm.access.limits import Reservation
     from servelm.engines.base import Engine
     from servelm.engines.pool import Lease
-    from servelm.ratelimit import Reservation
 
 log = logging.getLogger(__name__)
 

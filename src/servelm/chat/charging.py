@@ -27,7 +27,7 @@ import logging
 import math
 from typing import Any
 
-from servelm.auth.keys import Principal
+from servelm.access.keys import Principal
 from servelm.billing.money import (
     MAX_ACCOUNT_MICRO,
     affordable_max_tokens,

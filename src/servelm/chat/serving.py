@@ -21,13 +21,14 @@ import time
 from collections.abc import AsyncGenerator
 from typing import Any, Literal
 
-from servelm.auth.keys import (
+from servelm.access.keys import (
     Authenticator,
     Principal,
     WorkerKey,
     check_model_rights,
 )
-from servelm.auth.sessions import session_live
+from servelm.access.limits import Limiter
+from servelm.access.sessions import session_live
 from servelm.billing.money import format_credits, not_enough
 from servelm.billing.service import Billing
 from servelm.catalog.specs import Catalog, ModelSpec
@@ -70,7 +71,6 @@ from servelm.errors import (
     ModelNotInstalled,
     ServelmError,
 )
-from servelm.ratelimit import Limiter
 from servelm.telemetry import logs
 from servelm.telemetry.metrics import Metrics
 

@@ -78,7 +78,7 @@ def bench(
     from rich.progress import Progress
     from rich.table import Table
 
-    from servelm.tools.loadgen import bench as bench_mod
+    from servelm.cli.loadgen import bench as bench_mod
 
     loads = [bench_mod.Load(concurrency=c) for c in _numbers(concurrency, int)]
     loads += [bench_mod.Load(rate=r) for r in _numbers(rate, float)]
@@ -147,7 +147,7 @@ def _bench_turns(
 
     from rich.table import Table
 
-    from servelm.tools.loadgen import bench_turns
+    from servelm.cli.loadgen import bench_turns
 
     r = asyncio.run(
         bench_turns.run(

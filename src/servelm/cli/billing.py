@@ -12,8 +12,8 @@ from typing import Annotated
 
 import typer
 
-from servelm.auth.keys import key_grants
-from servelm.auth.revocation import announce
+from servelm.access.keys import key_grants
+from servelm.access.revocation import announce
 from servelm.billing import accounts as acct
 from servelm.billing import audit
 from servelm.billing.money import format_credits, parse_credits

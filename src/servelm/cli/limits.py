@@ -8,7 +8,9 @@ from typing import Annotated
 
 import typer
 
-from servelm.auth.revocation import announce
+from servelm.access.limits import policy
+from servelm.access.limits.records import KeyOverrides, set_key_limits, set_plan
+from servelm.access.revocation import announce
 from servelm.catalog.models_file import load_plans
 from servelm.cli.common import (
     DatabaseUrlOpt,
@@ -21,8 +23,6 @@ from servelm.cli.common import (
 )
 from servelm.config import Settings
 from servelm.errors import ServelmError
-from servelm.ratelimit import policy
-from servelm.ratelimit.records import KeyOverrides, set_key_limits, set_plan
 from servelm.store.db import Database
 
 Rpm = Annotated[

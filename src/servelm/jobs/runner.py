@@ -21,7 +21,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-from servelm.auth.keys import Authenticator
+from servelm.access.keys import Authenticator
 from servelm.billing import holds
 from servelm.billing.clock import utcnow
 from servelm.billing.service import Billing

@@ -20,7 +20,7 @@ import json
 from datetime import timedelta
 from typing import Any
 
-from servelm.auth.keys import Principal
+from servelm.access.keys import Principal
 from servelm.billing.clock import utcnow
 from servelm.billing.service import Billing
 from servelm.chat.calls import ChatExchange

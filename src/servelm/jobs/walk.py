@@ -18,7 +18,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-from servelm.auth.keys import Principal, check_model_rights
+from servelm.access.keys import Principal, check_model_rights
 from servelm.billing.holds import Settlement
 from servelm.chat.answers import Completion
 from servelm.chat.calls import Call, ChatExchange

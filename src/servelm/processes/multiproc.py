@@ -48,8 +48,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
+from servelm.access.keys import WorkerKey
 from servelm.api import conn_guard
-from servelm.auth.keys import WorkerKey
 from servelm.catalog.specs import Catalog, ModelSpec
 from servelm.chat.serving import ChatService
 from servelm.config import Settings

@@ -28,12 +28,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from servelm.access.keys import WorkerKey
 from servelm.api import errors
 from servelm.api.chat import ChatRoute, gated
 from servelm.api.middleware import RequestContextMiddleware
 from servelm.api.paths import OPENAI_CHAT
 from servelm.api.services import Front, front, install_front
-from servelm.auth.keys import WorkerKey
 from servelm.catalog.specs import Catalog, ModelSpec
 from servelm.chat.media import ImageLoader
 from servelm.chat.protocol import model_card

@@ -34,7 +34,7 @@ accounts = Table(
     # Reserved by requests in flight; returns to balance (minus the charge) at settle.
     Column("held", BigInteger, nullable=False, default=0),
     Column("created_at", DateTime(timezone=True), nullable=False),
-    # Rate-limit plan (servelm.ratelimit); null: the plan named "default", if any.
+    # Rate-limit plan (servelm.access.limits); null: the plan named "default", if any.
     Column("plan", String(64), nullable=True),
     # The last line of defence: whatever the code does, no balance goes negative.
     CheckConstraint("balance >= 0", name="ck_accounts_balance_nonneg"),
@@ -124,7 +124,7 @@ idempotency = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
 )
 
-# The web console's sessions (servelm.auth.sessions): a cookie names one by a random
+# The web console's sessions (servelm.access.sessions): a cookie names one by a random
 # id, stored here only as its SHA-256; a session ends at sign-out, when the operator
 # signs everyone out, or at its expiry.
 console_sessions = Table(

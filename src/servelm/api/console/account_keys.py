@@ -3,7 +3,7 @@
 and revokes their own; the page shows usage per key.
 
 The same functions as the CLI and ``/admin/`` make and revoke keys
-(``billing.accounts``, ``auth.key_grants``, ``ratelimit.records``); what is added here
+(``billing.accounts``, ``access.key_grants``, ``access.limits.records``); what is added here
 is what a user may do that an operator may not: nothing above the key they signed in
 with (its models, its expiry) or above their plan.
 """
@@ -17,13 +17,13 @@ from urllib.parse import quote
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
+from servelm.access.keys import Principal, key_grants
+from servelm.access.limits import records as limits
+from servelm.access.limits.policy import account_plan, check_within_plan
 from servelm.api.console import web
 from servelm.api.services import services
-from servelm.auth.keys import Principal, key_grants
 from servelm.billing import accounts
 from servelm.errors import AuthenticationError, InvalidRequest, NotFound, ServelmError
-from servelm.ratelimit import records as limits
-from servelm.ratelimit.policy import account_plan, check_within_plan
 
 router = APIRouter(prefix="/account", include_in_schema=False)
 

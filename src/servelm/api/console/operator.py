@@ -15,17 +15,17 @@ from urllib.parse import quote
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
+from servelm.access import sessions as session
+from servelm.access.keys import client_address
+from servelm.access.limits import records as limit_records
+from servelm.access.limits.guesses import Guesses
+from servelm.access.limits.policy import check_plan
 from servelm.api.console import web
 from servelm.api.console.routes import model_state
 from servelm.api.services import services
-from servelm.auth import sessions as session
-from servelm.auth.keys import client_address
 from servelm.billing import accounts, audit
 from servelm.billing.money import format_credits, parse_credits
 from servelm.errors import AuthenticationError, InvalidRequest, RateLimited, ServelmError
-from servelm.ratelimit import records as limit_records
-from servelm.ratelimit.guesses import Guesses
-from servelm.ratelimit.policy import check_plan
 
 router = APIRouter(prefix="/operator", include_in_schema=False)
 # A key the operator just made, shown once on the page the form lands on.

@@ -14,19 +14,19 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
+from servelm.access import sessions as session
+from servelm.access.keys import Authenticator, client_address
+from servelm.access.limits.guesses import Guesses
+from servelm.access.limits.policy import account_plan
+from servelm.access.limits.records import get_plan
 from servelm.api.console import account_keys, docs, web
 from servelm.api.services import services
-from servelm.auth import sessions as session
-from servelm.auth.keys import Authenticator, client_address
 from servelm.billing import accounts, audit
 from servelm.billing.money import format_credits
 from servelm.catalog.specs import ModelSpec
 from servelm.errors import AuthenticationError, NotFound, RateLimited
 from servelm.jobs import store as jobs_store
 from servelm.jobs import views as jobs_views
-from servelm.ratelimit.guesses import Guesses
-from servelm.ratelimit.policy import account_plan
-from servelm.ratelimit.records import get_plan
 
 router = APIRouter(include_in_schema=False)
 

@@ -13,9 +13,9 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from markdown_it import MarkdownIt
 from markupsafe import Markup
 
+from servelm.access import sessions as session
+from servelm.access.keys import Authenticator, Principal
 from servelm.api.services import services
-from servelm.auth import sessions as session
-from servelm.auth.keys import Authenticator, Principal
 from servelm.billing.money import format_credits
 from servelm.errors import AuthenticationError, CsrfFailed, InvalidRequest, PayloadTooLarge
 

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 import pytest
 import redis.asyncio as aioredis
 
+from servelm.access.limits.limiter import Limiter, response_headers
+from servelm.access.limits.memory import MemoryStore
+from servelm.access.limits.policy import Policy, Scope
+from servelm.access.limits.redis_store import RedisStore, connect
+from servelm.access.limits.window import duration
 from servelm.errors import Overloaded, RateLimited
-from servelm.ratelimit.limiter import Limiter, response_headers
-from servelm.ratelimit.memory import MemoryStore
-from servelm.ratelimit.policy import Policy, Scope
-from servelm.ratelimit.redis_store import RedisStore, connect
-from servelm.ratelimit.window import duration
 from tests.conftest import free_port
 
 REDIS = "redis://127.0.0.1:6379/0"

@@ -12,7 +12,7 @@ reshapes what comes back, so the tokens are a real engine's and so are the count
 
 ``GET /health`` answers 200 for the gateway's probes.
 
-    python -m servelm.tools.testing.shaped_upstream --engine http://127.0.0.1:8101 --port 9300
+    python -m tests.support.shaped_upstream --engine http://127.0.0.1:8101 --port 9300
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 import uvicorn
 
-from servelm.tools.testing.instant_upstream import lifespan, read_body
+from tests.support.instant_upstream import lifespan, read_body
 
 _JSON = [(b"content-type", b"application/json")]
 _SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]

@@ -3,7 +3,7 @@
 Tests and benchmarks use it as a *separate* OpenAI-compatible engine on loopback, the
 way vLLM or llama.cpp's server run beside servelm in production::
 
-    python -m servelm.tools.testing.llama_server MODEL.gguf --port 8101 [--slots 4]
+    python -m tests.support.llama_server MODEL.gguf --port 8101 [--slots 4]
 
 It prints ``READY http://127.0.0.1:PORT`` once the model is loaded and serves until
 killed.

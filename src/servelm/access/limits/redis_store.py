@@ -25,8 +25,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
-from servelm.ratelimit.policy import Scope
-from servelm.ratelimit.window import Decision, ScopeState
+from servelm.access.limits.policy import Scope
+from servelm.access.limits.window import Decision, ScopeState
 
 _ACQUIRE = """
 local t = redis.call('TIME')

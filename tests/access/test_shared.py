@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from servelm.ratelimit.records import set_key_limits
+from servelm.access.limits.records import set_key_limits
 from servelm.store.db import Database
 from tests import procs
 from tests.conftest import ADMIN_TOKEN, drop_pg_database, free_port, new_pg_database, provision

@@ -7,7 +7,7 @@ streams open at once (the memory benchmark). A last message starting with
 ``echo:`` is answered with its own text as one chunk: one large event, for the
 cost-growth benchmark.
 
-    python -m servelm.tools.testing.instant_upstream --port 9100 [--chunk-delay 0.5]
+    python -m tests.support.instant_upstream --port 9100 [--chunk-delay 0.5]
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Rate limits: requests, tokens and requests in flight per key and per account,
 counted in this process or, with Redis, across every gateway (``limiter.py``); a
 caller's scopes from the catalog's plans and the key's own limits (``policy.py``).
-The limiter's caches drop what ``auth.revocation`` announces."""
+The limiter's caches drop what ``access.revocation`` announces."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from servelm.auth.revocation import Invalidation
+from servelm.access.limits.limiter import Limiter, Reservation, response_headers
+from servelm.access.limits.redis_store import RedisStore, connect
+from servelm.access.revocation import Invalidation
 from servelm.catalog.specs import Plan
 from servelm.config import Settings
-from servelm.ratelimit.limiter import Limiter, Reservation, response_headers
-from servelm.ratelimit.redis_store import RedisStore, connect
 from servelm.store.db import Database
 
 __all__ = [

@@ -30,8 +30,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from servelm.cli.loadgen.bench import _split, _stats, random_prompt
 from servelm.engines import http1
-from servelm.tools.loadgen.bench import _split, _stats, random_prompt
 
 
 @dataclass

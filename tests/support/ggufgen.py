@@ -12,7 +12,7 @@ accounting, stops and limits, never wording.
 
 A tiny multimodal projector (``mmproj``) makes any of them a vision model.
 
-    python -m servelm.tools.testing.ggufgen OUT_DIR   # writes all of them
+    python -m tests.support.ggufgen OUT_DIR   # writes all of them
 """
 
 from __future__ import annotations
@@ -441,7 +441,7 @@ def main(argv: list[str]) -> int:
 
     # argparse, so that --help (or any other flag) is never taken for OUT_DIR.
     parser = argparse.ArgumentParser(
-        prog="python -m servelm.tools.testing.ggufgen",
+        prog="python -m tests.support.ggufgen",
         description="Write the tiny random-weight GGUF models the tests use (one per seed "
         "architecture, about 25 MB in all, plus a vision projector) into OUT_DIR.",
     )

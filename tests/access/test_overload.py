@@ -44,7 +44,7 @@ def small(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             queue_size=QUEUE,
             max_inflight=MAX_INFLIGHT,
             # One crowd on one key: what is measured is the model's own slots and queue,
-            # not one account's share of them (tests/ratelimit/test_leases.py).
+            # not one account's share of them (tests/access/test_leases.py).
             fair_slots=False,
         )
     )

@@ -121,6 +121,6 @@ def scripted_factory(spec: ModelSpec, settings: Settings) -> ScriptedEngine:
     return ScriptedEngine(spec, slots=settings.slots, queue_size=settings.queue_size)
 
 
-# The registry's builder: ``registry.register("scripted", "servelm.tools.testing.scripted_engine")``
+# The registry's builder: ``registry.register("scripted", "tests.support.scripted_engine")``
 # makes ``engine = "scripted"`` an engine type (issue 27.5).
 build = scripted_factory

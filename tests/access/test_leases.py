@@ -26,10 +26,10 @@ import httpx
 import pytest
 import redis
 
+from servelm.access.limits.records import set_key_limits, set_plan
 from servelm.api.services import services
 from servelm.billing import accounts
 from servelm.billing.money import MICRO
-from servelm.ratelimit.records import set_key_limits, set_plan
 from tests.conftest import LiveServer, free_port, make_settings, provision, start_server
 from tests.hostile.conftest import wait_listening
 
@@ -72,7 +72,7 @@ def upstream_port() -> Iterator[int]:
         [
             sys.executable,
             "-m",
-            "servelm.tools.testing.instant_upstream",
+            "tests.support.instant_upstream",
             "--port",
             str(port),
             "--chunk-delay",

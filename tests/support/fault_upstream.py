@@ -17,7 +17,7 @@ until a request fails there. Modes:
 ``GET /stats`` returns how many chats each mode received (``poison``: how many said
 POISON; ``probes``: how many ``GET /health``).
 
-    python -m servelm.tools.testing.fault_upstream --port 9200
+    python -m tests.support.fault_upstream --port 9200
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any
 
 import uvicorn
 
-from servelm.tools.testing.instant_upstream import lifespan, read_body
+from tests.support.instant_upstream import lifespan, read_body
 
 _SSE = [(b"content-type", b"text/event-stream")]
 _JSON = [(b"content-type", b"application/json")]

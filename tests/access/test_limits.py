@@ -19,8 +19,8 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
+from servelm.access.limits.records import set_key_limits, set_plan
 from servelm.billing import accounts
-from servelm.ratelimit.records import set_key_limits, set_plan
 from tests.conftest import LiveServer, make_settings, provision, start_server
 
 SLUG = "smollm2-135m-instruct"

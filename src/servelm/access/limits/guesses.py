@@ -17,8 +17,8 @@ import time
 import uuid
 from collections import OrderedDict, deque
 
+from servelm.access.limits.redis_store import RedisStore, StoreUnavailable
 from servelm.errors import RateLimited
-from servelm.ratelimit.redis_store import RedisStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
 

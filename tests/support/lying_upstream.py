@@ -8,7 +8,7 @@ hostile: token counts that are negative, absurd, missing or not numbers, answers
 events of the wrong shape, a body that trickles. ``GET /seen`` returns the ``stream``
 flag of every chat request so far, so tests can see which kind of call was made.
 
-    python -m servelm.tools.testing.lying_upstream --port 9200
+    python -m tests.support.lying_upstream --port 9200
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 
 import uvicorn
 
-from servelm.tools.testing.instant_upstream import lifespan, read_body
+from tests.support.instant_upstream import lifespan, read_body
 
 _JSON = [(b"content-type", b"application/json")]
 _SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]

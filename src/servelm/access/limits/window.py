@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from servelm.ratelimit.policy import Scope
+from servelm.access.limits.policy import Scope
 
 
 @dataclass

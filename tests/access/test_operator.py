@@ -7,7 +7,7 @@ from pathlib import Path
 
 import httpx
 
-from servelm.ratelimit.records import get_key_limits, get_plan
+from servelm.access.limits.records import get_key_limits, get_plan
 from servelm.store.db import Database
 from tests import procs
 from tests.conftest import ADMIN_TOKEN, LiveServer, provision

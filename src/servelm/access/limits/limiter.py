@@ -32,12 +32,12 @@ from typing import Any, Literal, Protocol
 
 from prometheus_client import CollectorRegistry, Counter
 
+from servelm.access.limits.memory import MemoryStore
+from servelm.access.limits.policy import Policy, Scope, build_policy, read_key_limits
+from servelm.access.limits.redis_store import RedisStore, StoreUnavailable
+from servelm.access.limits.window import Decision
 from servelm.catalog.specs import Plan
 from servelm.errors import Overloaded, RateLimited
-from servelm.ratelimit.memory import MemoryStore
-from servelm.ratelimit.policy import Policy, Scope, build_policy, read_key_limits
-from servelm.ratelimit.redis_store import RedisStore, StoreUnavailable
-from servelm.ratelimit.window import Decision
 from servelm.store.db import Database
 from servelm.telemetry import logs
 

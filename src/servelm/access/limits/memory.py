@@ -9,8 +9,8 @@ import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
-from servelm.ratelimit.policy import Scope
-from servelm.ratelimit.window import Decision, ScopeState
+from servelm.access.limits.policy import Scope
+from servelm.access.limits.window import Decision, ScopeState
 
 
 @dataclass
