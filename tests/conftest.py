@@ -21,6 +21,7 @@ from servelm.billing.money import MICRO
 from servelm.catalog.specs import Catalog
 from servelm.catalog.weights import default_model
 from servelm.config import Settings, default_data_dir
+from servelm.engines.base import Engine
 from servelm.engines.registry import EngineFactory, build_engine
 from servelm.store.db import Database
 from tests.servers import serve_in_thread
@@ -89,6 +90,17 @@ def start_server(
     live = LiveServer(app, srv.base_url, srv.thread, srv.server, settings)
     live.api_key = provision(live.db, "tests", credits)
     return live
+
+
+def engine_of(srv: LiveServer, slug: str) -> Engine:
+    """The model's engine, loaded. A model loads at its first request and unloads
+    after ``keep_alive`` idle (5 minutes), which a session-wide server's model passes
+    between two modules: a one-token request brings it back first."""
+    if slug not in services(srv.app).engines:
+        body = {"model": slug, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+        r = httpx.post(f"{srv.v1}/chat/completions", json=body, headers=srv.headers(), timeout=120)
+        assert r.status_code == 200, r.text
+    return services(srv.app).engines[slug]
 
 
 def provision(db: Database, name: str, credits: int, **key_kw: object) -> str:

@@ -11,7 +11,7 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from servelm.api.services import services
 from servelm.engines.base import Engine
-from tests.conftest import LiveServer
+from tests.conftest import LiveServer, engine_of
 
 SLUG = "smollm2-135m-instruct"
 JOKE: list[ChatCompletionMessageParam] = [{"role": "user", "content": "tell me a joke on cats"}]
@@ -105,7 +105,7 @@ def test_prompt_count_before_generation_matches_engine_usage(live: LiveServer) -
     from servelm.chat.conversation import engine_body
     from servelm.chat.protocol import parse_chat_request
 
-    engine: Engine = services(live.app).engines[SLUG]
+    engine: Engine = engine_of(live, SLUG)
     req = parse_chat_request(json.dumps({"messages": JOKE}).encode())
     body = engine_body(req)
 

@@ -26,7 +26,7 @@ from servelm.billing import accounts, audit
 from servelm.billing.money import MICRO
 from servelm.catalog.models_file import load_catalog
 from servelm.store.tables import usage
-from tests.conftest import LiveServer, make_settings, provision, start_server
+from tests.conftest import LiveServer, engine_of, make_settings, provision, start_server
 from tests.hostile.conftest import wait_no_open_holds
 from tests.support.prompts import word_prompt
 
@@ -121,5 +121,5 @@ def test_long_prompts_that_fit_alone_but_not_together_all_answer(
     account = accounts.get_account(live.db, "kv")
     assert (account.balance, account.held) == (100 * MICRO - total, 0)
     assert audit.ledger_check(live.db) == []
-    engine = services(live.app).engines[SLUG]
+    engine = engine_of(live, SLUG)
     assert engine.describe()["kv_used"] == 0
