@@ -121,11 +121,15 @@ async def test_disconnect_after_three_chunks_stops_generation(live: LiveServer) 
     await asyncio.sleep(0.5)
     assert engine.stats.chunks_total - before_chunks == produced, "engine kept generating"
     assert produced < 200, f"{produced} chunks for a request cancelled after 3"
-    # llama.cpp's own view: no slot is still processing.
+    # llama.cpp's own view: no slot is still processing. It sees the cancellation
+    # between two batches, in the model's own process: on a loaded machine that came
+    # after the gateway had counted the request cancelled, so wait for it (bounded).
     assert engine.address is not None
     async with httpx.AsyncClient(base_url=engine.address) as raw:
-        slots = (await raw.get("/slots")).json()
-    assert not any(s["is_processing"] for s in slots)
+        deadline = time.monotonic() + 10
+        while any(s["is_processing"] for s in (await raw.get("/slots")).json()):
+            assert time.monotonic() < deadline, "a slot still processes a cancelled request"
+            await asyncio.sleep(0.1)
 
 
 async def test_full_queue_answers_503_with_retry_after(
