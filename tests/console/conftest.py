@@ -25,7 +25,9 @@ from tests.servers import serve_in_thread
 from tests.support.instant_upstream import lifespan, read_body
 
 PACED = "paced"
-CHUNK_DELAY = 0.04
+# Slow enough that the chunks in flight while a loaded browser hangs up stay within
+# the stop test's allowance of two (at 0.04 s, twelve were charged for seven shown).
+CHUNK_DELAY = 0.1
 # A reply this model gives when the last user message asks for it.
 XSS_REPLY = '<img src=x onerror="alert(1)"><script>alert(2)</script><b id="injected">bold</b>'
 CHROMIUM = os.environ.get("SERVELM_CHROMIUM", "/usr/bin/chromium")
