@@ -43,7 +43,7 @@ PARENT_GONE = 2
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _die_with_parent()
+    die_with_parent(signal.SIGKILL)
     order = json.loads(sys.stdin.buffer.readline() or b"{}")
     if os.getppid() != order.get("parent"):
         # The parent died before prctl above took effect (or sent nothing): nobody
@@ -82,11 +82,13 @@ def _set(params: Any, name: str, value: object) -> None:
     setattr(target, field, value)
 
 
-def _die_with_parent() -> None:
-    """SIGKILL this process when the thread that started it ends: the parent's event
-    loop thread, i.e. the gateway (however it ended), or the test's server thread."""
+def die_with_parent(sig: int) -> None:
+    """Have the kernel send ``sig`` to this process when the thread that started it
+    ends (``PR_SET_PDEATHSIG``). Here SIGKILL: the parent is the gateway's event loop
+    thread (however it ended) or a test's server thread. Standard library only, so the
+    processes of ``serve --workers`` (``processes.multiproc``) use it too."""
     pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, sig)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ Models behind ``engine = "openai"`` need nothing of this: each worker relays to 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import json
 import logging
 import os
@@ -55,6 +54,7 @@ from servelm.chat.serving import ChatService
 from servelm.config import Settings
 from servelm.engines import http1
 from servelm.engines.base import Engine
+from servelm.engines.llamacpp_process import die_with_parent
 from servelm.engines.pool import ModelPool, cold_start_behind
 from servelm.engines.upstream import OpenAIUpstreamEngine
 from servelm.errors import EngineError, InvalidRequest, ModelUnavailable, Overloaded, ServelmError
@@ -186,8 +186,7 @@ def _get_json(port: int, path: str, token: str) -> dict[str, Any]:
 def _die_with_parent() -> None:
     """A SIGTERM when the supervisor dies, even by SIGKILL: in the engine process
     (before exec), so no orphan keeps the model's memory, and in each worker."""
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    die_with_parent(signal.SIGTERM)
 
 
 # -- a worker -----------------------------------------------------------------------
