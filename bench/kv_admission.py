@@ -1,13 +1,18 @@
 """Long prompts that fit the window alone but not together (issue 25, acceptance 1).
 
     flock /tmp/servelm-bench.lock .venv/bin/python bench/kv_admission.py [--long-tokens 7532]
+        [--long-prompt-tokens N (SERVELM_LONG_PROMPT_TOKENS; 0: no long-prompt lane)]
+        [--pause 1.0]
 
 One `servelm serve` with the default model (SmolLM2, an 8,192-token window, 4 slots).
 First a short request ("Say hello.", 8 tokens) is timed on the quiet server; then four
 requests of about ``--long-tokens`` prompt tokens with ``max_tokens`` 2 are sent at
-once, and the same short request is sent again and again, one after the other, while
-they run. Reports the long requests' statuses (before KV admission: four 500s, "Context
-size has been exceeded"), their prompt tokens, and the short request's median latency
+once, and another user sends the same short request again and again while they run,
+waiting ``--pause`` seconds after each answer (as before them; 0: back to back, which
+keeps the model's first process busy all the time, and then the long prompts in their
+lower-priority lane get little CPU until the short ones stop). Reports the long
+requests' statuses (before KV admission: four 500s, "Context size has been
+exceeded"), their prompt tokens, and the short request's median latency
 beside them over its quiet median. tests/engines/test_kv_admission.py checks the
 statuses and the money; this measures the time, which a test must not.
 Writes bench/results/kv_admission.json.
@@ -43,8 +48,14 @@ SLOTS = 4
 # Words, not numbers: SmolLM2's tokenizer splits digits one token each.
 
 
-def start(port: int, data: Path) -> tuple[Proc, str]:
+def start(port: int, data: Path, long_prompt_tokens: int | None) -> tuple[Proc, str]:
+    lane = (
+        {}
+        if long_prompt_tokens is None
+        else {"SERVELM_LONG_PROMPT_TOKENS": str(long_prompt_tokens)}
+    )
     env = {
+        **lane,
         **os.environ,
         "SERVELM_DATA_DIR": str(data),
         "SERVELM_MODELS_DIR": str(default_data_dir() / "models"),
@@ -78,7 +89,7 @@ async def chat(client: httpx.AsyncClient, content: str, max_tokens: int) -> tupl
 
 
 async def measure(
-    base: str, key: str, other: str, long_tokens: int, quiet_runs: int
+    base: str, key: str, other: str, long_tokens: int, quiet_runs: int, pause: float
 ) -> dict[str, Any]:
     async with (
         httpx.AsyncClient(base_url=base, headers={"x-api-key": key}, timeout=1800) as client,
@@ -95,12 +106,14 @@ async def measure(
             status, took, answer = await chat(user, "Say hello.", 8)
             assert status == 200, answer
             quiet.append(took)
+            await asyncio.sleep(pause)
         longs = [asyncio.create_task(chat(client, word_prompt(i, words), 2)) for i in range(SLOTS)]
         beside: list[tuple[int, float]] = []
         await asyncio.sleep(0.5)
         while not all(t.done() for t in longs):
             status, took, _ = await chat(user, "Say hello.", 8)
             beside.append((status, took))
+            await asyncio.sleep(pause)
         done = [t.result() for t in longs]
     long_statuses = [s for s, _, _ in done]
     prompts = [a.get("usage", {}).get("prompt_tokens") for s, _, a in done if s == 200]
@@ -126,19 +139,45 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--long-tokens", type=int, default=7532)
     ap.add_argument("--quiet-runs", type=int, default=7)
+    ap.add_argument(
+        "--pause",
+        type=float,
+        default=1.0,
+        help="seconds the other user waits after each answer before the next request",
+    )
+    ap.add_argument(
+        "--long-prompt-tokens",
+        type=int,
+        default=None,
+        help="SERVELM_LONG_PROMPT_TOKENS for the server (0: no long-prompt lane)",
+    )
     ap.add_argument("--out", default=str(RESULTS / "kv_admission.json"))
     args = ap.parse_args()
     port = free_port()
     data = Path(tempfile.mkdtemp(prefix="servelm-kv-"))
-    proc, key = start(port, data)
+    proc, key = start(port, data, args.long_prompt_tokens)
     other = other_account(data)
     try:
         result = asyncio.run(
-            measure(f"http://127.0.0.1:{port}", key, other, args.long_tokens, args.quiet_runs)
+            measure(
+                f"http://127.0.0.1:{port}",
+                key,
+                other,
+                args.long_tokens,
+                args.quiet_runs,
+                args.pause,
+            )
         )
     finally:
         proc.stop()
-    report = {"machine": machine(), "slots": SLOTS, "window": 8192, **result}
+    report = {
+        "machine": machine(),
+        "slots": SLOTS,
+        "window": 8192,
+        "lane_from_prompt_tokens": args.long_prompt_tokens,
+        "pause_s": args.pause,
+        **result,
+    }
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
 

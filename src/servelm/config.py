@@ -34,6 +34,10 @@ def default_data_dir() -> Path:
 
 # The placeholders deploy/ and docs/ show in place of secrets: "change-me..." and the
 # docs' example worker keys.
+# Prompts this long run in their model's long-prompt lane (``engines.llamacpp``): at
+# about 1,000 tokens a prefill takes a second or more on a CPU, which is what a short
+# request beside it must not wait for.
+DEFAULT_LONG_PROMPT_TOKENS = 1024
 _PLACEHOLDER = re.compile(r"change[-_ ]?me.*|worker-key|other-key", re.IGNORECASE)
 
 
@@ -105,6 +109,13 @@ class Settings(BaseSettings):
         description="CPU threads for llama.cpp (default: cores, at most 8)",
     )
     slots: int = Field(default=4, gt=0, description="parallel generations per model")
+    long_prompt_tokens: int = Field(
+        default=DEFAULT_LONG_PROMPT_TOKENS,
+        ge=0,
+        description="prompts of at least this many tokens run in a second process of "
+        "their model at a lower CPU priority, so that their prefill cannot stall short "
+        "requests (models whose window is larger only; 0 turns it off)",
+    )
     prompt_cache_mib: int | None = Field(
         default=None,
         ge=0,

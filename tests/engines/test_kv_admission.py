@@ -1,6 +1,6 @@
 """Issue 25.1 on the real engine: long prompts that each fit the model's window but
 not together. llama.cpp's slots share one KV cache of the window's size; before
-admission counted it, three concurrent ~900-token prompts on a 1,024-token model
+admission counted it, three concurrent ~480-token prompts on a 512-token model
 filled it halfway through their prefills and llama.cpp failed all of them with a 500
 ("Context size has been exceeded"). Now each reserves its prompt plus ``max_tokens``
 before it runs: they wait for one another, all end 200, and each is charged exactly
@@ -33,9 +33,9 @@ from tests.support.prompts import word_prompt
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 SLUG = "kv-small"
-WINDOW = 1024
+WINDOW = 512
 LONG = 3
-LONG_WORDS = 880  # ~900 tokens: one fits the 1,024-token window, two do not
+LONG_WORDS = 440  # ~480 tokens: one fits the 512-token window, two do not
 
 
 @pytest.fixture(scope="module")

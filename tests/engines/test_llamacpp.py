@@ -52,7 +52,7 @@ async def _stream_tokens(
 
 
 async def test_sixteen_concurrent_streams_complete_and_are_batched(wide: LiveServer) -> None:
-    n_tokens = 64
+    n_tokens = 24
     # Two accounts, eight streams each: one account holds at most all slots but one
     # (fair shares, engines/admission.py), so sixteen streams of one key ran fifteen
     # at a time and the sixteenth waited for one of them to end.

@@ -15,6 +15,16 @@ port, with our own HTTP client, for everything:
   ``engines/admission.py``) happens here, in asyncio, so llama.cpp never holds more
   requests than it has slots, nor more than its KV cache can hold together.
 
+Long prompts run in a second process of the same model (the long-prompt lane,
+``SERVELM_LONG_PROMPT_TOKENS``), started at the first one and run at a lower CPU
+priority. llama.cpp has no priority of its own: it mixes a short request's decode
+steps into the batches of other requests' prefill, and on a CPU one 512-token chunk
+of a 7,500-token prompt takes seconds, so a "hello" beside four long prompts took
+300 times its quiet latency (issue 25.1). In two processes the kernel's scheduler
+does what llama.cpp cannot: the short request's threads run first, and the long
+prefill gets the CPU they leave. The weights are mapped from the same file, so the
+second process adds its KV cache and its interpreter, not another copy of the model.
+
 A process that dies while serving (the OOM killer, an abort in llama.cpp) fails its
 requests with a 503 to retry; the model pool (``engines.pool``) sees the engine is
 no longer ``alive`` and loads the model again at its next request.
@@ -31,17 +41,28 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from servelm.catalog.specs import ModelSpec
-from servelm.engines import gguf_files, http1, wire
+from servelm.engines import http1, wire
 from servelm.engines.admission import Admission, PromptSize
 from servelm.engines.base import Engine, map_engine_error
 from servelm.engines.gguf_files import projector_image_tokens
-from servelm.engines.model_process import LoadFailed, ModelProcess
+from servelm.engines.llamacpp_lane import (
+    PROCESS_BYTES,
+    Lane,
+    footprint,
+    lane_footprint,
+    long_lane_from,
+    server_params,
+)
+from servelm.engines.model_process import LoadFailed
 from servelm.errors import EngineError, ModelUnavailable, ServelmError, StreamCut
 
 if TYPE_CHECKING:
     from servelm.config import Settings
 
 log = logging.getLogger(__name__)
+
+# The registry asks the engine type's module for its footprint (``engines.registry``).
+__all__ = ["PROCESS_BYTES", "LlamaCppEngine", "build", "footprint"]
 
 # How llama.cpp's template marks where an image's embeddings go.
 _MEDIA_MARKER = re.compile(r"<__media_?[A-Za-z0-9]*__>")
@@ -58,29 +79,12 @@ def _has_images(body: dict[str, Any]) -> bool:
     )
 
 
-# Tokens per prefill step; see _params.
-PREFILL_BATCH = 512
-# Idle keep-alive connections for the prompt count's calls (template, tokenize).
-COUNT_IDLE = 4
-# Longest silence from the engine mid-generation: a 100k-token prefill on a busy CPU.
-# The request's own deadline (issue 13) usually ends it sooner.
-GENERATION_READ_TIMEOUT = 3600.0
-# What a model's process holds besides the model (``llamacpp_process``): its VmRSS
-# just before the load, with CPython 3.11 and xllamacpp 2026.10 imported, was
-# 24.0 MiB in five starts on the x86-64 build machine (9 MiB of it private; the rest
-# is the interpreter's and xllamacpp's file pages, which every model's process maps
-# and RSS counts in each). Part of every model's footprint, so the budget counts it.
-PROCESS_BYTES = 24 << 20
 # Seconds a failed call waits to see the model's process exit, so that a client whose
 # request met a dead process hears to retry (503) rather than of an engine error.
 EXIT_SEEN = 1.0
-
-
-def footprint(spec: ModelSpec, settings: Settings | None = None) -> int | None:
-    """What loading the model costs (``gguf_files.footprint``: weights, projector, KV
-    cache) plus its process; None while its weights are not installed."""
-    model = gguf_files.footprint(spec, settings)
-    return None if model is None else model + PROCESS_BYTES
+# How much lower the long-prompt lane's CPU priority is (a nice value): at 10 the
+# kernel gives a busy nice-0 thread about 90 % of a core the two contend for.
+LONG_LANE_NICE = 10
 
 
 class LlamaCppEngine(Engine):
@@ -94,6 +98,7 @@ class LlamaCppEngine(Engine):
         verbose: bool = False,
         prompt_cache_mib: int | None = None,
         count_prompts: bool = True,
+        long_prompt_tokens: int = 0,
     ) -> None:
         super().__init__(spec)
         self.slots = spec.slots or slots
@@ -103,66 +108,34 @@ class LlamaCppEngine(Engine):
         # False: no count before admission (two calls into llama.cpp's HTTP routes);
         # the hold takes the walk's upper bound and the engine's usage settles it.
         self._count_prompts = count_prompts
-        # The slots share one unified KV cache of the context window's size (_params):
+        # The slots share one unified KV cache of the context window's size (server_params):
         # what the requests running together may fill.
         self._admission: Admission = Admission(
             self.slots, queue_size, self.stats, kv_cells=spec.context_window
         )
-        self._process: ModelProcess | None = None  # while loaded (``llamacpp_process``)
-        self.address: str | None = None  # its server's base URL
-        # Two pools on the model server's loopback port: quick calls (template,
-        # tokenize) with a short read timeout, and generations, whose first byte may
-        # wait out a long prefill on a busy CPU.
-        self._http: http1.Pool | None = None
-        self._gen: http1.Pool | None = None
+        self._main = Lane(spec.slug, self._admission, verbose=verbose)
+        # The long-prompt lane (module docstring): prompts of ``_long_from`` tokens
+        # and more, in a second process started at the first of them.
+        self._long_from = long_lane_from(spec, long_prompt_tokens)
+        self._long = Lane(
+            f"{spec.slug} (long prompts)",
+            Admission(self.slots, queue_size, self.stats, kv_cells=spec.context_window),
+            verbose=verbose,
+        )
+        self._long_starting = asyncio.Lock()
         # Exact tokens per image (fixed-grid projector), or None (unknown / no vision).
         self.image_tokens: int | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
-    def _params(self) -> dict[str, Any]:
-        """llama.cpp's server parameters (``xllamacpp.CommonParams`` fields by dotted
-        name), which the model's process sets before it loads."""
-        p: dict[str, Any] = {
-            "model.path": str(self.spec.path),
-            "n_parallel": self.slots,
-            # A unified KV cache lets any one slot use the whole context window while
-            # all slots share one pool, instead of cutting the window into per-slot
-            # slices.
-            "kv_unified": True,
-            "n_ctx": self.spec.context_window,
-            # llama.cpp looks at cancellations only between batches: a prompt
-            # prefilled as one 2,048-token batch runs to the end for a client that has
-            # left. Batches of one micro-batch (512, its default) cost nothing on CPU
-            # and let a hang-up stop a long prefill within one batch.
-            "n_batch": PREFILL_BATCH,
-            # llama.cpp's HTTP server gives each connection a thread for as long as it
-            # is open, idle keep-alive included: every running generation holds one,
-            # the counting pool's idle connections hold theirs, and the rest serve
-            # counts in flight. (With too few, counts queued behind idle connections
-            # until their 5 s keep-alive ran out: 0.3-0.8x the raw server's tokens/s
-            # at 32 streams.)
-            "n_threads_http": self.slots + COUNT_IDLE + 8,
-            "cpuparams.n_threads": self._threads,
-            "cpuparams_batch.n_threads": self._threads,
-            "warmup": False,
-            # llama.cpp's fitting pass loads the model once more to measure device
-            # memory and may shrink the context below what the catalog promises;
-            # servelm decides memory itself (engines.pool's budget). It was ~45 % of
-            # each load (1.15 s → 0.63 s median for the tiny test model here).
-            "fit_params": False,
-            "endpoint_metrics": True,
-            "verbosity": 3 if self._verbose else -1,
-        }
-        if self._prompt_cache_mib is not None:
-            # llama.cpp keeps finished prompts' KV in host memory (8 GiB by default)
-            # to reuse their prefixes; 0 leaves only what the slots still hold.
-            p["cache_ram_mib"] = self._prompt_cache_mib
-        if self.spec.chat_template:
-            p["chat_template"] = self.spec.chat_template
-        if self.spec.mmproj:
-            p["mmproj.path"] = str(self.spec.mmproj)
-        return p
+    def _server_params(self) -> dict[str, Any]:
+        return server_params(
+            self.spec,
+            slots=self.slots,
+            threads=self._threads,
+            verbose=self._verbose,
+            prompt_cache_mib=self._prompt_cache_mib,
+        )
 
     async def start(self) -> None:
         if self.spec.path is None or not self.spec.path.is_file():
@@ -176,19 +149,13 @@ class LlamaCppEngine(Engine):
                     retry_after=60,
                 )
             self.image_tokens = await asyncio.to_thread(projector_image_tokens, self.spec.mmproj)
-        process = ModelProcess(self.spec.slug, verbose=self._verbose)
         try:
-            address = await process.start(self._params())
+            await self._main.start(self._server_params())
         except LoadFailed as exc:
             raise ModelUnavailable(
                 f"Model '{self.spec.slug}' failed to load from {self.spec.path}: {exc}",
                 retry_after=60,
             ) from exc
-        self._process, self.address = process, address
-        self._http = http1.Pool(address, read_timeout=30.0, max_idle=COUNT_IDLE)
-        # Generations are not kept alive: a connect on loopback is nothing next to a
-        # generation, and an idle connection would pin one of the server's threads.
-        self._gen = http1.Pool(address, read_timeout=GENERATION_READ_TIMEOUT, max_idle=0)
         try:
             self.vocab_size = await self._vocab_size()
             cells = await self._kv_cells()
@@ -206,7 +173,7 @@ class LlamaCppEngine(Engine):
                 self.spec.context_window,
                 cells,
             )
-            self._admission.kv_cells = cells
+            self._admission.kv_cells = self._long.admission.kv_cells = cells
         log.info(
             "loaded %s from %s (%d slots, context %d)",
             self.spec.slug,
@@ -216,27 +183,57 @@ class LlamaCppEngine(Engine):
         )
 
     def alive(self) -> bool:
-        return self._process is not None and self._process.alive()
+        """The model's (first) process runs; a long-prompt lane whose process died is
+        started again by its next long prompt."""
+        return self._main.alive()
+
+    @property
+    def address(self) -> str | None:
+        """The model's (first) server's base URL, while loaded."""
+        return self._main.address
 
     @property
     def pid(self) -> int | None:
-        """The model's process, while it runs."""
-        return self._process.pid if self._process is not None else None
+        """The model's (first) process, while it runs."""
+        return self._main.process.pid if self._main.process is not None else None
+
+    @property
+    def long_lane_pid(self) -> int | None:
+        """The long-prompt lane's process, while it runs."""
+        return self._long.process.pid if self._long.process is not None else None
 
     async def close(self) -> None:
-        for pool in (self._http, self._gen):
-            if pool is not None:
-                await pool.aclose()
-        self._http = self._gen = None
-        process, self._process = self._process, None
-        if process is not None:
-            await process.stop()
+        await self._main.close()
+        async with self._long_starting:
+            await self._long.close()
 
-    async def _broken(self, what: str, exc: Exception) -> ServelmError:
+    async def _long_lane(self) -> Lane:
+        """The long-prompt lane, started (again, if its process died) on first use;
+        the model's first process where it cannot start."""
+        async with self._long_starting:
+            if self._long.alive():
+                return self._long
+            await self._long.close()  # a process that died: its pools go with it
+            if not self._main.alive():
+                return self._main  # unloaded meanwhile: the call says so
+            try:
+                await self._long.start(self._server_params(), nice=LONG_LANE_NICE)
+            except LoadFailed as exc:
+                log.warning(
+                    "%s: the long-prompt lane did not start, long prompts run beside "
+                    "short ones: %s",
+                    self.spec.slug,
+                    exc,
+                )
+                return self._main
+            log.info("%s: long-prompt lane started", self.spec.slug)
+            return self._long
+
+    async def _broken(self, lane: Lane, what: str, exc: Exception) -> ServelmError:
         """The error for a call that failed at the transport: a 503 to retry when the
-        model's process has ended (the pool loads the model again at its next
-        request), an engine error otherwise."""
-        process = self._process
+        lane's process has ended (the pool loads the model again at its next request,
+        or the next long prompt starts its lane again), an engine error otherwise."""
+        process = lane.process
         if process is not None and await process.ended(within=EXIT_SEEN):
             return ModelUnavailable(
                 f"Model '{self.spec.slug}' stopped ({process.exit_reason()}); retry, it "
@@ -271,9 +268,9 @@ class LlamaCppEngine(Engine):
     async def _vocab_size(self) -> int | None:
         """From the model server's model list: the walk refuses a ``logit_bias``
         outside the vocabulary (llama.cpp would silently drop it)."""
-        assert self._http is not None
+        assert self._main.http is not None
         try:
-            resp = await self._http.request("GET", "/v1/models")
+            resp = await self._main.http.request("GET", "/v1/models")
             async with resp:
                 listed = json.loads(await resp.read())
             return int(listed["data"][0]["meta"]["n_vocab"])
@@ -284,9 +281,9 @@ class LlamaCppEngine(Engine):
     async def _kv_cells(self) -> int | None:
         """The tokens the KV cache holds, as the model's server reports it (a slot's
         ``n_ctx``: with the unified cache, every slot's is the whole cache)."""
-        assert self._http is not None
+        assert self._main.http is not None
         try:
-            resp = await self._http.request("GET", "/props")
+            resp = await self._main.http.request("GET", "/props")
             async with resp:
                 props = json.loads(await resp.read())
             return int(props["default_generation_settings"]["n_ctx"])
@@ -296,12 +293,13 @@ class LlamaCppEngine(Engine):
 
     async def _call(self, path: str, payload: dict[str, Any]) -> tuple[int, Any]:
         """One call to the model server's own HTTP routes."""
-        if self._http is None:
+        http = self._main.http
+        if http is None:
             raise ModelUnavailable(f"Model '{self.spec.slug}' is not loaded.")
         try:
-            return await self._http.post_json(path, payload)
+            return await http.post_json(path, payload)
         except http1.HTTPError as exc:
-            raise await self._broken(f"did not answer {path}", exc) from exc
+            raise await self._broken(self._main, f"did not answer {path}", exc) from exc
 
     async def count_prompt_tokens(self, body: dict[str, Any]) -> int | None:
         """Exact for text. Each image's marker in the rendered prompt is replaced by the
@@ -347,21 +345,27 @@ class LlamaCppEngine(Engine):
         # prompt is still being prefilled and cancels it between batches, where the
         # binding's call can only be stopped from its chunk callback, after the first
         # token (issue 17, point 5). The loopback hop costs about a millisecond.
-        if self._gen is None:
+        if self._main.gen is None:
             raise ModelUnavailable(f"Model '{self.spec.slug}' is not loaded.")
         payload = json.dumps(
             {**_named_choice(body), "stream": True, "stream_options": {"include_usage": True}},
             ensure_ascii=False,
         ).encode()
-        kv = await self._kv_need(body, prompt)
-        async with self._admission.enter(kv):
+        lane, kv = await self._place(body, prompt)
+        async with lane.admission.enter(kv):
             self.stats.requests_total += 1
             finished = False
             try:
+                gen = lane.gen
+                if gen is None:  # its process ended while this request waited
+                    raise ModelUnavailable(
+                        f"Model '{self.spec.slug}' stopped; retry, it loads again.",
+                        retry_after=1,
+                    )
                 try:
-                    resp = await self._gen.request("POST", "/v1/chat/completions", payload)
+                    resp = await gen.request("POST", "/v1/chat/completions", payload)
                 except http1.HTTPError as exc:
-                    raise await self._broken("did not answer", exc) from exc
+                    raise await self._broken(lane, "did not answer", exc) from exc
                 # Leaving this block early (the client left, a send timed out) closes
                 # the connection, which is what tells llama.cpp to stop.
                 async with resp:
@@ -378,50 +382,44 @@ class LlamaCppEngine(Engine):
             except (http1.HTTPError, StreamCut) as exc:
                 # Only the transport: the engine's own verdicts (a 400, a tool call the
                 # model garbled: 502) raised above pass through as they are.
-                raise await self._broken("broke off", exc) from exc
+                raise await self._broken(lane, "broke off", exc) from exc
             finally:
                 if not finished:
                     self.stats.cancelled_total += 1
 
-    async def _kv_need(self, body: dict[str, Any], prompt: PromptSize | None) -> int:
-        """The KV cells this request reserves: prompt plus output limit. A prompt only
-        bounded (by its bytes: several times its tokens) is counted first where the
-        bound would take more than its share of the free cache, so that neither this
-        request nor the ones after it wait for space a count would have found."""
-        if prompt is None:
-            prompt = PromptSize(await self.count_prompt(body), self.prompt_count_exact(body))
+    async def _place(self, body: dict[str, Any], prompt: PromptSize | None) -> tuple[Lane, int]:
+        """Where the request runs (a long prompt in the long-prompt lane) and the KV
+        cells it reserves there: prompt plus output limit. A prompt only bounded (by
+        its bytes: several times its tokens) is counted first where the bound alone
+        would send it to the long-prompt lane, or take more than its share of the free
+        cache, so that neither this request nor the ones after it wait for space a
+        count would have found."""
+        if prompt is None or (
+            not prompt.exact and self._long_from is not None and prompt.tokens >= self._long_from
+        ):
+            prompt = await self._counted(body)
+        lane = self._main
+        if self._long_from is not None and prompt.tokens >= self._long_from:
+            lane = await self._long_lane()
         output = body.get("max_tokens")
         if not isinstance(output, int) or output < 1:
             output = max(1, self.spec.context_window - prompt.tokens)
-        need = self._admission.kv_need(prompt, output)
-        share = self._admission.kv_share()
+        need = lane.admission.kv_need(prompt, output)
+        share = lane.admission.kv_share()
         if not prompt.exact and share is not None and need > share:
-            prompt = PromptSize(await self.count_prompt(body), self.prompt_count_exact(body))
-            need = self._admission.kv_need(prompt, output)
-        return need
+            prompt = await self._counted(body)
+            need = lane.admission.kv_need(prompt, output)
+        return lane, need
+
+    async def _counted(self, body: dict[str, Any]) -> PromptSize:
+        return PromptSize(await self.count_prompt(body), self.prompt_count_exact(body))
 
     async def metrics(self) -> dict[str, float]:
-        """llama.cpp's own counters (``llamacpp:*`` Prometheus text), parsed; empty
-        when the model's process is not running."""
-        if self.address is None or not self.alive():
-            return {}
-        # A connection of its own: callable from any event loop (tests call it from
-        # theirs), and rare enough that keep-alive buys nothing.
-        pool = http1.Pool(self.address, read_timeout=30.0, max_idle=0)
-        try:
-            resp = await pool.request("GET", "/metrics")
-            async with resp:
-                text = (await resp.read()).decode()
-        except http1.HTTPError as exc:
-            log.warning("%s: llama.cpp's metrics did not come: %s", self.spec.slug, exc)
-            return {}
-        finally:
-            await pool.aclose()
-        out: dict[str, float] = {}
-        for line in text.splitlines():
-            if line.startswith("llamacpp:"):
-                name, _, value = line.partition(" ")
-                out[name.removeprefix("llamacpp:")] = float(value)
+        """llama.cpp's own counters, summed over the model's processes; empty when
+        none is running."""
+        out = await self._main.metrics()
+        for name, value in (await self._long.metrics()).items():
+            out[name] = out.get(name, 0.0) + value
         return out
 
     def describe(self) -> dict[str, Any]:
@@ -431,6 +429,13 @@ class LlamaCppEngine(Engine):
             "kv_cells": self._admission.kv_cells,
             "kv_used": self._admission.kv_used,
             "loaded": self.alive(),
+            "long_prompt_lane": None
+            if self._long_from is None
+            else {
+                "from_prompt_tokens": self._long_from,
+                "running": self._long.alive(),
+                "kv_used": self._long.admission.kv_used,
+            },
             # No weight paths: /health shows this to anyone (issue 17); the operator
             # has them in `servelm models list`.
             "memory_bytes": self._memory_bytes,
@@ -438,11 +443,12 @@ class LlamaCppEngine(Engine):
 
     @functools.cached_property
     def _memory_bytes(self) -> int | None:
-        """Weights (mapped) plus the f16 KV cache for the whole context: what loading
-        this model costs. llama.cpp reports no memory figures of its own."""
+        """Weights (mapped) plus the f16 KV cache for the whole context, and the
+        long-prompt lane's: what loading this model costs (``footprint``). llama.cpp
+        reports no memory figures of its own."""
         if self.spec.path is None or not self.spec.path.is_file():
             return None
-        return footprint(self.spec)
+        return lane_footprint(self.spec, None, long_lane=self._long_from is not None)
 
 
 def build(spec: ModelSpec, settings: Settings) -> LlamaCppEngine:
@@ -462,6 +468,7 @@ def build(spec: ModelSpec, settings: Settings) -> LlamaCppEngine:
         verbose=settings.log_level == "debug",
         prompt_cache_mib=settings.prompt_cache_mib,
         count_prompts=settings.prompt_count != "bound",
+        long_prompt_tokens=settings.long_prompt_tokens,
     )
 
 

@@ -12,8 +12,9 @@ serving process every other request stalled that long (docs/benchmarks.md,
 page the model took, since the process ends.
 
 The exchange: the parent writes one JSON line on stdin, ``{"parent": PID, "params":
-{"model.path": ..., "cpuparams.n_threads": 2, ...}}`` (``xllamacpp.CommonParams``
-fields by dotted name; ``engines.llamacpp`` chooses them), and keeps stdin open. This
+{"model.path": ..., "cpuparams.n_threads": 2, ...}, "nice": 0}`` (``xllamacpp.CommonParams``
+fields by dotted name, and the CPU priority to run at; ``engines.llamacpp`` chooses
+them), and keeps stdin open. This
 process loads the model and writes ``READY http://127.0.0.1:PORT`` on stdout, or
 writes why it could not on stderr and exits with status 1. It serves until its
 stdin closes or its parent dies (``PR_SET_PDEATHSIG``): no orphan keeps a model's
@@ -23,7 +24,7 @@ terminal, a service manager stopping every process of the service) and then drai
 its requests, which need their models to the end.
 
 Only the standard library and xllamacpp are imported here: what this process holds
-besides the model is counted in every model's footprint (``llamacpp.PROCESS_BYTES``).
+besides the model is counted in every model's footprint (``llamacpp_lane.PROCESS_BYTES``).
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ def main() -> None:
     # stderr, which the parent reads as it comes.
     ready = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
+    # Before llama.cpp starts a thread: each inherits it (Linux keeps a nice value
+    # per thread), and an unprivileged process may raise it, never lower it again.
+    os.nice(int(order.get("nice", 0)))
 
     import xllamacpp
 

@@ -42,16 +42,17 @@ class ModelProcess:
         self._last_words: collections.deque[str] = collections.deque(maxlen=LAST_WORDS)
         self._serving = False  # it said READY and nobody has asked it to stop
 
-    async def start(self, params: dict[str, Any]) -> str:
-        """Start the process, have it load the model with ``params``; its server's
-        base URL. LoadFailed when it ends first; killed if this is cancelled."""
+    async def start(self, params: dict[str, Any], *, nice: int = 0) -> str:
+        """Start the process, have it load the model with ``params`` and run at CPU
+        priority ``nice`` (added to ours); its server's base URL. LoadFailed when it
+        ends first; killed if this is cancelled."""
         try:
-            return await self._start(params)
+            return await self._start(params, nice)
         except BaseException:
             await self.stop(kill=True)
             raise
 
-    async def _start(self, params: dict[str, Any]) -> str:
+    async def _start(self, params: dict[str, Any], nice: int) -> str:
         proc = self._proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -64,7 +65,7 @@ class ModelProcess:
             self._follow_stderr(proc), name=f"model process {self.slug}"
         )
         assert proc.stdin is not None and proc.stdout is not None
-        order = {"parent": os.getpid(), "params": params}
+        order = {"parent": os.getpid(), "params": params, "nice": nice}
         try:
             proc.stdin.write(json.dumps(order).encode() + b"\n")
             await proc.stdin.drain()
