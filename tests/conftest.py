@@ -116,7 +116,7 @@ def make_settings(tmp: Path, models_dir: Path, **kw: object) -> Settings:
     base: dict[str, object] = {
         "data_dir": tmp,
         "models_dir": models_dir,
-        "threads": 2,
+        "threads": 1,
         "slots": 4,
     }
     base.update(kw)
@@ -206,9 +206,12 @@ def seed_models(models_dir: Path) -> dict[str, Path]:
     )
 
 
-def seed_models_file(directory: Path, seed_models: dict[str, Path], extra: str = "") -> Path:
-    """A servelm.toml that maps each seed slug to its tiny model."""
-    entries = [f'[models.{slug}]\npath = "{path}"\n' for slug, path in seed_models.items()]
+def seed_models_file(
+    directory: Path, seed_models: dict[str, Path], extra: str = "", each: str = ""
+) -> Path:
+    """A servelm.toml that maps each seed slug to its tiny model; ``each`` is added to
+    every entry, ``extra`` after the last."""
+    entries = [f'[models.{slug}]\npath = "{path}"\n{each}' for slug, path in seed_models.items()]
     path = directory / "servelm.toml"
     path.write_text("\n".join(entries) + extra)
     return path
@@ -218,11 +221,14 @@ def seed_models_file(directory: Path, seed_models: dict[str, Path], extra: str =
 def seed_live(
     models_dir: Path, seed_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LiveServer]:
-    """A server with the three seed slugs served by their tiny models, 2 slots each."""
+    """A server with the three seed slugs served by their tiny models, 2 slots each.
+    A request without ``max_tokens`` gets 64 (the catalog's 1,024 made each of the
+    pages' snippets, which set none, a ~30 s answer of random tokens on a loaded
+    machine)."""
     from servelm.catalog.models_file import load_catalog
 
     tmp = tmp_path_factory.mktemp("seeds")
-    models_file = seed_models_file(tmp, seed_models)
+    models_file = seed_models_file(tmp, seed_models, each="default_max_tokens = 64\n")
     settings = make_settings(tmp, models_dir, slots=2, models_file=models_file)
     srv = start_server(settings, load_catalog(models_dir, models_file))
     yield srv
