@@ -40,8 +40,8 @@ def projector_image_tokens(mmproj: Path) -> int | None:
 
 def footprint(spec: ModelSpec, settings: Settings | None = None) -> int | None:
     """What loading the model costs: its weights (every shard), its projector and the
-    f16 KV cache for its context window (the slots share one window: ``llamacpp_lane.server_params``).
-    None while its weights are not installed."""
+    f16 KV cache for its context window (the slots share one window:
+    ``llamacpp_lane.server_params``). None while its weights are not installed."""
     if spec.path is None or not spec.path.is_file():
         return None
     total = weights_bytes(spec.path)
