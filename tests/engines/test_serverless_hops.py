@@ -35,10 +35,15 @@ def test_under_workers_the_engine_process_loads_on_demand_within_the_budget(
     from servelm.store.db import Database
     from tests.conftest import provision
 
+    from servelm.catalog.specs import ModelSpec
+    from servelm.engines.llamacpp import footprint
+
     entries = []
     for slug in ("a", "b"):
         path = shutil.copy(seed_models["llama-v3p1-8b-instruct"], tmp_path / f"{slug}.gguf")
         entries.append(f'[models.{slug}]\npath = "{path}"\ncontext_window = {CONTEXT}\n')
+    each = footprint(ModelSpec(slug="a", path=tmp_path / "a.gguf", context_window=CONTEXT))
+    assert each is not None
     models_file = tmp_path / "servelm.toml"
     models_file.write_text(
         "\n".join(entries) + "\n[models.smollm2-135m-instruct]\nenabled = false\n"
@@ -51,7 +56,7 @@ def test_under_workers_the_engine_process_loads_on_demand_within_the_budget(
         SERVELM_DATABASE_URL=db_url,
         SERVELM_REDIS_URL="redis://127.0.0.1:6379/0",
         SERVELM_REDIS_PREFIX=f"t{uuid.uuid4().hex[:8]}",
-        SERVELM_MODEL_MEMORY="100000000",  # one tiny model (~67 MB), not two
+        SERVELM_MODEL_MEMORY=str(each * 3 // 2),  # one tiny model, not two
         SERVELM_PROMPT_COUNT=prompt_count,
         SERVELM_LOG_JSON="true",
     )
