@@ -47,9 +47,15 @@ def instructor_python() -> Path:
         if (venv / ".installed").exists():
             return python
         shutil.rmtree(venv, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        # No pip of its own: the suite's pip installs into it. Every package is pinned
+        # in the file, so no resolver (--no-deps), and nothing compiled ahead of the
+        # one run (--no-compile): 20 s -> 5 s here.
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
         pip = subprocess.run(
-            [str(python), "-m", "pip", "install", "--quiet", "-r", str(REQUIREMENTS)],
+            [
+                *(sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet"),
+                *("--no-deps", "--no-compile", "-r", str(REQUIREMENTS)),
+            ],
             capture_output=True,
             text=True,
         )
