@@ -38,11 +38,13 @@ browser:
 	fi
 
 # The suite in TEST_JOBS processes, a test file per process at a time (module fixtures
-# start once); the time it took is printed at the end.
+# start once), the longest files first (tests/conftest.py, LONGEST_FIRST); the time it
+# took is printed at the end.
 TEST_JOBS ?= 3
 test: model $(JS_DEPS) browser lint typecheck
 	@start=$$(date +%s); \
-	$(BIN)/python -m pytest -n $(TEST_JOBS) --dist loadfile $(PYTEST_ARGS); status=$$?; \
+	$(BIN)/python -m pytest -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder \
+	  --durations=30 $(PYTEST_ARGS); status=$$?; \
 	echo "make test: the suite took $$(( $$(date +%s) - start )) s"; exit $$status
 
 # The walk's rules against the scripted engine: no model, no PostgreSQL, seconds.

@@ -264,16 +264,50 @@ FAST_MODULES = frozenset(
 )
 
 
+# The files that took longest in full runs (`--durations`, 2026-12-06), longest first.
+# `make test` hands files to its processes in collection order
+# (`--no-loadscope-reorder`), so these start first and the quick files fill the gaps
+# at the end; xdist's own order (most tests first) left a minute-long file or three
+# for last, running alone. A stale list costs time, never a result.
+LONGEST_FIRST = (
+    "tests/engines/test_prompt_charge.py",
+    "tests/fleet/test_rolling.py",
+    "tests/telemetry/test_across_processes.py",
+    "tests/billing/test_workers.py",
+    "tests/fleet/test_discovery.py",
+    "tests/engines/test_kv_admission.py",
+    "tests/fleet/test_fleet.py",
+    "tests/engines/test_llamacpp.py",
+    "tests/billing/test_concurrency.py",
+    "tests/fleet/test_matrix.py",
+    "tests/hostile/test_fuzz.py",
+    "tests/access/test_lifecycle.py",
+    "tests/clients/test_instructor.py",
+    "tests/seeds/test_snippets.py",
+    "tests/jobs/test_batches.py",
+)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    in_fast_lane: dict[str, bool] = {}
     for item in items:
         path = item.nodeid.split("::")[0]
         in_lane = path.startswith("tests/fast/") or path in FAST_MODULES
+        in_fast_lane[path] = in_lane
         if (
             in_lane
             and item.get_closest_marker("slow") is None
             and "live" not in getattr(item, "fixturenames", ())
         ):
             item.add_marker(pytest.mark.fast)
+
+    def rank(item: pytest.Item) -> tuple[int, int]:
+        path = item.nodeid.split("::")[0]
+        if path in LONGEST_FIRST:
+            return 0, LONGEST_FIRST.index(path)
+        return (2 if in_fast_lane[path] else 1), 0
+
+    items.sort(key=rank)  # stable: a file's tests keep their order
 
 
 # The combination matrix's table (tests/fleet/conftest.py), printed at the end of the
