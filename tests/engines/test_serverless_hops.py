@@ -32,11 +32,10 @@ def test_under_workers_the_engine_process_loads_on_demand_within_the_budget(
     paid in that call; under "auto" (plain text) in the chat call itself."""
     import uuid
 
-    from servelm.store.db import Database
-    from tests.conftest import provision
-
     from servelm.catalog.specs import ModelSpec
     from servelm.engines.llamacpp import footprint
+    from servelm.store.db import Database
+    from tests.conftest import provision
 
     entries = []
     for slug in ("a", "b"):
