@@ -98,10 +98,26 @@ def paced_app() -> Any:
             line = f"data: {json.dumps(data)}\n\n".encode()
             await send({"type": "http.response.body", "body": line, "more_body": True})
 
-        await event({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
-        for piece in pieces:
-            await asyncio.sleep(CHUNK_DELAY)
-            await event({"choices": [{"index": 0, "delta": {"content": piece}}]})
+        # Stops when the gateway hangs up, as a real engine does: otherwise a stream
+        # the stop test cut went on for its 1,024 words, and closing this server at
+        # the end waited 26 s for it.
+        gone = asyncio.Event()
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await event({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
+            for piece in pieces:
+                await asyncio.sleep(CHUNK_DELAY)
+                if gone.is_set():
+                    return
+                await event({"choices": [{"index": 0, "delta": {"content": piece}}]})
+        finally:
+            watcher.cancel()
         await event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
         await event({"choices": [], "usage": usage})
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
