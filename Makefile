@@ -8,12 +8,10 @@ PORT ?= 8000
 
 .PHONY: serve test test-fast lint typecheck fmt model clean browser readme bench-scale
 
-# --no-compile: Python compiles what it imports on first use; compiling every installed
-# module up front was ~20 s of a fresh install here.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet --no-compile -e '.[test,clients,otlp]'
+	$(BIN)/python -m pip install --quiet -e '.[test,clients,otlp]'
 	touch $(STAMP)
 
 model: $(STAMP)
