@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test test-fast lint typecheck fmt model clean browser readme bench-scale
+.PHONY: serve test test-fast lint typecheck fmt model clean browser readme bench-scale bytecode
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,14 +41,10 @@ browser:
 # start once), the longest files first (tests/conftest.py, LONGEST_FIRST); the time it
 # took is printed at the end. The type check runs beside it (on a fresh clone it is
 # ~40 s of one core, which the suite's first minute spares better than a wait), and
-# fails `make test` as it would before it. The package and the tests are compiled
-# first: where PYTHONDONTWRITEBYTECODE is set (this machine's shells) no process
-# writes its own, and each of the suite's servers and commands compiled servelm anew
-# (~0.4 s of CPU more for each import of the app).
+# fails `make test` as it would before it. The sources are compiled first (bytecode).
 TEST_JOBS ?= 3
 MYPY_LOG := $(VENV)/mypy.log
-test: model $(JS_DEPS) browser lint
-	@$(BIN)/python -m compileall -q src tests > /dev/null
+test: model $(JS_DEPS) browser lint bytecode
 	@start=$$(date +%s); \
 	$(BIN)/mypy > $(MYPY_LOG) 2>&1 & typecheck=$$!; \
 	$(BIN)/python -m pytest -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder \
@@ -57,10 +53,16 @@ test: model $(JS_DEPS) browser lint
 	echo "make test: the suite and the type check took $$(( $$(date +%s) - start )) s"; \
 	exit $$status
 
+# The package and the tests compiled ahead (test, test-fast): where
+# PYTHONDONTWRITEBYTECODE is set (this machine's shells) no process writes its own
+# .pyc, and each of the suite's servers and commands compiled servelm anew (~0.4 s of
+# CPU more for each import of the app).
+bytecode: $(STAMP)
+	@$(BIN)/python -m compileall -q src tests > /dev/null
+
 # The walk's rules against the scripted engine: no model, no PostgreSQL, seconds; in
 # two processes (60 s in one, 38 s in two here).
-test-fast: $(STAMP)
-	@$(BIN)/python -m compileall -q src tests > /dev/null
+test-fast: $(STAMP) bytecode
 	$(BIN)/python -m pytest -m fast -n 2 --dist loadfile $(PYTEST_ARGS)
 
 lint: $(STAMP)

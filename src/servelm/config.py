@@ -32,12 +32,12 @@ def default_data_dir() -> Path:
     return Path(xdg) / "servelm"
 
 
-# The placeholders deploy/ and docs/ show in place of secrets: "change-me..." and the
-# docs' example worker keys.
 # Prompts this long run in their model's long-prompt lane (``engines.llamacpp``): at
 # about 1,000 tokens a prefill takes a second or more on a CPU, which is what a short
 # request beside it must not wait for.
 DEFAULT_LONG_PROMPT_TOKENS = 1024
+# The placeholders deploy/ and docs/ show in place of secrets: "change-me..." and the
+# docs' example worker keys.
 _PLACEHOLDER = re.compile(r"change[-_ ]?me.*|worker-key|other-key", re.IGNORECASE)
 
 

@@ -195,12 +195,12 @@ class LlamaCppEngine(Engine):
     @property
     def pid(self) -> int | None:
         """The model's (first) process, while it runs."""
-        return self._main.process.pid if self._main.process is not None else None
+        return self._main.pid
 
     @property
     def long_lane_pid(self) -> int | None:
         """The long-prompt lane's process, while it runs."""
-        return self._long.process.pid if self._long.process is not None else None
+        return self._long.pid
 
     async def close(self) -> None:
         await self._main.close()
@@ -394,13 +394,9 @@ class LlamaCppEngine(Engine):
         would send it to the long-prompt lane, or take more than its share of the free
         cache, so that neither this request nor the ones after it wait for space a
         count would have found."""
-        if prompt is None or (
-            not prompt.exact and self._long_from is not None and prompt.tokens >= self._long_from
-        ):
+        if prompt is None or (not prompt.exact and self._is_long(prompt)):
             prompt = await self._counted(body)
-        lane = self._main
-        if self._long_from is not None and prompt.tokens >= self._long_from:
-            lane = await self._long_lane()
+        lane = await self._long_lane() if self._is_long(prompt) else self._main
         output = body.get("max_tokens")
         if not isinstance(output, int) or output < 1:
             output = max(1, self.spec.context_window - prompt.tokens)
@@ -410,6 +406,9 @@ class LlamaCppEngine(Engine):
             prompt = await self._counted(body)
             need = lane.admission.kv_need(prompt, output)
         return lane, need
+
+    def _is_long(self, prompt: PromptSize) -> bool:
+        return self._long_from is not None and prompt.tokens >= self._long_from
 
     async def _counted(self, body: dict[str, Any]) -> PromptSize:
         return PromptSize(await self.count_prompt(body), self.prompt_count_exact(body))

@@ -144,6 +144,11 @@ class Lane:
     def alive(self) -> bool:
         return self.process is not None and self.process.alive()
 
+    @property
+    def pid(self) -> int | None:
+        """The process, while it runs."""
+        return self.process.pid if self.process is not None else None
+
     async def close(self) -> None:
         for pool in (self.http, self.gen):
             if pool is not None:

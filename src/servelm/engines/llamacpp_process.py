@@ -12,16 +12,16 @@ serving process every other request stalled that long (docs/benchmarks.md,
 page the model took, since the process ends.
 
 The exchange: the parent writes one JSON line on stdin, ``{"parent": PID, "params":
-{"model.path": ..., "cpuparams.n_threads": 2, ...}, "nice": 0}`` (``xllamacpp.CommonParams``
-fields by dotted name, and the CPU priority to run at; ``engines.llamacpp`` chooses
-them), and keeps stdin open. This
-process loads the model and writes ``READY http://127.0.0.1:PORT`` on stdout, or
-writes why it could not on stderr and exits with status 1. It serves until its
-stdin closes or its parent dies (``PR_SET_PDEATHSIG``): no orphan keeps a model's
-memory, even after a SIGKILLed gateway. It ignores SIGINT and SIGTERM: those are
-for the gateway, which may get them with its whole process group (a Ctrl+C at the
-terminal, a service manager stopping every process of the service) and then drains
-its requests, which need their models to the end.
+{"model.path": ..., "cpuparams.n_threads": 2, ...}, "nice": 0}``
+(``xllamacpp.CommonParams`` fields by dotted name, and the CPU priority to run at;
+``engines.llamacpp`` chooses them), and keeps stdin open. This process loads the
+model and writes ``READY http://127.0.0.1:PORT`` on stdout, or writes why it could
+not on stderr and exits with status 1. It serves until its stdin closes or its
+parent dies (``PR_SET_PDEATHSIG``): no orphan keeps a model's memory, even after a
+SIGKILLed gateway. It ignores SIGINT and SIGTERM: those are for the gateway, which
+may get them with its whole process group (a Ctrl+C at the terminal, a service
+manager stopping every process of the service) and then drains its requests, which
+need their models to the end.
 
 Only the standard library and xllamacpp are imported here: what this process holds
 besides the model is counted in every model's footprint (``llamacpp_lane.PROCESS_BYTES``).
